@@ -1,0 +1,51 @@
+# HIE federation — the targets a person runs are the ones CI runs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= .hie
+HUBS ?= 2
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@python3 -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3 -m venv is unavailable (Debian: python3-venv); using virtualenv instead"; \
+	  python3 -m pip install --quiet --user --break-system-packages virtualenv && python3 -m virtualenv -q $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	PIP_CONSTRAINT=constraints.txt $(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv and install the project with its pinned dependencies
+
+run: install ## start the federation (nats, registry, consent, $(HUBS) hubs) on embedded defaults
+	$(VENV)/bin/hie up --data-dir $(DATA_DIR) --hubs $(HUBS)
+
+demo: install ## run the referral scenario against `make run` (in another terminal)
+	$(VENV)/bin/hie demo --data-dir $(DATA_DIR)
+
+test: install ## run the test suite (PostgreSQL tests skip with a reason when none is reachable)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: install ## ruff (lint + format check) and mypy --strict
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install ## apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install ## run the benchmarks and write bench/results/
+	$(PY) -m bench
+
+k8s-validate: install ## render every overlay (kubectl kustomize) and validate it strictly, offline
+	$(PY) deploy/k8s/validate.py
+
+clean: ## remove the local federation's data
+	rm -rf $(DATA_DIR)
+
+.PHONY: help install run demo test lint format bench k8s-validate clean
