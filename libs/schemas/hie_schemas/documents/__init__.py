@@ -1,0 +1,1 @@
+"""The FHIR document profiles of the Korean exchange: pure checks and builders of complete examples."""

@@ -1,0 +1,335 @@
+"""Typed payloads of the federation's events; each names its type (= its fact subject)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from hie_schemas import subjects
+from hie_schemas.codes import DocumentType
+from hie_schemas.consent import ConsentPolicy, Decision, FlowQuery, Purpose
+from hie_schemas.directory import InstitutionView
+from hie_schemas.envelope import EventPayload
+
+# The consent feed's liveness signal: core NATS, deliberately outside every stream (a stream bound to
+# ``hie.consent.>`` would keep one message a second forever). Nothing is addressed or identified in it.
+CONSENT_FEED_HEARTBEAT = subjects.fact("feed", "consent", "heartbeat")
+# An emergency access permitted without consent (의료법 §21-2 exception); on the exchange stream, so
+# the consent service shows it to the patient with its justification.
+EXCHANGE_EMERGENCY_PERMITTED = subjects.fact("exchange", "emergency", "permitted")
+
+
+class ExchangeKind(StrEnum):
+    REFERRAL = "referral"
+    RETURN = "return"
+    CONSULT_REPLY = "consult-reply"
+    TRANSFER = "transfer"
+    PATIENT_REQUEST = "patient-request"
+    PUBLIC_AGENCY = "public-agency"
+
+
+class StudyRef(BaseModel):
+    """An imaging study that belongs to an exchange (XDS-I.b: study UID and accession number)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    study_instance_uid: str
+    accession_number: str | None = None
+
+
+class InstitutionChanged(EventPayload):
+    """The registry's view of one institution after a change (approval, suspension, endpoint...)."""
+
+    event_type: ClassVar[str] = subjects.REGISTRY_INSTITUTION_CHANGED
+
+    institution: InstitutionView
+    change: str
+
+
+class ConsentRecorded(EventPayload):
+    """A new version of a patient's consent; replicas apply versions in order."""
+
+    event_type: ClassVar[str] = subjects.CONSENT_RECORDED
+
+    patient_key: str
+    version: int
+    policy: ConsentPolicy
+    effective_at: datetime
+    excluded_institutions: list[str] = []
+    excluded_departments: list[str] = []
+    recorded_by: str
+    channel: str
+
+
+class ConsentFeedHeartbeat(EventPayload):
+    """The consent service is alive and has published every consent version up to ``stream_sequence``.
+
+    ``stream_sequence`` is the HIE_CONSENT sequence of the last ConsentRecorded when the heartbeat was
+    made; ``lag_seconds`` is the age of the oldest consent version still waiting in the outbox (0 when
+    none). A replica that has applied the stream through ``stream_sequence`` knows every version
+    recorded up to ``lag_seconds`` before it heard the heartbeat; durations, not clock readings, so
+    the two nodes' clocks need not agree.
+    """
+
+    event_type: ClassVar[str] = CONSENT_FEED_HEARTBEAT
+
+    stream_sequence: int
+    lag_seconds: float = 0.0
+    interval_seconds: float = 1.0
+    sent_at: datetime
+
+
+class EmergencyAccessPermitted(EventPayload):
+    """Break-the-glass: a flow permitted without consent, with its justification (told to the patient)."""
+
+    event_type: ClassVar[str] = EXCHANGE_EMERGENCY_PERMITTED
+
+    patient_key: str
+    holder: str
+    holder_department: str | None = None
+    recipient: str
+    justification: str
+    decided_by: str  # the node that decided (a hub, or the central decision point)
+    consent_version: int | None = None
+    decided_at: datetime
+
+
+class DocumentPublished(EventPayload):
+    """Documents stored at a hub for a patient: feeds the record locator (no clinical content)."""
+
+    event_type: ClassVar[str] = subjects.EXCHANGE_DOCUMENT_PUBLISHED
+
+    hub: str
+    patient_key: str
+    author_institution: str
+    document_ids: list[str]
+    document_types: list[DocumentType]
+    published_at: datetime
+
+
+class ExchangeSent(EventPayload):
+    """A referral, return or other exchange left its holder's hub with the consent decision it used."""
+
+    event_type: ClassVar[str] = subjects.EXCHANGE_SENT
+
+    exchange_id: str
+    kind: ExchangeKind
+    task_id: str | None = None
+    from_institution: str
+    from_hub: str
+    to_institution: str
+    to_hub: str
+    patient_key: str
+    document_ids: list[str]
+    document_types: list[DocumentType]
+    studies: list[StudyRef] = []
+    document_created_at: datetime
+    purpose: Purpose = Purpose.TREATMENT
+    consent_version: int | None = None
+    sent_at: datetime
+
+
+class ExchangeDenied(EventPayload):
+    """A flow refused by the data holder; kept so the agency and the patient can see refusals."""
+
+    event_type: ClassVar[str] = subjects.EXCHANGE_DENIED
+
+    from_institution: str
+    from_hub: str
+    to_institution: str
+    patient_key: str
+    rule: str
+    denied_at: datetime
+
+
+class TaskUpdated(EventPayload):
+    """A referral Task moved on (received, accepted, rejected, completed)."""
+
+    event_type: ClassVar[str] = subjects.EXCHANGE_TASK_UPDATED
+
+    task_id: str
+    exchange_id: str
+    status: str
+    by_institution: str
+    patient_key: str
+    output_document_ids: list[str] = []
+    updated_at: datetime
+
+
+class DeliveredDocument(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    document_reference: dict[str, Any]
+    document: dict[str, Any]
+
+
+class Delivery(EventPayload):
+    """The documents of an exchange, pushed to the destination hub (hie.hub.<hub>.inbox.delivery)."""
+
+    event_type: ClassVar[str] = "hie.hub.inbox.delivery"
+
+    exchange: ExchangeSent
+    task: dict[str, Any]
+    documents: list[DeliveredDocument]
+
+
+class TaskStatusNotice(EventPayload):
+    """A Task change sent back to the requester's hub so both copies agree."""
+
+    event_type: ClassVar[str] = "hie.hub.inbox.task-status"
+
+    update: TaskUpdated
+
+
+class StudyProgress(EventPayload):
+    """Counts for one study at one gateway: received, relayed, delivered, failed."""
+
+    event_type: ClassVar[str] = subjects.IMAGING_STUDY_PROGRESS
+
+    hub: str
+    study_instance_uid: str
+    exchange_id: str | None = None
+    received: int
+    relayed: int
+    delivered: int
+    failed: int
+    state: str
+    updated_at: datetime
+
+
+class RelayJob(EventPayload):
+    """One instance to move on from a gateway's spool (work queue hie.hub.<hub>.imaging.relay)."""
+
+    event_type: ClassVar[str] = "hie.hub.imaging.relay"
+
+    sop_instance_uid: str
+    study_instance_uid: str
+
+
+class AuditRecorded(EventPayload):
+    """One appended audit record (who, institution, purpose, patient key, documents, decision)."""
+
+    event_type: ClassVar[str] = subjects.AUDIT_RECORDED
+
+    node: str
+    sequence: int
+    hash: str
+    action: str
+    actor_institution: str | None
+    patient_key: str | None
+    document_ids: list[str] = []
+    purpose: str | None = None
+    outcome: str
+    rule: str | None = None
+    consent_version: int | None = None
+    recorded_at: datetime
+
+
+class DecisionRequest(BaseModel):
+    """Request body of the consent decision RPC (hie.rpc.consent.decide) and POST /decisions."""
+
+    model_config = ConfigDict(frozen=True)
+
+    query: FlowQuery
+
+
+class DecisionReply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    decision: Decision
+
+
+class LocateRequest(BaseModel):
+    """Record locator RPC (hie.rpc.registry.locate): which hubs hold documents for a patient key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    patient_key: str
+
+
+class LocateReply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    hubs: list[str]
+
+
+# --- hub node: document status, federated search and retrieval (hie.hub.<hub>.…) -------------------
+
+
+class DocumentStatusNotice(EventPayload):
+    """The author changed documents' status (superseded by a replacement, or entered-in-error); sent to
+    every hub that holds a copy (hie.hub.<hub>.inbox.document-status) so that all copies agree."""
+
+    event_type: ClassVar[str] = "hie.hub.inbox.document-status"
+
+    document_ids: list[str]
+    status: str
+    by_institution: str
+    patient_key: str
+    replaced_by: str | None = None
+    changed_at: datetime
+
+
+class DocumentFilter(BaseModel):
+    """ITI-67 filters that travel with a federated search (instants are UTC bounds)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    types: list[str] | None = None
+    statuses: list[str] | None = None
+    authors: list[str] | None = None
+    created_from: datetime | None = None
+    created_before: datetime | None = None
+
+
+class HubSearchRequest(BaseModel):
+    """Federated search (hie.hub.<hub>.rpc.search): the holding hub answers as the data holder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    patient_key: str
+    requester: str  # 요양기관기호 of the asking institution
+    requester_hub: str
+    purpose: Purpose = Purpose.TREATMENT
+    justification: str | None = None
+    filter: DocumentFilter = DocumentFilter()
+
+
+class HubSearchReply(BaseModel):
+    """``outcome``: ok (documents may be empty), denied (the hub holds records that consent does not
+    disclose), refused (the request itself was not acceptable); ``rule`` names the consent rule."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hub: str
+    outcome: str
+    document_references: list[dict[str, Any]] = []
+    withheld: bool = False
+    rule: str | None = None
+    message: str = ""
+
+
+class HubRetrieveRequest(BaseModel):
+    """Federated retrieve (hie.hub.<hub>.rpc.retrieve): one document for the asking institution."""
+
+    model_config = ConfigDict(frozen=True)
+
+    document_id: str
+    requester: str
+    requester_hub: str
+    purpose: Purpose = Purpose.TREATMENT
+    justification: str | None = None
+
+
+class HubRetrieveReply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    hub: str
+    outcome: str  # ok | denied | not-found | refused
+    document_reference: dict[str, Any] | None = None
+    document: dict[str, Any] | None = None
+    rule: str | None = None
+    message: str = ""
