@@ -1,0 +1,1 @@
+"""Shared runtime plumbing of the HIE services: settings, database, NATS, outbox, auth, HTTP, audit."""

@@ -1,0 +1,168 @@
+"""Async SQLAlchemy for SQLite (embedded default) and PostgreSQL (production), and the platform tables.
+
+SQLite runs in WAL mode behind a single writer connection: with SQLAlchemy's default pool every
+connection competes for the write lock and p99 climbs to seconds under write load, while one writer
+with several readers keeps writes queued in-process and reads unblocked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    event,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def validate_schema_name(schema: str) -> str:
+    if not _SCHEMA.fullmatch(schema):
+        raise ValueError(f"invalid database schema name: {schema!r}")
+    return schema
+
+
+def connect_args_for(url: str, schema: str | None) -> dict[str, Any]:
+    """Driver arguments: a search_path for a PostgreSQL schema, a lock timeout for SQLite."""
+    backend = make_url(url).get_backend_name()
+    if backend == "postgresql" and schema:
+        return {"server_settings": {"search_path": validate_schema_name(schema)}}
+    if backend == "sqlite":
+        return {"timeout": 30}
+    return {}
+
+
+def _sqlite_pragmas(read_only: bool) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
+        cursor.close()
+
+    return on_connect
+
+
+class Database:
+    """A writer engine (one connection on SQLite) and a reader engine, with session factories."""
+
+    def __init__(self, url: str, schema: str | None = None, pool_size: int = 10) -> None:
+        self.url = url
+        self.schema = schema
+        parsed = make_url(url)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        args = connect_args_for(url, schema)
+        if self.is_sqlite:
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.writer: AsyncEngine = create_async_engine(
+                url, poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0, connect_args=args
+            )
+            self.reader: AsyncEngine = create_async_engine(
+                url, poolclass=AsyncAdaptedQueuePool, pool_size=4, max_overflow=4, connect_args=args
+            )
+            event.listen(self.writer.sync_engine, "connect", _sqlite_pragmas(read_only=False))
+            event.listen(self.reader.sync_engine, "connect", _sqlite_pragmas(read_only=True))
+        else:
+            self.writer = create_async_engine(
+                url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, connect_args=args
+            )
+            self.reader = self.writer
+        self.sessions = async_sessionmaker(self.writer, expire_on_commit=False)
+        self.read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A unit of work: commit on success, roll back on any exception."""
+        async with self.sessions() as session:
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+
+    async def ping(self) -> bool:
+        try:
+            async with self.reader.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+
+    async def dispose(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+# --- platform tables: every service's metadata carries them; migrations create them ---------------
+
+
+def outbox_columns() -> list[Column[Any]]:
+    return [
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("event_id", String(64), nullable=False, unique=True),
+        Column("subject", String(255), nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("correlation_id", String(64), nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("sent_at", DateTime(timezone=True), nullable=True),
+    ]
+
+
+def processed_columns() -> list[Column[Any]]:
+    return [
+        Column("consumer", String(100), primary_key=True),
+        Column("event_id", String(64), primary_key=True),
+        Column("processed_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
+def audit_columns() -> list[Column[Any]]:
+    return [
+        Column("sequence", Integer, primary_key=True, autoincrement=False),
+        Column("recorded_at", DateTime(timezone=True), nullable=False),
+        Column("record", JSON, nullable=False),
+        Column("prev_hash", String(64), nullable=False),
+        Column("hash", String(64), nullable=False),
+    ]
+
+
+@dataclass(frozen=True)
+class PlatformTables:
+    outbox: Table
+    processed: Table
+    audit: Table
+
+
+def platform_tables(metadata: MetaData) -> PlatformTables:
+    """Declare the outbox, processed-event and audit tables on a service's metadata."""
+    outbox = Table("outbox", metadata, *outbox_columns())
+    Index("ix_outbox_unsent", outbox.c.sent_at, outbox.c.id)
+    return PlatformTables(
+        outbox=outbox,
+        processed=Table("processed_events", metadata, *processed_columns()),
+        audit=Table("audit_log", metadata, *audit_columns()),
+    )

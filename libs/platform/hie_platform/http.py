@@ -1,0 +1,183 @@
+"""The HTTP shell every service shares: correlation ids, access log, body limit, metrics, health."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hie_platform.errors import PayloadTooLarge, install_error_handlers, operation_outcome
+from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger, new_correlation_id
+
+log = get_logger("hie.access")
+
+
+class Metrics:
+    """A Prometheus registry per app (several apps can live in one test process)."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hie_http_requests_total",
+            "HTTP requests",
+            ["service", "method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "hie_http_request_seconds",
+            "HTTP request latency",
+            ["service", "method", "route"],
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.service = service
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class PlatformMiddleware:
+    """Pure ASGI: correlation id in and out, body size limit, metrics, access log without query strings."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        cid = (
+            headers.get(CORRELATION_HEADER.lower().encode(), b"").decode("latin-1")[:64]
+            or new_correlation_id()
+        )
+        token = correlation_id.set(cid)
+        started = time.perf_counter()
+        status = 500
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await self._too_large(send, cid)
+            correlation_id.reset(token)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-correlation-id", cid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        except _BodyTooLarge:
+            status = 413
+            await self._too_large(send, cid)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(self.metrics.service, method, route, str(status)).inc()
+            self.metrics.latency.labels(self.metrics.service, method, route).observe(elapsed)
+            if route not in ("/healthz", "/readyz", "/metrics"):
+                log.info("request", method=method, route=route, status=status, ms=round(elapsed * 1000, 2))
+            correlation_id.reset(token)
+
+    async def _too_large(self, send: Send, cid: str) -> None:
+
+        body = json.dumps(
+            operation_outcome(PayloadTooLarge(f"request body exceeds {self.max_body} bytes").issues)
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/fhir+json"), (b"x-correlation-id", cid.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+def health_router() -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="Readiness: the database and NATS are reachable")
+    async def readyz(request: Request, response: Response) -> dict[str, Any]:
+        runtime = getattr(request.app.state, "runtime", None)
+        checks = {
+            "database": bool(runtime and await runtime.db.ping()),
+            "nats": bool(runtime and runtime.bus.connected),
+        }
+        ready = all(checks.values())
+        response.status_code = 200 if ready else 503
+        return {"status": "ready" if ready else "not-ready", "checks": checks}
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        registry = request.app.state.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def create_service_app(
+    *,
+    service: str,
+    title: str,
+    version: str,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    routers: Sequence[APIRouter],
+    max_body_bytes: int,
+    description: str = "",
+) -> FastAPI:
+    app = FastAPI(title=title, version=version, description=description, lifespan=lifespan)
+    app.state.metrics = Metrics(service)
+    install_error_handlers(app)
+    app.add_middleware(PlatformMiddleware, metrics=app.state.metrics, max_body_bytes=max_body_bytes)
+    app.include_router(health_router())
+    for router in routers:
+        app.include_router(router)
+    return app
+
+
+# --- request-scoped unit of work ------------------------------------------------------------------
+
+
+async def _write_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request scope commits (before the response is sent), then wakes the outbox relay."""
+    runtime = request.app.state.runtime
+    async with runtime.db.transaction() as session:
+        yield session
+    runtime.relay.kick()
+
+
+async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.runtime.db.read_sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(_write_session, scope="function")]
+ReadSessionDep = Annotated[AsyncSession, Depends(_read_session, scope="function")]

@@ -1,0 +1,83 @@
+"""The settings base every service extends with its own ``env_prefix`` (HIE_HUB_, HIE_CONSENT_...)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Self
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that mark a secret as a development placeholder; refused outside development.
+_PLACEHOLDER_MARKERS = ("dev-only", "changeme", "change-me", "placeholder", "secret")
+DEV_PATIENT_KEY_SECRET = "dev-only-federation-patient-key-secret"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class ConfigError(ValueError):
+    """A setting that makes the service unsafe or unable to start; reported as one line."""
+
+
+def is_placeholder(value: str) -> bool:
+    lowered = value.strip().lower()
+    return not lowered or any(
+        marker == lowered or lowered.startswith(marker) for marker in _PLACEHOLDER_MARKERS
+    )
+
+
+class ServiceSettings(BaseSettings):
+    """Settings common to every service; subclasses set ``env_prefix`` and service defaults."""
+
+    model_config = SettingsConfigDict(extra="ignore", env_prefix="HIE_")
+
+    environment: Environment = Environment.DEVELOPMENT
+    node: str = "local"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    database_url: str = "sqlite+aiosqlite:///./.hie/service.db"
+    database_schema: str | None = None
+    migrate_on_start: bool = True
+    nats_url: str = "nats://127.0.0.1:4222"
+    registry_url: str = "http://127.0.0.1:8001"
+    token_issuer: str | None = None
+    log_level: str = "INFO"
+    log_json: bool = True
+    max_body_bytes: int = 10 * 1024 * 1024
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def issuer(self) -> str:
+        return self.token_issuer or self.registry_url
+
+    @property
+    def is_development(self) -> bool:
+        return self.environment is not Environment.PRODUCTION
+
+    def check_secret(self, name: str, value: SecretStr) -> None:
+        """Refuse an empty or placeholder secret outside development."""
+        if not self.is_development and is_placeholder(value.get_secret_value()):
+            raise ConfigError(f"{name} is a placeholder; set a real secret for {self.environment.value}")
+
+
+class PatientKeySettings(ServiceSettings):
+    """For services that turn an RRN into the federation's pseudonymous patient key."""
+
+    patient_key_secret: SecretStr = SecretStr(DEV_PATIENT_KEY_SECRET)
+
+    @model_validator(mode="after")
+    def _real_secret(self) -> Self:
+        self.check_secret("patient_key_secret", self.patient_key_secret)
+        return self
+
+    @property
+    def patient_key_bytes(self) -> bytes:
+        return self.patient_key_secret.get_secret_value().encode()

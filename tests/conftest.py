@@ -1,0 +1,165 @@
+"""Real infrastructure for the tests: a nats-server with JetStream on a free port, SQLite and PostgreSQL.
+
+PostgreSQL tests use HIE_TEST_POSTGRES_URL (an asyncpg URL); when it is unset they try the local
+default (127.0.0.1:5432, database test) and skip with the reason when nothing answers. CI sets
+HIE_TEST_POSTGRES_REQUIRED=1 so that a missing PostgreSQL fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hie_platform.natsd import NatsServer
+
+DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats") / "js").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.url
+
+
+async def _pg_reachable(url: str) -> str | None:
+    import asyncpg
+
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+    try:
+        conn = await asyncio.wait_for(asyncpg.connect(dsn), timeout=3)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    await conn.close()
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    url = os.environ.get("HIE_TEST_POSTGRES_URL") or DEFAULT_PG
+    problem = asyncio.run(_pg_reachable(url))
+    if problem is not None:
+        if os.environ.get("HIE_TEST_POSTGRES_REQUIRED") == "1":
+            pytest.fail(f"PostgreSQL required but unreachable at {url}: {problem}")
+        pytest.skip(f"no PostgreSQL at {url} ({problem}); set HIE_TEST_POSTGRES_URL to run these tests")
+    return url
+
+
+async def _drop_schema(url: str, schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str | None]]:
+    """(database_url, schema) for one service: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'service.db'}", None
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield url, schema
+    asyncio.run(_drop_schema(url, schema))
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique token for names (durables, slugs) so tests never collide."""
+    return uuid.uuid4().hex[:8]
+
+
+# --- services running in-process under a real uvicorn on a free port -----------------------------
+
+
+class RunningApp:
+    def __init__(self, app: Any, port: int) -> None:
+        import uvicorn
+
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 30.0) -> RunningApp:
+        self.task = asyncio.create_task(self.server.serve())
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()
+                raise RuntimeError("server stopped during start-up")
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("server did not start")
+            await asyncio.sleep(0.02)
+        return self
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+class RegistryHandle:
+    """The real registry, seeded with the demo institutions, and a way to get their tokens."""
+
+    def __init__(self, running: RunningApp, credentials: dict[str, str]) -> None:
+        self.running = running
+        self.url = running.url
+        self.credentials = credentials
+
+    async def token(self, client_id: str) -> str:
+        import httpx
+
+        async with httpx.AsyncClient() as http:
+            response = await http.post(
+                f"{self.url}/oauth2/token",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": client_id,
+                    "client_secret": self.credentials[client_id],
+                },
+            )
+        response.raise_for_status()
+        token: str = response.json()["access_token"]
+        return token
+
+
+@pytest.fixture(scope="session")
+async def registry(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RegistryHandle]:
+    import json
+
+    from hie_platform.natsd import free_port
+    from hie_registry.app import create_app
+    from hie_registry.config import RegistrySettings
+
+    data = tmp_path_factory.mktemp("registry")
+    port = free_port()
+    settings = RegistrySettings(
+        database_url=f"sqlite+aiosqlite:///{data / 'registry.db'}",
+        nats_url=nats_url,
+        port=port,
+        registry_url=f"http://127.0.0.1:{port}",
+        seed_demo=True,
+        credentials_file=data / "credentials.json",
+        node="test-registry",
+    )
+    running = await RunningApp(create_app(settings), port).start()
+    yield RegistryHandle(running, json.loads((data / "credentials.json").read_text()))
+    await running.stop()
