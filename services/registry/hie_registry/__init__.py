@@ -1,0 +1,1 @@
+"""Registry: the institution directory, the participation lifecycle and institution credentials."""

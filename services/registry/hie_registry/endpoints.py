@@ -1,0 +1,157 @@
+"""Registry HTTP API: OAuth2 token, JWKS, the public directory, agency edits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from hie_platform.auth import require_scope
+from hie_platform.errors import NotFound
+from hie_platform.http import ReadSessionDep, SessionDep
+from hie_registry.models import Hub, Institution
+from hie_registry.service import (
+    InvalidClientError,
+    authenticate_client,
+    hub_view,
+    institution_view,
+    issue_token,
+    publish_change,
+)
+from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
+from hie_schemas.directory import HubView, InstitutionView
+from hie_schemas.identifiers import InvalidIdentifierError, validate_institution_code
+
+router = APIRouter()
+AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
+
+
+def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
+    # RFC 6749 §5.2: the token endpoint answers with its own error format, not OperationOutcome.
+    headers = {"WWW-Authenticate": 'Basic realm="hie"'} if status == 401 else None
+    return JSONResponse(
+        {"error": error, "error_description": description}, status_code=status, headers=headers
+    )
+
+
+def _basic_credentials(request: Request) -> tuple[str, str] | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        client_id, sep, secret = base64.b64decode(value).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (client_id, secret) if sep else None
+
+
+@router.post("/oauth2/token", tags=["auth"], summary="OAuth2 client-credentials grant (RFC 6749 §4.4)")
+async def token(
+    request: Request,
+    session: ReadSessionDep,
+    grant_type: Annotated[str, Form()],
+    client_id: Annotated[str | None, Form()] = None,
+    client_secret: Annotated[str | None, Form()] = None,
+    scope: Annotated[str | None, Form()] = None,
+) -> JSONResponse:
+    if grant_type != "client_credentials":
+        return _oauth_error(400, "unsupported_grant_type", "only client_credentials is supported")
+    credentials = _basic_credentials(request) or (
+        (client_id, client_secret) if client_id and client_secret else None
+    )
+    if credentials is None:
+        return _oauth_error(401, "invalid_client", "client credentials are required")
+    runtime = request.app.state.runtime
+    settings = runtime.settings
+    try:
+        client, inst = await authenticate_client(session, *credentials)
+        access_token = issue_token(
+            request.app.state.keyring, settings.issuer, settings.token_ttl_seconds, client, inst, scope
+        )
+    except InvalidClientError as exc:
+        return _oauth_error(
+            401 if "scope" not in str(exc) else 400,
+            "invalid_scope" if "scope" in str(exc) else "invalid_client",
+            str(exc),
+        )
+    return JSONResponse(
+        {"access_token": access_token, "token_type": "Bearer", "expires_in": settings.token_ttl_seconds},
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.get("/.well-known/jwks.json", tags=["auth"], summary="Public keys that verify access tokens")
+async def jwks(request: Request) -> dict[str, Any]:
+    data: dict[str, Any] = request.app.state.keyring.jwks()
+    return data
+
+
+def _code(code: str) -> str:
+    try:
+        return validate_institution_code(code)
+    except InvalidIdentifierError as exc:
+        raise NotFound(f"no institution {code!r}: {exc.reason}") from None
+
+
+@router.get("/institutions/{code}", tags=["directory"], response_model=InstitutionView)
+async def get_institution(code: str, session: ReadSessionDep) -> InstitutionView:
+    inst = await session.get(Institution, _code(code))
+    if inst is None:
+        raise NotFound(f"no institution {code}")
+    return institution_view(inst)
+
+
+@router.get("/institutions", tags=["directory"], response_model=list[InstitutionView])
+async def list_institutions(
+    session: ReadSessionDep, hub: str | None = None, kind: str | None = None, state: str | None = None
+) -> list[InstitutionView]:
+    query = select(Institution).order_by(Institution.code)
+    if hub is not None:
+        query = query.where(Institution.hub == hub)
+    if kind is not None:
+        query = query.where(Institution.kind == kind)
+    if state is not None:
+        query = query.where(Institution.state == state)
+    return [institution_view(i) for i in (await session.scalars(query)).all()]
+
+
+@router.get("/hubs", tags=["directory"], response_model=list[HubView])
+async def list_hubs(session: ReadSessionDep) -> list[HubView]:
+    rows = (
+        await session.execute(
+            select(Hub, Institution)
+            .join(Institution, Hub.institution_code == Institution.code)
+            .order_by(Hub.slug)
+        )
+    ).all()
+    return [hub_view(hub, inst) for hub, inst in rows]
+
+
+class DicomEndpointBody(BaseModel):
+    ae_title: str = Field(min_length=1, max_length=16, pattern=r"^[ -~]*[!-~][ -~]*$")
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(ge=1, le=65535)
+
+
+@router.put(
+    "/institutions/{code}/dicom",
+    tags=["agency"],
+    response_model=InstitutionView,
+    summary="Register the DICOM endpoint (PACS) of an institution",
+)
+async def set_dicom_endpoint(
+    code: str, body: DicomEndpointBody, session: SessionDep, request: Request, _actor: AgencyActor
+) -> InstitutionView:
+    inst = await session.get(Institution, _code(code))
+    if inst is None:
+        raise NotFound(f"no institution {code}")
+    inst.dicom_ae, inst.dicom_host, inst.dicom_port = body.ae_title.strip(), body.host, body.port
+    inst.updated_at = datetime.now(UTC)
+    await publish_change(session, request.app.state.runtime.outbox, inst, "dicom-endpoint")
+    return institution_view(inst)

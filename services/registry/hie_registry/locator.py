@@ -1,0 +1,94 @@
+"""The record locator and exchange statistics, fed by hub events; and the locate RPC for hubs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.runtime import Runtime
+from hie_registry.models import PLATFORM, ExchangeCount, Institution, LocatorEntry
+from hie_schemas import streams, subjects
+from hie_schemas.envelope import Envelope
+from hie_schemas.events import DocumentPublished, ExchangeSent, LocateReply, LocateRequest
+from hie_schemas.identifiers import InvalidIdentifierError, validate_patient_key
+
+CONSUMER = "registry-locator"
+
+
+async def _seen(session: AsyncSession, patient_key: str, hub: str, at: datetime) -> None:
+    entry = await session.get(LocatorEntry, (patient_key, hub))
+    if entry is None:
+        session.add(LocatorEntry(patient_key=patient_key, hub=hub, first_seen=at, last_seen=at))
+    else:
+        entry.last_seen = max(entry.last_seen.replace(tzinfo=at.tzinfo), at)
+
+
+async def _count(session: AsyncSession, at: datetime, kind: str) -> None:
+    month = at.strftime("%Y-%m")
+    row = await session.get(ExchangeCount, (month, kind))
+    if row is None:
+        session.add(ExchangeCount(month=month, kind=kind, count=1))
+    else:
+        row.count += 1
+
+
+async def hubs_for(session: AsyncSession, patient_key: str) -> list[str]:
+    rows = await session.scalars(
+        select(LocatorEntry.hub).where(LocatorEntry.patient_key == patient_key).order_by(LocatorEntry.hub)
+    )
+    return list(rows.all())
+
+
+async def start(runtime: Runtime) -> None:
+    async def on_event(envelope: Envelope) -> None:
+        if envelope.type not in (DocumentPublished.event_type, ExchangeSent.event_type):
+            return
+        try:
+            published = (
+                envelope.payload(DocumentPublished) if envelope.type == DocumentPublished.event_type else None
+            )
+            sent = envelope.payload(ExchangeSent) if envelope.type == ExchangeSent.event_type else None
+        except ValueError as exc:
+            raise PermanentEventError(str(exc)) from exc
+        async with runtime.db.transaction() as session:
+            if not await first_time(session, PLATFORM.processed, CONSUMER, envelope.id):
+                return
+            if published is not None:
+                await _seen(session, published.patient_key, published.hub, published.published_at)
+            if sent is not None:
+                await _seen(session, sent.patient_key, sent.to_hub, sent.sent_at)
+                await _count(session, sent.sent_at, sent.kind.value)
+
+    async def locate(request: LocateRequest) -> LocateReply:
+        try:
+            key = validate_patient_key(request.patient_key)
+        except InvalidIdentifierError:
+            return LocateReply(hubs=[])
+        async with runtime.db.read_sessions() as session:
+            return LocateReply(hubs=await hubs_for(session, key))
+
+    runtime.bus.consume(streams.EXCHANGE.name, CONSUMER, "hie.exchange.>", on_event)
+    await runtime.bus.serve(subjects.REGISTRY_LOCATE, "registry", LocateRequest, locate)
+
+
+async def statistics(session: AsyncSession) -> dict[str, object]:
+    async def grouped(column: object) -> dict[str, int]:
+        rows = (await session.execute(select(column, func.count()).group_by(column))).all()  # type: ignore[call-overload]
+        return {str(key): int(count) for key, count in rows}
+
+    exchanges = (
+        await session.execute(
+            select(ExchangeCount.month, ExchangeCount.kind, ExchangeCount.count).order_by(ExchangeCount.month)
+        )
+    ).all()
+    return {
+        "institutions": {
+            "by_kind": await grouped(Institution.kind),
+            "by_region": await grouped(Institution.region),
+            "by_state": await grouped(Institution.state),
+        },
+        "exchanges_per_month": [{"month": m, "kind": k, "count": c} for m, k, c in exchanges],
+    }

@@ -1,0 +1,91 @@
+"""The public FHIR directory: Organization and Endpoint search, paging, contacts only for the agency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from hie_schemas.fhir import parse_resource
+from hie_schemas.identifiers import KRNPI_SYSTEM
+
+
+async def search(registry: Any, params: dict[str, str], token: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"{registry.url}/fhir/Organization", params=params, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    bundle: dict[str, Any] = response.json()
+    return bundle
+
+
+async def test_search_by_hub_region_kind_and_name(registry: Any) -> None:
+    clinics = await search(registry, {"partof": "Organization/31100002"})
+    assert {e["resource"]["id"] for e in clinics["entry"]} == {"31302001", "31302002", "31302003"}
+    assert all(e["resource"]["partOf"]["reference"] == "Organization/31100002" for e in clinics["entry"])
+    busan = await search(registry, {"address-state": "부산", "type": "hub"})
+    assert [e["resource"]["name"] for e in busan["entry"]] == ["부산대학교병원"]
+    by_name = await search(registry, {"name": "severance"})
+    assert by_name["entry"][0]["resource"]["identifier"][0] == {"system": KRNPI_SYSTEM, "value": "11100001"}
+    for entry in clinics["entry"] + busan["entry"]:
+        parse_resource(entry["resource"], "Organization")
+    parse_resource(clinics, "Bundle")
+
+
+async def test_paging_walks_every_institution_once(registry: Any) -> None:
+    first = await search(registry, {"_count": "5"})
+    seen = [e["resource"]["id"] for e in first["entry"]]
+    url = next((link["url"] for link in first["link"] if link["relation"] == "next"), None)
+    async with httpx.AsyncClient() as http:
+        while url:
+            page = (await http.get(url)).json()
+            seen += [e["resource"]["id"] for e in page["entry"]]
+            url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+    assert len(seen) == first["total"] == len(set(seen))
+    assert len(seen) >= 25  # 6 hubs, 18 clinics, the agency
+
+
+async def test_contacts_only_for_the_agency(registry: Any) -> None:
+    code = "31302002"
+    agency = await registry.token("agency")
+    public = await search(registry, {"identifier": f"{KRNPI_SYSTEM}|{code}"})
+    assert public["total"] == 1
+    assert "contact" not in public["entry"][0]["resource"]
+    clinic = await search(registry, {"identifier": code}, token=await registry.token("11301001"))
+    assert "contact" not in clinic["entry"][0]["resource"]
+    async with httpx.AsyncClient() as http:
+        detail = await http.get(
+            f"{registry.url}/institutions/{code}/detail", headers={"Authorization": f"Bearer {agency}"}
+        )
+    assert detail.status_code == 200
+    assert "contacts" in detail.json()
+
+
+async def test_bad_search_parameters(registry: Any) -> None:
+    async with httpx.AsyncClient() as http:
+        bad_count = await http.get(f"{registry.url}/fhir/Organization", params={"_count": "-1"})
+        strict = await http.get(
+            f"{registry.url}/fhir/Organization",
+            params={"colour": "blue"},
+            headers={"Prefer": "handling=strict"},
+        )
+        lenient = await http.get(
+            f"{registry.url}/fhir/Organization", params={"colour": "blue", "_count": "1"}
+        )
+        missing = await http.get(f"{registry.url}/fhir/Organization/12345678")
+    assert bad_count.status_code == 400
+    assert strict.status_code == 400
+    assert "colour" in strict.json()["issue"][0]["diagnostics"]
+    assert lenient.status_code == 200
+    assert missing.status_code == 404
+    assert missing.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_dicom_endpoints_are_published(registry: Any) -> None:
+    async with httpx.AsyncClient() as http:
+        bundle = (await http.get(f"{registry.url}/fhir/Endpoint", params={"organization": "31302001"})).json()
+    # Seeded clinics carry a PACS AE title; the DICOM endpoint is listed as dicom://AE@host:port.
+    addresses = [e["resource"]["address"] for e in bundle["entry"]]
+    assert addresses == ["dicom://PACS31302001@127.0.0.1:104"]
+    parse_resource(bundle["entry"][0]["resource"], "Endpoint")

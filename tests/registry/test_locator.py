@@ -1,0 +1,106 @@
+"""The record locator and statistics, fed by hub events over real JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from hie_platform.bus import Bus
+from hie_schemas import subjects
+from hie_schemas.envelope import Envelope, Source
+from hie_schemas.events import DocumentPublished, ExchangeKind, ExchangeSent, LocateReply, LocateRequest
+
+HUB = Source(service="hub", node="test")
+
+
+async def publish(bus: Bus, subject: str, env: Envelope, msg_id: str | None = None) -> None:
+    await bus.js.publish(subject, env.to_bytes(), headers={"Nats-Msg-Id": msg_id or env.id})
+
+
+async def test_locator_learns_hubs_from_events_and_counts_exchanges_once(
+    registry: Any, nats_url: str, unique: str
+) -> None:
+    key = hashlib.sha256(unique.encode()).hexdigest()
+    now = datetime.now(UTC)
+    bus = await Bus.connect(nats_url, "locator-test")
+    try:
+        published = Envelope.wrap(
+            DocumentPublished(
+                hub="severance",
+                patient_key=key,
+                author_institution="11301001",
+                document_ids=["d1"],
+                document_types=["care-record-summary"],
+                published_at=now,
+            ),
+            HUB,
+        )
+        sent = Envelope.wrap(
+            ExchangeSent(
+                exchange_id=unique,
+                kind=ExchangeKind.REFERRAL,
+                from_institution="11301001",
+                from_hub="severance",
+                to_institution="31100002",
+                to_hub="snubh",
+                patient_key=key,
+                document_ids=["d2"],
+                document_types=["referral"],
+                document_created_at=now,
+                sent_at=now,
+            ),
+            HUB,
+        )
+        agency = {"Authorization": f"Bearer {await registry.token('agency')}"}
+        clinic = {"Authorization": f"Bearer {await registry.token('11301001')}"}
+        async with httpx.AsyncClient() as http:
+            before = (await http.get(f"{registry.url}/statistics", headers=agency)).json()
+            await publish(bus, subjects.EXCHANGE_DOCUMENT_PUBLISHED, published)
+            await publish(bus, subjects.EXCHANGE_SENT, sent)
+            await publish(bus, subjects.EXCHANGE_SENT, sent, msg_id=sent.id + "-again")  # redelivered copy
+
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                found = (
+                    await http.get(f"{registry.url}/locator", params={"patient_key": key}, headers=clinic)
+                ).json()
+                if found["hubs"] == ["severance", "snubh"]:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, found
+                await asyncio.sleep(0.05)
+            # Let the consumer drain (the redelivered copy included) before reading the counts.
+            while True:
+                info = await bus.js.consumer_info("HIE_EXCHANGE", "registry-locator")
+                if info.num_pending == 0 and info.num_ack_pending == 0:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, info
+                await asyncio.sleep(0.05)
+            after = (await http.get(f"{registry.url}/statistics", headers=agency)).json()
+            bad = await http.get(
+                f"{registry.url}/locator", params={"patient_key": "9001011234567"}, headers=clinic
+            )
+            anonymous = await http.get(f"{registry.url}/locator", params={"patient_key": key})
+            refused_stats = await http.get(f"{registry.url}/statistics", headers=clinic)
+        reply = await bus.request(subjects.REGISTRY_LOCATE, LocateRequest(patient_key=key), LocateReply)
+    finally:
+        await bus.close()
+
+    def referrals(stats: dict[str, Any]) -> int:
+        month = now.strftime("%Y-%m")
+        return sum(
+            e["count"]
+            for e in stats["exchanges_per_month"]
+            if e["month"] == month and e["kind"] == "referral"
+        )
+
+    assert referrals(after) == referrals(before) + 1
+    assert after["institutions"]["by_kind"]["hub"] >= 6
+    assert reply.hubs == ["severance", "snubh"]
+    assert bad.status_code == 400
+    assert "9001011234567" not in bad.text
+    assert anonymous.status_code == 401
+    assert refused_stats.status_code == 403
