@@ -1,0 +1,197 @@
+"""Consent HTTP API for institutions and the agency: FHIR Consent (record, search, read, signature
+image), decisions, and the agency's view of a patient's consent versions and exchange history."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_consent import history, service
+from hie_consent.config import ConsentSettings
+from hie_consent.fhir import searchset
+from hie_consent.schemas import ConsentVersionView, ExchangeHistoryEntry
+from hie_platform.auth import current_actor, require_scope
+from hie_platform.errors import BadRequest, NotFound, UnsupportedMediaType, fhir_response
+from hie_platform.http import SessionDep
+from hie_platform.runtime import Runtime
+from hie_schemas.auth import SCOPE_AGENCY, SCOPE_EXCHANGE, TokenClaims
+from hie_schemas.events import DecisionReply, DecisionRequest
+from hie_schemas.identifiers import (
+    InvalidIdentifierError,
+    parse_token_param,
+    patient_key_from_identifier,
+    validate_patient_key,
+)
+
+router = APIRouter()
+ExchangeActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_EXCHANGE))]
+AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
+ExchangeOrAgencyActor = Annotated[TokenClaims, Depends(current_actor)]
+# FHIR token search (system|value); the value may be an RRN, so it is never echoed back.
+PatientParam = Annotated[str, Query(alias="patient.identifier", description="system|value")]
+_JSON_TYPES = ("application/fhir+json", "application/json")
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _settings(request: Request) -> ConsentSettings:
+    settings: ConsentSettings = request.app.state.settings
+    return settings
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+SettingsDep = Annotated[ConsentSettings, Depends(_settings)]
+
+
+def _patient_key(param: str, settings: ConsentSettings) -> str:
+    try:
+        return patient_key_from_identifier(*parse_token_param(param), settings.patient_key_bytes)
+    except InvalidIdentifierError as exc:
+        raise BadRequest(f"patient.identifier: {exc}", expression=["patient.identifier"]) from None
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+async def _json_body(request: Request) -> Any:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in _JSON_TYPES:
+        raise UnsupportedMediaType("send the resource as application/fhir+json")
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body is not JSON") from None
+
+
+@router.post(
+    "/fhir/Consent",
+    tags=["consent"],
+    status_code=201,
+    response_class=JSONResponse,
+    summary="Record a new version of a patient's consent (give, withdraw, exclude)",
+)
+async def create_consent(
+    request: Request, session: SessionDep, runtime: RuntimeDep, settings: SettingsDep, actor: ExchangeActor
+) -> JSONResponse:
+    row = await service.record_consent(session, runtime, settings, actor, await _json_body(request))
+    location = f"{_base_url(request)}/fhir/Consent/{row.resource_id}/_history/{row.version}"
+    return fhir_response(201, row.resource, {"Location": location, "ETag": f'W/"{row.version}"'})
+
+
+@router.get(
+    "/fhir/Consent",
+    tags=["consent"],
+    response_class=JSONResponse,
+    summary="A patient's consent versions, newest first (searchset Bundle)",
+)
+async def search_consent(
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    actor: ExchangeActor,
+    patient: PatientParam,
+) -> JSONResponse:
+    resources = await service.consent_versions(session, runtime, actor, _patient_key(patient, settings))
+    return fhir_response(200, searchset(_base_url(request), resources))
+
+
+async def _read(
+    session: AsyncSession, runtime: Runtime, actor: TokenClaims, resource_id: str, version_id: int | None
+) -> JSONResponse:
+    resource = await service.consent_resource(session, runtime, actor, resource_id, version_id)
+    if resource is None:
+        raise NotFound("no such Consent (or version)")  # the id is not echoed: it is caller input
+    return fhir_response(200, resource, {"ETag": f'W/"{resource["meta"]["versionId"]}"'})
+
+
+@router.get(
+    "/fhir/Consent/{resource_id}",
+    tags=["consent"],
+    response_class=JSONResponse,
+    summary="The current version of a Consent",
+)
+async def read_consent(
+    session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor, resource_id: str
+) -> JSONResponse:
+    return await _read(session, runtime, actor, resource_id, None)
+
+
+@router.get(
+    "/fhir/Consent/{resource_id}/_history/{version_id}",
+    tags=["consent"],
+    response_class=JSONResponse,
+    summary="One version of a Consent",
+)
+async def read_consent_version(
+    session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor, resource_id: str, version_id: int
+) -> JSONResponse:
+    return await _read(session, runtime, actor, resource_id, version_id)
+
+
+@router.get(
+    "/fhir/Consent/{resource_id}/_history/{version_id}/signature",
+    tags=["consent"],
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
+    summary="The signature image of a desk consent (the recording institution and the agency only)",
+)
+async def read_signature(
+    session: SessionDep, runtime: RuntimeDep, actor: ExchangeOrAgencyActor, resource_id: str, version_id: int
+) -> Response:
+    image = await service.signature(session, runtime, actor, resource_id, version_id)
+    return Response(image.data, media_type=image.content_type, headers={"Cache-Control": "no-store"})
+
+
+@router.post(
+    "/decisions",
+    tags=["decisions"],
+    response_model=DecisionReply,
+    summary="May this document flow from holder to recipient now? (same as NATS hie.rpc.consent.decide)",
+)
+async def post_decision(
+    body: DecisionRequest, session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor
+) -> DecisionReply:
+    try:
+        validate_patient_key(body.query.patient_key)
+    except InvalidIdentifierError as exc:
+        raise BadRequest(f"query.patient_key: {exc.reason}", expression=["query.patient_key"]) from None
+    decision = await service.decide_flow(session, runtime, body.query, actor, via="http")
+    return DecisionReply(decision=decision)
+
+
+@router.get(
+    "/exchange-history",
+    tags=["history"],
+    response_model=list[ExchangeHistoryEntry],
+    summary="Who exchanged the patient's records, what and when; newest first",
+)
+async def get_exchange_history(
+    session: SessionDep, runtime: RuntimeDep, settings: SettingsDep, actor: AgencyActor, patient: PatientParam
+) -> list[ExchangeHistoryEntry]:
+    return await history.exchange_history(session, runtime, actor, _patient_key(patient, settings))
+
+
+@router.get(
+    "/consent-records",
+    tags=["history"],
+    response_model=list[ConsentVersionView],
+    summary="The agency's view of a patient's consent versions: channel, signer, exclusions and reasons",
+)
+async def get_consent_records(
+    session: SessionDep, runtime: RuntimeDep, settings: SettingsDep, actor: AgencyActor, patient: PatientParam
+) -> list[ConsentVersionView]:
+    key = _patient_key(patient, settings)
+    views = await service.version_views(session, key)
+    await runtime.audit.record(
+        session, action="consent-read", actor=actor, outcome="success", patient_key=key
+    )
+    return views

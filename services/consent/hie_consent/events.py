@@ -1,0 +1,120 @@
+"""The consent service on NATS: the decision RPC, the history consumers, and the feed's heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+from nats.js.errors import NotFoundError
+from sqlalchemy import func, select
+
+from hie_consent import history, service
+from hie_consent.config import ConsentSettings
+from hie_consent.repository import as_utc
+from hie_platform.logging import get_logger
+from hie_platform.runtime import Runtime
+from hie_schemas import streams, subjects
+from hie_schemas.envelope import Envelope
+from hie_schemas.events import CONSENT_FEED_HEARTBEAT, ConsentFeedHeartbeat, DecisionReply, DecisionRequest
+
+QUEUE = "consent"
+log = get_logger(__name__)
+
+
+async def start(runtime: Runtime, settings: ConsentSettings) -> None:
+    """Answer decisions (queue group: replicas share the load) and follow the exchange and audit streams."""
+
+    async def on_decide(request: DecisionRequest) -> DecisionReply:
+        async with runtime.db.transaction() as session:
+            decision = await service.decide_flow(session, runtime, request.query, actor=None, via="nats")
+        runtime.relay.kick()
+        return DecisionReply(decision=decision)
+
+    async def on_exchange(envelope: Envelope) -> None:
+        async with runtime.db.transaction() as session:
+            await history.record_exchange_event(session, runtime, settings.history_consumer, envelope)
+
+    async def on_audit(envelope: Envelope) -> None:
+        async with runtime.db.transaction() as session:
+            await history.record_audit_event(session, runtime, settings.access_consumer, envelope)
+
+    await runtime.bus.serve(
+        subjects.CONSENT_DECIDE, queue=QUEUE, request_type=DecisionRequest, handler=on_decide
+    )
+    runtime.bus.consume(
+        stream=streams.EXCHANGE.name,
+        durable=settings.history_consumer,
+        filter_subject=subjects.domain_wildcard("exchange"),
+        handler=on_exchange,
+    )
+    runtime.bus.consume(
+        stream=streams.AUDIT.name,
+        durable=settings.access_consumer,
+        filter_subject=subjects.AUDIT_RECORDED,
+        handler=on_audit,
+    )
+
+
+class FeedHeartbeat:
+    """Says every second that the consent feed is alive and how far it has published.
+
+    Core NATS on ``hie.feed.consent.heartbeat`` (outside every stream: a heartbeat is only worth its
+    freshness, and a stream would keep one a second forever). Each beat first measures the outbox's
+    backlog of unpublished consent versions, then reads the stream's last ConsentRecorded sequence: a
+    version committed before the beat is either published at or below that sequence or counted in
+    the lag. When the database or JetStream cannot be read, no beat goes out, and hubs fail closed
+    after their staleness bound.
+    """
+
+    def __init__(self, runtime: Runtime, interval: float) -> None:
+        self.runtime = runtime
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def beat(self) -> ConsentFeedHeartbeat:
+        now = datetime.now(UTC)
+        outbox = self.runtime.tables.outbox
+        async with self.runtime.db.read_sessions() as session:
+            oldest = await session.scalar(
+                select(func.min(outbox.c.created_at)).where(
+                    outbox.c.sent_at.is_(None), outbox.c.subject == subjects.CONSENT_RECORDED
+                )
+            )
+        try:
+            last = await self.runtime.bus.js.get_last_msg(streams.CONSENT.name, subjects.CONSENT_RECORDED)
+            sequence = int(last.seq or 0)
+        except NotFoundError:
+            sequence = 0  # nothing recorded yet
+        lag = max(0.0, (now - as_utc(oldest)).total_seconds()) if oldest is not None else 0.0
+        beat = ConsentFeedHeartbeat(
+            stream_sequence=sequence, lag_seconds=lag, interval_seconds=self.interval, sent_at=now
+        )
+        envelope = Envelope.wrap(beat, self.runtime.source)
+        await self.runtime.bus.nc.publish(CONSENT_FEED_HEARTBEAT, envelope.to_bytes())
+        return beat
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            try:
+                await self.beat()
+                if failing:
+                    log.info("consent feed heartbeat resumed")
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    log.warning("consent feed heartbeat skipped", error=f"{type(exc).__name__}: {exc}")
+                failing = True
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,191 @@
+"""The patient's history: exchanges (from the exchange stream) and accesses (from every node's audit
+records), each event stored once however often it is delivered."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_consent import repository
+from hie_consent.models import AccessEntry, ExchangeEntry
+from hie_consent.repository import as_utc
+from hie_consent.schemas import AccessHistoryEntry, ExchangeHistoryEntry, PatientHistory
+from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.runtime import Runtime
+from hie_schemas import subjects
+from hie_schemas.auth import TokenClaims
+from hie_schemas.consent import Purpose, Rule
+from hie_schemas.envelope import Envelope, EventPayload
+from hie_schemas.events import (
+    EXCHANGE_EMERGENCY_PERMITTED,
+    AuditRecorded,
+    DocumentPublished,
+    EmergencyAccessPermitted,
+    ExchangeSent,
+    TaskUpdated,
+)
+
+P = TypeVar("P", bound=EventPayload)
+# Audit actions that are not accesses to the patient's records: a decision discloses nothing, and a
+# consent being recorded is already in the patient's consent history.
+NOT_ACCESSES = frozenset({"decide", "consent-record"})
+
+
+def _payload(envelope: Envelope, model: type[P]) -> P:
+    try:
+        return envelope.payload(model)
+    except (ValidationError, ValueError) as exc:
+        raise PermanentEventError(f"{envelope.type}: malformed payload") from exc
+
+
+async def record_exchange_event(
+    session: AsyncSession, runtime: Runtime, consumer: str, envelope: Envelope
+) -> None:
+    """Store an exchange fact once: exchanges and their Task statuses, document types, emergency permits."""
+    entry: ExchangeEntry | AccessEntry
+    if envelope.type == subjects.EXCHANGE_SENT:
+        sent = _payload(envelope, ExchangeSent)
+        await repository.index_documents(
+            session, dict(zip(sent.document_ids, [t.value for t in sent.document_types], strict=False))
+        )
+        entry = ExchangeEntry(
+            event_id=envelope.id,
+            patient_key=sent.patient_key,
+            exchange_id=sent.exchange_id,
+            kind=sent.kind.value,
+            from_institution=sent.from_institution,
+            to_institution=sent.to_institution,
+            document_types=[t.value for t in sent.document_types],
+            occurred_at=as_utc(sent.sent_at),
+            status="sent",
+            purpose=sent.purpose.value,
+        )
+    elif envelope.type == subjects.EXCHANGE_TASK_UPDATED:
+        update = _payload(envelope, TaskUpdated)
+        # A status line repeats what the exchange was, when its 'sent' line is known.
+        origin = await repository.sent_entry(session, update.exchange_id)
+        entry = ExchangeEntry(
+            event_id=envelope.id,
+            patient_key=update.patient_key,
+            exchange_id=update.exchange_id,
+            kind=origin.kind if origin else None,
+            from_institution=origin.from_institution if origin else update.by_institution,
+            to_institution=origin.to_institution if origin else None,
+            document_types=list(origin.document_types) if origin else [],
+            occurred_at=as_utc(update.updated_at),
+            status=update.status,
+            purpose=origin.purpose if origin else None,
+        )
+    elif envelope.type == subjects.EXCHANGE_DOCUMENT_PUBLISHED:
+        published = _payload(envelope, DocumentPublished)
+        # Audit records name documents by id only; this is how the patient later sees their types.
+        types = [t.value for t in published.document_types]
+        await repository.index_documents(session, dict(zip(published.document_ids, types, strict=False)))
+        return
+    elif envelope.type == EXCHANGE_EMERGENCY_PERMITTED:
+        permitted = _payload(envelope, EmergencyAccessPermitted)
+        entry = AccessEntry(
+            event_id=envelope.id,
+            patient_key=permitted.patient_key,
+            node=permitted.decided_by[:100],
+            action="emergency-access-permitted",
+            institution=permitted.recipient,
+            document_ids=[],
+            purpose=Purpose.EMERGENCY.value,
+            outcome="permit",
+            rule=Rule.PERMIT_EMERGENCY.value,
+            consent_version=permitted.consent_version,
+            flagged=True,
+            justification=permitted.justification,
+            occurred_at=as_utc(permitted.decided_at),
+        )
+    else:
+        return  # other exchange facts (denied) reach the patient through the holder's audit record
+    if await first_time(session, runtime.tables.processed, consumer, envelope.id):
+        await repository.add_entry(session, entry)
+
+
+async def record_audit_event(
+    session: AsyncSession, runtime: Runtime, consumer: str, envelope: Envelope
+) -> None:
+    """Keep one node's audit record as an access in the patient's history, when it is one."""
+    record = _payload(envelope, AuditRecorded)
+    if record.patient_key is None or record.actor_institution is None or record.action in NOT_ACCESSES:
+        return  # no patient, the patient's own action, or not an access
+    if not await first_time(session, runtime.tables.processed, consumer, envelope.id):
+        return
+    emergency = record.purpose == Purpose.EMERGENCY.value or record.rule == Rule.PERMIT_EMERGENCY.value
+    await repository.add_entry(
+        session,
+        AccessEntry(
+            event_id=envelope.id,
+            patient_key=record.patient_key,
+            node=record.node[:100],
+            action=record.action[:64],
+            institution=record.actor_institution,
+            document_ids=list(record.document_ids),
+            purpose=record.purpose,
+            outcome=record.outcome,
+            rule=record.rule,
+            consent_version=record.consent_version,
+            flagged=emergency,
+            occurred_at=as_utc(record.recorded_at),
+        ),
+    )
+
+
+def _exchange_line(r: ExchangeEntry) -> ExchangeHistoryEntry:
+    return ExchangeHistoryEntry(
+        exchange_id=r.exchange_id,
+        kind=r.kind,
+        from_institution=r.from_institution,
+        to_institution=r.to_institution,
+        document_types=list(r.document_types),
+        occurred_at=as_utc(r.occurred_at),
+        status=r.status,
+        purpose=r.purpose,
+    )
+
+
+async def exchange_history(
+    session: AsyncSession, runtime: Runtime, actor: TokenClaims, patient_key: str
+) -> list[ExchangeHistoryEntry]:
+    """The agency's view of a patient's exchanges (the read is audited)."""
+    rows = await repository.exchange_history(session, patient_key)
+    await runtime.audit.record(
+        session,
+        action="exchange-history-read",
+        actor=actor,
+        outcome="success",
+        patient_key=patient_key,
+        detail={"entries": len(rows)},
+    )
+    return [_exchange_line(r) for r in rows]
+
+
+async def patient_history(session: AsyncSession, patient_key: str) -> PatientHistory:
+    """What the patient sees: every exchange and every access, newest first, emergencies flagged."""
+    exchanges = await repository.exchange_history(session, patient_key)
+    accesses = await repository.access_history(session, patient_key)
+    types = await repository.document_types(session, (d for a in accesses for d in a.document_ids))
+    return PatientHistory(
+        exchanges=[_exchange_line(r) for r in exchanges],
+        accesses=[
+            AccessHistoryEntry(
+                occurred_at=as_utc(a.occurred_at),
+                institution=a.institution,
+                action=a.action,
+                document_ids=list(a.document_ids),
+                document_types=list(dict.fromkeys(types[d] for d in a.document_ids if d in types)),
+                purpose=a.purpose,
+                outcome=a.outcome,
+                rule=a.rule,
+                consent_version=a.consent_version,
+                flagged=a.flagged,
+                justification=a.justification,
+            )
+            for a in accesses
+        ],
+    )

@@ -1,0 +1,171 @@
+"""The patient's HTTP API (portal) and the call centre's.
+
+Portal: prove identity with a one-time code, get a short-lived session, then read and change one's
+own consent and see one's own history. Nothing here takes a patient identifier once signed in: the
+session names the patient, so a patient can only ever see their own records.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from hie_consent import history, portal
+from hie_consent.endpoints import RuntimeDep, SettingsDep
+from hie_consent.identity import IdentityProvider, SmsSender
+from hie_consent.schemas import (
+    CallCentreRequest,
+    ChallengeOpened,
+    CodeSubmission,
+    ConsentRequest,
+    ConsentVersionView,
+    IdentityStart,
+    PatientHistory,
+    PatientSessionToken,
+)
+from hie_consent.sessions import CurrentPatient
+from hie_platform.auth import require_scope
+from hie_platform.errors import FhirError, fhir_response
+from hie_platform.http import ReadSessionDep, SessionDep
+from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
+
+router = APIRouter()
+Agent = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed request (e.g. an RRN that is not one); OperationOutcome"},
+    409: {"description": "e.g. a withdrawal without a consent in force; OperationOutcome"},
+    410: {"description": "the code expired or was replaced; OperationOutcome"},
+    422: {"description": "wrong code (attempts left), unknown institution/department; OperationOutcome"},
+    429: {"description": "locked after too many wrong codes (Retry-After); OperationOutcome"},
+}
+
+
+def _identity(request: Request) -> IdentityProvider:
+    provider: IdentityProvider = request.app.state.identity
+    return provider
+
+
+def _sms(request: Request) -> SmsSender:
+    sender: SmsSender = request.app.state.sms
+    return sender
+
+
+def _refusal(error: FhirError) -> JSONResponse:
+    return fhir_response(error.status, error.operation_outcome(), error.headers())
+
+
+@router.post(
+    "/portal/identity/challenges",
+    tags=["portal"],
+    status_code=201,
+    response_model=ChallengeOpened,
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+    summary="Send the patient a one-time code through the identity provider (본인인증)",
+)
+async def start_identity_check(
+    body: IdentityStart,
+    session: SessionDep,
+    settings: SettingsDep,
+    provider: Annotated[IdentityProvider, Depends(_identity)],
+) -> ChallengeOpened:
+    return await portal.start_sign_in(session, settings, provider, body.rrn, body.phone)
+
+
+@router.post(
+    "/portal/identity/challenges/{challenge_id}/verify",
+    tags=["portal"],
+    response_model=PatientSessionToken,
+    responses=_ERRORS,
+    summary="Answer the code; returns the patient's session token (Bearer, a few minutes)",
+)
+async def verify_identity(
+    challenge_id: str, body: CodeSubmission, session: SessionDep, settings: SettingsDep
+) -> PatientSessionToken | JSONResponse:
+    result = await portal.sign_in(session, settings, challenge_id, body.code)
+    # A wrong code is returned, not raised, so that the counted attempt commits.
+    return _refusal(result) if isinstance(result, FhirError) else result
+
+
+@router.get(
+    "/portal/me/consents",
+    tags=["portal"],
+    response_model=list[ConsentVersionView],
+    summary="The signed-in patient's consent versions, newest first",
+)
+async def my_consents(patient: CurrentPatient, session: ReadSessionDep) -> list[ConsentVersionView]:
+    return await portal.consent_views(session, patient.patient_key)
+
+
+@router.post(
+    "/portal/me/consents",
+    tags=["portal"],
+    status_code=201,
+    response_model=ConsentVersionView,
+    responses=_ERRORS,
+    summary="Consent, withdraw entirely or partly, or consent again (the complete new version)",
+)
+async def change_my_consent(
+    body: ConsentRequest,
+    patient: CurrentPatient,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+) -> ConsentVersionView:
+    return await portal.record_for_patient(session, runtime, settings, patient.patient_key, body)
+
+
+@router.get(
+    "/portal/me/history",
+    tags=["portal"],
+    response_model=PatientHistory,
+    summary="Every exchange of the patient's records and every access to them; emergencies flagged",
+)
+async def my_history(patient: CurrentPatient, session: SessionDep, runtime: RuntimeDep) -> PatientHistory:
+    found = await history.patient_history(session, patient.patient_key)
+    await runtime.audit.record(
+        session,
+        action="portal.history-read",
+        actor=None,
+        outcome="success",
+        patient_key=patient.patient_key,
+        detail={"exchanges": len(found.exchanges), "accesses": len(found.accesses)},
+    )
+    return found
+
+
+@router.post(
+    "/call-centre/requests",
+    tags=["call centre"],
+    status_code=201,
+    response_model=ChallengeOpened,
+    response_model_exclude_none=True,
+    responses=_ERRORS,
+    summary="An agent takes a patient's consent request by phone; a code is texted to the patient",
+)
+async def open_call_request(
+    body: CallCentreRequest,
+    agent: Agent,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    sender: Annotated[SmsSender, Depends(_sms)],
+) -> ChallengeOpened:
+    return await portal.open_call(session, runtime, settings, sender, agent, body)
+
+
+@router.post(
+    "/call-centre/requests/{request_id}/complete",
+    tags=["call centre"],
+    status_code=201,
+    response_model=ConsentVersionView,
+    responses=_ERRORS,
+    summary="The patient completes the request with the texted code: the consent version is recorded",
+)
+async def complete_call_request(
+    request_id: str, body: CodeSubmission, session: SessionDep, runtime: RuntimeDep, settings: SettingsDep
+) -> ConsentVersionView | JSONResponse:
+    result = await portal.complete_call(session, runtime, settings, request_id, body.code)
+    return _refusal(result) if isinstance(result, FhirError) else result

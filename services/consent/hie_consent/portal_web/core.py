@@ -1,0 +1,182 @@
+"""What every portal page shares: keys, templates, the patient's session cookie, page rendering.
+
+The session cookie holds the patient session token the portal API issues (HS256, audience
+``hie-patient-portal``, 10 minutes, signed with a key derived from ``portal_session_secret``), so the
+pages and the API share one notion of a signed-in patient. It is HttpOnly, SameSite=Strict, Secure
+over HTTPS, limited to /portal and expires with the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.responses import HTMLResponse, Response
+
+from hie_consent import sessions
+from hie_consent.config import ConsentSettings
+from hie_consent.portal_web.i18n import STRINGS
+from hie_platform.errors import FhirError, Forbidden, ServiceUnavailable, Unauthorized
+from hie_platform.runtime import Runtime
+from hie_platform.web import (
+    LANGUAGES,
+    Catalog,
+    FormGuard,
+    clear_cookie,
+    derive_key,
+    language,
+    language_url,
+    render,
+    set_cookie,
+    template_environment,
+)
+
+PATH = "/portal"
+SESSION_COOKIE = "hie_portal_session"
+BROWSER_COOKIE = "hie_portal_browser"
+ENV = template_environment(Path(__file__).parent / "templates")
+CATALOG = Catalog(STRINGS)
+# Query parameters that would name a patient: the portal takes none, it shows the session's patient only.
+PATIENT_PARAMETERS = frozenset({"patient", "patient.identifier", "patient_key", "patient-key", "rrn", "key"})
+
+
+@dataclass(frozen=True)
+class Signed:
+    """The outcome of reading the session cookie: a patient, or why there is none."""
+
+    patient: sessions.PatientSession | None
+    problem: Unauthorized | None = None
+
+
+class Portal:
+    def __init__(self, settings: ConsentSettings) -> None:
+        secret = settings.portal_session_secret.get_secret_value()
+        self.settings = settings
+        self.forms = FormGuard(
+            derive_key(secret, "hie-portal-web-form"), BROWSER_COOKIE, PATH, consumer="portal-web-form"
+        )
+
+    def signed(self, request: Request) -> Signed:
+        token = request.cookies.get(SESSION_COOKIE)
+        if not token:
+            return Signed(None, Unauthorized("please sign in with a one-time code first"))
+        try:
+            return Signed(sessions.verify(self.settings, token))
+        except Unauthorized as exc:
+            return Signed(None, exc)
+
+    def start_session(self, response: Response, request: Request, token: str, seconds: int) -> None:
+        set_cookie(
+            response,
+            request,
+            SESSION_COOKIE,
+            token,
+            path=PATH,
+            max_age=seconds,
+            public_url=self.settings.public_url,
+        )
+
+    @staticmethod
+    def end_session(response: Response, request: Request) -> None:
+        clear_cookie(response, request, SESSION_COOKIE, path=PATH)
+
+    def page(
+        self,
+        request: Request,
+        name: str,
+        context: Mapping[str, Any],
+        *,
+        signed_in: bool,
+        status: int = 200,
+        error: FhirError | None = None,
+        here: str | None = None,
+    ) -> HTMLResponse:
+        lang = language(request)
+        t = CATALOG.translator(lang)
+        other = LANGUAGES[1] if lang == LANGUAGES[0] else LANGUAGES[0]
+        browser, new = self.forms.browser(request)
+
+        def form_token(purpose: str, context: str = "") -> str:
+            return self.forms.issue(browser, purpose, context)
+
+        response = render(
+            request,
+            ENV,
+            name,
+            {
+                "t": t,
+                "lang": lang,
+                "other_lang": other,
+                "here": here or request.url.path,
+                "lang_url": language_url(request, here, other),
+                "signed_in": signed_in,
+                "form_token": form_token,
+                "error": error_view(t, error) if error is not None else None,
+                "message_key": None,
+                **context,
+            },
+            status=status if error is None else error.status,
+            headers=error.headers() if error is not None else None,
+        )
+        self.forms.remember_browser(response, request, browser, new)
+        return response
+
+    def sign_in_page(self, request: Request, error: FhirError | None = None, phone: str = "") -> HTMLResponse:
+        response = self.page(
+            request, "sign_in.html", {"phone": phone}, signed_in=False, error=error, here=f"{PATH}/sign-in"
+        )
+        if isinstance(error, Unauthorized):
+            self.end_session(response, request)  # an expired or broken session cookie is dropped
+        return response
+
+
+def error_view(t: Any, error: FhirError) -> dict[str, Any]:
+    details = [i.diagnostics for i in error.issues] or [error.diagnostics]
+    return {"status": error.status, "title": t(f"error.{error.status}"), "details": details}
+
+
+def refuse_patient_parameters(request: Request) -> None:
+    """A URL that tries to name a patient (tampering) is refused outright, not silently ignored."""
+    named = PATIENT_PARAMETERS & set(request.query_params)
+    if named:
+        raise Forbidden(
+            "the portal shows only your own records and takes no patient identifier "
+            f"({', '.join(sorted(named))})"
+        )
+
+
+async def institution_names(runtime: Runtime, codes: set[str], lang: str) -> dict[str, str]:
+    """Names of institutions from the registry client (cached); a code stays a code if unknown."""
+    names: dict[str, str] = {}
+    for code in sorted(c for c in codes if c):
+        try:
+            view = await runtime.registry.institution(code) if code.isdigit() and len(code) == 8 else None
+        except ServiceUnavailable:
+            view = None
+        if view is not None:
+            names[code] = (view.name_en or view.name) if lang == "en" else view.name
+    return names
+
+
+def _portal(request: Request) -> Portal:
+    portal: Portal | None = getattr(request.app.state, "portal_web", None)
+    if portal is None:
+        portal = Portal(request.app.state.settings)
+        request.app.state.portal_web = portal
+    return portal
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+PortalDep = Annotated[Portal, Depends(_portal)]
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+
+
+async def form_fields(request: Request) -> dict[str, str]:
+    return {k: v for k, v in (await request.form()).items() if isinstance(v, str)}

@@ -1,0 +1,204 @@
+"""All SQL of the consent service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_consent.models import (
+    AccessEntry,
+    ConsentExclusion,
+    ConsentSignature,
+    ConsentVersion,
+    DocumentIndex,
+    ExchangeEntry,
+    IdentityChallenge,
+)
+from hie_platform.errors import Conflict
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes for timezone-aware columns; everything here is stored in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# --- consent versions -------------------------------------------------------------------------------
+
+
+async def versions(session: AsyncSession, patient_key: str) -> list[ConsentVersion]:
+    """A patient's consent versions, oldest first."""
+    query = (
+        select(ConsentVersion)
+        .where(ConsentVersion.patient_key == patient_key)
+        .order_by(ConsentVersion.version)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def version(session: AsyncSession, resource_id: str, number: int | None) -> ConsentVersion | None:
+    """One version of a Consent resource, the latest when ``number`` is None."""
+    query = select(ConsentVersion).where(ConsentVersion.resource_id == resource_id)
+    if number is not None:
+        query = query.where(ConsentVersion.version == number)
+    return await session.scalar(query.order_by(ConsentVersion.version.desc()).limit(1))
+
+
+async def add_version(session: AsyncSession, row: ConsentVersion) -> None:
+    session.add(row)
+    try:
+        await session.flush()
+    except IntegrityError:
+        # Two desks recorded a version for the same patient at once; the later one asks again.
+        raise Conflict("the patient's consent changed concurrently; read it again and retry") from None
+
+
+def add_exclusions(session: AsyncSession, rows: Iterable[ConsentExclusion]) -> None:
+    session.add_all(list(rows))
+
+
+def add_signature(session: AsyncSession, row: ConsentSignature) -> None:
+    session.add(row)
+
+
+async def signature(session: AsyncSession, consent_version_id: int) -> ConsentSignature | None:
+    return await session.get(ConsentSignature, consent_version_id)
+
+
+async def signed_versions(session: AsyncSession, version_ids: Sequence[int]) -> set[int]:
+    if not version_ids:
+        return set()
+    query = select(ConsentSignature.consent_version_id).where(
+        ConsentSignature.consent_version_id.in_(version_ids)
+    )
+    return set((await session.scalars(query)).all())
+
+
+async def exclusions(session: AsyncSession, patient_key: str) -> list[ConsentExclusion]:
+    query = (
+        select(ConsentExclusion)
+        .where(ConsentExclusion.patient_key == patient_key)
+        .order_by(ConsentExclusion.version, ConsentExclusion.id)
+    )
+    return list((await session.scalars(query)).all())
+
+
+# --- one-time-code challenges -----------------------------------------------------------------------
+
+
+def add_challenge(session: AsyncSession, row: IdentityChallenge) -> None:
+    session.add(row)
+
+
+async def challenge(session: AsyncSession, challenge_id: str) -> IdentityChallenge | None:
+    """A challenge, locked for update (PostgreSQL) so that two guesses at once are counted twice."""
+    query = select(IdentityChallenge).where(IdentityChallenge.id == challenge_id).with_for_update()
+    return await session.scalar(query)
+
+
+async def latest_challenge(session: AsyncSession, patient_key: str) -> IdentityChallenge | None:
+    query = (
+        select(IdentityChallenge)
+        .where(IdentityChallenge.patient_key == patient_key)
+        .order_by(IdentityChallenge.created_at.desc())
+        .limit(1)
+        .with_for_update()
+    )
+    return await session.scalar(query)
+
+
+async def lock_of(session: AsyncSession, patient_key: str, now: datetime) -> datetime | None:
+    """Until when the patient's identity verification is locked, if it is."""
+    query = (
+        select(IdentityChallenge.locked_until)
+        .where(IdentityChallenge.patient_key == patient_key, IdentityChallenge.locked_until > now)
+        .order_by(IdentityChallenge.locked_until.desc())
+        .limit(1)
+    )
+    until = await session.scalar(query)
+    return as_utc(until) if until is not None else None
+
+
+async def close_open_challenges(session: AsyncSession, patient_key: str, now: datetime) -> None:
+    """A new code replaces the patient's earlier ones: only the latest can be answered."""
+    await session.execute(
+        update(IdentityChallenge)
+        .where(
+            IdentityChallenge.patient_key == patient_key,
+            IdentityChallenge.verified_at.is_(None),
+            IdentityChallenge.expires_at > now,
+        )
+        .values(expires_at=now)
+        # No in-Python evaluation: SQLite hands back naive datetimes that do not compare with ``now``.
+        .execution_options(synchronize_session=False)
+    )
+
+
+# --- the patient's history --------------------------------------------------------------------------
+
+
+async def sent_entry(session: AsyncSession, exchange_id: str) -> ExchangeEntry | None:
+    query = (
+        select(ExchangeEntry)
+        .where(ExchangeEntry.exchange_id == exchange_id, ExchangeEntry.status == "sent")
+        .order_by(ExchangeEntry.id)
+        .limit(1)
+    )
+    return await session.scalar(query)
+
+
+async def add_entry(session: AsyncSession, entry: ExchangeEntry | AccessEntry) -> None:
+    session.add(entry)
+    await session.flush()
+
+
+async def exchange_history(session: AsyncSession, patient_key: str) -> list[ExchangeEntry]:
+    """A patient's exchange history, newest first."""
+    query = (
+        select(ExchangeEntry)
+        .where(ExchangeEntry.patient_key == patient_key)
+        .order_by(ExchangeEntry.occurred_at.desc(), ExchangeEntry.id.desc())
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def access_history(session: AsyncSession, patient_key: str) -> list[AccessEntry]:
+    """Every recorded access to the patient's records, newest first."""
+    query = (
+        select(AccessEntry)
+        .where(AccessEntry.patient_key == patient_key)
+        .order_by(AccessEntry.occurred_at.desc(), AccessEntry.id.desc())
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def index_documents(session: AsyncSession, types: dict[str, str]) -> None:
+    """Remember each document's type (a document id has one type for good)."""
+    if not types:
+        return
+    known = set(
+        (
+            await session.scalars(
+                select(DocumentIndex.document_id).where(DocumentIndex.document_id.in_(list(types)))
+            )
+        ).all()
+    )
+    session.add_all(
+        DocumentIndex(document_id=doc, document_type=kind) for doc, kind in types.items() if doc not in known
+    )
+    await session.flush()
+
+
+async def document_types(session: AsyncSession, document_ids: Iterable[str]) -> dict[str, str]:
+    ids = sorted(set(document_ids))
+    if not ids:
+        return {}
+    rows = await session.execute(
+        select(DocumentIndex.document_id, DocumentIndex.document_type).where(
+            DocumentIndex.document_id.in_(ids)
+        )
+    )
+    return {row.document_id: row.document_type for row in rows}
