@@ -1,0 +1,74 @@
+"""The hub node service: create_app() and its lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from hie_hub import (
+    audit_api,
+    crs_api,
+    documents_api,
+    fhir_api,
+    holder,
+    list_api,
+    subscription_api,
+    task_api,
+)
+from hie_hub.config import HubSettings
+from hie_hub.consent import ConsentGate
+from hie_hub.consent_replica import ConsentReplica
+from hie_hub.inbox import Inbox
+from hie_hub.models import PLATFORM
+from hie_hub.node import HubNode
+from hie_hub.webhooks import WebhookSender
+from hie_platform.http import create_service_app
+from hie_platform.runtime import start_runtime
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION = "0.1.0"
+
+
+def create_app(settings: HubSettings | None = None) -> FastAPI:
+    settings = settings or HubSettings()  # hub comes from HIE_HUB_HUB
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with start_runtime(settings, "hub-node", PLATFORM, MIGRATIONS) as runtime:
+            replica = ConsentReplica(runtime, settings.hub)
+            await replica.start()
+            gate = ConsentGate(runtime.bus, settings.consent_timeout_seconds, replica)
+            node = HubNode(settings, runtime, gate)
+            app.state.runtime = runtime
+            app.state.node = node
+            Inbox(node).start()
+            await holder.serve(node)
+            webhooks = WebhookSender(node, runtime.http)
+            webhooks.start()
+            runtime.relay.kick()
+            try:
+                yield
+            finally:
+                await webhooks.stop()
+                await replica.stop()
+
+    return create_service_app(
+        service="hub-node",
+        title=f"HIE hub node ({settings.hub})",
+        version=VERSION,
+        description="FHIR document repository of a hub and its clinics; referral/return exchange (IHE MHD).",
+        lifespan=lifespan,
+        routers=[
+            fhir_api.router,
+            documents_api.router,
+            list_api.router,
+            task_api.router,
+            subscription_api.router,
+            crs_api.router,
+            audit_api.router,
+        ],
+        max_body_bytes=settings.max_body_bytes,
+    )

@@ -1,0 +1,44 @@
+"""Hub node settings (environment prefix HIE_HUB_)."""
+
+from __future__ import annotations
+
+from pydantic import field_validator
+from pydantic_settings import SettingsConfigDict
+
+from hie_platform.settings import PatientKeySettings
+from hie_schemas import subjects
+
+
+class HubSettings(PatientKeySettings):
+    """One hub node: its slug (as the registry knows the hub), database and consent timeout."""
+
+    model_config = SettingsConfigDict(env_prefix="HIE_HUB_", extra="ignore")
+
+    hub: str
+    port: int = 8010
+    database_url: str = "sqlite+aiosqlite:///./.hie/hub.db"
+    consent_timeout_seconds: float = 2.0
+    # Federated search: how long the asking hub waits for the holding hubs (one deadline for all),
+    # and how long a disclosed document may be retrieved through this hub afterwards.
+    federated_timeout_seconds: float = 3.0
+    federated_grant_seconds: float = 3600.0
+    # Long polling of GET /fhir/Task (Prefer: wait=N): the longest wait granted.
+    long_poll_max_seconds: float = 60.0
+    # Webhooks (rest-hook Subscriptions): retries with exponential backoff, then given up.
+    webhook_poll_seconds: float = 1.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_backoff_seconds: float = 2.0
+    webhook_max_backoff_seconds: float = 600.0
+    webhook_max_attempts: int = 12
+    webhook_retention_days: float = 7.0  # delivered or given-up deliveries are kept this long
+
+    @field_validator("hub")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        # The slug becomes a NATS subject token (hie.hub.<hub>.inbox.…); refuse it now, not at first publish.
+        subjects.hub_inbox_wildcard(value)
+        return value
+
+    @property
+    def fhir_base(self) -> str:
+        return f"{self.base_url.rstrip('/')}/fhir"

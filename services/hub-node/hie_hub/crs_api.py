@@ -1,0 +1,151 @@
+"""``POST {hub}/fhir/$generate-crs``: a care record summary generated on request for a walk-in or
+emergency patient (진료기록요약지, domain.md), from what this hub holds and consent lets flow to the
+asking institution. The summary is returned, not stored; the request is audited with the documents
+it drew on.
+
+Body: a FHIR Parameters resource with ``patient`` (valueIdentifier: RRN or patient key),
+optionally ``purpose`` (valueCode treatment | emergency) and ``justification`` (valueString,
+required for emergency).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from hie_hub import repository
+from hie_hub.disclosure import Access, decisions, first_refusal, newest_version, release
+from hie_hub.documents.pseudonym import rrn_strings
+from hie_hub.models import DocumentStatus
+from hie_hub.node import HubActor, NodeDep
+from hie_hub.params import json_body
+from hie_platform.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, fhir_response
+from hie_platform.http import ReadSessionDep, SessionDep
+from hie_schemas.consent import Purpose
+from hie_schemas.documents.summary import SourceDocument, build_summary, newest_patient
+from hie_schemas.fhir import FhirParseError, parse_resource
+from hie_schemas.identifiers import InvalidIdentifierError, patient_key_from_identifier
+
+router = APIRouter(prefix="/fhir", tags=["documents"])
+
+
+def _parameters(body: Any, secret: bytes) -> tuple[str, Purpose, str | None]:
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise BadRequest("$generate-crs takes a FHIR Parameters resource", expression=("Parameters",))
+    try:
+        parse_resource(body, "Parameters")
+    except FhirParseError as exc:
+        sent = [s for s in rrn_strings(body) if len(s) >= 6]
+        message = str(exc)
+        for value in sent:
+            message = message.replace(value, "<redacted>")
+        raise BadRequest(f"invalid Parameters: {message}") from None
+    values = {p.get("name"): p for p in body.get("parameter") or [] if isinstance(p, dict)}
+    identifier = (values.get("patient") or {}).get("valueIdentifier") or {}
+    try:
+        key = patient_key_from_identifier(str(identifier.get("system")), str(identifier.get("value")), secret)
+    except InvalidIdentifierError as exc:
+        raise BadRequest(
+            f"parameter patient (valueIdentifier): {exc.reason}", expression=("Parameters.parameter",)
+        ) from None
+    raw = (values.get("purpose") or {}).get("valueCode") or Purpose.TREATMENT.value
+    if raw not in (Purpose.TREATMENT.value, Purpose.EMERGENCY.value):
+        raise BadRequest(
+            "parameter purpose must be treatment or emergency", expression=("Parameters.parameter",)
+        )
+    justification = str((values.get("justification") or {}).get("valueString") or "").strip() or None
+    if raw == Purpose.EMERGENCY.value and justification is None:
+        raise BadRequest(
+            "emergency access needs the parameter justification", expression=("Parameters.parameter",)
+        )
+    return key, Purpose(raw), justification
+
+
+@router.post("/$generate-crs", summary="Generate a care record summary (CRS) on request")
+async def generate_crs(
+    request: Request, node: NodeDep, actor: HubActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    key, purpose, justification = _parameters(await json_body(request), node.settings.patient_key_bytes)
+    access = Access(actor.inst, purpose, justification)
+    rows = await repository.documents_of_patient(read, key, statuses=[DocumentStatus.CURRENT.value])
+    await release(read)
+    decided = await decisions(node, access, rows)
+    permitted = [row for row, d in zip(rows, decided, strict=True) if d is None or d.permit]
+    refusal = first_refusal(decided)
+    detail: dict[str, Any] = {"held": len(rows), "used": len(permitted)}
+    if access.flagged:
+        detail |= {"flagged": True, "justification": justification}
+    await node.runtime.audit.record(
+        session,
+        action="crs.generate",
+        actor=actor,
+        outcome="success" if permitted else ("denied" if rows else "not-found"),
+        patient_key=key,
+        document_ids=[row.document_id for row in permitted],
+        purpose=purpose.value,
+        rule=refusal.rule.value if refusal is not None and not permitted else None,
+        consent_version=newest_version(decided),
+        detail=detail,
+    )
+    if not rows:
+        return _refused(NotFound("this hub holds no documents for the patient"))
+    if not permitted:
+        rule = refusal.rule.value if refusal else "unknown"
+        return _refused(
+            Forbidden(f"consent does not let this hub's records flow to {actor.inst}: rule {rule}")
+        )
+    sources = [SourceDocument(row.document_id, row.created_at, row.bundle) for row in permitted]
+    hub = await node.runtime.registry.hub(node.hub)
+    if hub is None:
+        raise ServiceUnavailable(f"the registry does not know hub {node.hub}")
+    base = node.settings.fhir_base
+    summary = build_summary(
+        sources,
+        patient=newest_patient(sources) or {"resourceType": "Patient"},
+        custodian_code=hub.code,
+        custodian_name=hub.name,
+        generator=f"HIE hub node {node.hub}",
+        created_at=datetime.now(UTC),
+        source_url=lambda document_id: f"{base}/DocumentReference/{document_id}",
+    )
+    return fhir_response(200, summary)
+
+
+def _refused(error: NotFound | Forbidden) -> JSONResponse:
+    # Returned, not raised: the audit record of the refusal commits with the request.
+    return fhir_response(error.status, error.operation_outcome())
+
+
+OPERATION_DEFINITION: dict[str, Any] = {
+    "resourceType": "OperationDefinition",
+    "id": "generate-crs",
+    "name": "GenerateCrs",
+    "title": "진료기록요약지 생성 (care record summary on request)",
+    "status": "active",
+    "kind": "operation",
+    "code": "generate-crs",
+    "system": True,
+    "type": False,
+    "instance": False,
+    "affectsState": False,
+    "description": (
+        "A care record summary (K-CDA template 1.2.410.100110.40.2.1.4) generated from the documents this "
+        "hub holds for the patient that consent lets flow to the caller; returned, not stored."
+    ),
+    "parameter": [
+        {"name": "patient", "use": "in", "min": 1, "max": "1", "type": "Identifier"},
+        {"name": "purpose", "use": "in", "min": 0, "max": "1", "type": "code"},
+        {"name": "justification", "use": "in", "min": 0, "max": "1", "type": "string"},
+        {"name": "return", "use": "out", "min": 1, "max": "1", "type": "Bundle"},
+    ],
+}
+
+
+@router.get("/OperationDefinition/generate-crs", summary="The definition of $generate-crs")
+async def generate_crs_definition(node: NodeDep) -> JSONResponse:
+    return fhir_response(
+        200, OPERATION_DEFINITION | {"url": f"{node.settings.fhir_base}/OperationDefinition/generate-crs"}
+    )

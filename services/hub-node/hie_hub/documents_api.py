@@ -1,0 +1,209 @@
+"""FHIR REST endpoints of DocumentReference and the document (IHE MHD ITI-67, ITI-68), local and
+federated, and the author's status change (entered-in-error)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_hub import federation, lifecycle, retrieval
+from hie_hub.disclosure import Access, release
+from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
+from hie_hub.params import DEFAULT_COUNT, SearchParams, document_types, json_body
+from hie_hub.resources import searchset
+from hie_hub.retrieval import DocumentQuery
+from hie_platform.errors import (
+    BadRequest,
+    FhirError,
+    Forbidden,
+    NotFound,
+    ServiceUnavailable,
+    fhir_response,
+)
+from hie_platform.http import ReadSessionDep, SessionDep
+from hie_schemas.auth import TokenClaims
+from hie_schemas.consent import Purpose
+from hie_schemas.events import HubRetrieveReply
+from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
+
+router = APIRouter(prefix="/fhir", tags=["documents"])
+
+DOCUMENT_SEARCH = frozenset(
+    {
+        "patient.identifier",
+        "type",
+        "status",
+        "date",
+        "author",
+        "author:identifier",
+        "author.identifier",
+        "_count",
+        "_cursor",
+        "_federated",
+        "purpose",
+        "justification",
+    }
+)
+JUSTIFICATION_HEADER = "x-hie-justification"
+MAX_JUSTIFICATION = 500
+
+
+def _refusal(error: FhirError) -> JSONResponse:
+    return fhir_response(error.status, error.operation_outcome(), error.headers())
+
+
+def _query(params: SearchParams, node: HubNode) -> DocumentQuery:
+    types = params.any_of("type")
+    author = params.institution("author")
+    chained = params.one("author.identifier")
+    if chained is not None:
+        chained_code = SearchParams.institution_code("author.identifier", chained)
+        if author is not None and author != chained_code:
+            raise BadRequest("author and author.identifier disagree", expression=("author",))
+        author = chained_code
+    count = params.count()
+    return DocumentQuery(
+        patient_key=params.patient_key("patient.identifier", node.settings.patient_key_bytes),
+        types=document_types(types) if types is not None else None,
+        statuses=params.any_of("status"),
+        authors=[author] if author is not None else None,
+        dates=params.dates("date"),
+        count=count if count is not None else DEFAULT_COUNT,
+        cursor=params.cursor(),
+    )
+
+
+def _access(request: Request, params: SearchParams, actor: TokenClaims) -> Access:
+    """purpose (treatment | emergency) and the justification emergency access needs: the
+    ``justification`` parameter, or the X-HIE-Justification header (percent-encoded UTF-8)."""
+    raw = params.one("purpose") or Purpose.TREATMENT.value
+    if raw not in (Purpose.TREATMENT.value, Purpose.EMERGENCY.value):
+        raise BadRequest("purpose must be treatment or emergency", expression=("purpose",))
+    header = request.headers.get(JUSTIFICATION_HEADER)
+    justification = (params.one("justification") or (unquote(header) if header else "")).strip()
+    if len(justification) > MAX_JUSTIFICATION:
+        raise BadRequest(f"the justification is limited to {MAX_JUSTIFICATION} characters")
+    purpose = Purpose(raw)
+    if purpose is Purpose.EMERGENCY and not justification:
+        raise BadRequest(
+            "emergency access needs a justification (parameter justification or header X-HIE-Justification)",
+            expression=("justification",),
+        )
+    return Access(actor.inst, purpose, justification or None)
+
+
+def _links(params: SearchParams, node: HubNode, query: DocumentQuery, next_at: Any) -> list[tuple[str, str]]:
+    base = f"{node.settings.fhir_base}/DocumentReference"
+    patient = {"patient.identifier": f"{PATIENT_KEY_SYSTEM}|{query.patient_key}"}
+    links = [("self", params.link(base, patient))]
+    if next_at is not None:
+        links.append(("next", params.link(base, patient | {"_cursor": next_at.encode()})))
+    return links
+
+
+@router.get(
+    "/DocumentReference", summary="ITI-67 Find Document References (add _federated=true for all hubs)"
+)
+async def find_document_references(
+    request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    params = SearchParams(request, DOCUMENT_SEARCH)
+    query = _query(params, node)
+    access = _access(request, params, actor)
+    if not params.flag("_federated"):
+        if access.purpose is not Purpose.TREATMENT:
+            raise BadRequest(
+                "purpose applies to the federated search (_federated=true)", expression=("purpose",)
+            )
+        found = await retrieval.search(node, read, session, actor, query)
+        links = _links(params, node, query, found.next_cursor)
+        bundle = searchset(
+            node.settings.fhir_base, [d.docref for d in found.documents], found.total, links=links
+        )
+        return fhir_response(200, bundle)
+    if actor.hub != node.hub:
+        raise Forbidden("a federated search is made by an institution of this hub")
+    result = await federation.search(node, session, actor, query, access)
+    returned, next_cursor = federation.page(result.document_references, query)
+    links = _links(params, node, query, next_cursor)
+    bundle = searchset(
+        node.settings.fhir_base,
+        returned,
+        len(result.document_references),
+        links=links,
+        outcomes=result.outcomes,
+    )
+    return fhir_response(200, bundle)
+
+
+async def _federated(
+    node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, document_id: str
+) -> HubRetrieveReply:
+    """A document found by a federated search, retrieved from its holder through this hub (the write
+    session is first touched after the holder answered: no write lock is held across the call)."""
+    found = await federation.grant(read, actor, document_id)
+    await release(read)
+    if found is None:
+        raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
+    reply = await federation.retrieve(node, actor, found)
+    outcome = "error" if isinstance(reply, str) else reply.outcome
+    await node.runtime.audit.record(
+        session,
+        action="federated.retrieve",
+        actor=actor,
+        outcome="success" if outcome == "ok" else outcome,
+        patient_key=found.patient_key,
+        document_ids=[document_id],
+        purpose=found.purpose,
+        detail={"federated": True, "holder_hub": found.holder_hub}
+        | ({"flagged": True, "justification": found.justification} if found.justification else {}),
+    )
+    if isinstance(reply, str):
+        raise ServiceUnavailable(
+            f"hub {found.holder_hub}, which holds document {document_id}, did not answer"
+        )
+    if reply.outcome == "denied":
+        raise Forbidden(f"consent refuses document {document_id} to {actor.inst}: rule {reply.rule}")
+    if reply.outcome != "ok" or reply.document is None or reply.document_reference is None:
+        raise NotFound(f"hub {found.holder_hub} no longer holds document {document_id}")
+    return reply
+
+
+@router.get("/DocumentReference/{document_id}", summary="Read one DocumentReference")
+async def read_document_reference(
+    document_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    try:
+        result = await retrieval.read_document(node, read, session, actor, document_id, "document.read")
+    except NotFound:
+        reply = await _federated(node, read, session, actor, document_id)
+        return fhir_response(200, reply.document_reference or {})
+    if isinstance(result, FhirError):
+        return _refusal(result)
+    return fhir_response(200, result.docref)
+
+
+@router.get("/Bundle/{document_id}", summary="ITI-68 Retrieve Document")
+async def retrieve_document(
+    document_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    try:
+        result = await retrieval.read_document(node, read, session, actor, document_id, "document.retrieve")
+    except NotFound:
+        reply = await _federated(node, read, session, actor, document_id)
+        return fhir_response(200, reply.document or {})
+    if isinstance(result, FhirError):
+        return _refusal(result)
+    return fhir_response(200, result.bundle)
+
+
+@router.put("/DocumentReference/{document_id}", summary="The author marks its document entered-in-error")
+async def update_document_reference(
+    document_id: str, request: Request, node: NodeDep, actor: HubActor, session: SessionDep
+) -> JSONResponse:
+    body = await json_body(request)
+    return fhir_response(200, await lifecycle.mark_entered_in_error(node, session, actor, document_id, body))

@@ -1,0 +1,250 @@
+"""Walk-in search across hubs (임의방문): the asking side.
+
+``GET {hub}/fhir/DocumentReference?patient.identifier=…&_federated=true`` from an institution of this
+hub: the record locator names the hubs that hold documents for the patient, every one of them (and
+this hub) is asked in parallel within one deadline, and each answers as the data holder for the
+asking institution. The searchset carries an OperationOutcome entry for every hub that denied, timed
+out, failed or could not be reached: partial results are explicit, never silent. A document found
+elsewhere is retrieved through this hub (ITI-68 at the usual URL) for as long as a grant lasts; the
+holder decides again at retrieval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_hub import holder
+from hie_hub.disclosure import Access
+from hie_hub.models import FederatedGrant
+from hie_hub.node import HubNode
+from hie_hub.params import Cursor
+from hie_hub.retrieval import DocumentQuery
+from hie_platform.bus import RpcError
+from hie_platform.errors import FhirError, Issue, operation_outcome
+from hie_platform.logging import get_logger
+from hie_schemas import subjects
+from hie_schemas.auth import TokenClaims
+from hie_schemas.consent import Purpose
+from hie_schemas.events import (
+    DocumentFilter,
+    HubRetrieveReply,
+    HubRetrieveRequest,
+    HubSearchReply,
+    HubSearchRequest,
+    LocateReply,
+    LocateRequest,
+)
+
+log = get_logger(__name__)
+LOCATOR_TIMEOUT = 1.0
+# Names the hub an OperationOutcome is about (issue.details), so that a client can tell them apart.
+HUB_SYSTEM = "https://hie-federation.kr/fhir/CodeSystem/hub"
+
+
+@dataclass
+class FederatedResult:
+    """The merged matches (newest first), one OperationOutcome per hub that did not answer fully."""
+
+    document_references: list[dict[str, Any]] = field(default_factory=list)
+    holders: dict[str, str] = field(default_factory=dict)  # document id -> hub
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+    hubs: dict[str, str] = field(default_factory=dict)  # hub -> ok | denied | timeout | unreachable | ...
+
+
+def _outcome(severity: str, code: str, message: str, hub: str | None) -> dict[str, Any]:
+    outcome = operation_outcome([Issue(message, code=code, severity=severity)])
+    if hub is not None:
+        outcome["issue"][0]["details"] = {"coding": [{"system": HUB_SYSTEM, "code": hub}], "text": hub}
+    return outcome
+
+
+def _filter(query: DocumentQuery) -> DocumentFilter:
+    lower = [b.lower for b in query.dates if b.lower is not None]
+    upper = [b.upper for b in query.dates if b.upper is not None]
+    return DocumentFilter(
+        types=list(query.types) if query.types is not None else None,
+        statuses=list(query.statuses) if query.statuses is not None else None,
+        authors=list(query.authors) if query.authors is not None else None,
+        created_from=max(lower, default=None),
+        created_before=min(upper, default=None),
+    )
+
+
+async def _locate(node: HubNode, patient_key: str, result: FederatedResult) -> list[str]:
+    """The hubs to ask: the locator's answer and always this hub; this hub alone if it is away."""
+    try:
+        reply = await node.runtime.bus.request(
+            subjects.REGISTRY_LOCATE, LocateRequest(patient_key=patient_key), LocateReply, LOCATOR_TIMEOUT
+        )
+    except (RpcError, ValidationError):
+        message = "the record locator did not answer: only this hub was searched"
+        result.outcomes.append(_outcome("warning", "incomplete", message, None))
+        return [node.hub]
+    return [node.hub, *(h for h in dict.fromkeys(reply.hubs) if h != node.hub)]
+
+
+async def _ask(node: HubNode, hub: str, request: HubSearchRequest, deadline: float) -> HubSearchReply | str:
+    """One hub's reply, or why there is none (timeout, unreachable, error)."""
+    if hub == node.hub:
+        try:
+            return await asyncio.wait_for(holder.answer_search(node, request), deadline)
+        except TimeoutError:
+            return "timeout"
+        except FhirError as exc:
+            return f"error: {exc.diagnostics}"
+    subject = subjects.hub_rpc(hub, "search")
+    try:
+        return await node.runtime.bus.request(subject, request, HubSearchReply, timeout=deadline)
+    except RpcError as exc:
+        text = str(exc)
+        if "NoResponders" in text:
+            return "unreachable"
+        return "timeout" if "Timeout" in text else "error"
+    except ValidationError:
+        return "error"
+
+
+def _merge(result: FederatedResult, hub: str, reply: HubSearchReply | str, asker: str) -> None:
+    if isinstance(reply, str):
+        kind = reply.split(":", 1)[0]
+        result.hubs[hub] = kind
+        message = {
+            "timeout": f"hub {hub} did not answer within the deadline; its records are missing",
+            "unreachable": f"hub {hub} is unreachable; its records are missing",
+        }.get(kind, f"hub {hub} failed to answer; its records are missing")
+        code = "timeout" if kind == "timeout" else "transient"
+        result.outcomes.append(_outcome("error", code, message, hub))
+        return
+    result.hubs[hub] = reply.outcome
+    if reply.outcome == "denied":
+        message = f"hub {hub}: {reply.message} (rule {reply.rule})"
+        result.outcomes.append(_outcome("error", "suppressed", message, hub))
+    elif reply.outcome != "ok":
+        result.outcomes.append(_outcome("error", "processing", f"hub {hub} refused: {reply.message}", hub))
+    elif reply.withheld:
+        message = f"hub {hub} withheld some documents under the patient's consent for {asker}"
+        result.outcomes.append(_outcome("information", "suppressed", message, hub))
+    for reference in reply.document_references:
+        document_id = str(reference.get("id"))
+        if document_id not in result.holders:
+            result.holders[document_id] = hub
+            result.document_references.append(reference)
+
+
+def _position(reference: dict[str, Any]) -> tuple[datetime, str]:
+    """Where a result sorts: its date (the document's time, stamped by its hub) and id."""
+    try:
+        at = datetime.fromisoformat(str(reference.get("date")))
+    except ValueError:
+        at = datetime.min.replace(tzinfo=UTC)
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)), str(reference.get("id"))
+
+
+def page(
+    references: list[dict[str, Any]], query: DocumentQuery
+) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """One page of the merged results (keyset on date and id, as the local search pages)."""
+    rows = references
+    if query.cursor is not None:
+        after = (query.cursor.at, query.cursor.key)
+        rows = [r for r in rows if _position(r) < after]
+    returned = rows[: query.count]
+    if len(rows) > query.count and returned:
+        at, key = _position(returned[-1])
+        return returned, Cursor(at, key)
+    return returned, None
+
+
+async def search(
+    node: HubNode, session: AsyncSession, actor: TokenClaims, query: DocumentQuery, access: Access
+) -> FederatedResult:
+    """Ask every holding hub; merge, record grants for retrieval and audit the search here."""
+    result = FederatedResult()
+    hubs = await _locate(node, query.patient_key, result)
+    request = HubSearchRequest(
+        patient_key=query.patient_key,
+        requester=actor.inst,
+        requester_hub=node.hub,
+        purpose=access.purpose,
+        justification=access.justification,
+        filter=_filter(query),
+    )
+    deadline = node.settings.federated_timeout_seconds
+    replies = await asyncio.gather(*(_ask(node, hub, request, deadline) for hub in hubs))
+    for hub, reply in zip(hubs, replies, strict=True):
+        _merge(result, hub, reply, actor.inst)
+    result.document_references.sort(key=_position, reverse=True)
+    now = datetime.now(UTC)
+    # Grants that ran out are of no use to anyone: forget them as new ones are made.
+    await session.execute(delete(FederatedGrant).where(FederatedGrant.expires_at < now))
+    expires = now + timedelta(seconds=node.settings.federated_grant_seconds)
+    for document_id, hub in result.holders.items():
+        session.add(
+            FederatedGrant(
+                document_id=document_id,
+                requester=actor.inst,
+                holder_hub=hub,
+                patient_key=query.patient_key,
+                purpose=access.purpose.value,
+                justification=access.justification,
+                expires_at=expires,
+            )
+        )
+    detail: dict[str, Any] = {"federated": True, "hubs": result.hubs}
+    if access.flagged:
+        detail |= {"flagged": True, "justification": access.justification}
+    await node.runtime.audit.record(
+        session,
+        action="federated.search",
+        actor=actor,
+        outcome="success" if not result.outcomes else "partial",
+        patient_key=query.patient_key,
+        document_ids=list(result.holders),
+        purpose=access.purpose.value,
+        detail=detail,
+    )
+    return result
+
+
+async def grant(session: AsyncSession, actor: TokenClaims, document_id: str) -> FederatedGrant | None:
+    """The latest unexpired grant to retrieve a federated result through this hub."""
+    now = datetime.now(UTC)
+    rows = await session.scalars(
+        select(FederatedGrant)
+        .where(
+            FederatedGrant.document_id == document_id,
+            FederatedGrant.requester == actor.inst,
+            FederatedGrant.expires_at > now,
+        )
+        .order_by(FederatedGrant.id.desc())
+        .limit(1)
+    )
+    return rows.first()
+
+
+async def retrieve(node: HubNode, actor: TokenClaims, found: FederatedGrant) -> HubRetrieveReply | str:
+    """Retrieve a federated result from its holder (this hub in-process, another over NATS)."""
+    request = HubRetrieveRequest(
+        document_id=found.document_id,
+        requester=actor.inst,
+        requester_hub=node.hub,
+        purpose=Purpose(found.purpose),
+        justification=found.justification,
+    )
+    if found.holder_hub == node.hub:
+        return await holder.answer_retrieve(node, request)
+    subject = subjects.hub_rpc(found.holder_hub, "retrieve")
+    try:
+        return await node.runtime.bus.request(
+            subject, request, HubRetrieveReply, timeout=node.settings.federated_timeout_seconds
+        )
+    except (RpcError, ValidationError) as exc:
+        log.warning("federated retrieve failed", hub=found.holder_hub, error=type(exc).__name__)
+        return "unavailable"

@@ -1,0 +1,32 @@
+"""FHIR REST endpoints of the hub's base: publish (ITI-65 transaction) and the CapabilityStatement."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from hie_hub import exchange
+from hie_hub.capability import capability_statement
+from hie_hub.node import HubActor, NodeDep
+from hie_hub.params import json_body
+from hie_platform.errors import FhirError, fhir_response
+from hie_platform.http import ReadSessionDep, SessionDep
+
+router = APIRouter(prefix="/fhir", tags=["fhir"])
+
+
+@router.get("/metadata", summary="CapabilityStatement (no token needed)")
+async def metadata(request: Request, node: NodeDep) -> JSONResponse:
+    return fhir_response(200, capability_statement(node.settings, request.app.version))
+
+
+@router.post("", summary="ITI-65 Provide Document Bundle (transaction)")
+@router.post("/", include_in_schema=False)  # clients that join base and "" with a slash
+async def publish(
+    request: Request, node: NodeDep, actor: HubActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    body = await json_body(request)
+    result = await exchange.publish(node, read, session, actor, body)
+    if isinstance(result, FhirError):
+        return fhir_response(result.status, result.operation_outcome(), result.headers())
+    return fhir_response(200, result)

@@ -1,0 +1,157 @@
+"""This hub's inbox (hie.hub.<hub>.inbox.>): deliveries of referrals/returns and Task status notices.
+
+The durable consumer is idempotent: each event is applied once (processed_events in the same
+transaction), and whatever it emits goes through the outbox of that transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_hub import lifecycle, repository, tasks
+from hie_hub.models import Document, DocumentStatus, Origin, Task
+from hie_hub.node import HubNode
+from hie_hub.notifications import task_changed
+from hie_hub.resources import TaskStatus, read_metadata, scrub_rrn, with_status
+from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.logging import get_logger
+from hie_schemas import streams, subjects
+from hie_schemas.envelope import Envelope
+from hie_schemas.events import Delivery, DocumentStatusNotice, TaskStatusNotice, TaskUpdated
+
+log = get_logger(__name__)
+
+
+class Inbox:
+    """Consumes what other hubs (and this one) address to this hub."""
+
+    def __init__(self, node: HubNode) -> None:
+        self.node = node
+        self.durable = f"hub-{node.hub}-inbox"
+
+    def start(self) -> None:
+        self.node.runtime.bus.consume(
+            streams.HUB_INBOX.name,
+            durable=self.durable,
+            filter_subject=subjects.hub_inbox_wildcard(self.node.hub),
+            handler=self.handle,
+        )
+
+    async def handle(self, envelope: Envelope) -> None:
+        runtime = self.node.runtime
+        async with runtime.db.transaction() as session:
+            if not await first_time(session, runtime.tables.processed, self.durable, envelope.id):
+                return
+            if envelope.type == Delivery.event_type:
+                await self._delivery(session, _payload(envelope, Delivery))
+            elif envelope.type == TaskStatusNotice.event_type:
+                await tasks.apply_notice(self.node, session, _payload(envelope, TaskStatusNotice).update)
+            elif envelope.type == DocumentStatusNotice.event_type:
+                await lifecycle.apply_notice(session, _payload(envelope, DocumentStatusNotice))
+            else:
+                raise PermanentEventError(f"the hub inbox does not take {envelope.type!r}")
+        runtime.relay.kick()
+
+    async def _delivery(self, session: AsyncSession, delivery: Delivery) -> None:
+        """Store the delivered documents and the Task (received), and tell the requester's hub."""
+        sent = delivery.exchange
+        if sent.to_hub != self.node.hub:
+            raise PermanentEventError(f"delivery for hub {sent.to_hub} reached hub {self.node.hub}")
+        if len(delivery.documents) != len(sent.document_ids) or sent.task_id is None:
+            raise PermanentEventError("delivery does not match its exchange")
+        now = datetime.now(UTC)
+        held = await repository.documents_by_id(session, sent.document_ids)
+        for doc_id, doc_type, delivered in zip(
+            sent.document_ids, sent.document_types, delivery.documents, strict=True
+        ):
+            row = held.get(doc_id)
+            if row is not None:
+                # Already here (sent before, or published at this very hub): only address it anew.
+                repository.add_recipients(row, [sent.to_institution])
+                continue
+            department, created_at = read_metadata(delivered.document_reference)
+            repository.add_document(
+                session,
+                Document(
+                    document_id=doc_id,
+                    author_institution=sent.from_institution,
+                    author_department=department,
+                    patient_key=sent.patient_key,
+                    document_type=doc_type.value,
+                    created_at=created_at or sent.document_created_at,
+                    status=DocumentStatus.CURRENT.value,
+                    docref=scrub_rrn(delivered.document_reference, sent.patient_key),
+                    bundle=scrub_rrn(delivered.document, sent.patient_key),
+                    recipients=[sent.to_institution],
+                    origin=Origin.DELIVERED.value,
+                    exchange_id=sent.exchange_id,
+                    published_at=now,
+                ),
+            )
+        task = await repository.task(session, sent.task_id)
+        if task is None:
+            task = Task(
+                id=sent.task_id,
+                exchange_id=sent.exchange_id,
+                status=TaskStatus.RECEIVED.value,
+                requester=sent.from_institution,
+                requester_hub=sent.from_hub,
+                owner=sent.to_institution,
+                owner_hub=sent.to_hub,
+                patient_key=sent.patient_key,
+                focus=list(sent.document_ids),
+                task=with_status(delivery.task, TaskStatus.RECEIVED, [], now),
+                updated_at=now,
+            )
+            repository.add_task(session, task)
+            await task_changed(self.node, session, task)
+        elif TaskStatus(task.status).rank < TaskStatus.RECEIVED.rank:
+            # The requester's own copy when the recipient belongs to this hub too.
+            task.status, task.updated_at = TaskStatus.RECEIVED.value, now
+            task.task = with_status(task.task, TaskStatus.RECEIVED, [], now)
+            await task_changed(self.node, session, task)
+        update = TaskUpdated(
+            task_id=sent.task_id,
+            exchange_id=sent.exchange_id,
+            status=TaskStatus.RECEIVED.value,
+            by_institution=sent.to_institution,
+            patient_key=sent.patient_key,
+            updated_at=now,
+        )
+        outbox = self.node.runtime.outbox
+        await outbox.add(
+            session, subjects.hub_inbox(sent.from_hub, "task-status"), TaskStatusNotice(update=update)
+        )
+        await outbox.add(session, subjects.EXCHANGE_TASK_UPDATED, update)
+        await self.node.runtime.audit.record(
+            session,
+            action="exchange.receive",
+            actor=None,
+            outcome="success",
+            patient_key=sent.patient_key,
+            document_ids=list(sent.document_ids),
+            purpose=sent.purpose.value,
+            consent_version=sent.consent_version,
+            detail={
+                "exchange_id": sent.exchange_id,
+                "task_id": sent.task_id,
+                "from_institution": sent.from_institution,
+                "from_hub": sent.from_hub,
+                "to_institution": sent.to_institution,
+            },
+        )
+        log.info("delivery stored", exchange_id=sent.exchange_id, documents=len(sent.document_ids))
+
+
+P = TypeVar("P", Delivery, TaskStatusNotice, DocumentStatusNotice)
+
+
+def _payload(envelope: Envelope, model: type[P]) -> P:
+    try:
+        return envelope.payload(model)
+    except (ValidationError, ValueError) as exc:
+        raise PermanentEventError(f"malformed {envelope.type}: {type(exc).__name__}") from exc

@@ -1,0 +1,153 @@
+"""IHE MHD ITI-66 Find Lists: the SubmissionSets published at this hub.
+
+A SubmissionSet is visible to its author; to an intended recipient it shows only the entries whose
+documents that recipient may see now (consent asked as for ITI-67), and not at all when none is left.
+Folders are not kept, so ``code=folder`` finds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_hub import repository
+from hie_hub.disclosure import Access, decisions, release
+from hie_hub.models import SubmissionSet
+from hie_hub.node import HubNode, NodeDep, ReaderActor
+from hie_hub.params import DEFAULT_COUNT, Cursor, SearchParams
+from hie_hub.resources import searchset
+from hie_platform.errors import NotFound, fhir_response
+from hie_platform.http import ReadSessionDep, SessionDep
+from hie_schemas.auth import TokenClaims
+from hie_schemas.documents.profiles import MHD_LIST_TYPES
+from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
+
+router = APIRouter(prefix="/fhir", tags=["documents"])
+
+LIST_SEARCH = frozenset({"patient.identifier", "code", "date", "status", "identifier", "_count", "_cursor"})
+
+
+async def _visible(
+    node: HubNode, read: AsyncSession, actor: TokenClaims, rows: list[SubmissionSet]
+) -> list[dict[str, Any]]:
+    """The Lists as the caller may see them (entries filtered by consent for a recipient)."""
+    wanted = {doc for row in rows if row.author_institution != actor.inst for doc in row.document_ids}
+    documents = await repository.documents_by_id(read, wanted)
+    held = list(documents.values())
+    await release(read)
+    permitted = {
+        row.document_id
+        for row, d in zip(held, await decisions(node, Access(actor.inst), held), strict=True)
+        if actor.inst in row.recipients and (d is None or d.permit)
+    }
+    lists: list[dict[str, Any]] = []
+    for row in rows:
+        if row.author_institution == actor.inst:
+            lists.append(row.resource)
+            continue
+        if actor.inst not in row.recipients:
+            continue
+        entries = [
+            e
+            for e in row.resource.get("entry") or []
+            if str((e.get("item") or {}).get("reference", "")).removeprefix("DocumentReference/") in permitted
+        ]
+        if entries:
+            lists.append({**row.resource, "entry": entries})
+    return lists
+
+
+def _identified(row: SubmissionSet, token: str | None) -> bool:
+    if token is None:
+        return True
+    system, sep, value = token.rpartition("|")
+    for identifier in row.resource.get("identifier") or []:
+        if identifier.get("value") == value and (not sep or identifier.get("system") == system):
+            return True
+    return False
+
+
+@router.get("/List", summary="ITI-66 Find Lists (SubmissionSets)")
+async def find_lists(
+    request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    params = SearchParams(request, LIST_SEARCH)
+    key = params.patient_key("patient.identifier", node.settings.patient_key_bytes)
+    codes = params.any_of("code")
+    dates = params.dates("date")
+    count = params.count()
+    count = DEFAULT_COUNT if count is None else count
+    cursor = params.cursor()
+    lower = [b.lower for b in dates if b.lower is not None]
+    upper = [b.upper for b in dates if b.upper is not None]
+    rows = await repository.submission_sets_of_patient(
+        read,
+        key,
+        statuses=params.any_of("status"),
+        submitted_from=max(lower, default=None),
+        submitted_before=min(upper, default=None),
+    )
+    if codes is not None and not {"submissionset", f"{MHD_LIST_TYPES}|submissionset"} & set(codes):
+        rows = []
+    identifier = params.one("identifier")
+    rows = [row for row in rows if _identified(row, identifier)]
+    if cursor is not None:
+        rows = [row for row in rows if (row.submitted_at, row.id) < (cursor.at, cursor.key)]
+    visible: list[tuple[SubmissionSet, dict[str, Any]]] = []
+    for row in rows:  # one page at a time: consent is asked only for what may be returned
+        shown = await _visible(node, read, actor, [row])
+        visible += [(row, shown[0])] if shown else []
+        if len(visible) > count:
+            break
+    returned = visible[:count]
+    await node.runtime.audit.record(
+        session,
+        action="list.search",
+        actor=actor,
+        outcome="success",
+        patient_key=key,
+        document_ids=[doc for _, listed in returned for doc in _entry_ids(listed)],
+        purpose="treatment",
+        detail={"lists": [row.id for row, _ in returned]},
+    )
+    base = f"{node.settings.fhir_base}/List"
+    patient = {"patient.identifier": f"{PATIENT_KEY_SYSTEM}|{key}"}
+    links = [("self", params.link(base, patient))]
+    if len(visible) > count and returned:
+        last = returned[-1][0]
+        links.append(
+            ("next", params.link(base, patient | {"_cursor": Cursor(last.submitted_at, last.id).encode()}))
+        )
+    bundle = searchset(node.settings.fhir_base, [listed for _, listed in returned], None, links=links)
+    return fhir_response(200, bundle)
+
+
+def _entry_ids(listed: dict[str, Any]) -> list[str]:
+    return [
+        str((e.get("item") or {}).get("reference", "")).removeprefix("DocumentReference/")
+        for e in listed.get("entry") or []
+    ]
+
+
+@router.get("/List/{list_id}", summary="Read one SubmissionSet")
+async def read_list(
+    list_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    row = await repository.submission_set(read, list_id)
+    shown = await _visible(node, read, actor, [row]) if row is not None else []
+    if row is None or not shown:
+        raise NotFound(f"no List {list_id} visible to institution {actor.inst}")
+    await node.runtime.audit.record(
+        session,
+        action="list.read",
+        actor=actor,
+        outcome="success",
+        patient_key=row.patient_key,
+        document_ids=_entry_ids(shown[0]),
+        purpose="treatment",
+        detail={"list": row.id},
+    )
+    return fhir_response(200, shown[0])

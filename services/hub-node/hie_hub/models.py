@@ -1,0 +1,179 @@
+"""Hub tables: stored documents and referral Tasks (+ the platform tables)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Index, Integer, String
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from hie_platform.db import platform_tables
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out; SQLite hands back naive values, which would not compare with
+    the aware datetimes of consent histories."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else as_utc(value)
+
+
+def as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DocumentStatus(StrEnum):
+    CURRENT = "current"
+    SUPERSEDED = "superseded"
+    ENTERED_IN_ERROR = "entered-in-error"
+
+
+class Origin(StrEnum):
+    LOCAL = "local"  # published at this hub by one of its institutions
+    DELIVERED = "delivered"  # pushed here by another hub (or by this hub to itself) in an exchange
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Document(Base):
+    """One clinical document: its DocumentReference and the document Bundle (no RRN: the patient key)."""
+
+    __tablename__ = "documents"
+    # ITI-67 pages through one patient's documents newest first.
+    __table_args__ = (Index("ix_documents_patient_created", "patient_key", "created_at", "document_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The idempotency key of a publish: the same document id is stored once per hub.
+    document_id: Mapped[str] = mapped_column(String(64), unique=True)
+    author_institution: Mapped[str] = mapped_column(String(8), index=True)
+    author_department: Mapped[str | None] = mapped_column(String(8))
+    patient_key: Mapped[str] = mapped_column(String(64), index=True)
+    document_type: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    status: Mapped[str] = mapped_column(String(20), default=DocumentStatus.CURRENT.value)
+    docref: Mapped[dict[str, Any]] = mapped_column(JSON)
+    bundle: Mapped[dict[str, Any]] = mapped_column(JSON)
+    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    origin: Mapped[str] = mapped_column(String(16))
+    exchange_id: Mapped[str | None] = mapped_column(String(64))
+    published_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Task(Base):
+    """A referral/return workflow Task; the requester's and the owner's hubs each keep a copy."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    exchange_id: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    requester: Mapped[str] = mapped_column(String(8), index=True)
+    requester_hub: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(8), index=True)
+    owner_hub: Mapped[str] = mapped_column(String(64))
+    patient_key: Mapped[str] = mapped_column(String(64), index=True)
+    focus: Mapped[list[str]] = mapped_column(JSON)
+    task: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SubmissionSet(Base):
+    """An ITI-65 SubmissionSet List as stored (IHE ITI-66 finds it); entries name its documents."""
+
+    __tablename__ = "submission_sets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_key: Mapped[str] = mapped_column(String(64), index=True)
+    author_institution: Mapped[str] = mapped_column(String(8), index=True)
+    submitted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    status: Mapped[str] = mapped_column(String(20))
+    document_ids: Mapped[list[str]] = mapped_column(JSON)
+    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    resource: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class FederatedGrant(Base):
+    """A document another hub disclosed to one of this hub's institutions in a federated search:
+    where to retrieve it from (ITI-68 through this hub) and under which purpose."""
+
+    __tablename__ = "federated_grants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    document_id: Mapped[str] = mapped_column(String(64), index=True)
+    requester: Mapped[str] = mapped_column(String(8))
+    holder_hub: Mapped[str] = mapped_column(String(64))
+    patient_key: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(20))
+    justification: Mapped[str | None] = mapped_column(String(500))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Subscription(Base):
+    """A rest-hook Subscription of one institution (FHIR R4 Subscriptions Backport style)."""
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    institution: Mapped[str] = mapped_column(String(8), index=True)
+    role: Mapped[str] = mapped_column(String(16))  # the Task element it follows: owner or requester
+    status: Mapped[str] = mapped_column(String(16))
+    endpoint: Mapped[str] = mapped_column(String(2000))
+    secret: Mapped[str] = mapped_column(String(128))  # HMAC key of the payload signature
+    content: Mapped[str] = mapped_column(String(16))  # full-resource | id-only
+    headers: Mapped[list[str]] = mapped_column(JSON, default=list)
+    events: Mapped[int] = mapped_column(Integer, default=0)  # events-since-subscription-start
+    resource: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class WebhookDelivery(Base):
+    """One notification to send (outbox-like): written with the Task change, sent with retries."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subscription_id: Mapped[str] = mapped_column(String(64), index=True)
+    event_number: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | delivered | failed
+    claimed_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(300))
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ConsentReplicaVersion(Base):
+    """One consent version replicated from the consent feed (HIE_CONSENT), applied in version order;
+    the hub decides locally over these rows (hie_hub.consent_replica)."""
+
+    __tablename__ = "consent_replica"
+
+    patient_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    policy: Mapped[str] = mapped_column(String(32))
+    effective_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    excluded_institutions: Mapped[list[str]] = mapped_column(JSON, default=list)
+    excluded_departments: Mapped[list[str]] = mapped_column(JSON, default=list)
+    event_id: Mapped[str] = mapped_column(String(64))
+    # The HIE_CONSENT sequence it came from: the replica's position, to rebuild after a lost database.
+    stream_sequence: Mapped[int] = mapped_column(Integer, index=True)
+    applied_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+PLATFORM = platform_tables(Base.metadata)

@@ -1,0 +1,90 @@
+"""What the hub's handlers share (settings, runtime, consent gate) and who may call them."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from hie_hub.config import HubSettings
+from hie_hub.consent import ConsentGate
+from hie_platform.auth import require_scope
+from hie_platform.errors import Forbidden
+from hie_platform.runtime import Runtime
+from hie_schemas.auth import SCOPE_EXCHANGE, TokenClaims
+from hie_schemas.directory import InstitutionKind
+
+
+class ChangeSignal:
+    """Wakes whoever waits for a change (long polls, the webhook sender) in this process; a change
+    made by another replica of the hub is found by their periodic look instead."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def mark(self) -> asyncio.Event:
+        """Take this before looking; ``wait(mark)`` then also sees a change made while looking."""
+        return self._event
+
+    async def wait(self, timeout: float, mark: asyncio.Event | None = None) -> bool:
+        """True if a change was notified (since ``mark``) within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for((mark or self._event).wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class HubNode:
+    settings: HubSettings
+    runtime: Runtime
+    consent: ConsentGate
+    tasks_changed: ChangeSignal = field(default_factory=ChangeSignal)
+    webhooks_due: ChangeSignal = field(default_factory=ChangeSignal)
+
+    @property
+    def hub(self) -> str:
+        return self.settings.hub
+
+
+def _node(request: Request) -> HubNode:
+    node: HubNode = request.app.state.node
+    return node
+
+
+NodeDep = Annotated[HubNode, Depends(_node)]
+
+
+async def _hub_actor(
+    node: NodeDep, actor: Annotated[TokenClaims, Depends(require_scope(SCOPE_EXCHANGE))]
+) -> TokenClaims:
+    # A hub node serves its own hospital and affiliated clinics; others reach it only through their hub.
+    if actor.hub != node.hub:
+        raise Forbidden(
+            f"institution {actor.inst} belongs to hub {actor.hub or '(none)'}; "
+            f"this node serves hub {node.hub}"
+        )
+    return actor
+
+
+HubActor = Annotated[TokenClaims, Depends(_hub_actor)]
+
+
+async def _reader(
+    node: NodeDep, actor: Annotated[TokenClaims, Depends(require_scope(SCOPE_EXCHANGE))]
+) -> TokenClaims:
+    # A public agency belongs to no hub: it reads what was submitted to it at the holder's hub
+    # (documents addressed to it, its Tasks and Subscriptions), and may do nothing else there.
+    if actor.kind is InstitutionKind.PUBLIC_AGENCY and actor.hub is None:
+        return actor
+    return await _hub_actor(node, actor)
+
+
+ReaderActor = Annotated[TokenClaims, Depends(_reader)]

@@ -1,0 +1,156 @@
+"""All SQL of the hub: documents and Tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_hub.models import Document, SubmissionSet, Subscription, Task
+
+
+async def document(session: AsyncSession, document_id: str) -> Document | None:
+    return await session.scalar(select(Document).where(Document.document_id == document_id))
+
+
+async def documents_by_id(session: AsyncSession, document_ids: Collection[str]) -> dict[str, Document]:
+    if not document_ids:
+        return {}
+    rows = await session.scalars(select(Document).where(Document.document_id.in_(list(document_ids))))
+    return {row.document_id: row for row in rows}
+
+
+async def documents_of_patient(
+    session: AsyncSession,
+    patient_key: str,
+    *,
+    types: Collection[str] | None = None,
+    statuses: Collection[str] | None = None,
+    authors: Collection[str] | None = None,
+    created_from: datetime | None = None,
+    created_before: datetime | None = None,
+) -> list[Document]:
+    """A patient's documents, newest first (ties by document id); who may see which is the caller's
+    concern. ``created_from`` is inclusive, ``created_before`` exclusive."""
+    query = select(Document).where(Document.patient_key == patient_key)
+    if types is not None:
+        query = query.where(Document.document_type.in_(list(types)))
+    if statuses is not None:
+        query = query.where(Document.status.in_(list(statuses)))
+    if authors is not None:
+        query = query.where(Document.author_institution.in_(list(authors)))
+    if created_from is not None:
+        query = query.where(Document.created_at >= created_from)
+    if created_before is not None:
+        query = query.where(Document.created_at < created_before)
+    query = query.order_by(Document.created_at.desc(), Document.document_id.desc())
+    return list((await session.scalars(query)).all())
+
+
+def add_document(session: AsyncSession, row: Document) -> None:
+    session.add(row)
+
+
+def add_recipients(row: Document, recipients: Sequence[str]) -> bool:
+    """Address an already stored document to more institutions; True if anything changed."""
+    merged = list(dict.fromkeys([*row.recipients, *recipients]))
+    if merged == row.recipients:
+        return False
+    row.recipients = merged
+    return True
+
+
+async def task(session: AsyncSession, task_id: str) -> Task | None:
+    return await session.get(Task, task_id)
+
+
+def add_task(session: AsyncSession, row: Task) -> None:
+    session.add(row)
+
+
+async def tasks(
+    session: AsyncSession,
+    *,
+    owner: str | None = None,
+    requester: str | None = None,
+    statuses: Collection[str] | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+) -> list[Task]:
+    """Tasks newest change first; ``since``: changed strictly after that instant (long polling)."""
+    query = select(Task)
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    if requester is not None:
+        query = query.where(Task.requester == requester)
+    if statuses is not None:
+        query = query.where(Task.status.in_(list(statuses)))
+    if since is not None:
+        query = query.where(Task.updated_at > since)
+    query = query.order_by(Task.updated_at.desc(), Task.id).limit(limit)
+    return list((await session.scalars(query)).all())
+
+
+async def tasks_of_submission(
+    session: AsyncSession, requester: str, patient_key: str, document_ids: Collection[str]
+) -> list[Task]:
+    """The Tasks a publish of exactly these documents created (to answer a replay the same way)."""
+    wanted = set(document_ids)
+    rows = await session.scalars(
+        select(Task).where(Task.requester == requester, Task.patient_key == patient_key).order_by(Task.id)
+    )
+    return [row for row in rows if set(row.focus) == wanted]
+
+
+def add_submission_set(session: AsyncSession, row: SubmissionSet) -> None:
+    session.add(row)
+
+
+async def submission_set(session: AsyncSession, list_id: str) -> SubmissionSet | None:
+    return await session.get(SubmissionSet, list_id)
+
+
+async def submission_sets_of_patient(
+    session: AsyncSession,
+    patient_key: str,
+    *,
+    statuses: Collection[str] | None = None,
+    submitted_from: datetime | None = None,
+    submitted_before: datetime | None = None,
+) -> list[SubmissionSet]:
+    """A patient's SubmissionSets, newest first (ties by id)."""
+    query = select(SubmissionSet).where(SubmissionSet.patient_key == patient_key)
+    if statuses is not None:
+        query = query.where(SubmissionSet.status.in_(list(statuses)))
+    if submitted_from is not None:
+        query = query.where(SubmissionSet.submitted_at >= submitted_from)
+    if submitted_before is not None:
+        query = query.where(SubmissionSet.submitted_at < submitted_before)
+    query = query.order_by(SubmissionSet.submitted_at.desc(), SubmissionSet.id.desc())
+    return list((await session.scalars(query)).all())
+
+
+async def submission_set_of(
+    session: AsyncSession, author: str, patient_key: str, document_ids: Collection[str]
+) -> SubmissionSet | None:
+    """The SubmissionSet that published exactly these documents (to answer a replay the same way)."""
+    wanted = set(document_ids)
+    rows = await session.scalars(
+        select(SubmissionSet)
+        .where(SubmissionSet.author_institution == author, SubmissionSet.patient_key == patient_key)
+        .order_by(SubmissionSet.submitted_at)
+    )
+    return next((row for row in rows if set(row.document_ids) == wanted), None)
+
+
+async def subscription(session: AsyncSession, subscription_id: str) -> Subscription | None:
+    return await session.get(Subscription, subscription_id)
+
+
+async def subscriptions_of(session: AsyncSession, institution: str) -> list[Subscription]:
+    rows = await session.scalars(
+        select(Subscription).where(Subscription.institution == institution).order_by(Subscription.created_at)
+    )
+    return list(rows.all())

@@ -1,0 +1,135 @@
+"""Finding and reading documents (IHE ITI-67 / ITI-68) as the data holder: who may see what.
+
+A document is visible to its author's institution and to the institutions it was addressed to; for
+anyone but the author the patient's consent is asked at the moment of reading (it may have been
+withdrawn since the exchange). Every search and read is audited with the documents it disclosed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_hub import repository
+from hie_hub.disclosure import Access, decisions, newest_version, release
+from hie_hub.models import Document
+from hie_hub.node import HubNode
+from hie_hub.params import DEFAULT_COUNT, Cursor, DateBound
+from hie_platform.errors import Forbidden, NotFound
+from hie_schemas.auth import TokenClaims
+from hie_schemas.consent import Purpose
+
+
+@dataclass(frozen=True)
+class DocumentQuery:
+    """ITI-67 filters; ``dates`` bound the document's time (Composition.date = DocumentReference.date)."""
+
+    patient_key: str
+    types: Sequence[str] | None = None
+    statuses: Sequence[str] | None = None
+    authors: Sequence[str] | None = None
+    dates: Sequence[DateBound] = ()
+    count: int = DEFAULT_COUNT
+    cursor: Cursor | None = None
+
+
+@dataclass(frozen=True)
+class Found:
+    """One page of a search: its documents, the number of matches in all pages, where the next starts."""
+
+    documents: list[Document]
+    total: int
+    next_cursor: Cursor | None = None
+
+
+def addressed_to(row: Document, institution: str) -> bool:
+    return row.author_institution == institution or institution in row.recipients
+
+
+async def matching(read: AsyncSession, query: DocumentQuery) -> list[Document]:
+    """The patient's documents that match the filters, newest first (the order pages follow)."""
+    lower = [b.lower for b in query.dates if b.lower is not None]
+    upper = [b.upper for b in query.dates if b.upper is not None]
+    rows = await repository.documents_of_patient(
+        read,
+        query.patient_key,
+        types=query.types,
+        statuses=query.statuses,
+        authors=query.authors,
+        created_from=max(lower, default=None),
+        created_before=min(upper, default=None),
+    )
+    return [row for row in rows if all(b.admits(row.created_at) for b in query.dates)]
+
+
+def page(rows: list[Document], query: DocumentQuery) -> tuple[list[Document], Cursor | None]:
+    """The page after ``query.cursor`` (keyset on (created_at, document_id), descending): stable while
+    documents are added, since a cursor names a position, not an offset."""
+    if query.cursor is not None:
+        at, key = query.cursor.at, query.cursor.key
+        rows = [r for r in rows if (r.created_at, r.document_id) < (at, key)]
+    returned = rows[: query.count]
+    more = len(rows) > query.count and returned
+    last = returned[-1] if more else None
+    return returned, Cursor(last.created_at, last.document_id) if last is not None else None
+
+
+async def search(
+    node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, query: DocumentQuery
+) -> Found:
+    """ITI-67: the patient's documents the caller may see now; refused ones are left out silently."""
+    addressed = [row for row in await matching(read, query) if addressed_to(row, actor.inst)]
+    await release(read)
+    decided = await decisions(node, Access(actor.inst), addressed)
+    visible = [row for row, d in zip(addressed, decided, strict=True) if d is None or d.permit]
+    returned, next_cursor = page(visible, query)
+    await node.runtime.audit.record(
+        session,
+        action="document.search",
+        actor=actor,
+        outcome="success",
+        patient_key=query.patient_key,
+        document_ids=[row.document_id for row in returned],
+        purpose=Purpose.TREATMENT.value,
+        consent_version=newest_version(decided),
+        detail={"matched": len(visible), "withheld_by_consent": len(addressed) - len(visible)},
+    )
+    return Found(returned, len(visible), next_cursor)
+
+
+async def read_document(
+    node: HubNode,
+    read: AsyncSession,
+    session: AsyncSession,
+    actor: TokenClaims,
+    document_id: str,
+    action: str,
+) -> Document | Forbidden:
+    """ITI-68 (and the DocumentReference read): the document, or the consent refusal to render.
+
+    The refusal is returned rather than raised so that its audit record commits with the request.
+    """
+    row = await repository.document(read, document_id)
+    if row is None or not addressed_to(row, actor.inst):
+        raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
+    await release(read)
+    decision = (await decisions(node, Access(actor.inst), [row]))[0]
+    permitted = decision is None or decision.permit
+    await node.runtime.audit.record(
+        session,
+        action=action,
+        actor=actor,
+        outcome="success" if permitted else "denied",
+        patient_key=row.patient_key,
+        document_ids=[row.document_id],
+        purpose=Purpose.TREATMENT.value,
+        rule=decision.rule.value if decision else None,
+        consent_version=decision.consent_version if decision else None,
+    )
+    if decision is not None and not decision.permit:
+        return Forbidden(
+            f"consent refuses document {document_id} to {actor.inst}: rule {decision.rule.value}"
+        )
+    return row

@@ -1,0 +1,194 @@
+"""Sending queued webhook notifications: signed, retried with exponential backoff, durable.
+
+A delivery row is written in the same transaction as the Task change it reports, so a notification
+survives a crash or restart; the sender claims a due row for a while (several replicas of a hub may
+run it), POSTs the Bundle with its HMAC-SHA256 signature, and records the outcome. After
+``webhook_max_attempts`` failures the delivery is given up and the Subscription shows ``error``
+until a later delivery succeeds. Receivers de-duplicate on ``X-HIE-Delivery``: a delivery whose
+answer was lost is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from sqlalchemy import delete, or_, select, update
+
+from hie_hub.models import Subscription, WebhookDelivery
+from hie_hub.node import HubNode
+from hie_hub.notifications import ACTIVE, DELIVERED, ERROR, FAILED, PENDING
+from hie_hub.repository import subscription as get_subscription
+from hie_platform.logging import get_logger
+from hie_schemas.fhir import FHIR_JSON
+
+log = get_logger(__name__)
+SIGNATURE_HEADER = "X-HIE-Signature-256"
+CLAIM = timedelta(seconds=60)
+PURGE_EVERY_SECONDS = 3600.0
+
+
+def sign(secret: str, body: bytes) -> str:
+    """``sha256=<hex>``: HMAC-SHA256 of the exact body bytes with the subscription's secret."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def backoff(settings_base: float, settings_max: float, attempts: int) -> timedelta:
+    return timedelta(seconds=min(settings_max, settings_base * 2 ** max(0, attempts - 1)))
+
+
+class WebhookSender:
+    """The background sender of one hub node."""
+
+    def __init__(self, node: HubNode, http: httpx.AsyncClient) -> None:
+        self.node = node
+        self.http = http
+        self._task: asyncio.Task[None] | None = None
+        self._purged_at = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            mark = self.node.webhooks_due.mark()
+            try:
+                while await self.send_due() > 0:
+                    pass
+                if time.monotonic() - self._purged_at > PURGE_EVERY_SECONDS:
+                    self._purged_at = time.monotonic()
+                    await self.purge()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("webhook pass failed; will retry", error=f"{type(exc).__name__}: {exc}")
+            await self.node.webhooks_due.wait(self.node.settings.webhook_poll_seconds, mark)
+
+    async def purge(self) -> int:
+        """Forget deliveries that were delivered or given up longer than the retention ago."""
+        cutoff = datetime.now(UTC) - timedelta(days=self.node.settings.webhook_retention_days)
+        async with self.node.runtime.db.transaction() as session:
+            result = await session.execute(
+                delete(WebhookDelivery).where(
+                    WebhookDelivery.state.in_([DELIVERED, FAILED]), WebhookDelivery.created_at < cutoff
+                )
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    async def send_due(self, limit: int = 20) -> int:
+        """Send the deliveries that are due now, in parallel; returns how many were attempted."""
+        db = self.node.runtime.db
+        now = datetime.now(UTC)
+        async with db.read_sessions() as read:
+            due = (
+                await read.scalars(
+                    select(WebhookDelivery.id)
+                    .where(
+                        WebhookDelivery.state == PENDING,
+                        WebhookDelivery.next_attempt_at <= now,
+                        or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+                    )
+                    .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
+                    .limit(limit)
+                )
+            ).all()
+        claimed = [delivery_id for delivery_id in due if await self._claim(delivery_id, now)]
+        await asyncio.gather(*(self._send(delivery_id) for delivery_id in claimed))
+        return len(claimed)
+
+    async def _claim(self, delivery_id: int, now: datetime) -> bool:
+        async with self.node.runtime.db.transaction() as session:
+            result = await session.execute(
+                update(WebhookDelivery)
+                .where(
+                    WebhookDelivery.id == delivery_id,
+                    WebhookDelivery.state == PENDING,
+                    or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+                )
+                .values(claimed_until=now + CLAIM)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
+    async def _send(self, delivery_id: int) -> None:
+        settings = self.node.settings
+        async with self.node.runtime.db.read_sessions() as read:
+            delivery = await read.get(WebhookDelivery, delivery_id)
+            subscription = await get_subscription(read, delivery.subscription_id) if delivery else None
+        if delivery is None:
+            return
+        error: str | None = None
+        if subscription is None or subscription.status not in (ACTIVE, ERROR):
+            error = "the subscription is off"
+        else:
+            body = json.dumps(delivery.payload, ensure_ascii=False, separators=(",", ":")).encode()
+            headers = dict(_channel_headers(subscription.headers))
+            headers |= {
+                "Content-Type": FHIR_JSON,
+                SIGNATURE_HEADER: sign(subscription.secret, body),
+                "X-HIE-Delivery": str(delivery.id),
+                "X-HIE-Event-Number": str(delivery.event_number),
+            }
+            try:
+                response = await self.http.post(
+                    subscription.endpoint,
+                    content=body,
+                    headers=headers,
+                    timeout=settings.webhook_timeout_seconds,
+                )
+                if not 200 <= response.status_code < 300:
+                    error = f"the endpoint answered {response.status_code}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}"
+        await self._record(delivery, subscription, error)
+
+    async def _record(
+        self, delivery: WebhookDelivery, subscription: Subscription | None, error: str | None
+    ) -> None:
+        settings = self.node.settings
+        now = datetime.now(UTC)
+        attempts = delivery.attempts + 1
+        if error is None:
+            values = {"state": DELIVERED, "delivered_at": now, "attempts": attempts, "last_error": None}
+        elif subscription is None or subscription.status not in (ACTIVE, ERROR):
+            values = {"state": FAILED, "attempts": attempts, "last_error": error}
+        elif attempts >= settings.webhook_max_attempts:
+            values = {"state": FAILED, "attempts": attempts, "last_error": error[:300]}
+        else:
+            wait = backoff(settings.webhook_backoff_seconds, settings.webhook_max_backoff_seconds, attempts)
+            values = {"next_attempt_at": now + wait, "attempts": attempts, "last_error": error[:300]}
+        async with self.node.runtime.db.transaction() as session:
+            await session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id == delivery.id)
+                .values(claimed_until=None, **values)
+            )
+            if subscription is not None and subscription.status in (ACTIVE, ERROR):
+                # The backport's status: error while deliveries fail, active again once one succeeds.
+                status = ACTIVE if error is None else ERROR
+                await session.execute(
+                    update(Subscription).where(Subscription.id == subscription.id).values(status=status)
+                )
+        if error is not None:
+            log.info("webhook delivery failed", delivery=delivery.id, attempts=attempts, error=error)
+
+
+def _channel_headers(lines: list[str]) -> list[tuple[str, str]]:
+    """Subscription.channel.header ("Name: value") as header pairs."""
+    pairs: list[tuple[str, str]] = []
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep and name.strip():
+            pairs.append((name.strip(), value.strip()))
+    return pairs
