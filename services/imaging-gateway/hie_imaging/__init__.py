@@ -1,0 +1,1 @@
+"""Imaging gateway: DICOM SCP/SCU relay with a store-and-forward spool."""

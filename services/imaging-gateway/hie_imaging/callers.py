@@ -1,0 +1,140 @@
+"""Who may associate: the allow-list of calling AE titles, taken from the registry, kept in memory.
+
+Allowed are the PACS of this hub's institutions in good standing (they send studies out: origin
+role) and the gateways of the other hubs (they relay studies in: destination role).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import httpx
+from nats.aio.msg import Msg
+from pydantic import TypeAdapter
+
+from hie_imaging.models import Role
+from hie_imaging.service import Caller
+from hie_platform.logging import get_logger
+from hie_platform.runtime import Runtime
+from hie_schemas import subjects
+from hie_schemas.directory import HubView, InstitutionView
+
+log = get_logger(__name__)
+
+_INSTITUTIONS = TypeAdapter(list[InstitutionView])
+_HUBS = TypeAdapter(list[HubView])
+
+
+class RegistryUnavailableError(Exception):
+    """The registry could not be read; the allow-list stays as it was."""
+
+
+class CallerDirectory:
+    """Calling AE title -> Caller, refreshed at start, on every institution change, and on demand
+    (at most every `min_refresh_seconds`) when an unknown AE title calls."""
+
+    def __init__(self, runtime: Runtime, hub: str, min_refresh_seconds: float = 5.0) -> None:
+        self._runtime = runtime
+        self._hub = hub
+        self._min_refresh = min_refresh_seconds
+        self._callers: dict[str, Caller] = {}
+        self._attempted_at = float("-inf")
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._subscription: Any = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self.refresh()
+        except RegistryUnavailableError as exc:
+            # Fail closed: nobody may associate until the registry answers; the follower retries.
+            log.warning("allow-list not loaded at start", error=str(exc))
+            self._wake.set()
+
+        async def on_change(_msg: Msg) -> None:
+            self._wake.set()
+
+        self._subscription = await self._runtime.bus.nc.subscribe(
+            subjects.REGISTRY_INSTITUTION_CHANGED, cb=on_change
+        )
+        self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def lookup(self, ae_title: str) -> Caller | None:
+        return self._callers.get(ae_title.strip())
+
+    def is_allowed(self, calling_ae: str, peer_address: str) -> bool:
+        """StorageServer's allow-list check; runs on a pynetdicom thread, never on the event loop.
+
+        An unknown AE title triggers a registry read (rate-limited) so that a newly registered PACS
+        need not wait for the change event. An exception here makes the SCP reject (fail closed).
+        """
+        if calling_ae in self._callers:
+            return True
+        if self._loop is not None and time.monotonic() - self._attempted_at >= self._min_refresh:
+            future = asyncio.run_coroutine_threadsafe(self._refresh_if_stale(), self._loop)
+            future.result(timeout=15)
+        return calling_ae in self._callers
+
+    async def _refresh_if_stale(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._attempted_at >= self._min_refresh:
+                await self._refresh_locked()
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            await self._refresh_locked()
+
+    async def _refresh_locked(self) -> None:
+        self._attempted_at = time.monotonic()
+        institutions = _INSTITUTIONS.validate_python(await self._get("/institutions", {"hub": self._hub}))
+        hubs = _HUBS.validate_python(await self._get("/hubs"))
+        callers: dict[str, Caller] = {}
+        for inst in institutions:
+            if inst.dicom is not None and inst.in_good_standing and inst.hub == self._hub:
+                ae = inst.dicom.ae_title.strip()
+                callers[ae] = Caller(ae, Role.ORIGIN, institution=inst.code)
+        for hub in hubs:
+            # A gateway's title wins over a PACS that happens to use the same one: it only relays in.
+            if hub.gateway is not None and hub.slug != self._hub:
+                ae = hub.gateway.ae_title.strip()
+                callers[ae] = Caller(ae, Role.DESTINATION, hub=hub.slug)
+        if callers != self._callers:
+            log.info("allow-list loaded", callers=len(callers))
+        self._callers = callers
+
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        url = f"{self._runtime.settings.registry_url.rstrip('/')}{path}"
+        try:
+            response = await self._runtime.http.get(url, params=params, timeout=5.0)
+        except httpx.HTTPError as exc:
+            raise RegistryUnavailableError(f"registry unreachable: {type(exc).__name__}") from exc
+        if response.status_code != 200:
+            raise RegistryUnavailableError(f"registry answered {response.status_code} for {path}")
+        return response.json()
+
+    async def _follow(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(0.1)  # one read for a burst of changes
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except (RegistryUnavailableError, ValueError) as exc:
+                log.warning("allow-list refresh failed; will retry", error=str(exc))
+                await asyncio.sleep(1.0)
+                self._wake.set()

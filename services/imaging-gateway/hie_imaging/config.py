@@ -1,0 +1,70 @@
+"""Imaging gateway settings (environment prefix HIE_IMAGING_)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import SettingsConfigDict
+
+from hie_platform.settings import ServiceSettings
+from hie_schemas import subjects
+
+# PS3.5 §6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control code.
+_AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")
+
+
+class ImagingSettings(ServiceSettings):
+    """One hub's gateway: its DICOM listener, spool, database, and how hard it tries to relay."""
+
+    model_config = SettingsConfigDict(env_prefix="HIE_IMAGING_", extra="ignore")
+
+    hub: str
+    port: int = 8020
+    dicom_host: str | None = None  # defaults to `host`
+    dicom_port: int = 11112
+    ae_title: str
+    spool_dir: Path = Path("./.hie/spool")
+    database_url: str = "sqlite+aiosqlite:///./.hie/imaging.db"
+    hold_seconds: float = 86400.0  # unmatched (held) studies are purged after this
+    spool_min_free_bytes: int = 256 * 1024 * 1024
+    relay_max_attempts: int = 8
+    consent_cache_seconds: float = 5.0
+    consent_timeout_seconds: float = 2.0
+    # Tuning; the defaults suit a hub. The backoff doubles per failed attempt up to its maximum.
+    relay_batch: int = 64
+    relay_linger_seconds: float = 0.05  # a pause this long in the jobs ends a batch
+    relay_concurrency: int = 4  # associations open at once
+    relay_backoff_seconds: float = 0.5
+    relay_backoff_max_seconds: float = 60.0
+    relay_ack_wait_seconds: float = 120.0
+    receive_timeout_seconds: float = 30.0  # C-STORE waits this long for the database commit
+    allowlist_refresh_seconds: float = 5.0  # an unknown caller re-reads the registry at most this often
+    purge_interval_seconds: float = 60.0
+
+    @field_validator("hub")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        subjects.hub_imaging_jobs(value)  # the slug becomes a subject token; refuse it now
+        return value
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not _AE_TITLE.fullmatch(value):
+            raise ValueError("ae_title must be 1-16 printable characters without a backslash")
+        return value
+
+    @property
+    def dicom_bind_host(self) -> str:
+        return self.dicom_host or self.host
+
+    @property
+    def exchange_consumer(self) -> str:
+        return f"imaging-{self.hub}-exchanges"
+
+    @property
+    def relay_consumer(self) -> str:
+        return f"imaging-{self.hub}-relay"

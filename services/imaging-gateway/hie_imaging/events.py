@@ -1,0 +1,131 @@
+"""The gateway on NATS: the exchange consumer that links studies, and study progress events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from hie_imaging import service
+from hie_imaging.schemas import StudyStatus
+from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.logging import get_logger
+from hie_platform.runtime import Runtime
+from hie_schemas import streams, subjects
+from hie_schemas.envelope import Envelope
+from hie_schemas.events import ExchangeSent, StudyProgress
+
+log = get_logger(__name__)
+
+
+class ProgressReporter:
+    """Publishes StudyProgress (through the outbox) for studies whose counts changed.
+
+    Callers `touch()` a study after any change; a pass every `interval` seconds writes one event per
+    touched study whose counts differ from the last published ones, so a series of 500 instances
+    makes a handful of events, not 500.
+    """
+
+    def __init__(self, runtime: Runtime, hub: str, interval: float = 0.5, remember: int = 10_000) -> None:
+        self._runtime = runtime
+        self._hub = hub
+        self._interval = interval
+        self._remember = remember
+        self._dirty: set[str] = set()
+        self._published: OrderedDict[str, StudyStatus] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+
+    def touch(self, *study_uids: str) -> None:
+        self._dirty.update(study_uids)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("progress pass failed; will retry", error=f"{type(exc).__name__}: {exc}")
+
+    async def flush(self) -> int:
+        if not self._dirty:
+            return 0
+        studies, self._dirty = self._dirty, set()
+        published: list[StudyStatus] = []
+        try:
+            async with self._runtime.db.transaction() as session:
+                for study_uid in sorted(studies):
+                    status = await service.study_status(session, study_uid)
+                    if status is None or self._published.get(study_uid) == status:
+                        continue
+                    await self._runtime.outbox.add(
+                        session, subjects.IMAGING_STUDY_PROGRESS, _progress(self._hub, status)
+                    )
+                    published.append(status)
+        except BaseException:
+            self._dirty |= studies
+            raise
+        for status in published:
+            self._published[status.study_instance_uid] = status
+            self._published.move_to_end(status.study_instance_uid)
+        while len(self._published) > self._remember:
+            self._published.popitem(last=False)
+        if published:
+            self._runtime.relay.kick()
+        return len(published)
+
+
+def _progress(hub: str, status: StudyStatus) -> StudyProgress:
+    return StudyProgress(
+        hub=hub,
+        study_instance_uid=status.study_instance_uid,
+        exchange_id=status.exchange_id,
+        received=status.received,
+        relayed=status.relayed,
+        delivered=status.delivered,
+        failed=status.failed,
+        state=status.state,
+        updated_at=datetime.now(UTC),
+    )
+
+
+def follow_exchanges(runtime: Runtime, hub: str, durable: str, reporter: ProgressReporter) -> None:
+    """Link the studies of every exchange from or to this hub (durable, idempotent by event id)."""
+
+    async def on_exchange(envelope: Envelope) -> None:
+        try:
+            sent = envelope.payload(ExchangeSent)
+        except (ValidationError, ValueError) as exc:
+            raise PermanentEventError(str(exc)) from exc
+        if hub not in (sent.from_hub, sent.to_hub) or not sent.studies:
+            return
+        async with runtime.db.transaction() as session:
+            if not await first_time(session, runtime.tables.processed, durable, envelope.id):
+                return
+            touched = await service.link_exchange(session, runtime.outbox, hub, sent, datetime.now(UTC))
+        if touched:
+            runtime.relay.kick()
+            reporter.touch(*touched)
+            log.info("exchange claimed held studies", exchange_id=sent.exchange_id, studies=len(touched))
+
+    runtime.bus.consume(
+        stream=streams.EXCHANGE.name,
+        durable=durable,
+        filter_subject=subjects.EXCHANGE_SENT,
+        handler=on_exchange,
+    )

@@ -1,0 +1,37 @@
+"""Prometheus counters of the gateway, on the app's own registry (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "hie_imaging_instances_received_total",
+            "C-STORE requests answered, by caller role and result (new, duplicate, refused)",
+            ["role", "result"],
+            registry=registry,
+        )
+        self.sent = Counter(
+            "hie_imaging_instances_sent_total",
+            "Instances sent on, by outcome (stored, failed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.associations = Counter(
+            "hie_imaging_associations_total",
+            "Outgoing associations, by outcome (ok, failed)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.consent_unavailable = Counter(
+            "hie_imaging_consent_unavailable_total",
+            "Consent decisions not obtained (the instances wait; fail closed)",
+            registry=registry,
+        )
+        self.blocked = Counter(
+            "hie_imaging_instances_blocked_total",
+            "Instances the consent decision kept back",
+            registry=registry,
+        )

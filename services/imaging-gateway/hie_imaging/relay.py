@@ -1,0 +1,387 @@
+"""The relay worker: takes jobs off this hub's imaging work queue and sends the instances on.
+
+A fetch of jobs is grouped by (study, destination) and each group goes over one association, so a
+series travels as a series, not one association per instance. Every hop is idempotent by SOP
+Instance UID: a job whose instance is no longer queued is acknowledged without sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig
+from nats.js.client import JetStreamContext
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_imaging import repository
+from hie_imaging.config import ImagingSettings
+from hie_imaging.dicom import (
+    AssociationFailedError,
+    DicomEndpoint,
+    Spool,
+    UnreadableFileError,
+    is_stored,
+    send_files,
+)
+from hie_imaging.events import ProgressReporter
+from hie_imaging.metrics import GatewayMetrics
+from hie_imaging.models import Instance, Role, State, StudyLink
+from hie_platform.bus import RpcError
+from hie_platform.errors import ServiceUnavailable
+from hie_platform.logging import get_logger
+from hie_platform.runtime import Runtime
+from hie_schemas import streams, subjects
+from hie_schemas.consent import Decision, FlowQuery, Purpose
+from hie_schemas.envelope import Envelope
+from hie_schemas.events import DecisionReply, DecisionRequest, RelayJob
+
+log = get_logger(__name__)
+
+_MAX_LINGER_SECONDS = 1.0  # a steady stream of jobs still goes out at least this often
+
+Item = tuple[Instance, StudyLink]
+Route = tuple[str, DicomEndpoint, State]  # study, next hop, the state reached when it stores
+_AUDIT_OUTCOME = {State.BLOCKED.value: "denied", State.FAILED.value: "failure"}
+
+
+class RouteError(Exception):
+    """The registry does not (yet) say where this instance goes."""
+
+
+@dataclass
+class Outcome:
+    """What became of one queued row in this batch."""
+
+    row: Instance
+    link: StudyLink
+    state: State  # QUEUED = try again
+    error: str | None = None
+    rule: str | None = None  # the consent rule that decided, for the audit record
+    consent_version: int | None = None
+    attempted: bool = True  # False when nothing was tried (consent unavailable): no attempt used
+
+
+@dataclass
+class Batch:
+    jobs: dict[str, list[Msg]] = field(default_factory=dict)  # SOP Instance UID -> its job messages
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+class RelayWorker:
+    def __init__(
+        self,
+        settings: ImagingSettings,
+        runtime: Runtime,
+        spool: Spool,
+        reporter: ProgressReporter,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.spool = spool
+        self.reporter = reporter
+        self.metrics = metrics
+        self._decisions: dict[tuple[str, str], tuple[float, Decision]] = {}
+        self._slots = asyncio.Semaphore(settings.relay_concurrency)
+        self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await self._task
+        if self._sub is not None:
+            # The durable consumer stays on the server; only this connection's interest ends.
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    # --- the pull loop ---------------------------------------------------------------------------
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        s = self.settings
+        config = ConsumerConfig(
+            durable_name=s.relay_consumer, ack_wait=s.relay_ack_wait_seconds, max_ack_pending=10_000
+        )
+        while True:
+            try:
+                return await self.runtime.bus.js.pull_subscribe(
+                    subjects.hub_imaging_jobs(s.hub),
+                    durable=s.relay_consumer,
+                    stream=streams.IMAGING_JOBS.name,
+                    config=config,
+                )
+            except Exception as exc:
+                log.warning("relay cannot subscribe yet", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+
+    async def _run(self) -> None:
+        self._sub = sub = await self._subscribe()
+        while True:
+            msgs = await self._fetch(sub)
+            if not msgs:
+                continue
+            try:
+                await self.process(msgs)
+            except asyncio.CancelledError:
+                # Shutting down mid-batch: hand the jobs back at once rather than after ack_wait.
+                await asyncio.shield(_finish(msgs, nak_delay=0.0))
+                raise
+            except Exception as exc:
+                log.warning("relay batch failed; will retry", error=f"{type(exc).__name__}: {exc}")
+                await _finish(msgs, nak_delay=self.backoff(1))
+
+    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """The next job, then whatever follows it without a pause of `relay_linger_seconds`.
+
+        A series arriving instance by instance is then sent as a series. (A single fetch of many
+        messages would wait out its whole timeout unless the batch fills: nats-py keeps pulling.)
+        """
+        batch = self.settings.relay_batch
+        try:
+            msgs = await sub.fetch(1, timeout=5.0)
+        except TimeoutError:  # nats raises its own subclass or the builtin one
+            return []
+        except Exception as exc:
+            log.warning("relay fetch failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.5)
+            return []
+        deadline = time.monotonic() + _MAX_LINGER_SECONDS
+        while len(msgs) < batch and time.monotonic() < deadline:
+            try:
+                msgs += await sub.fetch(batch - len(msgs), timeout=self.settings.relay_linger_seconds)
+            except TimeoutError:
+                break
+        return msgs
+
+    def backoff(self, attempts: int) -> float:
+        s = self.settings
+        return float(min(s.relay_backoff_max_seconds, s.relay_backoff_seconds * 2 ** max(0, attempts - 1)))
+
+    # --- one batch -------------------------------------------------------------------------------
+
+    async def process(self, msgs: Sequence[Msg]) -> None:
+        batch = Batch()
+        for msg in msgs:
+            try:
+                job = Envelope.from_bytes(msg.data).payload(RelayJob)
+            except (ValidationError, ValueError):
+                log.error("malformed relay job terminated", subject=msg.subject)
+                await msg.term()
+                continue
+            batch.jobs.setdefault(job.sop_instance_uid, []).append(msg)
+        if not batch.jobs:
+            return
+        async with self.runtime.db.read_sessions() as session:
+            items = await repository.queued_with_links(session, list(batch.jobs))
+        groups = await self._route(items, batch)
+        await asyncio.gather(
+            *(self._send(endpoint, state, group, batch) for (_, endpoint, state), group in groups.items())
+        )
+        await self._record(batch)
+        await self._settle(batch)
+
+    async def _route(self, items: list[Item], batch: Batch) -> dict[Route, list[Item]]:
+        """Consent (origin role) and destination of each queued row, grouped by study and next hop."""
+        groups: dict[Route, list[Item]] = {}
+        for row, link in sorted(
+            items, key=lambda item: (item[0].study_instance_uid, item[0].sop_instance_uid)
+        ):
+            if row.role == Role.ORIGIN:
+                decision = await self._decide(link)
+                if decision is None:
+                    batch.outcomes.append(
+                        Outcome(row, link, State.QUEUED, "consent unavailable", attempted=False)
+                    )
+                    continue
+                if not decision.permit:
+                    blocked = Outcome(row, link, State.BLOCKED, f"consent: {decision.rule.value}")
+                    blocked.rule, blocked.consent_version = decision.rule.value, decision.consent_version
+                    batch.outcomes.append(blocked)
+                    continue
+            try:
+                endpoint, final = await self._destination(row, link)
+            except RouteError as exc:
+                batch.outcomes.append(Outcome(row, link, State.QUEUED, str(exc)))
+                continue
+            groups.setdefault((row.study_instance_uid, endpoint, final), []).append((row, link))
+        return groups
+
+    async def _destination(self, row: Instance, link: StudyLink) -> tuple[DicomEndpoint, State]:
+        """The next hop: the recipient hub's gateway, or the recipient's PACS when it is ours."""
+        registry = self.runtime.registry
+        try:
+            if row.role == Role.ORIGIN and link.to_hub != self.settings.hub:
+                hub = await registry.hub(link.to_hub)
+                if hub is None or hub.gateway is None:
+                    raise RouteError(f"hub {link.to_hub} has no imaging gateway in the registry")
+                gw = hub.gateway
+                return DicomEndpoint(gw.ae_title, gw.host, gw.port), State.RELAYED
+            inst = await registry.institution(link.to_institution)
+        except ServiceUnavailable as exc:
+            raise RouteError(exc.diagnostics) from exc
+        if inst is None or inst.dicom is None:
+            raise RouteError(f"institution {link.to_institution} has no DICOM endpoint in the registry")
+        return DicomEndpoint(inst.dicom.ae_title, inst.dicom.host, inst.dicom.port), State.DELIVERED
+
+    async def _decide(self, link: StudyLink) -> Decision | None:
+        """The consent decision for this exchange now (의료법 §21-2), cached briefly; None if unanswered."""
+        key = (link.exchange_id, link.study_instance_uid)
+        cached = self._decisions.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.settings.consent_cache_seconds:
+            return cached[1]
+        query = FlowQuery(
+            patient_key=link.patient_key,
+            holder=link.from_institution,
+            recipient=link.to_institution,
+            purpose=Purpose(link.purpose),
+            document_created_at=link.document_created_at,
+            at=datetime.now(UTC),
+        )
+        try:
+            reply = await self.runtime.bus.request(
+                subjects.CONSENT_DECIDE,
+                DecisionRequest(query=query),
+                DecisionReply,
+                timeout=self.settings.consent_timeout_seconds,
+            )
+        except (RpcError, ValidationError) as exc:
+            log.warning("consent decision unavailable; relay waits", error=str(exc))
+            self.metrics.consent_unavailable.inc()
+            return None
+        if len(self._decisions) > 10_000:
+            self._decisions.clear()
+        self._decisions[key] = (time.monotonic(), reply.decision)
+        return reply.decision
+
+    async def _send(self, endpoint: DicomEndpoint, final: State, group: list[Item], batch: Batch) -> None:
+        """Send one group's distinct instances over one association (several, past 128 contexts)."""
+        files, missing = [], set()
+        for sop_uid in dict.fromkeys(row.sop_instance_uid for row, _ in group):
+            path = self.spool.path(sop_uid)
+            if path.is_file():
+                files.append(path)
+            else:
+                missing.add(sop_uid)
+        statuses: dict[str, int] = {}
+        error: str | None = None
+        if files:
+            async with self._slots:
+                started = time.perf_counter()
+                try:
+                    statuses = await asyncio.to_thread(send_files, endpoint, self.settings.ae_title, files)
+                    self.metrics.associations.labels("ok").inc()
+                except AssociationFailedError as exc:
+                    statuses, error = exc.completed, exc.reason
+                    self.metrics.associations.labels("failed").inc()
+                except UnreadableFileError as exc:
+                    error = str(exc)
+        for row, link in group:
+            sop_uid = row.sop_instance_uid
+            status = statuses.get(sop_uid)
+            if sop_uid in missing:
+                batch.outcomes.append(Outcome(row, link, State.FAILED, "the spooled file is missing"))
+            elif status is not None and is_stored(status):
+                batch.outcomes.append(Outcome(row, link, final))
+            else:
+                reason = (
+                    f"{endpoint} answered 0x{status:04X}" if status is not None else f"{endpoint}: {error}"
+                )
+                batch.outcomes.append(Outcome(row, link, State.QUEUED, reason))
+        stored = sum(1 for sop_uid in statuses if is_stored(statuses[sop_uid]))
+        self.metrics.sent.labels("stored").inc(stored)
+        self.metrics.sent.labels("failed").inc(len(files) - stored)
+        if error:
+            log.warning("relay failed", endpoint=str(endpoint), error=error, instances=len(files))
+        elif files:
+            ms = round((time.perf_counter() - started) * 1000, 1)
+            log.info("sent", endpoint=str(endpoint), instances=len(files), stored=stored, ms=ms)
+
+    async def _record(self, batch: Batch) -> None:
+        """Write every outcome, and one audit record per exchange and result, in one transaction."""
+        if not batch.outcomes:
+            return
+        now = datetime.now(UTC)
+        max_attempts = self.settings.relay_max_attempts
+        audits: dict[tuple[str, str], list[Outcome]] = {}
+        async with self.runtime.db.transaction() as session:
+            for o in batch.outcomes:
+                attempts = o.row.attempts + (1 if o.attempted and o.state is State.QUEUED else 0)
+                if o.state is State.QUEUED and attempts >= max_attempts:
+                    o.state = State.FAILED
+                o.row.attempts = attempts
+                await repository.set_outcome(
+                    session,
+                    o.row.sop_instance_uid,
+                    o.row.exchange_id,
+                    o.state,
+                    now,
+                    attempts=attempts,
+                    error=o.error,
+                )
+                if o.state is not State.QUEUED:
+                    audits.setdefault((o.link.exchange_id, o.state.value), []).append(o)
+            for (_exchange, state), outcomes in audits.items():
+                await self._audit(session, state, outcomes)
+        self.runtime.relay.kick()
+        self.reporter.touch(*{o.row.study_instance_uid for o in batch.outcomes})
+        self.metrics.blocked.inc(sum(1 for o in batch.outcomes if o.state is State.BLOCKED))
+
+    async def _audit(self, session: AsyncSession, state: str, outcomes: list[Outcome]) -> None:
+        link = outcomes[0].link
+        await self.runtime.audit.record(
+            session,
+            action=f"imaging.{state}",
+            actor=None,
+            outcome=_AUDIT_OUTCOME.get(state, "success"),
+            patient_key=link.patient_key,
+            purpose=link.purpose,
+            rule=outcomes[0].rule,
+            consent_version=outcomes[0].consent_version,
+            detail={
+                "exchange_id": link.exchange_id,
+                "from_institution": link.from_institution,
+                "to_institution": link.to_institution,
+                "studies": sorted({o.row.study_instance_uid for o in outcomes}),
+                "instances": len(outcomes),
+            },
+        )
+
+    async def _settle(self, batch: Batch) -> None:
+        """Ack what is done; nak (with backoff) the jobs of instances that must be tried again."""
+        retry: dict[str, float] = {}
+        for o in batch.outcomes:
+            if o.state is State.QUEUED:
+                delay = self.backoff(o.row.attempts) if o.attempted else self.backoff(_deliveries(batch, o))
+                retry[o.row.sop_instance_uid] = max(retry.get(o.row.sop_instance_uid, 0.0), delay)
+        for sop_uid, msgs in batch.jobs.items():
+            first, *duplicates = msgs
+            await _finish(duplicates, nak_delay=None)
+            await _finish([first], nak_delay=retry.get(sop_uid))
+
+
+def _deliveries(batch: Batch, outcome: Outcome) -> int:
+    msgs = batch.jobs.get(outcome.row.sop_instance_uid) or []
+    metadata = msgs[0].metadata if msgs else None
+    return int(metadata.num_delivered) if metadata is not None else 1
+
+
+async def _finish(msgs: Sequence[Msg], nak_delay: float | None) -> None:
+    """Ack (nak_delay None) or nak with a delay; a lost ack only means one idempotent redelivery."""
+    for msg in msgs:
+        with contextlib.suppress(Exception):
+            if nak_delay is None:
+                await msg.ack()
+            else:
+                await msg.nak(delay=nak_delay if nak_delay > 0 else None)

@@ -1,0 +1,141 @@
+"""All SQL of the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_imaging.models import NO_EXCHANGE, Instance, State, StudyLink
+
+
+async def instances_of(session: AsyncSession, sop_instance_uid: str) -> Sequence[Instance]:
+    return (
+        await session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+    ).all()
+
+
+async def study_instances(session: AsyncSession, study_uid: str, role: str) -> Sequence[Instance]:
+    """Locked (PostgreSQL) so that a purge pass and a linking event do not both claim a held row."""
+    query = select(Instance).where(Instance.study_instance_uid == study_uid, Instance.role == role)
+    return (await session.scalars(query.order_by(Instance.sop_instance_uid).with_for_update())).all()
+
+
+async def links_of_study(session: AsyncSession, study_uid: str) -> Sequence[StudyLink]:
+    query = select(StudyLink).where(StudyLink.study_instance_uid == study_uid)
+    return (await session.scalars(query.order_by(StudyLink.linked_at, StudyLink.exchange_id))).all()
+
+
+async def link(session: AsyncSession, study_uid: str, exchange_id: str) -> StudyLink | None:
+    return await session.get(StudyLink, (study_uid, exchange_id))
+
+
+async def queued_with_links(
+    session: AsyncSession, sop_uids: Collection[str]
+) -> list[tuple[Instance, StudyLink]]:
+    """The queued rows of these instances, each with the exchange it goes to."""
+    query = (
+        select(Instance, StudyLink)
+        .join(
+            StudyLink,
+            (StudyLink.study_instance_uid == Instance.study_instance_uid)
+            & (StudyLink.exchange_id == Instance.exchange_id),
+        )
+        .where(Instance.sop_instance_uid.in_(list(sop_uids)), Instance.state == State.QUEUED.value)
+    )
+    return [(row[0], row[1]) for row in (await session.execute(query)).all()]
+
+
+async def set_outcome(
+    session: AsyncSession,
+    sop_uid: str,
+    exchange_id: str,
+    state: State,
+    now: datetime,
+    *,
+    attempts: int | None = None,
+    error: str | None = None,
+) -> None:
+    """Move a queued row on; a row that is no longer queued (another worker finished it) is left alone."""
+    values: dict[str, object] = {"state": state.value, "updated_at": now, "last_error": error}
+    if attempts is not None:
+        values["attempts"] = attempts
+    await session.execute(
+        update(Instance)
+        .where(
+            Instance.sop_instance_uid == sop_uid,
+            Instance.exchange_id == exchange_id,
+            Instance.state == State.QUEUED.value,
+        )
+        .values(**values)
+    )
+
+
+@dataclass(frozen=True)
+class StudyCounts:
+    received: int
+    by_state: dict[str, int]
+    exchange_ids: list[str]
+    attempts: int
+
+
+async def study_counts(session: AsyncSession, study_uid: str) -> StudyCounts | None:
+    where = Instance.study_instance_uid == study_uid
+    received = await session.scalar(select(func.count(func.distinct(Instance.sop_instance_uid))).where(where))
+    if not received:
+        return None
+    rows = (
+        await session.execute(select(Instance.state, func.count()).where(where).group_by(Instance.state))
+    ).all()
+    exchanges = (
+        await session.scalars(
+            select(Instance.exchange_id).where(where, Instance.exchange_id != NO_EXCHANGE).distinct()
+        )
+    ).all()
+    attempts = await session.scalar(select(func.max(Instance.attempts)).where(where))
+    return StudyCounts(
+        received=int(received),
+        by_state={str(state): int(count) for state, count in rows},
+        exchange_ids=sorted(exchanges),
+        attempts=int(attempts or 0),
+    )
+
+
+async def senders_of_study(session: AsyncSession, study_uid: str) -> set[str]:
+    query = select(Instance.sender_institution).where(
+        Instance.study_instance_uid == study_uid, Instance.sender_institution.is_not(None)
+    )
+    return {str(code) for code in (await session.scalars(query.distinct())).all()}
+
+
+async def stale_held(session: AsyncSession, cutoff: datetime, limit: int) -> list[tuple[str, str]]:
+    """(SOP, study) of instances held since before `cutoff`, locked until the transaction ends."""
+    query = (
+        select(Instance.sop_instance_uid, Instance.study_instance_uid)
+        .where(Instance.state == State.HELD.value, Instance.received_at < cutoff)
+        .order_by(Instance.received_at)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [(str(sop), str(study)) for sop, study in (await session.execute(query)).all()]
+
+
+async def mark_purged(session: AsyncSession, sop_uids: Collection[str], now: datetime) -> None:
+    await session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid.in_(list(sop_uids)), Instance.state == State.HELD.value)
+        .values(state=State.PURGED.value, updated_at=now)
+    )
+
+
+async def queued_instances(session: AsyncSession) -> list[tuple[str, str]]:
+    """(SOP Instance UID, Study Instance UID) of everything waiting to be relayed."""
+    query = (
+        select(Instance.sop_instance_uid, Instance.study_instance_uid)
+        .where(Instance.state == State.QUEUED.value)
+        .distinct()
+    )
+    return [(str(sop), str(study)) for sop, study in (await session.execute(query)).all()]

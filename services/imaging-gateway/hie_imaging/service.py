@@ -1,0 +1,229 @@
+"""Gateway rules: what a received instance becomes, how an exchange claims studies, study status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_imaging import repository
+from hie_imaging.dicom import ReceivedInstance
+from hie_imaging.dicom.spool import InvalidUidError, validate_uid
+from hie_imaging.models import NO_EXCHANGE, Instance, Role, State, StudyLink
+from hie_imaging.schemas import StudyStatus
+from hie_platform.outbox import Outbox
+from hie_schemas import subjects
+from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
+from hie_schemas.events import ExchangeSent, RelayJob
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An allowed calling AE: a PACS of one of this hub's institutions, or another hub's gateway."""
+
+    ae_title: str
+    role: Role
+    institution: str | None = None  # 요양기관기호 of a local institution
+    hub: str | None = None  # slug of a calling gateway's hub
+
+
+def link_role(link: StudyLink, hub: str) -> Role | None:
+    """Which of our received instances an exchange claims: ours to send, or ours to deliver."""
+    if link.from_hub == hub:
+        return Role.ORIGIN
+    if link.to_hub == hub:
+        return Role.DESTINATION
+    return None
+
+
+async def _queue(session: AsyncSession, outbox: Outbox, hub: str, sop_uid: str, study_uid: str) -> None:
+    job = RelayJob(sop_instance_uid=sop_uid, study_instance_uid=study_uid)
+    await outbox.add(session, subjects.hub_imaging_jobs(hub), job)
+
+
+async def record_instance(
+    session: AsyncSession,
+    outbox: Outbox,
+    hub: str,
+    instance: ReceivedInstance,
+    caller: Caller,
+    now: datetime,
+) -> State | None:
+    """Record a spooled instance; queue it if an exchange claims its study, else hold it.
+
+    Returns the new state, or None when the SOP Instance UID was already here (a retry or a resend:
+    stores are idempotent, nothing is queued twice). A purged instance sent again starts afresh.
+    """
+    existing = await repository.instances_of(session, instance.sop_instance_uid)
+    if any(row.state != State.PURGED for row in existing):
+        return None
+    for row in existing:
+        await session.delete(row)
+    if existing:
+        await session.flush()
+    links = [
+        link
+        for link in await repository.links_of_study(session, instance.study_instance_uid)
+        if link_role(link, hub) is caller.role
+    ]
+    state = State.QUEUED if links else State.HELD
+    for exchange_id in [link.exchange_id for link in links] or [NO_EXCHANGE]:
+        session.add(
+            Instance(
+                sop_instance_uid=instance.sop_instance_uid,
+                exchange_id=exchange_id,
+                study_instance_uid=instance.study_instance_uid,
+                series_instance_uid=instance.series_instance_uid,
+                sop_class_uid=instance.sop_class_uid,
+                transfer_syntax_uid=instance.transfer_syntax_uid,
+                size=len(instance.data),
+                calling_ae=instance.calling_ae,
+                sender_institution=caller.institution,
+                role=caller.role.value,
+                state=state.value,
+                attempts=0,
+                received_at=now,
+                updated_at=now,
+            )
+        )
+    if state is State.QUEUED:
+        await _queue(session, outbox, hub, instance.sop_instance_uid, instance.study_instance_uid)
+    return state
+
+
+async def link_exchange(
+    session: AsyncSession, outbox: Outbox, hub: str, sent: ExchangeSent, now: datetime
+) -> list[str]:
+    """Record which studies an exchange refers to and queue what we already hold of them.
+
+    Returns the studies whose instances were queued. Idempotent: a study already linked to the
+    exchange, and an instance already queued for it, are left as they are.
+    """
+    touched: list[str] = []
+    for ref in sent.studies:
+        try:
+            study_uid = validate_uid(ref.study_instance_uid.strip())
+        except InvalidUidError:
+            continue  # a malformed reference cannot match any instance
+        link = await repository.link(session, study_uid, sent.exchange_id)
+        if link is None:
+            link = StudyLink(
+                study_instance_uid=study_uid,
+                exchange_id=sent.exchange_id,
+                kind=sent.kind.value,
+                from_institution=sent.from_institution,
+                to_institution=sent.to_institution,
+                from_hub=sent.from_hub,
+                to_hub=sent.to_hub,
+                patient_key=sent.patient_key,
+                document_created_at=sent.document_created_at,
+                purpose=sent.purpose.value,
+                linked_at=now,
+            )
+            session.add(link)
+        role = link_role(link, hub)
+        if role is not None and await _claim(session, outbox, hub, link, role, now):
+            touched.append(study_uid)
+    return touched
+
+
+async def _claim(
+    session: AsyncSession, outbox: Outbox, hub: str, link: StudyLink, role: Role, now: datetime
+) -> bool:
+    """Queue the instances of the linked study that came in the right role for this exchange."""
+    by_sop: dict[str, list[Instance]] = {}
+    for row in await repository.study_instances(session, link.study_instance_uid, role.value):
+        by_sop.setdefault(row.sop_instance_uid, []).append(row)
+    queued = False
+    for sop_uid, rows in by_sop.items():
+        if any(row.exchange_id == link.exchange_id for row in rows):
+            continue
+        held = next((row for row in rows if row.state == State.HELD), None)
+        template: Instance | None
+        if held is not None:
+            # The primary key changes: replace the held row by the linked one.
+            await session.delete(held)
+            await session.flush()
+            template = held
+        else:
+            template = next((row for row in rows if row.state != State.PURGED), None)
+            if template is None:
+                continue  # purged: the file is gone; the PACS must send it again
+        session.add(_copy(template, link.exchange_id, now))
+        await _queue(session, outbox, hub, sop_uid, link.study_instance_uid)
+        queued = True
+    return queued
+
+
+def _copy(row: Instance, exchange_id: str, now: datetime) -> Instance:
+    return Instance(
+        sop_instance_uid=row.sop_instance_uid,
+        exchange_id=exchange_id,
+        study_instance_uid=row.study_instance_uid,
+        series_instance_uid=row.series_instance_uid,
+        sop_class_uid=row.sop_class_uid,
+        transfer_syntax_uid=row.transfer_syntax_uid,
+        size=row.size,
+        calling_ae=row.calling_ae,
+        sender_institution=row.sender_institution,
+        role=row.role,
+        state=State.QUEUED.value,
+        attempts=0,
+        received_at=row.received_at,
+        updated_at=now,
+    )
+
+
+def study_state(by_state: dict[str, int]) -> str:
+    """One word for a study: work still pending wins, then trouble, then where it ended up."""
+    for state in (State.QUEUED, State.FAILED, State.BLOCKED, State.HELD):
+        if by_state.get(state.value):
+            return state.value
+    if by_state.get(State.RELAYED.value):
+        return State.RELAYED.value
+    if by_state.get(State.DELIVERED.value):
+        return State.DELIVERED.value
+    return State.PURGED.value
+
+
+async def study_status(session: AsyncSession, study_uid: str) -> StudyStatus | None:
+    counts = await repository.study_counts(session, study_uid)
+    if counts is None:
+        return None
+    by_state = counts.by_state
+    return StudyStatus(
+        study_instance_uid=study_uid,
+        exchange_id=counts.exchange_ids[0] if counts.exchange_ids else None,
+        exchanges=counts.exchange_ids,
+        received=counts.received,
+        queued=by_state.get(State.QUEUED.value, 0),
+        held=by_state.get(State.HELD.value, 0),
+        relayed=by_state.get(State.RELAYED.value, 0),
+        delivered=by_state.get(State.DELIVERED.value, 0),
+        blocked=by_state.get(State.BLOCKED.value, 0),
+        failed=by_state.get(State.FAILED.value, 0),
+        purged=by_state.get(State.PURGED.value, 0),
+        attempts=counts.attempts,
+        state=study_state(by_state),
+    )
+
+
+async def may_see_study(session: AsyncSession, actor: TokenClaims, study_uid: str) -> bool:
+    """The agency, a party to an exchange of the study, or the institution that sent its instances."""
+    if SCOPE_AGENCY in actor.scopes:
+        return True
+    parties = {
+        code
+        for link in await repository.links_of_study(session, study_uid)
+        for code in (link.from_institution, link.to_institution)
+    }
+    return actor.inst in parties or actor.inst in await repository.senders_of_study(session, study_uid)
+
+
+async def requeue_pending(session: AsyncSession, outbox: Outbox, hub: str) -> int:
+    """Publish a job again for every queued instance (at start-up: jobs are idempotent, losses are not)."""
+    pending = await repository.queued_instances(session)
+    for sop_uid, study_uid in pending:
+        await _queue(session, outbox, hub, sop_uid, study_uid)
+    return len(pending)

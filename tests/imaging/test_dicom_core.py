@@ -1,0 +1,480 @@
+"""The gateway's DICOM core against real peers over loopback: DCMTK tools and pynetdicom, nothing mocked."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, sop_class
+from pynetdicom.presentation import build_context
+
+from hie_imaging.dicom import sop
+from hie_imaging.dicom.scp import ReceivedInstance
+from hie_imaging.dicom.scu import (
+    AssociationFailedError,
+    DicomEndpoint,
+    UnreadableFileError,
+    associate,
+    echo,
+    send_files,
+)
+from hie_imaging.dicom.spool import InstanceNotFoundError, InvalidUidError, Spool, SpoolFullError
+
+if TYPE_CHECKING:
+    from conftest import Dcmtk, MakeSeries, Poll, RunningServer, StartGateway, StartStorescp
+
+MODALITY_AE = "CT_MODALITY"
+
+# pynetdicom 3.0.4 leaks the socket of a refused connection (AssociationSocket.connect calls
+# shutdown() on the unconnected socket, which raises, so close() is skipped). CPython closes it when
+# collected, with a ResourceWarning that the warnings-as-errors policy would turn into a failure.
+tolerates_refused_socket_leak = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The encoded dataset of a Part 10 file: everything after the group 0002 file meta."""
+    assert part10[128:132] == b"DICM"
+    # (0002,0000) UL in explicit VR LE always comes first: tag 4 + VR 2 + length 2 + value 4 bytes.
+    assert part10[132:138] == b"\x02\x00\x00\x00UL"
+    meta_length = int.from_bytes(part10[140:144], "little")
+    return part10[144 + meta_length :]
+
+
+def nodelay(sock: socket.socket | None) -> int:
+    assert sock is not None
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+# --- Storage SCP fed by DCMTK -------------------------------------------------------------------
+
+
+@pytest.mark.dcmtk
+def test_storescu_series_arrives_bit_for_bit(
+    dcmtk: Dcmtk, gateway: RunningServer, ct_series: list[Path]
+) -> None:
+    result = dcmtk.scu("storescu", MODALITY_AE, gateway.endpoint, files=ct_series)
+    assert result.returncode == 0, result.stderr
+
+    received = gateway.recorder.by_uid()
+    assert len(received) == len(ct_series)
+    for path in ct_series:
+        source = dcmread(path)
+        instance = received[str(source.SOPInstanceUID)]
+        kept = dcmread(BytesIO(instance.data))
+        assert kept.PixelData == source.PixelData
+        # storescu leaves out Data Set Trailing Padding (FFFC,FFFC), which carries no data; every
+        # other element outside the 0002 file meta round-trips.
+        del source[0xFFFCFFFC]
+        assert kept == source
+        assert instance.calling_ae == MODALITY_AE
+        assert instance.peer_address == "127.0.0.1"
+        assert instance.sop_class_uid == CTImageStorage
+        assert instance.study_instance_uid == source.StudyInstanceUID
+        assert instance.series_instance_uid == source.SeriesInstanceUID
+        assert instance.transfer_syntax_uid == ExplicitVRLittleEndian
+        assert kept.file_meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID
+
+
+@pytest.mark.dcmtk
+def test_storescu_compressed_pixel_data_is_kept_as_sent(
+    dcmtk: Dcmtk, gateway: RunningServer, make_series: MakeSeries
+) -> None:
+    files = make_series(2, source="SC_rgb_jpeg_dcmtk.dcm")
+    # -xy: also propose JPEG baseline, in a presentation context of its own.
+    result = dcmtk.scu("storescu", MODALITY_AE, gateway.endpoint, "-xy", files=files)
+    assert result.returncode == 0, result.stderr
+
+    received = gateway.recorder.by_uid()
+    for path in files:
+        source = path.read_bytes()
+        instance = received[str(dcmread(path).SOPInstanceUID)]
+        assert instance.transfer_syntax_uid == "1.2.840.10008.1.2.4.50"
+        assert dcmread(BytesIO(instance.data)).PixelData == dcmread(path).PixelData
+        assert dataset_bytes(instance.data) == dataset_bytes(source)
+
+
+@pytest.mark.dcmtk
+def test_echoscu_succeeds_and_unknown_calling_ae_is_rejected(dcmtk: Dcmtk, gateway: RunningServer) -> None:
+    known = dcmtk.scu("echoscu", MODALITY_AE, gateway.endpoint)
+    unknown = dcmtk.scu("echoscu", "STRANGER", gateway.endpoint)
+
+    assert known.returncode == 0, known.stderr
+    assert unknown.returncode != 0
+    assert "Calling AE Title Not Recognized" in unknown.stderr + unknown.stdout
+
+
+# --- Association acceptance ---------------------------------------------------------------------
+
+
+def test_allow_list_change_applies_to_the_next_association(gateway: RunningServer) -> None:
+    ae = AE(ae_title=MODALITY_AE)
+    ae.add_requested_context(sop.VERIFICATION_SOP_CLASS)
+    host, port = gateway.server.address
+
+    first = ae.associate(host, port, ae_title=gateway.server.ae_title)
+    assert first.is_established
+    first.release()
+
+    gateway.allowed.discard(MODALITY_AE)  # e.g. the registry suspended the institution
+    second = ae.associate(host, port, ae_title=gateway.server.ae_title)
+    assert second.is_rejected
+    rejection = second.acceptor.primitive
+    assert rejection is not None
+    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (0x01, 0x01, 0x03)
+    assert not echo(gateway.endpoint, MODALITY_AE)
+
+
+def test_allow_list_failure_rejects_instead_of_letting_peers_in(
+    start_gateway: StartGateway, ct_series: list[Path]
+) -> None:
+    def registry_unavailable(_ae: str, _address: str) -> bool:
+        raise RuntimeError("registry cache unavailable")
+
+    gateway = start_gateway(is_allowed=registry_unavailable)
+
+    with pytest.raises(AssociationFailedError, match="rejected \\(transient\\)") as failure:
+        send_files(gateway.endpoint, MODALITY_AE, ct_series)
+    assert failure.value.completed == {}
+    assert gateway.recorder.instances == []
+
+
+def test_server_prefers_explicit_vr_when_the_peer_offers_implicit_first(gateway: RunningServer) -> None:
+    context = build_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    assoc = associate(gateway.endpoint, MODALITY_AE, [context])
+    try:
+        assert [cx.transfer_syntax[0] for cx in assoc.accepted_contexts] == [ExplicitVRLittleEndian]
+    finally:
+        assoc.release()
+
+
+def test_tcp_nodelay_and_128k_pdus_on_both_ends(gateway: RunningServer, wait_for: Poll) -> None:
+    assoc = associate(gateway.endpoint, MODALITY_AE, [build_context(sop.VERIFICATION_SOP_CLASS)])
+    try:
+        wait_for(lambda: len(gateway.server.active_associations()) == 1, what="server-side association")
+        (acceptor,) = gateway.server.active_associations()
+        assert nodelay(acceptor.dul.socket.socket if acceptor.dul.socket else None) != 0
+        assert nodelay(assoc.dul.socket.socket if assoc.dul.socket else None) != 0
+        assert assoc.acceptor.maximum_length == 131072  # what the gateway advertised
+        assert acceptor.requestor.maximum_length == 131072  # what the SCU advertised
+    finally:
+        assoc.release()
+
+
+@tolerates_refused_socket_leak
+def test_stop_aborts_associations_still_open_after_the_grace_period(
+    gateway: RunningServer, wait_for: Poll
+) -> None:
+    assoc = associate(gateway.endpoint, MODALITY_AE, [build_context(sop.VERIFICATION_SOP_CLASS)])
+    wait_for(lambda: len(gateway.server.active_associations()) == 1, what="server-side association")
+
+    gateway.server.stop(grace_seconds=0.1)
+
+    wait_for(lambda: assoc.is_aborted, what="the SCU to see the abort")
+    assert not echo(gateway.endpoint, MODALITY_AE, timeout=2)
+
+
+# --- C-STORE outcomes the sender sees -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "CT_small.dcm",  # explicit VR little endian
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "image_dfl.dcm",  # deflated
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_RLE.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline
+        "JPEG2000.dcm",
+    ],
+)
+def test_send_files_to_gateway_keeps_every_byte(
+    gateway: RunningServer, make_series: MakeSeries, source: str
+) -> None:
+    files = make_series(2, source=source)
+
+    statuses = send_files(gateway.endpoint, MODALITY_AE, files)
+
+    received = gateway.recorder.by_uid()
+    for path in files:
+        uid = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert statuses[uid] == 0x0000
+        original = path.read_bytes()
+        assert dataset_bytes(received[uid].data) == dataset_bytes(original)
+        assert received[uid].transfer_syntax_uid == dcmread(path).file_meta.TransferSyntaxUID
+
+
+def test_failure_status_from_on_instance_reaches_the_sender(
+    gateway: RunningServer, ct_series: list[Path]
+) -> None:
+    gateway.recorder.status = 0xA700
+
+    statuses = send_files(gateway.endpoint, MODALITY_AE, ct_series)
+
+    assert set(statuses.values()) == {0xA700}
+    assert not any(sop.is_stored(status) for status in statuses.values())
+
+
+def test_on_instance_exception_is_c211_and_the_server_keeps_serving(
+    gateway: RunningServer, ct_series: list[Path]
+) -> None:
+    gateway.recorder.error = RuntimeError("database down")
+    failed = send_files(gateway.endpoint, MODALITY_AE, ct_series[:1])
+    gateway.recorder.error = None
+    stored = send_files(gateway.endpoint, MODALITY_AE, ct_series)
+
+    assert list(failed.values()) == [0xC211]
+    assert set(stored.values()) == {0x0000}
+    assert len(gateway.recorder.instances) == len(ct_series)
+
+
+def test_spool_full_in_on_instance_is_out_of_resources(
+    start_gateway: StartGateway, ct_series: list[Path], tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=2**62)
+
+    def spool_it(instance: ReceivedInstance) -> int:
+        spool.store(instance.sop_instance_uid, instance.data)
+        return 0x0000
+
+    gateway = start_gateway(on_instance=spool_it)
+
+    statuses = send_files(gateway.endpoint, MODALITY_AE, ct_series[:1])
+
+    assert list(statuses.values()) == [0xA700]  # "out of resources": the sender retries later
+    assert not any((tmp_path / "spool").rglob("*.dcm"))
+
+
+def test_dataset_without_sop_instance_uid_is_refused(
+    gateway: RunningServer, ct_series: list[Path], tmp_path: Path
+) -> None:
+    ds = dcmread(ct_series[0])
+    uid = ds.SOPInstanceUID
+    del ds.SOPInstanceUID  # the file meta still names the instance, so pynetdicom will send it
+    broken = tmp_path / "no-instance-uid.dcm"
+    ds.save_as(broken, enforce_file_format=False)
+
+    statuses = send_files(gateway.endpoint, MODALITY_AE, [broken])
+
+    assert statuses == {uid: 0xC210}
+    assert gateway.recorder.instances == []
+
+
+def test_dataset_without_study_uid_is_refused(gateway: RunningServer, ct_series: list[Path]) -> None:
+    ds = dcmread(ct_series[0])
+    del ds.StudyInstanceUID
+    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = associate(gateway.endpoint, MODALITY_AE, [context])
+    try:
+        status = assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+
+    assert status == 0xC210
+    assert gateway.recorder.instances == []
+
+
+def test_dataset_of_another_sop_class_is_refused(gateway: RunningServer, ct_series: list[Path]) -> None:
+    ds = dcmread(ct_series[0])
+    ds.SOPClassUID = MRImageStorage  # the request will still say CT
+    path = ct_series[0].with_name("mislabelled.dcm")
+    ds.save_as(path, enforce_file_format=False)
+
+    statuses = send_files(gateway.endpoint, MODALITY_AE, [path])
+
+    assert statuses == {str(ds.SOPInstanceUID): 0xA900}
+    assert gateway.recorder.instances == []
+
+
+def test_unparseable_dataset_is_refused(
+    gateway: RunningServer, ct_series: list[Path], tmp_path: Path
+) -> None:
+    original = ct_series[0].read_bytes()
+    meta_end = len(original) - len(dataset_bytes(original))
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(original[:meta_end] + b"\x08\x00\x16\x00UI\xff\xff" + b"\x00" * 64)
+
+    statuses = send_files(gateway.endpoint, MODALITY_AE, [garbage])
+
+    assert list(statuses.values()) == [0xC210]
+    assert gateway.recorder.instances == []
+
+
+# --- SCU against DCMTK storescp -----------------------------------------------------------------
+
+
+@pytest.mark.dcmtk
+def test_send_files_to_storescp_arrive_unchanged(
+    start_storescp: StartStorescp, make_series: MakeSeries, ct_series: list[Path]
+) -> None:
+    peer = start_storescp("+xa")
+    files = ct_series + make_series(2, source="MR_small_jp2klossless.dcm")
+
+    statuses = send_files(peer.endpoint, MODALITY_AE, files)
+
+    received = peer.received()
+    assert len(received) == len(files)
+    for path in files:
+        source = dcmread(path)
+        uid = str(source.SOPInstanceUID)
+        assert statuses[uid] == 0x0000
+        assert dcmread(BytesIO(received[uid])).PixelData == source.PixelData
+        assert dataset_bytes(received[uid]) == dataset_bytes(path.read_bytes())
+
+
+@pytest.mark.dcmtk
+def test_peer_refusing_a_transfer_syntax_fails_only_those_files(
+    start_storescp: StartStorescp, make_series: MakeSeries, ct_series: list[Path]
+) -> None:
+    peer = start_storescp()  # DCMTK default: uncompressed transfer syntaxes only
+    jpeg2000 = make_series(1, source="MR_small_jp2klossless.dcm")
+
+    statuses = send_files(peer.endpoint, MODALITY_AE, ct_series + jpeg2000)
+
+    uid_of = {
+        path: str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in ct_series + jpeg2000
+    }
+    assert statuses[uid_of[jpeg2000[0]]] == 0x0122
+    assert all(statuses[uid_of[path]] == 0x0000 for path in ct_series)
+    assert set(peer.received()) == {uid_of[path] for path in ct_series}
+
+
+@pytest.mark.dcmtk
+@tolerates_refused_socket_leak
+def test_echo_reports_a_live_and_a_dead_peer(start_storescp: StartStorescp, free_port: int) -> None:
+    peer = start_storescp()
+
+    assert echo(peer.endpoint, MODALITY_AE)
+    assert not echo(DicomEndpoint("NOBODY", "127.0.0.1", free_port), MODALITY_AE, timeout=2)
+
+
+@tolerates_refused_socket_leak
+def test_send_files_to_a_closed_port_raises(ct_series: list[Path], free_port: int) -> None:
+    endpoint = DicomEndpoint("NOBODY", "127.0.0.1", free_port)
+
+    with pytest.raises(AssociationFailedError) as failure:
+        send_files(endpoint, MODALITY_AE, ct_series, timeout=2)
+
+    assert failure.value.endpoint == endpoint
+    assert "connection refused" in failure.value.reason
+
+
+def test_send_files_by_an_unknown_ae_raises_rejected(gateway: RunningServer, ct_series: list[Path]) -> None:
+    with pytest.raises(AssociationFailedError, match="calling AE title not recognised"):
+        send_files(gateway.endpoint, "STRANGER", ct_series)
+    assert gateway.recorder.instances == []
+
+
+def test_send_files_refuses_a_non_dicom_file_before_connecting(
+    gateway: RunningServer, ct_series: list[Path], tmp_path: Path
+) -> None:
+    report = tmp_path / "report.txt"
+    report.write_text("not an image")
+
+    with pytest.raises(UnreadableFileError) as failure:
+        send_files(gateway.endpoint, MODALITY_AE, [*ct_series, report])
+
+    assert failure.value.path == report
+    assert gateway.recorder.instances == []
+
+
+def test_every_secondary_capture_variant_is_accepted() -> None:
+    names = [name for name in dir(sop_class) if "SecondaryCapture" in name and name.endswith("Storage")]
+    variants = {str(getattr(sop_class, name)) for name in names}
+    assert len(variants) == 5
+    assert variants <= set(sop.STORAGE_SOP_CLASSES)
+    assert sop.TRANSFER_SYNTAXES[0] == ExplicitVRLittleEndian
+    assert sop.TRANSFER_SYNTAXES[-1] == "1.2.840.10008.1.2.2"
+
+
+# --- Spool ---------------------------------------------------------------------------------------
+
+UID = "1.2.826.0.1.3680043.8.498.1"
+
+
+def test_spool_stores_under_a_hashed_path_and_reads_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+
+    path = spool.store(UID, b"first")
+
+    assert path == spool.path(UID)
+    assert UID not in str(path)
+    assert path.is_relative_to(tmp_path / "spool")
+    assert spool.exists(UID)
+    assert spool.read(UID) == b"first"
+
+
+def test_spool_store_is_idempotent_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+
+    first = spool.store(UID, b"first")
+    second = spool.store(UID, b"second version")
+
+    assert first == second
+    assert spool.read(UID) == b"second version"
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == [first]
+
+
+def test_spool_readers_never_see_a_half_written_instance(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    versions = (b"a" * 1_000_000, b"b" * 2_000_000)
+    spool.store(UID, versions[0])
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            spool.store(UID, versions[turn % 2])
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        seen = {spool.read(UID) for _ in range(200)}
+    finally:
+        stop.set()
+        writer.join()
+
+    assert seen <= set(versions)
+
+
+@pytest.mark.parametrize("bad", ["", "../../etc/passwd", "1.2.3/4", "1.2.3 ", "1" * 65, "1.2\x00.3", "1.2.a"])
+def test_spool_refuses_what_is_not_a_uid(tmp_path: Path, bad: str) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+
+    with pytest.raises(InvalidUidError) as failure:
+        spool.store(bad, b"data")
+
+    assert failure.value.uid == bad
+    assert not (tmp_path / "spool").exists()
+
+
+def test_spool_full_refuses_and_keeps_what_it_has(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    spool.store(UID, b"kept")
+    full = Spool(tmp_path / "spool", min_free_bytes=2**62)
+
+    with pytest.raises(SpoolFullError) as failure:
+        full.store(UID, b"new data")
+
+    assert failure.value.needed == 2**62 + len(b"new data")
+    assert 0 < failure.value.free < failure.value.needed
+    assert full.read(UID) == b"kept"
+
+
+def test_spool_delete_then_read_raises_not_found(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    spool.store(UID, b"data")
+
+    assert spool.delete(UID)
+    assert not spool.delete(UID)
+    with pytest.raises(InstanceNotFoundError):
+        spool.read(UID)
