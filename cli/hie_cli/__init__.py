@@ -1,0 +1,1 @@
+"""The ``hie`` command: the local federation launcher, the demo and operator tools."""

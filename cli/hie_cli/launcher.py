@@ -1,0 +1,304 @@
+"""`hie up`: the whole federation on one machine — nats-server, registry, consent, and N hubs
+(hub node + imaging gateway each) as separate processes on SQLite (or PostgreSQL schemas)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from hie_cli.federation import Federation, Gateway, HubEntry, InstitutionEntry
+from hie_platform.natsd import NatsServer, free_port
+from hie_registry import seed
+
+MAX_HUBS = len(seed.HUBS)
+
+
+class LaunchError(RuntimeError):
+    """The federation could not start; the message is one readable line."""
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    url: str | None = None
+
+
+@dataclass
+class LaunchOptions:
+    data_dir: Path
+    hubs: int = 2
+    postgres_url: str | None = None
+    schema_prefix: str = "hie"
+    host: str = "127.0.0.1"
+    ready_timeout: float = 90.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class Launcher:
+    def __init__(self, options: LaunchOptions) -> None:
+        if not 1 <= options.hubs <= MAX_HUBS:
+            raise LaunchError(f"--hubs must be between 1 and {MAX_HUBS}")
+        self.options = options
+        self.data = options.data_dir.resolve()
+        self.logs = self.data / "logs"
+        self.children: list[Child] = []
+        self.nats: NatsServer | None = None
+
+    # --- databases ---------------------------------------------------------------------------
+
+    def _database_env(self, prefix: str, name: str) -> dict[str, str]:
+        if self.options.postgres_url:
+            return {
+                f"{prefix}DATABASE_URL": self.options.postgres_url,
+                f"{prefix}DATABASE_SCHEMA": f"{self.options.schema_prefix}_{name}".replace("-", "_"),
+            }
+        return {f"{prefix}DATABASE_URL": f"sqlite+aiosqlite:///{self.data / 'db' / (name + '.db')}"}
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, module: str, env: dict[str, str], url: str | None) -> Child:
+        log = self.logs / f"{name}.log"
+        full_env = {**os.environ, **self.options.extra_env, **env}
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module],
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        child = Child(name, process, log, url)
+        self.children.append(child)
+        return child
+
+    def _wait_ready(self, children: list[Child]) -> None:
+        deadline = time.monotonic() + self.options.ready_timeout
+        pending = [c for c in children if c.url]
+        with httpx.Client(timeout=2.0) as http:
+            while pending:
+                for child in list(pending):
+                    if child.process.poll() is not None:
+                        raise LaunchError(
+                            f"{child.name} exited with {child.process.returncode}: "
+                            f"{_last_line(child.log)} (log: {child.log})"
+                        )
+                    try:
+                        if http.get(f"{child.url}/readyz").status_code == 200:
+                            pending.remove(child)
+                    except httpx.HTTPError:
+                        pass
+                if pending and time.monotonic() > deadline:
+                    names = ", ".join(c.name for c in pending)
+                    raise LaunchError(f"not ready after {self.options.ready_timeout:.0f}s: {names}")
+                if pending:
+                    time.sleep(0.1)
+
+    def start(self) -> Federation:
+        for folder in (self.data, self.logs, self.data / "db", self.data / "spool"):
+            folder.mkdir(parents=True, exist_ok=True)
+        host = self.options.host
+        self.nats = NatsServer(self.data / "nats", host=host, log_file=self.logs / "nats.log").start()
+        common = {"NATS_URL": self.nats.url, "HOST": host, "ENVIRONMENT": "development"}
+
+        def env(prefix: str, name: str, port: int, **extra: str) -> dict[str, str]:
+            values = {**common, "PORT": str(port), "NODE": name, "REGISTRY_URL": registry_url, **extra}
+            return {f"{prefix}{k}": v for k, v in values.items()} | self._database_env(prefix, name)
+
+        registry_port = free_port(host)
+        registry_url = f"http://{host}:{registry_port}"
+        hubs = seed.HUBS[: self.options.hubs]
+        topology: dict[str, dict[str, object]] = {"hubs": {}}
+        hub_ports: dict[str, tuple[int, int, int]] = {}
+        for hub in hubs:
+            assert hub.hub is not None
+            node_port, gw_http, gw_dicom = free_port(host), free_port(host), free_port(host)
+            hub_ports[hub.hub] = (node_port, gw_http, gw_dicom)
+            topology["hubs"][hub.hub] = {
+                "fhir_base": f"http://{host}:{node_port}/fhir",
+                "gateway": {"ae_title": seed.hub_gateway_ae(hub.hub), "host": host, "port": gw_dicom},
+            }
+        (self.data / "topology.json").write_text(json.dumps(topology, indent=2))
+
+        registry = self._spawn(
+            "registry",
+            "hie_registry",
+            env(
+                "HIE_REGISTRY_",
+                "registry",
+                registry_port,
+                SEED_DEMO="true",
+                CREDENTIALS_FILE=str(self.data / "credentials.json"),
+                TOPOLOGY_FILE=str(self.data / "topology.json"),
+            ),
+            registry_url,
+        )
+        self._wait_ready([registry])
+
+        consent_port = free_port(host)
+        consent = self._spawn(
+            "consent",
+            "hie_consent",
+            env("HIE_CONSENT_", "consent", consent_port),
+            f"http://{host}:{consent_port}",
+        )
+        hub_children: list[Child] = [consent]
+        entries: list[HubEntry] = []
+        for hub in hubs:
+            assert hub.hub is not None
+            node_port, gw_http, gw_dicom = hub_ports[hub.hub]
+            node_url = f"http://{host}:{node_port}"
+            gw_url = f"http://{host}:{gw_http}"
+            hub_children.append(
+                self._spawn(
+                    f"hub-{hub.hub}",
+                    "hie_hub",
+                    env("HIE_HUB_", f"hub-{hub.hub}", node_port, HUB=hub.hub),
+                    node_url,
+                )
+            )
+            hub_children.append(
+                self._spawn(
+                    f"imaging-{hub.hub}",
+                    "hie_imaging",
+                    env(
+                        "HIE_IMAGING_",
+                        f"imaging-{hub.hub}",
+                        gw_http,
+                        HUB=hub.hub,
+                        DICOM_PORT=str(gw_dicom),
+                        AE_TITLE=seed.hub_gateway_ae(hub.hub),
+                        SPOOL_DIR=str(self.data / "spool" / hub.hub),
+                    ),
+                    gw_url,
+                )
+            )
+            entries.append(
+                HubEntry(
+                    slug=hub.hub,
+                    code=hub.code,
+                    name=hub.name,
+                    node_url=node_url,
+                    fhir_base=f"{node_url}/fhir",
+                    gateway=Gateway(
+                        ae_title=seed.hub_gateway_ae(hub.hub), host=host, port=gw_dicom, status_url=gw_url
+                    ),
+                )
+            )
+        self._wait_ready(hub_children)
+
+        credentials: dict[str, str] = json.loads((self.data / "credentials.json").read_text())
+        with httpx.Client(timeout=5.0) as http:
+            directory = http.get(f"{registry_url}/institutions").json()
+        served = {h.hub for h in hubs}
+        institutions = [
+            InstitutionEntry(
+                code=i["code"],
+                name=i["name"],
+                kind=i["kind"],
+                hub=i["hub"],
+                client_id=seed.AGENCY_CLIENT_ID if i["kind"] == "agency" else i["code"],
+                client_secret=credentials[seed.AGENCY_CLIENT_ID if i["kind"] == "agency" else i["code"]],
+                dicom_ae=(i.get("dicom") or {}).get("ae_title"),
+            )
+            for i in directory
+            if i["kind"] == "agency" or i["hub"] in served
+        ]
+        federation = Federation(
+            data_dir=str(self.data),
+            nats_url=self.nats.url,
+            registry_url=registry_url,
+            consent_url=f"http://{host}:{consent_port}",
+            hubs=entries,
+            institutions=institutions,
+        )
+        federation.write(self.data / "federation.json")
+        return federation
+
+    def failed_child(self) -> Child | None:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop children newest first (hubs, consent, registry), then nats-server."""
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in reversed(self.children):
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        self.children.clear()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
+
+
+def print_summary(federation: Federation, started_in: float) -> None:
+    print(f"HIE federation up in {started_in:.1f}s — data in {federation.data_dir}")
+    print(f"  {'service':<22} {'address':<38} detail")
+    print(f"  {'nats':<22} {federation.nats_url:<38} JetStream")
+    print(f"  {'registry':<22} {federation.registry_url:<38} directory, OAuth2 token, JWKS")
+    print(f"  {'consent':<22} {federation.consent_url:<38} consent, decisions, history")
+    for hub in federation.hubs:
+        print(f"  {'hub ' + hub.slug:<22} {hub.fhir_base:<38} {hub.name} ({hub.code})")
+        gateway = f"dicom://{hub.gateway.host}:{hub.gateway.port}"
+        print(f"  {'imaging ' + hub.slug:<22} {gateway:<38} AE {hub.gateway.ae_title}")
+    print(
+        f"  {len(federation.institutions)} demo institutions with credentials in "
+        f"{Path(federation.data_dir) / 'federation.json'}"
+    )
+    print("Ctrl-C stops everything; `hie demo` runs the referral scenario against it.")
+
+
+def run_until_interrupted(options: LaunchOptions) -> int:
+    launcher = Launcher(options)
+    stopping = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        federation = launcher.start()
+        print_summary(federation, time.monotonic() - started)
+        sys.stdout.flush()
+        while not stopping:
+            dead = launcher.failed_child()
+            if dead is not None:
+                print(
+                    f"{dead.name} stopped unexpectedly ({dead.process.returncode}): {_last_line(dead.log)}",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.2)
+        print("stopping…")
+        return 0
+    except LaunchError as exc:
+        print(f"hie up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        launcher.stop()
