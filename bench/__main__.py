@@ -1,0 +1,29 @@
+"""`make bench`: every benchmark in one run, one report under bench/results/ (JSON and Markdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from bench import consent_bench, registry_bench
+from bench.common import Report
+
+BENCHMARKS = {"registry": registry_bench.run, "consent": consent_bench.run}
+
+
+async def main(selected: list[str]) -> None:
+    report = Report()
+    for name, run in BENCHMARKS.items():
+        if selected and name not in selected:
+            continue
+        started = time.perf_counter()
+        print(f"== {name}", flush=True)
+        await run(report)
+        print(f"== {name} done in {time.perf_counter() - started:.0f}s", flush=True)
+    path = report.write("latest")
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))

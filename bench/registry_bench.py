@@ -1,0 +1,216 @@
+"""Registry at national scale: 10,000 institutions; directory search p50/p99 and tokens per second.
+
+Baseline in the same run: GET /healthz on the same process (the HTTP stack's own floor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench.common import Figure, Report, run_concurrently
+from hie_platform.migrations import upgrade
+from hie_platform.natsd import NatsServer, free_port, wait_for_port
+from hie_registry.models import Client, Institution
+from hie_registry.seed import HUBS
+from hie_registry.service import hash_secret
+
+NAME = "registry"
+INSTITUTIONS = 10_000
+CLIENTS = 200
+REGIONS = [
+    "서울",
+    "부산",
+    "대구",
+    "인천",
+    "광주",
+    "대전",
+    "울산",
+    "경기",
+    "강원",
+    "충북",
+    "충남",
+    "전북",
+    "전남",
+    "경북",
+    "경남",
+    "제주",
+    "세종",
+]
+WORDS = ["연세", "튼튼", "바른", "행복", "우리", "하나", "미래", "중앙", "새봄", "푸른", "온누리", "365"]
+TYPES = ["내과의원", "가정의학과의원", "정형외과의원", "소아청소년과의원", "이비인후과의원", "영상의학과의원"]
+MIGRATIONS = Path(__file__).parents[1] / "services/registry/hie_registry/migrations"
+
+
+async def seed(url: str, rng: random.Random) -> dict[str, str]:
+    await asyncio.to_thread(upgrade, MIGRATIONS, url)
+    engine = create_async_engine(url)
+    now = datetime.now(UTC)
+    secrets: dict[str, str] = {}
+    rows: list[dict[str, object]] = []
+    clients: list[dict[str, object]] = []
+    for n in range(INSTITUTIONS):
+        code = f"8{n:07d}"
+        region = rng.choice(REGIONS)
+        hub = rng.choice(HUBS)
+        rows.append(
+            {
+                "code": code,
+                "name": f"{region} {rng.choice(WORDS)}{rng.choice(TYPES)} {n}",
+                "name_en": None,
+                "kind": "clinic",
+                "region": region,
+                "state": "active" if n % 10 else "suspended",
+                "hub": hub.hub,
+                "departments": ["0100"],
+                "fhir_base": None,
+                "dicom_ae": f"PACS{code}",
+                "dicom_host": "10.0.0.1",
+                "dicom_port": 104,
+                "contacts": {"phone": "02-000-0000"},
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
+        if n % 10 and len(clients) < CLIENTS:
+            secret = f"bench-secret-{n}"
+            secrets[code] = secret
+            clients.append(
+                {
+                    "client_id": code,
+                    "institution_code": code,
+                    "secret_hash": hash_secret(secret),
+                    "scopes": "exchange",
+                    "created_at": now,
+                    "revoked_at": None,
+                }
+            )
+    async with engine.begin() as conn:
+        await conn.execute(insert(Institution), rows)
+        await conn.execute(insert(Client), clients)
+    await engine.dispose()
+    return secrets
+
+
+async def measure(base: str, secrets: dict[str, str], report: Report, rng: random.Random) -> None:
+    codes = list(secrets)
+    async with httpx.AsyncClient(
+        base_url=base, timeout=30.0, limits=httpx.Limits(max_connections=16)
+    ) as http:
+
+        async def health(_: int) -> None:
+            (await http.get("/healthz")).raise_for_status()
+
+        async def by_name(_: int) -> None:
+            r = await http.get("/fhir/Organization", params={"name": rng.choice(WORDS), "_count": "20"})
+            r.raise_for_status()
+
+        async def by_hub(_: int) -> None:
+            hub = rng.choice(HUBS)
+            r = await http.get(
+                "/fhir/Organization", params={"partof": f"Organization/{hub.code}", "_count": "50"}
+            )
+            r.raise_for_status()
+
+        async def by_region(_: int) -> None:
+            r = await http.get(
+                "/fhir/Organization",
+                params={"address-state": rng.choice(REGIONS), "active": "true", "_count": "20"},
+            )
+            r.raise_for_status()
+
+        async def read(_: int) -> None:
+            (await http.get(f"/fhir/Organization/8{rng.randrange(INSTITUTIONS):07d}")).raise_for_status()
+
+        async def token(i: int) -> None:
+            code = codes[i % len(codes)]
+            r = await http.post(
+                "/oauth2/token",
+                data={"grant_type": "client_credentials", "client_id": code, "client_secret": secrets[code]},
+            )
+            r.raise_for_status()
+
+        for op in (health, by_name):  # warm up connections, caches and SQLite's page cache
+            await run_concurrently(op, 50, 8)
+        baseline = await run_concurrently(health, 2000, 8)
+        report.add(Figure(NAME, "GET /healthz throughput (baseline)", baseline.per_second, "req/s"))
+        report.add(Figure(NAME, "GET /healthz p99 (baseline)", baseline.p99_ms, "ms"))
+        for label, op, count in (
+            ("search by name", by_name, 500),
+            ("search by hub (partof)", by_hub, 500),
+            ("search by region, active", by_region, 500),
+            ("read Organization", read, 1000),
+        ):
+            timing = await run_concurrently(op, count, 8)
+            report.add(
+                Figure(NAME, f"directory {label} p50", timing.p50_ms, "ms", "healthz p50", baseline.p50_ms)
+            )
+            report.add(
+                Figure(NAME, f"directory {label} p99", timing.p99_ms, "ms", "healthz p99", baseline.p99_ms)
+            )
+            report.add(
+                Figure(
+                    NAME,
+                    f"directory {label} throughput",
+                    timing.per_second,
+                    "req/s",
+                    "healthz",
+                    baseline.per_second,
+                )
+            )
+        tokens = await run_concurrently(token, 1000, 8)
+        report.add(
+            Figure(NAME, "tokens issued", tokens.per_second, "tokens/s", "healthz", baseline.per_second)
+        )
+        report.add(Figure(NAME, "token p99", tokens.p99_ms, "ms", "healthz p99", baseline.p99_ms))
+
+
+async def run(report: Report) -> None:
+    rng = random.Random(7)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        url = f"sqlite+aiosqlite:///{data / 'registry.db'}"
+        print(f"registry: seeding {INSTITUTIONS} institutions…", flush=True)
+        secrets = await seed(url, rng)
+        nats = NatsServer(data / "nats").start()
+        port = free_port()
+        env = {
+            **os.environ,
+            "HIE_REGISTRY_DATABASE_URL": url,
+            "HIE_REGISTRY_PORT": str(port),
+            "HIE_REGISTRY_NATS_URL": nats.url,
+            "HIE_REGISTRY_REGISTRY_URL": f"http://127.0.0.1:{port}",
+            "HIE_REGISTRY_LOG_LEVEL": "WARNING",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hie_registry"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port("127.0.0.1", port, 60, process)
+            started = time.perf_counter()
+            await measure(f"http://127.0.0.1:{port}", secrets, report, rng)
+            print(f"registry: measured in {time.perf_counter() - started:.1f}s", flush=True)
+        finally:
+            process.terminate()
+            process.wait(30)
+            nats.stop()
+
+
+if __name__ == "__main__":
+    r = Report()
+    asyncio.run(run(r))
+    r.write("registry")
