@@ -52,6 +52,7 @@ class OutboxRelay:
         self.interval = interval
         self.batch = batch
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def kick(self) -> None:
@@ -61,6 +62,8 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -69,9 +72,14 @@ class OutboxRelay:
             await self.flush()
 
     async def _run(self) -> None:
-        while True:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+        # arrives as the event fires (cpython gh-86296), and the relay would never stop.
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            if self._stopping:
+                return
             self._wake.clear()
             try:
                 while await self.flush() == self.batch:
