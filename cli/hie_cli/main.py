@@ -11,6 +11,7 @@ import typer
 
 from hie_cli import registry_cli
 from hie_cli.launcher import MAX_HUBS, LaunchOptions, run_until_interrupted
+from hie_platform.runtime import redact_url
 
 app = typer.Typer(
     help="HIE federation: run it locally, demo it, operate it.",
@@ -20,6 +21,8 @@ app = typer.Typer(
 )
 
 app.add_typer(registry_cli.app, name="registry")
+audit_app = typer.Typer(help="Check a hub's tamper-evident audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="where databases, logs and federation.json live")]
 
@@ -62,6 +65,33 @@ def demo(
         print(f"hie demo: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
     result.print_timeline()
+
+
+@audit_app.command("verify")
+def audit_verify(
+    database_url: Annotated[
+        str, typer.Option("--database-url", help="the hub's database (its HIE_HUB_DATABASE_URL)")
+    ],
+    schema: Annotated[str | None, typer.Option(help="PostgreSQL schema of the hub, if any")] = None,
+) -> None:
+    """Walk a hub's audit chain; exit 1 naming the first broken record if it was altered."""
+    from hie_hub.audit_verify import verify
+
+    try:
+        check = asyncio.run(verify(database_url, schema))
+    except Exception as exc:
+        print(
+            f"hie audit verify: cannot read {redact_url(database_url)}: {type(exc).__name__}", file=sys.stderr
+        )
+        raise typer.Exit(2) from None
+    if not check.ok:
+        print(
+            f"hie audit verify: chain broken at sequence {check.first_bad_sequence} "
+            f"({check.records} records read)",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1)
+    print(f"audit chain intact: {check.records} records")
 
 
 if __name__ == "__main__":

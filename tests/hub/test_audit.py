@@ -18,7 +18,9 @@ from hub_support import (
     submit,
 )
 from sqlalchemy import delete, update
+from typer.testing import CliRunner
 
+from hie_cli.main import app as cli
 from hie_hub.app import MIGRATIONS
 from hie_hub.audit_events import CHAIN_URL
 from hie_hub.audit_verify import verify
@@ -149,3 +151,22 @@ async def test_verify_finds_a_removed_record(chain: tuple[str, str | None, Datab
         await session.execute(delete(t).where(t.c.sequence == 7))
     check = await verify(url, schema)
     assert (check.ok, check.first_bad_sequence) == (False, 7)
+
+
+async def test_the_audit_verify_command_exits_non_zero_on_a_broken_chain(
+    chain: tuple[str, str | None, Database],
+) -> None:
+    """`hie audit verify` is how an operator checks a hub: one line, and the exit code a cron job reads."""
+    url, schema, db = chain
+    args = ["audit", "verify", "--database-url", url] + (["--schema", schema] if schema else [])
+    # The command runs its own event loop, as it does from a shell: in a thread here.
+    intact = await asyncio.to_thread(CliRunner().invoke, cli, args)
+    assert (intact.exit_code, intact.stdout.strip()) == (0, "audit chain intact: 10 records")
+
+    async with db.transaction() as session:
+        await session.execute(
+            update(PLATFORM.audit).where(PLATFORM.audit.c.sequence == 3).values(record={"forged": 1})
+        )
+    broken = await asyncio.to_thread(CliRunner().invoke, cli, args)
+    assert broken.exit_code == 1
+    assert "chain broken at sequence 3" in broken.stderr
