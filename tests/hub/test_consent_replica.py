@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SEVERANCE_CLINIC, SNUBH, Hub, eventually, new_rrn, root_conftest, start_hub
+from hub_support import SEVERANCE_CLINIC, SNUBH, Hub, eventually, new_rrn, root_conftest, start_hub
 
 from hie_consent.app import create_app as create_consent_app
 from hie_consent.config import ConsentSettings
