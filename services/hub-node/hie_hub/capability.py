@@ -48,8 +48,13 @@ TASK_PARAMS: dict[str, tuple[str, str]] = {
     "requester": ("reference", f"the caller's institution: {KRNPI}"),
     "requester:identifier": ("reference", f"the caller's institution: {KRNPI}"),
     "status": ("token", "requested | received | accepted | rejected | completed"),
-    "_count": ("number", "page size (no further pages)"),
-    "_since": ("date", "Tasks changed after this instant; with 'Prefer: wait=N' the request waits for one"),
+    "_count": ("number", "page size (default 100); a 'next' link leads to the following page"),
+    "_since": (
+        "date",
+        "Tasks changed after this instant, oldest change first; with 'Prefer: wait=N' the request "
+        "waits for one (without it: newest change first)",
+    ),
+    "_cursor": ("string", PAGING),
 }
 AUDIT_PARAMS: dict[str, tuple[str, str]] = {
     "patient.identifier": ("token", "RRN or patient-key system|value"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.models import Document, SubmissionSet, Subscription, Task
@@ -77,9 +77,12 @@ async def tasks(
     requester: str | None = None,
     statuses: Collection[str] | None = None,
     since: datetime | None = None,
+    after: tuple[datetime, str] | None = None,
     limit: int = 100,
 ) -> list[Task]:
-    """Tasks newest change first; ``since``: changed strictly after that instant (long polling)."""
+    """Tasks newest change first; with ``since`` (changed strictly after that instant: long polling)
+    oldest change first, so that a poller advancing ``_since`` page by page never skips one.
+    ``after`` is the (updated_at, id) of the last row of the previous page (keyset paging)."""
     query = select(Task)
     if owner is not None:
         query = query.where(Task.owner == owner)
@@ -89,8 +92,17 @@ async def tasks(
         query = query.where(Task.status.in_(list(statuses)))
     if since is not None:
         query = query.where(Task.updated_at > since)
-    query = query.order_by(Task.updated_at.desc(), Task.id).limit(limit)
-    return list((await session.scalars(query)).all())
+    if since is None:
+        if after is not None:
+            at, key = after
+            query = query.where(or_(Task.updated_at < at, and_(Task.updated_at == at, Task.id > key)))
+        query = query.order_by(Task.updated_at.desc(), Task.id)
+    else:
+        if after is not None:
+            at, key = after
+            query = query.where(or_(Task.updated_at > at, and_(Task.updated_at == at, Task.id > key)))
+        query = query.order_by(Task.updated_at, Task.id)
+    return list((await session.scalars(query.limit(limit))).all())
 
 
 async def tasks_of_submission(

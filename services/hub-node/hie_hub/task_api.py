@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from hie_hub import tasks
 from hie_hub.node import NodeDep, ReaderActor
-from hie_hub.params import SearchParams, json_body
+from hie_hub.params import Cursor, SearchParams, json_body
 from hie_hub.resources import searchset
 from hie_platform.errors import fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
@@ -19,7 +19,16 @@ from hie_platform.http import ReadSessionDep, SessionDep
 router = APIRouter(prefix="/fhir", tags=["fhir"])
 
 TASK_SEARCH = frozenset(
-    {"owner", "owner:identifier", "requester", "requester:identifier", "status", "_count", "_since"}
+    {
+        "owner",
+        "owner:identifier",
+        "requester",
+        "requester:identifier",
+        "status",
+        "_count",
+        "_since",
+        "_cursor",
+    }
 )
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 # How often a waiting poll looks at the database itself (a Task written by another replica of the
@@ -42,6 +51,8 @@ async def search_tasks(
 ) -> JSONResponse:
     params = SearchParams(request, TASK_SEARCH)
     count = params.count()
+    limit = count if count is not None else 100
+    cursor = params.cursor()
     since = params.instant("_since")
     owner, requester = params.institution("owner"), params.institution("requester")
     statuses = params.any_of("status")
@@ -56,7 +67,8 @@ async def search_tasks(
             requester=requester,
             statuses=statuses,
             since=since,
-            limit=count if count is not None else 100,
+            after=(cursor.at, cursor.key) if cursor else None,
+            limit=limit + 1,  # one more than the page: is there a next page?
         )
         remaining = deadline - time.monotonic()
         if rows or remaining <= 0:
@@ -64,7 +76,13 @@ async def search_tasks(
         await read.commit()  # end the snapshot, so the next look sees what was committed meanwhile
         await node.tasks_changed.wait(min(remaining, _RECHECK_SECONDS), mark)
     headers = {"Preference-Applied": f"wait={int(wait)}"} if wait else None
-    bundle = searchset(node.settings.fhir_base, [row.task for row in rows], len(rows))
+    page = rows[:limit]
+    base = f"{node.settings.fhir_base}/Task"
+    links = [("self", params.link(base, {}))]
+    if len(rows) > limit and page:
+        last = page[-1]
+        links.append(("next", params.link(base, {"_cursor": Cursor(last.updated_at, last.id).encode()})))
+    bundle = searchset(node.settings.fhir_base, [row.task for row in page], None, links=links)
     return fhir_response(200, bundle, headers)
 
 

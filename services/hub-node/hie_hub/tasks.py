@@ -52,6 +52,7 @@ async def find_tasks(
     statuses: Sequence[str] | None,
     limit: int,
     since: datetime | None = None,
+    after: tuple[datetime, str] | None = None,
 ) -> list[Task]:
     """The caller's inbox (as owner) or outbox (as requester)."""
     for party, code in (("owner", owner), ("requester", requester)):
@@ -60,7 +61,7 @@ async def find_tasks(
     if owner is None and requester is None:
         owner = actor.inst
     return await repository.tasks(
-        session, owner=owner, requester=requester, statuses=statuses, since=since, limit=limit
+        session, owner=owner, requester=requester, statuses=statuses, since=since, after=after, limit=limit
     )
 
 

@@ -51,6 +51,7 @@ class WebhookSender:
         self.http = http
         self._task: asyncio.Task[None] | None = None
         self._purged_at = 0.0
+        self._in_flight: set[int] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -60,6 +61,16 @@ class WebhookSender:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # Attempts cut short by the stop: give their claims back, so that the next process (or another
+        # replica) sends them at once rather than when the claim runs out.
+        if self._in_flight:
+            with contextlib.suppress(Exception):
+                async with self.node.runtime.db.transaction() as session:
+                    await session.execute(
+                        update(WebhookDelivery)
+                        .where(WebhookDelivery.id.in_(self._in_flight), WebhookDelivery.state == PENDING)
+                        .values(claimed_until=None)
+                    )
 
     async def _run(self) -> None:
         while True:
@@ -105,7 +116,15 @@ class WebhookSender:
                 )
             ).all()
         claimed = [delivery_id for delivery_id in due if await self._claim(delivery_id, now)]
-        await asyncio.gather(*(self._send(delivery_id) for delivery_id in claimed))
+        self._in_flight.update(claimed)
+        try:
+            await asyncio.gather(*(self._send(delivery_id) for delivery_id in claimed))
+        except asyncio.CancelledError:
+            raise  # left in _in_flight: stop() gives those claims back
+        except BaseException:
+            self._in_flight.difference_update(claimed)
+            raise
+        self._in_flight.difference_update(claimed)
         return len(claimed)
 
     async def _claim(self, delivery_id: int, now: datetime) -> bool:
