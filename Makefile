@@ -42,10 +42,13 @@ format: install ## apply ruff's formatting and safe fixes
 bench: install ## run the benchmarks and write bench/results/
 	$(PY) -m bench
 
+load: install ## five minutes of mixed load across two hubs (HIE_LOAD_SECONDS), then check it all arrived
+	$(PY) -m bench.load
+
 k8s-validate: install ## render every overlay (kubectl kustomize) and validate it strictly, offline
 	$(PY) deploy/k8s/validate.py
 
 clean: ## remove the local federation's data
 	rm -rf $(DATA_DIR)
 
-.PHONY: help install run demo test lint format bench k8s-validate clean
+.PHONY: help install run demo test lint format bench load k8s-validate clean
