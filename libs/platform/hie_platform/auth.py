@@ -93,7 +93,9 @@ def bearer_token(request: Request) -> str:
 
 async def current_actor(request: Request) -> TokenClaims:
     verifier: TokenVerifier = request.app.state.runtime.verifier
-    return await verifier.verify(bearer_token(request))
+    claims = await verifier.verify(bearer_token(request))
+    request.state.actor_inst = claims.inst  # names the caller in the refusal log (errors.py)
+    return claims
 
 
 CurrentActor = Annotated[TokenClaims, Depends(current_actor)]

@@ -44,6 +44,9 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, name: str, connect_timeout: float = 5.0) -> Bus:
+        """Connect to ``url``: one server, or a cluster as comma-separated URLs (tried in turn, and
+        on reconnect; the servers a cluster advertises are added as they become known)."""
+
         async def _disconnected() -> None:
             log.warning("nats disconnected")
 
@@ -53,8 +56,9 @@ class Bus:
         async def _error(exc: Exception) -> None:
             log.warning("nats error", error=str(exc))
 
+        servers = [part.strip() for part in url.split(",") if part.strip()]
         nc = await nats.connect(
-            url,
+            servers,
             name=name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,
@@ -71,14 +75,22 @@ class Bus:
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
-    async def ensure_streams(self, specs: Sequence[streams.StreamSpec] = streams.ALL) -> None:
-        """Create or update the federation's streams (idempotent; every service may call it)."""
+    async def ensure_streams(
+        self, specs: Sequence[streams.StreamSpec] = streams.ALL, replicas: int = 1
+    ) -> None:
+        """Create or update the federation's streams (idempotent; every service may call it).
+
+        ``replicas`` is the JetStream replication factor: 1 on a single server, 3 on a 3-node cluster
+        (a stream then survives the loss of any one server, its leader included). Every service of a
+        federation must use the same value, or each start-up would change the streams back and forth.
+        """
         for spec in specs:
             config = StreamConfig(
                 name=spec.name,
                 subjects=list(spec.subjects),
                 retention=RetentionPolicy(spec.retention.value),
                 storage=StorageType.FILE,
+                num_replicas=replicas,
                 duplicate_window=float(spec.duplicate_window_seconds),
                 max_age=float(spec.max_age_seconds),
             )
@@ -173,12 +185,14 @@ class Bus:
         while True:
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
+                # Nothing to fetch within the second (nats-py raises either, depending on where
+                # the deadline struck): poll again.
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("fetch failed", durable=durable, error=str(exc))
+                log.warning("fetch failed", durable=durable, error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hie_platform.logging import get_logger
@@ -98,19 +100,93 @@ class ServiceUnavailable(FhirError):
     code = "transient"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database cannot be reached (restarting, refused, connection lost): retry shortly."""
+
+    def __init__(self) -> None:
+        super().__init__("the database is unavailable; retry the request shortly")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+# asyncpg's errors that mean the server is away, not that the request was wrong: the connection
+# failed or was lost (class 08), the server is shutting down or starting up (57P01-57P03), or it has
+# no room for another connection (53).
+_UNAVAILABLE_NAMES = frozenset(
+    {"PostgresConnectionError", "OperatorInterventionError", "InsufficientResourcesError"}
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__, getattr(current, "orig", None)]
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database cannot be reached now (as opposed to a bug or bad data)."""
+    for found in _chain(exc):
+        if isinstance(found, ConnectionError | sa_exc.TimeoutError | sa_exc.DisconnectionError):
+            return True
+        if isinstance(found, sa_exc.DBAPIError) and found.connection_invalidated:
+            return True
+        if any(cls.__name__ in _UNAVAILABLE_NAMES for cls in type(found).__mro__):
+            return True
+    return False
+
+
 def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+# Refusals a security monitor watches (bad or missing credentials, no right, oversized bodies) are
+# warnings with the reason; other client errors are info lines without it, because their
+# diagnostics may quote the caller's input (which may carry a resident registration number).
+SECURITY_STATUSES = frozenset({401, 403, 413})
+
+
+def log_refusal(
+    status: int, code: str, *, method: str, route: str, reason: str = "", inst: str | None = None
+) -> None:
+    """One structured line per refused request: event "request refused", status, issue code, route."""
+    fields: dict[str, Any] = {"status": status, "code": code, "method": method, "route": route}
+    if inst is not None:
+        fields["inst"] = inst
+    if status in SECURITY_STATUSES or status >= 500:
+        log.warning("request refused", reason=reason[:300], **fields)
+    else:
+        log.info("request refused", **fields)
+
+
+def _log_request_refusal(request: Request, status: int, code: str, reason: str = "") -> None:
+    log_refusal(
+        status,
+        code,
+        method=request.method,
+        route=getattr(request.scope.get("route"), "path", "unmatched"),
+        reason=reason,
+        inst=getattr(request.state, "actor_inst", None),
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OperationOutcome; nothing leaves as a stack trace."""
 
     @app.exception_handler(FhirError)
-    async def _fhir_error(_request: Request, exc: FhirError) -> JSONResponse:
+    async def _fhir_error(request: Request, exc: FhirError) -> JSONResponse:
+        _log_request_refusal(request, exc.status, exc.code, exc.diagnostics)
         return fhir_response(exc.status, exc.operation_outcome(), exc.headers())
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _log_request_refusal(request, 400, "invalid")
         issues = [
             Issue(
                 f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}",
@@ -122,11 +198,25 @@ def install_error_handlers(app: FastAPI) -> None:
         return fhir_response(400, operation_outcome(issues or [Issue("invalid request")]))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not-found", 405: "not-supported", 401: "login", 403: "forbidden"}.get(
             exc.status_code, "invalid"
         )
+        _log_request_refusal(request, exc.status_code, code, str(exc.detail))
         return fhir_response(exc.status_code, operation_outcome([Issue(str(exc.detail), code=code)]))
+
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        # A database restart or outage answers 503 (retry later), not 500: the request was fine.
+        if not database_unavailable(exc):
+            return await _unexpected(request, exc)
+        unavailable = DatabaseUnavailable()
+        _log_request_refusal(
+            request, unavailable.status, unavailable.code, f"database unavailable: {type(exc).__name__}"
+        )
+        return fhir_response(unavailable.status, unavailable.operation_outcome(), unavailable.headers())
+
+    for family in (sa_exc.SQLAlchemyError, ConnectionError, asyncpg.PostgresError):
+        app.add_exception_handler(family, _database)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hie_platform.errors import PayloadTooLarge, install_error_handlers, operation_outcome
+from hie_platform.errors import PayloadTooLarge, install_error_handlers, log_refusal, operation_outcome
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger, new_correlation_id
 
 log = get_logger("hie.access")
@@ -44,6 +44,25 @@ class _BodyTooLarge(Exception):
     pass
 
 
+async def _buffered(receive: Receive) -> Receive:
+    """Read the whole request body now (``receive`` enforces the limit); replay it as one message."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: pass that on
+            pending = [message]
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+            break
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
 class PlatformMiddleware:
     """Pure ASGI: correlation id in and out, body size limit, metrics, access log without query strings."""
 
@@ -65,10 +84,6 @@ class PlatformMiddleware:
         started = time.perf_counter()
         status = 500
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await self._too_large(send, cid)
-            correlation_id.reset(token)
-            return
         seen = 0
 
         async def limited_receive() -> Message:
@@ -88,10 +103,17 @@ class PlatformMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, send_with_headers)
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+                raise _BodyTooLarge
+            app_receive: Receive = limited_receive
+            if declared is None and b"transfer-encoding" in headers:
+                # A chunked body is read up to the limit before the app sees it: parsers that catch
+                # every error (FastAPI's form and body readers) would otherwise turn 413 into 400.
+                app_receive = await _buffered(limited_receive)
+            await self.app(scope, app_receive, send_with_headers)
         except _BodyTooLarge:
             status = 413
-            await self._too_large(send, cid)
+            await self._too_large(send, cid, scope)
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
@@ -102,11 +124,16 @@ class PlatformMiddleware:
                 log.info("request", method=method, route=route, status=status, ms=round(elapsed * 1000, 2))
             correlation_id.reset(token)
 
-    async def _too_large(self, send: Send, cid: str) -> None:
-
-        body = json.dumps(
-            operation_outcome(PayloadTooLarge(f"request body exceeds {self.max_body} bytes").issues)
+    async def _too_large(self, send: Send, cid: str, scope: Scope) -> None:
+        refusal = PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+        log_refusal(
+            refusal.status,
+            refusal.code,
+            method=scope.get("method", ""),
+            route=getattr(scope.get("route"), "path", "unmatched"),
+            reason=refusal.diagnostics,
         )
+        body = json.dumps(operation_outcome(refusal.issues))
         await send(
             {
                 "type": "http.response.start",

@@ -99,7 +99,7 @@ async def start_runtime(
                 f"{service}: NATS unreachable at {settings.nats_url}: {type(exc).__name__}"
             ) from exc
         stack.push_async_callback(bus.close)
-        await bus.ensure_streams()
+        await bus.ensure_streams(replicas=settings.nats_stream_replicas)
         http = httpx.AsyncClient()
         stack.push_async_callback(http.aclose)
         registry = RegistryClient(settings.registry_url, http)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that mark a secret as a development placeholder; refused outside development.
@@ -43,7 +43,9 @@ class ServiceSettings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///./.hie/service.db"
     database_schema: str | None = None
     migrate_on_start: bool = True
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # a cluster: comma-separated URLs
+    # JetStream replicas of the federation's streams: 3 on the production 3-node cluster (R3).
+    nats_stream_replicas: int = Field(default=1, ge=1, le=5)
     registry_url: str = "http://127.0.0.1:8001"
     token_issuer: str | None = None
     log_level: str = "INFO"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -34,6 +34,9 @@ ExchangeOrAgencyActor = Annotated[TokenClaims, Depends(current_actor)]
 # FHIR token search (system|value); the value may be an RRN, so it is never echoed back.
 PatientParam = Annotated[str, Query(alias="patient.identifier", description="system|value")]
 _JSON_TYPES = ("application/fhir+json", "application/json")
+# meta.versionId: a positive 32-bit integer (the column's range on PostgreSQL); a larger number made
+# the database driver raise (a 500) instead of being refused as a bad request.
+VersionId = Annotated[int, Path(ge=1, le=2**31 - 1, description="meta.versionId")]
 
 
 def _runtime(request: Request) -> Runtime:
@@ -132,7 +135,7 @@ async def read_consent(
     summary="One version of a Consent",
 )
 async def read_consent_version(
-    session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor, resource_id: str, version_id: int
+    session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor, resource_id: str, version_id: VersionId
 ) -> JSONResponse:
     return await _read(session, runtime, actor, resource_id, version_id)
 
@@ -145,7 +148,11 @@ async def read_consent_version(
     summary="The signature image of a desk consent (the recording institution and the agency only)",
 )
 async def read_signature(
-    session: SessionDep, runtime: RuntimeDep, actor: ExchangeOrAgencyActor, resource_id: str, version_id: int
+    session: SessionDep,
+    runtime: RuntimeDep,
+    actor: ExchangeOrAgencyActor,
+    resource_id: str,
+    version_id: VersionId,
 ) -> Response:
     image = await service.signature(session, runtime, actor, resource_id, version_id)
     return Response(image.data, media_type=image.content_type, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,720 @@
+"""What the fault tests share: the federation as real processes that a test can SIGKILL and restart,
+a 3-node NATS cluster with JetStream, a private PostgreSQL cluster, and the referral traffic.
+
+A module of its own name (not ``conftest``): when several test directories run together, the name
+``conftest`` belongs to whichever directory's conftest.py was imported last.
+
+Everything listens on 127.0.0.1 on free ports; every wait has a deadline and fails the test with
+what it was waiting for (no bare sleeps, no timing assertions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import nats
+import pytest
+
+from hie_platform.natsd import MAX_PAYLOAD, find_nats_server, free_port, wait_for_port
+from hie_registry import seed
+from hie_schemas import codes
+from hie_schemas.codes import DocumentType
+from hie_schemas.consent import ConsentPolicy
+from hie_schemas.documents import profiles
+from hie_schemas.documents.builders import build_document, build_submission
+from hie_schemas.identifiers import KRNPI_SYSTEM, RRN_SYSTEM
+
+T = TypeVar("T")
+HOST = "127.0.0.1"
+# The two hubs of every fault federation: referrals go from a clinic of the first to the second's hospital.
+SOURCE_HUB, DESTINATION_HUB = "severance", "snubh"
+CLINIC = next(c.code for c in seed.CLINICS if c.hub == SOURCE_HUB)
+HOSPITAL = next(h.code for h in seed.HUBS if h.hub == DESTINATION_HUB)
+# The smallest valid PNG, as the patient's signature on the sign pad.
+SIGNATURE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgAAIAAAUAAXpeqz8AAAAASUVORK5CYII="
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], what: str, timeout: float = 60.0) -> T:
+    """Poll ``check`` until it returns something truthy; fail at the deadline with ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def new_rrn() -> str:
+    n = uuid.uuid4().int
+    birth = f"{40 + n % 60:02d}{1 + (n >> 8) % 12:02d}{1 + (n >> 16) % 28:02d}"
+    return f"{birth}-{1 + (n >> 24) % 2}{(n >> 32) % 10**6:06d}"
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """One service as its own process (``python -m <module>``), restartable with the same settings."""
+
+    name: str
+    module: str
+    env: dict[str, str]
+    log: Path
+    url: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Child:
+        with open(self.log, "ab") as out:
+            out.write(f"--- start {time.strftime('%H:%M:%S')} ---\n".encode())
+            out.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        assert self.url is not None
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=3.0) as http:
+            while True:
+                if self.process.poll() is not None:
+                    pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
+                try:
+                    if (await http.get(f"{self.url}/readyz")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{self.name} not ready after {timeout:.0f} s:\n{self.tail()}")
+                await asyncio.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, nothing is flushed, in-flight requests are cut."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+# --- NATS: one server, or a 3-node JetStream cluster ----------------------------------------------
+
+
+@dataclass
+class NatsNode:
+    name: str
+    port: int
+    cluster_port: int
+    store: Path
+    config: Path
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class NatsCluster:
+    """``size`` nats-server processes clustered with JetStream (one server when ``size`` is 1)."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.nodes = [
+            NatsNode(
+                name=f"n{i}",
+                port=free_port(HOST),
+                cluster_port=free_port(HOST),
+                store=root / f"n{i}" / "js",
+                config=root / f"n{i}.conf",
+                log=root / f"n{i}.log",
+            )
+            for i in range(1, size + 1)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every server, comma-separated (what the services are given as NATS_URL)."""
+        return ",".join(node.url for node in self.nodes)
+
+    def _config(self, node: NatsNode) -> str:
+        lines = [
+            f"server_name: {node.name}",
+            f"listen: {HOST}:{node.port}",
+            f"max_payload: {MAX_PAYLOAD}",
+            f'jetstream {{ store_dir: "{node.store}" }}',
+        ]
+        if len(self.nodes) > 1:
+            routes = ", ".join(f"nats-route://{HOST}:{n.cluster_port}" for n in self.nodes)
+            lines.append(
+                f"cluster {{ name: hie-faults, listen: {HOST}:{node.cluster_port}, routes: [{routes}] }}"
+            )
+        return "\n".join(lines) + "\n"
+
+    def start_node(self, node: NatsNode) -> None:
+        node.store.mkdir(parents=True, exist_ok=True)
+        node.config.write_text(self._config(node))
+        with open(node.log, "ab") as out:
+            node.process = subprocess.Popen(
+                [find_nats_server(), "-c", str(node.config)], stdout=out, stderr=subprocess.STDOUT
+            )
+        wait_for_port(HOST, node.port, 30.0, node.process)
+
+    async def start(self) -> NatsCluster:
+        for node in self.nodes:
+            self.start_node(node)
+        await self.wait_jetstream()
+        return self
+
+    async def wait_jetstream(self, timeout: float = 60.0) -> None:
+        """Until JetStream can place a stream on every server (a meta leader with all peers known)."""
+        from nats.js.api import StreamConfig
+
+        nc = await nats.connect(self.url.split(","), connect_timeout=5)
+        try:
+            js = nc.jetstream()
+
+            async def ready() -> bool:
+                try:
+                    probe = StreamConfig(
+                        name="FAULTS_PROBE", subjects=["faults.probe"], num_replicas=len(self.nodes)
+                    )
+                    await js.add_stream(probe)
+                    await js.delete_stream("FAULTS_PROBE")
+                except Exception:
+                    return False
+                return True
+
+            await eventually(ready, "JetStream on every NATS server", timeout)
+        finally:
+            await nc.close()
+
+    def node(self, name: str) -> NatsNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def kill(self, name: str) -> None:
+        node = self.node(name)
+        assert node.process is not None
+        node.process.send_signal(signal.SIGKILL)
+        node.process.wait(30)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.terminate()
+                try:
+                    node.process.wait(15)
+                except subprocess.TimeoutExpired:
+                    node.process.kill()
+                    node.process.wait(10)
+
+
+async def stream_info(nats_url: str, stream: str, subjects_filter: str | None = None) -> Any:
+    nc = await nats.connect(nats_url.split(","), connect_timeout=5)
+    try:
+        return await nc.jetstream().stream_info(stream, subjects_filter=subjects_filter)
+    finally:
+        await nc.close()
+
+
+# --- a private PostgreSQL cluster (never the machine's shared one) --------------------------------
+
+
+def postgres_bin() -> Path | None:
+    """The newest Debian PostgreSQL binaries with initdb and pg_ctl, if any."""
+    found = sorted(
+        (
+            p
+            for p in Path("/usr/lib/postgresql").glob("*/bin")
+            if (p / "initdb").exists() and (p / "pg_ctl").exists()
+        ),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    return found[-1] if found else None
+
+
+class PrivatePostgres:
+    """initdb + pg_ctl as the postgres user, in a directory of its own, on a free loopback port."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="hie-faults-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
+        self.port = free_port(HOST)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@{HOST}:{self.port}/postgres"
+
+    def _as_postgres(self, *args: str, timeout: float = 120.0) -> None:
+        command = ["runuser", "-u", "postgres", "--", *args]
+        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stdout.decode()} {done.stderr.decode()}")
+
+    def init(self) -> PrivatePostgres:
+        os.chmod(self.root, 0o755)
+        shutil.chown(self.root, "postgres", "postgres")
+        self._as_postgres(
+            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync"
+        )
+        return self
+
+    def start(self) -> None:
+        # fsync off: the fault is a restart of the server process, not a crash of the machine (the
+        # operating system keeps what was written), and the tests run on two shared cores.
+        options = f"-p {self.port} -c listen_addresses={HOST} -k {self.root} -c fsync=off"
+        self._as_postgres(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self.stop("immediate")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --- the federation -------------------------------------------------------------------------------
+
+
+@dataclass
+class FaultFederation:
+    """Registry, consent service and hub nodes as processes on one NATS (server or cluster)."""
+
+    data: Path
+    nats_url: str
+    hubs: tuple[str, ...] = (SOURCE_HUB, DESTINATION_HUB)
+    hub_databases: dict[str, str] = field(default_factory=dict)  # slug -> database URL (else SQLite)
+    extra_env: dict[str, str] = field(default_factory=dict)  # HIE_* settings for every service
+    children: dict[str, Child] = field(default_factory=dict)
+    credentials: dict[str, str] = field(default_factory=dict)
+    _tokens: dict[str, str] = field(default_factory=dict)
+
+    def _env(self, prefix: str, name: str, port: int, **extra: str) -> dict[str, str]:
+        values = {
+            "NATS_URL": self.nats_url,
+            "HOST": HOST,
+            "PORT": str(port),
+            "NODE": name,
+            "ENVIRONMENT": "development",
+            "REGISTRY_URL": self.registry_url,
+            "DATABASE_URL": f"sqlite+aiosqlite:///{self.data / 'db' / (name + '.db')}",
+            **self.extra_env,
+            **extra,
+        }
+        return {f"{prefix}{k}": v for k, v in values.items()}
+
+    def _child(self, name: str, module: str, env: dict[str, str], port: int) -> Child:
+        child = Child(name, module, env, self.data / "logs" / f"{name}.log", f"http://{HOST}:{port}")
+        self.children[name] = child
+        return child
+
+    async def start(self) -> FaultFederation:
+        for folder in (self.data, self.data / "logs", self.data / "db"):
+            folder.mkdir(parents=True, exist_ok=True)
+        registry_port = free_port(HOST)
+        self.registry_url = f"http://{HOST}:{registry_port}"
+        ports = {slug: free_port(HOST) for slug in self.hubs}
+        topology = {
+            "hubs": {
+                slug: {
+                    "fhir_base": f"http://{HOST}:{port}/fhir",
+                    "gateway": {"ae_title": seed.hub_gateway_ae(slug), "host": HOST, "port": free_port(HOST)},
+                }
+                for slug, port in ports.items()
+            }
+        }
+        (self.data / "topology.json").write_text(json.dumps(topology))
+        registry = self._child(
+            "registry",
+            "hie_registry",
+            self._env(
+                "HIE_REGISTRY_",
+                "registry",
+                registry_port,
+                SEED_DEMO="true",
+                CREDENTIALS_FILE=str(self.data / "credentials.json"),
+                TOPOLOGY_FILE=str(self.data / "topology.json"),
+            ),
+            registry_port,
+        ).start()
+        await registry.wait_ready()
+        self.credentials = json.loads((self.data / "credentials.json").read_text())
+        consent_port = free_port(HOST)
+        self.consent_url = f"http://{HOST}:{consent_port}"
+        started = [
+            self._child(
+                "consent", "hie_consent", self._env("HIE_CONSENT_", "consent", consent_port), consent_port
+            ).start()
+        ]
+        for slug, port in ports.items():
+            extra = {"HUB": slug}
+            if slug in self.hub_databases:
+                extra["DATABASE_URL"] = self.hub_databases[slug]
+            started.append(
+                self._child(
+                    f"hub-{slug}", "hie_hub", self._env("HIE_HUB_", f"hub-{slug}", port, **extra), port
+                ).start()
+            )
+        await asyncio.gather(*(child.wait_ready() for child in started))
+        return self
+
+    def hub(self, slug: str) -> Child:
+        return self.children[f"hub-{slug}"]
+
+    def fhir(self, slug: str) -> str:
+        url = self.hub(slug).url
+        assert url is not None
+        return f"{url}/fhir"
+
+    @property
+    def consent(self) -> Child:
+        return self.children["consent"]
+
+    async def restart(self, name: str) -> None:
+        child = self.children[name]
+        if child.alive:
+            child.stop()
+        await child.start().wait_ready()
+
+    def stop(self) -> None:
+        for child in reversed(list(self.children.values())):
+            child.stop()
+
+    def logs_with(self, needle: str, names: Iterable[str] | None = None) -> dict[str, str]:
+        """The services whose log holds ``needle`` (a few lines around its first occurrence)."""
+        found: dict[str, str] = {}
+        for name, child in self.children.items():
+            if names is not None and name not in names:
+                continue
+            text = child.text()
+            at = text.find(needle)
+            if at >= 0:
+                found[name] = text[max(0, at - 500) : at + 1500]
+        return found
+
+    # --- calls --------------------------------------------------------------------------------------
+
+    async def token(self, http: httpx.AsyncClient, code: str) -> str:
+        if code not in self._tokens:
+            response = await http.post(
+                f"{self.registry_url}/oauth2/token",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": code,
+                    "client_secret": self.credentials[code],
+                },
+            )
+            response.raise_for_status()
+            self._tokens[code] = response.json()["access_token"]
+        return self._tokens[code]
+
+    async def headers(self, http: httpx.AsyncClient, code: str) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {await self.token(http, code)}",
+            "Accept": "application/fhir+json",
+            "Content-Type": "application/fhir+json",
+        }
+
+    async def consent_to_exchange(self, http: httpx.AsyncClient, rrn: str) -> None:
+        """The patient signs ENTIRE_CONSENT at the clinic (recorded at the consent service)."""
+        resource = {
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                        "code": "patient-privacy",
+                    }
+                ]
+            },
+            "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+            "patient": {"identifier": {"system": RRN_SYSTEM, "value": rrn}},
+            "organization": [{"identifier": {"system": KRNPI_SYSTEM, "value": CLINIC}}],
+            "policyRule": {
+                "coding": [
+                    {"system": codes.CONSENT_POLICY_SYSTEM, "code": ConsentPolicy.ENTIRE_CONSENT.value}
+                ]
+            },
+            "sourceAttachment": {"contentType": "image/png", "data": SIGNATURE},
+        }
+        response = await http.post(
+            f"{self.consent_url}/fhir/Consent", json=resource, headers=await self.headers(http, CLINIC)
+        )
+        assert response.status_code == 201, response.text
+
+    async def publish(self, http: httpx.AsyncClient, referral: Referral) -> httpx.Response:
+        return await http.post(
+            self.fhir(SOURCE_HUB), json=referral.body, headers=await self.headers(http, CLINIC)
+        )
+
+    async def destination_tasks(self, http: httpx.AsyncClient) -> list[dict[str, Any]]:
+        """Every Task in the hospital's inbox at the destination hub (one page holds them all)."""
+        response = await http.get(
+            f"{self.fhir(DESTINATION_HUB)}/Task",
+            params={"owner": f"{KRNPI_SYSTEM}|{HOSPITAL}", "_count": "1000"},
+            headers=await self.headers(http, HOSPITAL),
+        )
+        assert response.status_code == 200, response.text
+        return [entry["resource"] for entry in response.json().get("entry", [])]
+
+    async def source_tasks(self, http: httpx.AsyncClient) -> list[dict[str, Any]]:
+        """Every Task the clinic sent, as the source hub keeps it."""
+        response = await http.get(
+            f"{self.fhir(SOURCE_HUB)}/Task",
+            params={"requester": f"{KRNPI_SYSTEM}|{CLINIC}", "_count": "1000"},
+            headers=await self.headers(http, CLINIC),
+        )
+        assert response.status_code == 200, response.text
+        return [entry["resource"] for entry in response.json().get("entry", [])]
+
+    async def destination_documents(self, http: httpx.AsyncClient, rrn: str) -> list[str]:
+        """The DocumentReference ids the hospital finds for the patient at the destination hub (ITI-67)."""
+        ids: list[str] = []
+        url: str | None = f"{self.fhir(DESTINATION_HUB)}/DocumentReference"
+        params: dict[str, str] | None = {"patient.identifier": f"{RRN_SYSTEM}|{rrn}", "_count": "1000"}
+        while url:
+            response = await http.get(url, params=params, headers=await self.headers(http, HOSPITAL))
+            assert response.status_code == 200, response.text
+            bundle = response.json()
+            ids += [entry["resource"]["id"] for entry in bundle.get("entry", [])]
+            url = next((link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None)
+            params = None
+        return ids
+
+
+# --- referrals --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Referral:
+    """One referral note from the clinic to the destination hospital, with the ids the EMR chose."""
+
+    rrn: str
+    body: dict[str, Any]
+    document_id: str = ""
+    task_id: str | None = None  # from the acknowledged transaction-response
+    attempts: list[str] = field(default_factory=list)  # what each try got: a status or an error
+
+    @classmethod
+    def new(cls, rrn: str, *, emergency: str | None = None) -> Referral:
+        document = build_document(
+            DocumentType.REFERRAL,
+            author_code=CLINIC,
+            author_name="의원",
+            patient_rrn=rrn,
+            recipient_code=HOSPITAL,
+        )
+        body = build_submission([document], author_code=CLINIC, patient_rrn=rrn, recipients=[HOSPITAL])
+        if emergency is not None:
+            submission_set = next(
+                e["resource"] for e in body["entry"] if e["resource"]["resourceType"] == "List"
+            )
+            submission_set.setdefault("extension", []).extend(
+                [
+                    {
+                        "url": profiles.PURPOSE_EXTENSION_URL,
+                        "valueCoding": {"system": profiles.PURPOSE_SYSTEM, "code": "emergency"},
+                    },
+                    {"url": profiles.JUSTIFICATION_EXTENSION_URL, "valueString": emergency},
+                ]
+            )
+        referral = cls(rrn, body)
+        return referral
+
+    @property
+    def acknowledged(self) -> bool:
+        return self.task_id is not None
+
+    def accept(self, response: httpx.Response) -> None:
+        self.accept_body(response.json())
+
+    def accept_body(self, bundle: dict[str, Any]) -> None:
+        """Read the transaction-response: the DocumentReference and the Task it created."""
+        locations = [e.get("response", {}).get("location", "") for e in bundle.get("entry", [])]
+        docrefs = [loc.split("/")[1] for loc in locations if loc.startswith("DocumentReference/")]
+        tasks = [loc.split("/")[1] for loc in locations if loc.startswith("Task/")]
+        assert (len(docrefs), len(tasks)) == (1, 1), bundle
+        if self.task_id is not None:
+            # A retry replays the first answer: the same Task, nothing new.
+            assert (self.document_id, self.task_id) == (docrefs[0], tasks[0]), bundle
+        self.document_id, self.task_id = docrefs[0], tasks[0]
+
+
+def refusal_rules(response: httpx.Response) -> list[str]:
+    """The consent rules an ITI-65 refusal names (``rule <name>`` in each issue's diagnostics)."""
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome", body
+    rules = []
+    for issue in body["issue"]:
+        text = issue.get("diagnostics", "")
+        if "rule " in text:
+            rules.append(text.split("rule ", 1)[1].split()[0])
+    return rules
+
+
+@dataclass
+class Burst:
+    """``count`` referrals sent ``concurrency`` at a time, each retried until it is acknowledged.
+
+    An EMR that loses its connection (or gets a 5xx) resends the same transaction with the same ids,
+    as ITI-65 allows: a replay is answered as the first time and stores nothing new.
+    """
+
+    federation: FaultFederation
+    referrals: list[Referral]
+    concurrency: int = 6
+    retry_for: float = 180.0
+    acknowledged: int = 0
+    errors: list[str] = field(default_factory=list)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, http: httpx.AsyncClient) -> None:
+        queue: asyncio.Queue[Referral] = asyncio.Queue()
+        for referral in self.referrals:
+            queue.put_nowait(referral)
+
+        async def worker() -> None:
+            while not queue.empty():
+                await self._send(http, queue.get_nowait())
+
+        await asyncio.gather(*(worker() for _ in range(self.concurrency)))
+
+    async def _send(self, http: httpx.AsyncClient, referral: Referral) -> None:
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                response = await self.federation.publish(http, referral)
+                outcome = str(response.status_code)
+            except httpx.HTTPError as exc:
+                response, outcome = None, type(exc).__name__
+            referral.attempts.append(outcome)
+            if response is not None and response.status_code == 200:
+                referral.accept(response)
+                self.acknowledged += 1
+                self.progress.set()
+                return
+            if response is not None and response.status_code < 500:
+                pytest.fail(f"referral refused with {response.status_code}: {response.text[:500]}")
+            self.errors.append(outcome)
+            if time.monotonic() > deadline:
+                pytest.fail(f"referral not acknowledged after {self.retry_for:.0f} s: {referral.attempts}")
+            await asyncio.sleep(0.3)
+
+    async def until_acknowledged(self, count: int, timeout: float = 180.0) -> None:
+        async def reached() -> bool:
+            return self.acknowledged >= count
+
+        await eventually(reached, f"{count} acknowledged referrals", timeout)
+
+
+async def delivered_exactly_once(
+    federation: FaultFederation,
+    http: httpx.AsyncClient,
+    referrals: list[Referral],
+    timeout: float = 150.0,
+    unsearchable: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Wait until the destination holds a Task for every acknowledged referral; then prove that it
+    holds each exactly once and nothing else, with the referral note found once per referral by the
+    hospital's search (ITI-67) — except for ``unsearchable`` patients (no consent: the search is
+    refused them, rightly; their emergency referrals are proven by their Tasks)."""
+    expected = {r.task_id for r in referrals}
+    assert None not in expected
+    assert len(expected) == len(referrals)
+
+    async def arrived() -> list[dict[str, Any]] | None:
+        tasks = await federation.destination_tasks(http)
+        return tasks if expected <= {t["id"] for t in tasks} else None
+
+    tasks = await eventually(arrived, f"{len(expected)} referrals at the destination hub", timeout)
+    ids = [t["id"] for t in tasks]
+    assert len(ids) == len(set(ids)), "a Task was delivered twice"
+    assert set(ids) == expected, f"unexpected Tasks at the destination: {set(ids) - expected}"
+    assert all(t["status"] == "received" for t in tasks)
+    assert {t["focus"]["reference"].split("/")[-1] for t in tasks} == {r.document_id for r in referrals}
+    by_patient: dict[str, set[str]] = {}
+    for referral in referrals:
+        if referral.rrn not in set(unsearchable):
+            by_patient.setdefault(referral.rrn, set()).add(referral.document_id)
+    for rrn, documents in by_patient.items():
+        found = await federation.destination_documents(http, rrn)
+        assert len(found) == len(set(found)), f"a document was stored twice for a patient: {found}"
+        assert set(found) == documents, (sorted(set(found) - documents), sorted(documents - set(found)))
+    return tasks
+
+
+async def requesters_told(
+    federation: FaultFederation, http: httpx.AsyncClient, referrals: list[Referral]
+) -> None:
+    """The source hub's copy of every Task moves to ``received`` (the destination's notice came back)."""
+    expected = {r.task_id for r in referrals}
+
+    async def told() -> bool:
+        tasks = {t["id"]: t["status"] for t in await federation.source_tasks(http)}
+        return all(tasks.get(task_id) == "received" for task_id in expected)
+
+    await eventually(told, "the destination's receipts at the source hub", 90.0)
