@@ -6,13 +6,14 @@ import asyncio
 import sys
 import time
 
-from bench import consent_bench, hub_bench, registry_bench
+from bench import consent_bench, hub_bench, imaging_bench, registry_bench
 from bench.common import Report
 
 BENCHMARKS = {
     "registry": registry_bench.run,
     "consent": consent_bench.run,
     "hub": hub_bench.run,
+    "imaging": imaging_bench.run,
 }
 
 

@@ -19,6 +19,7 @@ import nats
 import pytest
 from gateway_harness import HUB_GATEWAY_AE, SEVERANCE, SNUBH, ConsentDesk, Federation, GatewayApp, topology
 from nats.aio.client import Client as NatsClient
+from peers import GatewayProcess, Orthanc, orthanc_binary
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -361,3 +362,42 @@ async def gateway_apps(
                 await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
         finally:
             await conn.close()
+
+
+# --- real processes: gateways that can be SIGKILLed, and Orthanc ---------------------------------------
+
+
+@pytest.fixture
+def gateway_processes(
+    imaging_federation: Federation, tmp_path: Path
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """`start(hub, **settings)`: that hub's gateway as a `python -m hie_imaging` process, ready.
+
+    The returned GatewayProcess can be kill()ed and start()ed again on the same database and spool.
+    """
+    started: list[GatewayProcess] = []
+
+    def start(hub: str, **settings: str) -> GatewayProcess:
+        # Quick retries, as for the in-process apps, so that a peer coming back is noticed soon.
+        values = {
+            "RELAY_BACKOFF_SECONDS": "0.2",
+            "RELAY_BACKOFF_MAX_SECONDS": "1.0",
+            "RELAY_MAX_ATTEMPTS": "100",
+        }
+        process = GatewayProcess(hub, imaging_federation, tmp_path / f"gateway-{hub}", values | settings)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:  # SIGTERM to all first: they shut down side by side
+        process.terminate()
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """Orthanc as a PACS on free loopback ports (skips when Orthanc is not installed)."""
+    pacs = Orthanc(orthanc_binary(), tmp_path / "orthanc")
+    yield pacs
+    pacs.stop()

@@ -478,3 +478,25 @@ def test_spool_delete_then_read_raises_not_found(tmp_path: Path) -> None:
     assert not spool.delete(UID)
     with pytest.raises(InstanceNotFoundError):
         spool.read(UID)
+
+
+def test_part10_file_meta_is_what_pydicom_writes() -> None:
+    """The handler's hand-made file meta (written per C-STORE, for speed) matches pydicom's to the byte."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import UID
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import encode_file_meta
+
+    from hie_imaging.dicom.scp import part10
+
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
+    meta.MediaStorageSOPInstanceUID = UID("1.2.3.45")  # odd length: padded with a NUL
+    meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    meta.SourceApplicationEntityTitle = "CT_MODALITY"  # odd length: padded with a space
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + b"DATASET"
+    made = part10(b"DATASET", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45", "1.2.840.10008.1.2.1", "CT_MODALITY")
+    assert made == expected

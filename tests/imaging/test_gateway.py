@@ -163,7 +163,8 @@ async def test_study_sent_before_its_referral_waits_then_goes(
     study = study_of(series)
 
     assert (await storescu(dcmtk, imaging_federation, series)).returncode == 0
-    held = await hub1.status(study)
+    # Success means durable in the spool; the rows follow a moment later (recorded in batches).
+    held = await until_count(hub1, study, "held", 5)
     assert counts(held, "received", "held", "queued", "state", "exchange_id") == {
         "received": 5,
         "held": 5,
@@ -347,6 +348,7 @@ async def test_unknown_calling_ae_is_rejected_and_a_newly_registered_pacs_is_let
         return (await storescu(dcmtk, imaging_federation, series, calling_ae=new_ae)).returncode == 0
 
     await until(admitted, "the gateway to admit the newly registered PACS", timeout=15)
+    await until_count(hub1, study_of(series), "held", 2)
     status = await hub1.status(study_of(series), client_id="11301002")
     assert counts(status, "received", "held") == {"received": 2, "held": 2}
 

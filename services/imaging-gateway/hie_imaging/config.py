@@ -29,17 +29,16 @@ class ImagingSettings(ServiceSettings):
     database_url: str = "sqlite+aiosqlite:///./.hie/imaging.db"
     hold_seconds: float = 86400.0  # unmatched (held) studies are purged after this
     spool_min_free_bytes: int = 256 * 1024 * 1024
-    relay_max_attempts: int = 8
+    relay_max_attempts: int = 20  # with the default backoff, about 15 minutes of trying
     consent_cache_seconds: float = 5.0
     consent_timeout_seconds: float = 2.0
     # Tuning; the defaults suit a hub. The backoff doubles per failed attempt up to its maximum.
     relay_batch: int = 64
     relay_linger_seconds: float = 0.05  # a pause this long in the jobs ends a batch
-    relay_concurrency: int = 4  # associations open at once
+    relay_concurrency: int = 2  # batches in flight, and associations per batch (see docs/imaging.md)
     relay_backoff_seconds: float = 0.5
     relay_backoff_max_seconds: float = 60.0
     relay_ack_wait_seconds: float = 120.0
-    receive_timeout_seconds: float = 30.0  # C-STORE waits this long for the database commit
     allowlist_refresh_seconds: float = 5.0  # an unknown caller re-reads the registry at most this often
     purge_interval_seconds: float = 60.0
 

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import IntegrityError
+from pydicom import dcmread
 
 from hie_imaging import repository, service
 from hie_imaging.callers import CallerDirectory
@@ -15,7 +15,7 @@ from hie_imaging.config import ImagingSettings
 from hie_imaging.dicom import ReceivedInstance, Spool, SpoolFullError, StorageServer, sop
 from hie_imaging.events import ProgressReporter, follow_exchanges
 from hie_imaging.metrics import GatewayMetrics
-from hie_imaging.models import State
+from hie_imaging.models import Role, State
 from hie_imaging.relay import RelayWorker
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
@@ -23,6 +23,20 @@ from hie_platform.runtime import Runtime
 log = get_logger(__name__)
 
 _PURGE_BATCH = 500
+_RECORD_BATCH = 256
+_IDENTIFYING = ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _journal_tag(caller: service.Caller) -> str:
+    """The caller, in a file name: what the recorder needs after a crash besides the file itself."""
+    return "~".join(
+        (caller.role.value, caller.institution or "", caller.hub or "", caller.ae_title.encode().hex())
+    )
+
+
+def _caller_of(tag: str) -> service.Caller:
+    role, institution, hub, ae_hex = tag.split("~")
+    return service.Caller(bytes.fromhex(ae_hex).decode(), Role(role), institution or None, hub or None)
 
 
 class ImagingGateway:
@@ -38,12 +52,15 @@ class ImagingGateway:
         self.worker = RelayWorker(settings, runtime, self.spool, self.reporter, metrics)
         self.server = StorageServer(settings.ae_title, self.callers.is_allowed, self.on_instance)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._arrivals: asyncio.Queue[service.Arrival | None] = asyncio.Queue()
+        self._recorder: asyncio.Task[None] | None = None
         self._purge_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.spool.remove_stale_temp_files)
+        await self._recover_journal()
         async with self.runtime.db.transaction() as session:
             pending = await service.requeue_pending(session, self.runtime.outbox, self.settings.hub)
         if pending:
@@ -54,11 +71,20 @@ class ImagingGateway:
         follow_exchanges(self.runtime, self.settings.hub, self.settings.exchange_consumer, self.reporter)
         self.worker.start()
         self._purge_task = asyncio.create_task(self._purge_loop())
+        self._recorder = asyncio.create_task(self._record_loop())
         self.server.start(self.settings.dicom_bind_host, self.settings.dicom_port)
 
     async def stop(self) -> None:
-        # The SCP first: associations in flight finish (their commits need the loop, hence a thread).
+        # The SCP first (in a thread: it joins pynetdicom's), so that no C-STORE comes in after the
+        # recorder has taken its last batch.
         await asyncio.to_thread(self.server.stop, 5.0)
+        if self._recorder is not None:
+            # Record what was answered; if the database is gone, the spool journal keeps the rest.
+            self._arrivals.put_nowait(None)
+            try:
+                await asyncio.wait_for(self._recorder, timeout=10.0)
+            except TimeoutError:
+                log.warning("stopped before recording every received instance; the journal keeps them")
         if self._purge_task is not None:
             self._purge_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -66,58 +92,132 @@ class ImagingGateway:
         await self.worker.stop()
         await self.callers.stop()
         await self.reporter.stop()
-        # Let the outbox relay take the last kick before the runtime cancels it: on CPython 3.11 a
-        # cancel that lands while its asyncio.wait_for() is completing is swallowed (gh-86296), and
-        # the relay task would then never stop. (Its stop() flushes the rest after cancelling.)
-        await asyncio.sleep(0.05)
 
     # --- receiving: runs on pynetdicom's association threads ------------------------------------
 
     def on_instance(self, instance: ReceivedInstance) -> int:
-        """Spool, then record in one transaction; Success only once both are durable."""
+        """Spool with a journal entry, answer Success, and leave the recording to the recorder.
+
+        The C-STORE handler runs in the sender's association thread, so it does only what makes the
+        instance durable (one file write, two fsyncs); the database row and the relay job follow in
+        batches. A crash in between loses nothing: start() records what the journal still holds.
+        """
         caller = self.callers.lookup(instance.calling_ae)
-        if caller is None or self._loop is None:
+        loop = self._loop
+        if caller is None or loop is None:
             # Allowed when the association began, struck off the registry since.
             self.metrics.received.labels("unknown", "refused").inc()
             return sop.STATUS_PROCESSING_FAILURE
+        tag = _journal_tag(caller)
         try:
-            self.spool.store(instance.sop_instance_uid, instance.data)
+            self.spool.store(instance.sop_instance_uid, instance.data, pending=tag)
         except (SpoolFullError, OSError) as exc:
+            # A7xx: the sender keeps the instance and tries again later; nothing was half-written.
             log.error("C-STORE refused: spool write failed", error=str(exc))
             self.metrics.received.labels(caller.role.value, "refused").inc()
             return sop.STATUS_OUT_OF_RESOURCES
-        future = None
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._record(instance, caller), self._loop)
-            state = future.result(timeout=self.settings.receive_timeout_seconds)
-        except Exception as exc:  # the database failed, timed out, or the service is stopping
-            if future is not None:
-                future.cancel()
-            # A7xx: the sender keeps the instance and tries again; the spooled file is overwritten.
-            log.error("C-STORE refused: not recorded", error=f"{type(exc).__name__}: {exc}")
-            self.metrics.received.labels(caller.role.value, "refused").inc()
-            return sop.STATUS_OUT_OF_RESOURCES
-        self.metrics.received.labels(caller.role.value, "duplicate" if state is None else "new").inc()
+        arrival = service.Arrival(
+            sop_instance_uid=instance.sop_instance_uid,
+            study_instance_uid=instance.study_instance_uid,
+            series_instance_uid=instance.series_instance_uid,
+            sop_class_uid=instance.sop_class_uid,
+            transfer_syntax_uid=instance.transfer_syntax_uid,
+            size=len(instance.data),
+            calling_ae=instance.calling_ae,
+            caller=caller,
+            received_at=datetime.now(UTC),
+            tag=tag,
+        )
+        with contextlib.suppress(RuntimeError):  # the loop is closing: the journal keeps it
+            loop.call_soon_threadsafe(self._arrivals.put_nowait, arrival)
         return sop.STATUS_SUCCESS
 
-    async def _record(self, instance: ReceivedInstance, caller: service.Caller) -> State | None:
-        now = datetime.now(UTC)
-        for attempt in range(3):
+    # --- recording: on the event loop, in batches ------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            arrival = await self._arrivals.get()
+            if arrival is None:
+                return
+            batch = [arrival]
+            stop = False
+            while len(batch) < _RECORD_BATCH and not self._arrivals.empty():
+                more = self._arrivals.get_nowait()
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            await self.record(batch)
+            if stop:
+                return
+
+    async def record(self, batch: list[service.Arrival]) -> None:
+        """Record spooled instances in one transaction (retried until the database takes it)."""
+        delay = 0.2
+        while True:
             try:
-                async with self.runtime.db.transaction() as session:
-                    state = await service.record_instance(
-                        session, self.runtime.outbox, self.settings.hub, instance, caller, now
-                    )
+                states = await self._commit(batch)
                 break
-            except IntegrityError:
-                # The same instance on two associations at once (PostgreSQL): the next try sees it.
-                if attempt == 2:
-                    raise
-        if state is State.QUEUED:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is down or busy; the journal keeps the instances
+                log.error(
+                    "recording received instances failed; will retry", error=f"{type(exc).__name__}: {exc}"
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        await asyncio.to_thread(self.spool.settle, [(a.sop_instance_uid, a.tag) for a in batch])
+        for arrival, state in zip(batch, states, strict=True):
+            result = "duplicate" if state is None else "new"
+            self.metrics.received.labels(arrival.caller.role.value, result).inc()
+        if any(state is State.QUEUED for state in states):
             self.runtime.relay.kick()
-        if state is not None:
-            self.reporter.touch(instance.study_instance_uid)
-        return state
+        self.reporter.touch(
+            *{a.study_instance_uid for a, s in zip(batch, states, strict=True) if s is not None}
+        )
+
+    async def _commit(self, batch: list[service.Arrival]) -> list[State | None]:
+        now = datetime.now(UTC)
+        async with self.runtime.db.transaction() as session:
+            return await service.record_instances(session, self.runtime.outbox, self.settings.hub, batch, now)
+
+    async def _recover_journal(self) -> int:
+        """Record what was answered but not recorded before a crash (the spool's incoming journal)."""
+        entries = await asyncio.to_thread(self.spool.pending_entries)
+        recovered = 0
+        for start in range(0, len(entries), _RECORD_BATCH):
+            arrivals = []
+            for uid, tag in entries[start : start + _RECORD_BATCH]:
+                arrival = await asyncio.to_thread(self._arrival_from_journal, uid, tag)
+                if arrival is not None:
+                    arrivals.append(arrival)
+            if arrivals:
+                await self.record(arrivals)
+                recovered += len(arrivals)
+        if recovered:
+            log.warning("recorded instances left in the spool journal", instances=recovered)
+        return recovered
+
+    def _arrival_from_journal(self, uid: str, tag: str) -> service.Arrival | None:
+        try:
+            path = self.spool.restore(uid, tag)
+            caller = _caller_of(tag)
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_IDENTIFYING))
+            return service.Arrival(
+                sop_instance_uid=uid,
+                study_instance_uid=str(ds.StudyInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                size=path.stat().st_size,
+                calling_ae=caller.ae_title,
+                caller=caller,
+                received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
+                tag=tag,
+            )
+        except Exception as exc:  # cannot happen for what on_instance wrote; keep the entry for a person
+            log.error("spool journal entry unreadable; left in place", error=f"{type(exc).__name__}: {exc}")
+            return None
 
     # --- purging held studies --------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ from hie_schemas.events import DecisionReply, DecisionRequest, RelayJob
 log = get_logger(__name__)
 
 _MAX_LINGER_SECONDS = 1.0  # a steady stream of jobs still goes out at least this often
+_IN_FLIGHT_RETRY_SECONDS = 1.0
+_MIN_PER_ASSOCIATION = 16  # below this, another association costs more than it saves
 
 Item = tuple[Instance, StudyLink]
 Route = tuple[str, DicomEndpoint, State]  # study, next hop, the state reached when it stores
@@ -92,6 +94,7 @@ class RelayWorker:
         self._slots = asyncio.Semaphore(settings.relay_concurrency)
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
+        self._in_flight: set[str] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -127,20 +130,40 @@ class RelayWorker:
                 await asyncio.sleep(1.0)
 
     async def _run(self) -> None:
+        """Fetch the next batch while earlier ones are still being sent (up to relay_concurrency)."""
         self._sub = sub = await self._subscribe()
-        while True:
-            msgs = await self._fetch(sub)
-            if not msgs:
-                continue
-            try:
-                await self.process(msgs)
-            except asyncio.CancelledError:
-                # Shutting down mid-batch: hand the jobs back at once rather than after ack_wait.
-                await asyncio.shield(_finish(msgs, nak_delay=0.0))
-                raise
-            except Exception as exc:
-                log.warning("relay batch failed; will retry", error=f"{type(exc).__name__}: {exc}")
-                await _finish(msgs, nak_delay=self.backoff(1))
+        batches = asyncio.Semaphore(self.settings.relay_concurrency)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await batches.acquire()
+                msgs = await self._fetch(sub)
+                if not msgs:
+                    batches.release()
+                    continue
+                task = asyncio.create_task(self._process_batch(msgs))
+                running.add(task)
+
+                def done(finished: asyncio.Task[None]) -> None:
+                    running.discard(finished)
+                    batches.release()
+
+                task.add_done_callback(done)
+        finally:
+            for task in list(running):
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _process_batch(self, msgs: list[Msg]) -> None:
+        try:
+            await self.process(msgs)
+        except asyncio.CancelledError:
+            # Shutting down mid-batch: hand the jobs back at once rather than after ack_wait.
+            await asyncio.shield(_finish(msgs, nak_delay=0.0))
+            raise
+        except Exception as exc:
+            log.warning("relay batch failed; will retry", error=f"{type(exc).__name__}: {exc}")
+            await _finish(msgs, nak_delay=self.backoff(1))
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
         """The next job, then whatever follows it without a pause of `relay_linger_seconds`.
@@ -181,16 +204,42 @@ class RelayWorker:
                 await msg.term()
                 continue
             batch.jobs.setdefault(job.sop_instance_uid, []).append(msg)
+        # Batches run concurrently: an instance another batch is sending right now (a job published
+        # twice, e.g. again at start-up) waits for that one to finish instead of going out twice.
+        for sop_uid in [uid for uid in batch.jobs if uid in self._in_flight]:
+            await _finish(batch.jobs.pop(sop_uid), nak_delay=_IN_FLIGHT_RETRY_SECONDS)
         if not batch.jobs:
             return
-        async with self.runtime.db.read_sessions() as session:
-            items = await repository.queued_with_links(session, list(batch.jobs))
-        groups = await self._route(items, batch)
-        await asyncio.gather(
-            *(self._send(endpoint, state, group, batch) for (_, endpoint, state), group in groups.items())
-        )
-        await self._record(batch)
+        mine = set(batch.jobs)
+        self._in_flight |= mine
+        try:
+            async with self.runtime.db.read_sessions() as session:
+                items = await repository.queued_with_links(session, list(batch.jobs))
+            groups = await self._route(items, batch)
+            await asyncio.gather(
+                *(
+                    self._send(endpoint, state, chunk, batch)
+                    for (_, endpoint, state), group in groups.items()
+                    for chunk in self._chunks(group)
+                )
+            )
+            await self._record(batch)
+        finally:
+            self._in_flight -= mine
         await self._settle(batch)
+
+    def _chunks(self, group: list[Item]) -> list[list[Item]]:
+        """Split a large group over several associations to the same peer (at most relay_concurrency).
+
+        One association carries one C-STORE per round trip; a few in parallel keep the peer busy.
+        """
+        by_sop: dict[str, list[Item]] = {}
+        for item in group:  # the rows of one instance (one per exchange) stay on one association
+            by_sop.setdefault(item[0].sop_instance_uid, []).append(item)
+        rows = list(by_sop.values())
+        parts = max(1, min(self.settings.relay_concurrency, len(rows) // _MIN_PER_ASSOCIATION))
+        size = -(-len(rows) // parts)
+        return [[item for same in rows[i : i + size] for item in same] for i in range(0, len(rows), size)]
 
     async def _route(self, items: list[Item], batch: Batch) -> dict[Route, list[Item]]:
         """Consent (origin role) and destination of each queued row, grouped by study and next hop."""
@@ -315,25 +364,25 @@ class RelayWorker:
         now = datetime.now(UTC)
         max_attempts = self.settings.relay_max_attempts
         audits: dict[tuple[str, str], list[Outcome]] = {}
+        # Rows with the same outcome move in one UPDATE (a delivered series is one statement).
+        same: dict[tuple[str, State, int, str | None], list[str]] = {}
+        for o in batch.outcomes:
+            attempts = o.row.attempts + (1 if o.attempted and o.state is State.QUEUED else 0)
+            if o.state is State.QUEUED and attempts >= max_attempts:
+                o.state = State.FAILED
+            o.row.attempts = attempts
+            same.setdefault((o.row.exchange_id, o.state, attempts, o.error), []).append(
+                o.row.sop_instance_uid
+            )
+            if o.state is not State.QUEUED:
+                audits.setdefault((o.link.exchange_id, o.state.value), []).append(o)
         async with self.runtime.db.transaction() as session:
-            for o in batch.outcomes:
-                attempts = o.row.attempts + (1 if o.attempted and o.state is State.QUEUED else 0)
-                if o.state is State.QUEUED and attempts >= max_attempts:
-                    o.state = State.FAILED
-                o.row.attempts = attempts
-                await repository.set_outcome(
-                    session,
-                    o.row.sop_instance_uid,
-                    o.row.exchange_id,
-                    o.state,
-                    now,
-                    attempts=attempts,
-                    error=o.error,
+            for (exchange_id, state, attempts, error), sop_uids in same.items():
+                await repository.set_outcomes(
+                    session, sop_uids, exchange_id, state, now, attempts=attempts, error=error
                 )
-                if o.state is not State.QUEUED:
-                    audits.setdefault((o.link.exchange_id, o.state.value), []).append(o)
-            for (_exchange, state), outcomes in audits.items():
-                await self._audit(session, state, outcomes)
+            for (_exchange, result), outcomes in audits.items():
+                await self._audit(session, result, outcomes)
         self.runtime.relay.kick()
         self.reporter.touch(*{o.row.study_instance_uid for o in batch.outcomes})
         self.metrics.blocked.inc(sum(1 for o in batch.outcomes if o.state is State.BLOCKED))

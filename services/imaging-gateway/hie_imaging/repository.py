@@ -18,6 +18,22 @@ async def instances_of(session: AsyncSession, sop_instance_uid: str) -> Sequence
     ).all()
 
 
+async def instances_of_many(session: AsyncSession, sop_uids: Collection[str]) -> dict[str, list[Instance]]:
+    rows = await session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(list(sop_uids))))
+    found: dict[str, list[Instance]] = {}
+    for row in rows:
+        found.setdefault(row.sop_instance_uid, []).append(row)
+    return found
+
+
+async def links_of_studies(session: AsyncSession, study_uids: Collection[str]) -> dict[str, list[StudyLink]]:
+    query = select(StudyLink).where(StudyLink.study_instance_uid.in_(list(study_uids)))
+    found: dict[str, list[StudyLink]] = {}
+    for link in await session.scalars(query.order_by(StudyLink.linked_at, StudyLink.exchange_id)):
+        found.setdefault(link.study_instance_uid, []).append(link)
+    return found
+
+
 async def study_instances(session: AsyncSession, study_uid: str, role: str) -> Sequence[Instance]:
     """Locked (PostgreSQL) so that a purge pass and a linking event do not both claim a held row."""
     query = select(Instance).where(Instance.study_instance_uid == study_uid, Instance.role == role)
@@ -49,9 +65,9 @@ async def queued_with_links(
     return [(row[0], row[1]) for row in (await session.execute(query)).all()]
 
 
-async def set_outcome(
+async def set_outcomes(
     session: AsyncSession,
-    sop_uid: str,
+    sop_uids: Collection[str],
     exchange_id: str,
     state: State,
     now: datetime,
@@ -59,14 +75,14 @@ async def set_outcome(
     attempts: int | None = None,
     error: str | None = None,
 ) -> None:
-    """Move a queued row on; a row that is no longer queued (another worker finished it) is left alone."""
+    """Move queued rows on; a row that is no longer queued (another worker finished it) is left alone."""
     values: dict[str, object] = {"state": state.value, "updated_at": now, "last_error": error}
     if attempts is not None:
         values["attempts"] = attempts
     await session.execute(
         update(Instance)
         .where(
-            Instance.sop_instance_uid == sop_uid,
+            Instance.sop_instance_uid.in_(list(sop_uids)),
             Instance.exchange_id == exchange_id,
             Instance.state == State.QUEUED.value,
         )

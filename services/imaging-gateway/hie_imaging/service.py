@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_imaging import repository
-from hie_imaging.dicom import ReceivedInstance
 from hie_imaging.dicom.spool import InvalidUidError, validate_uid
 from hie_imaging.models import NO_EXCHANGE, Instance, Role, State, StudyLink
 from hie_imaging.schemas import StudyStatus
+from hie_platform.logging import correlation_id
 from hie_platform.outbox import Outbox
 from hie_schemas import subjects
 from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
+from hie_schemas.envelope import Envelope
 from hie_schemas.events import ExchangeSent, RelayJob
 
 
@@ -26,6 +29,22 @@ class Caller:
     role: Role
     institution: str | None = None  # 요양기관기호 of a local institution
     hub: str | None = None  # slug of a calling gateway's hub
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A received instance, durable in the spool and answered, waiting to be recorded (no bytes)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size: int
+    calling_ae: str
+    caller: Caller
+    received_at: datetime
+    tag: str  # its entry in the spool's incoming journal
 
 
 def link_role(link: StudyLink, hub: str) -> Role | None:
@@ -42,54 +61,96 @@ async def _queue(session: AsyncSession, outbox: Outbox, hub: str, sop_uid: str, 
     await outbox.add(session, subjects.hub_imaging_jobs(hub), job)
 
 
-async def record_instance(
+async def record_instances(
     session: AsyncSession,
     outbox: Outbox,
     hub: str,
-    instance: ReceivedInstance,
-    caller: Caller,
+    arrivals: Sequence[Arrival],
     now: datetime,
-) -> State | None:
-    """Record a spooled instance; queue it if an exchange claims its study, else hold it.
+) -> list[State | None]:
+    """Record spooled instances; queue those an exchange claims, hold the rest.
 
-    Returns the new state, or None when the SOP Instance UID was already here (a retry or a resend:
-    stores are idempotent, nothing is queued twice). A purged instance sent again starts afresh.
+    Returns each one's new state, or None when its SOP Instance UID was already here (a retry or a
+    resend: stores are idempotent, nothing is queued twice). A purged instance sent again starts
+    afresh. A few statements for the whole batch, not a few per instance: this runs for every
+    C-STORE the gateway answers.
     """
-    existing = await repository.instances_of(session, instance.sop_instance_uid)
-    if any(row.state != State.PURGED for row in existing):
-        return None
-    for row in existing:
+    existing = await repository.instances_of_many(session, {a.sop_instance_uid for a in arrivals})
+    links = await repository.links_of_studies(session, {a.study_instance_uid for a in arrivals})
+    fresh: dict[str, Arrival] = {}
+    states: list[State | None] = []
+    for arrival in arrivals:
+        rows = existing.get(arrival.sop_instance_uid, [])
+        if arrival.sop_instance_uid in fresh or any(row.state != State.PURGED for row in rows):
+            states.append(None)
+            continue
+        fresh[arrival.sop_instance_uid] = arrival
+        states.append(State.QUEUED)  # settled below
+    purged = [row for uid in fresh for row in existing.get(uid, [])]
+    for row in purged:
         await session.delete(row)
-    if existing:
+    if purged:
         await session.flush()
-    links = [
-        link
-        for link in await repository.links_of_study(session, instance.study_instance_uid)
-        if link_role(link, hub) is caller.role
-    ]
-    state = State.QUEUED if links else State.HELD
-    for exchange_id in [link.exchange_id for link in links] or [NO_EXCHANGE]:
-        session.add(
-            Instance(
-                sop_instance_uid=instance.sop_instance_uid,
-                exchange_id=exchange_id,
-                study_instance_uid=instance.study_instance_uid,
-                series_instance_uid=instance.series_instance_uid,
-                sop_class_uid=instance.sop_class_uid,
-                transfer_syntax_uid=instance.transfer_syntax_uid,
-                size=len(instance.data),
-                calling_ae=instance.calling_ae,
-                sender_institution=caller.institution,
-                role=caller.role.value,
-                state=state.value,
-                attempts=0,
-                received_at=now,
-                updated_at=now,
+    jobs: list[RelayJob] = []
+    for index, arrival in enumerate(arrivals):
+        if states[index] is None or fresh.get(arrival.sop_instance_uid) is not arrival:
+            continue
+        claims = [
+            link.exchange_id
+            for link in links.get(arrival.study_instance_uid, [])
+            if link_role(link, hub) is arrival.caller.role
+        ]
+        state = State.QUEUED if claims else State.HELD
+        states[index] = state
+        session.add_all(_new_row(arrival, exchange, state, now) for exchange in claims or [NO_EXCHANGE])
+        if claims:
+            jobs.append(
+                RelayJob(
+                    sop_instance_uid=arrival.sop_instance_uid, study_instance_uid=arrival.study_instance_uid
+                )
             )
-        )
-    if state is State.QUEUED:
-        await _queue(session, outbox, hub, instance.sop_instance_uid, instance.study_instance_uid)
-    return state
+    await _queue_many(session, outbox, hub, jobs)
+    return states
+
+
+def _new_row(arrival: Arrival, exchange_id: str, state: State, now: datetime) -> Instance:
+    return Instance(
+        sop_instance_uid=arrival.sop_instance_uid,
+        exchange_id=exchange_id,
+        study_instance_uid=arrival.study_instance_uid,
+        series_instance_uid=arrival.series_instance_uid,
+        sop_class_uid=arrival.sop_class_uid,
+        transfer_syntax_uid=arrival.transfer_syntax_uid,
+        size=arrival.size,
+        calling_ae=arrival.calling_ae,
+        sender_institution=arrival.caller.institution,
+        role=arrival.caller.role.value,
+        state=state.value,
+        attempts=0,
+        received_at=arrival.received_at,
+        updated_at=now,
+    )
+
+
+async def _queue_many(session: AsyncSession, outbox: Outbox, hub: str, jobs: Sequence[RelayJob]) -> None:
+    """Outbox.add for many jobs in one INSERT (the same rows, the same envelopes)."""
+    if not jobs:
+        return
+    subject = subjects.hub_imaging_jobs(hub)
+    envelopes = [Envelope.wrap(job, outbox.source, correlation_id.get()) for job in jobs]
+    await session.execute(
+        insert(outbox.table),
+        [
+            {
+                "event_id": envelope.id,
+                "subject": subject,
+                "payload": envelope.to_bytes(),
+                "correlation_id": envelope.correlation_id,
+                "created_at": envelope.occurred_at,
+            }
+            for envelope in envelopes
+        ],
+    )
 
 
 async def link_exchange(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import cast
 
-from pydicom import dcmread
-from pynetdicom import AE, evt
+from pydicom import Dataset, dcmread
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -34,6 +37,7 @@ _REJECT_UNKNOWN_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, call
 _REJECT_TRY_LATER = (0x02, 0x01, 0x01)  # transient, service user, no reason given
 
 _IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_LAST_IDENTIFYING_TAG = 0x0020000E  # Series Instance UID
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +175,12 @@ def _handle_store(event: Event, on_instance: OnInstance) -> int:
     try:
         calling_ae = event.assoc.requestor.ae_title.strip()
         peer_address = event.assoc.requestor.address
-        # The dataset bytes as they came off the wire, behind a file meta built from the request.
-        data = event.encoded_dataset(include_meta=True)
         request = cast(C_STORE, event.request)
-        status, uids = _identify(data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+        stream = cast(BytesIO, request.DataSet).getvalue()  # the dataset as it came off the wire
+        affected_class = str(request.AffectedSOPClassUID)
+        affected_instance = str(request.AffectedSOPInstanceUID)
+        syntax = UID(str(event.context.transfer_syntax))
+        status, uids = _identify(stream, syntax, affected_class, affected_instance)
         if status != sop.STATUS_SUCCESS:
             LOGGER.warning("C-STORE from %r at %s refused with 0x%04X", calling_ae, peer_address, status)
             return status
@@ -185,8 +191,8 @@ def _handle_store(event: Event, on_instance: OnInstance) -> int:
             sop_instance_uid=uids["SOPInstanceUID"],
             study_instance_uid=uids["StudyInstanceUID"],
             series_instance_uid=uids["SeriesInstanceUID"],
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            data=data,
+            transfer_syntax_uid=str(syntax),
+            data=part10(stream, uids["SOPClassUID"], uids["SOPInstanceUID"], syntax, calling_ae),
         )
         return on_instance(instance)
     except SpoolFullError as exc:
@@ -198,15 +204,70 @@ def _handle_store(event: Event, on_instance: OnInstance) -> int:
         return sop.STATUS_PROCESSING_FAILURE
 
 
-def _identify(data: bytes, affected_class: str, affected_instance: str) -> tuple[int, dict[str, str]]:
-    """Read only the identifying UIDs (stopping before pixel data) and check them against the request.
+def part10(dataset: bytes, sop_class: str, sop_instance: str, syntax: str, source_ae: str) -> bytes:
+    """A Part 10 file around the dataset bytes: preamble, "DICM", file meta (PS3.10 §7.1).
+
+    Written by hand rather than through pydicom (event.encoded_dataset): this runs for every
+    C-STORE, and a pydicom FileMetaDataset costs more than the rest of the handler together.
+    """
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _uid_value(sop_class)),
+            _meta_element(0x0003, b"UI", _uid_value(sop_instance)),
+            _meta_element(0x0010, b"UI", _uid_value(syntax)),
+            _meta_element(0x0012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)),
+            _meta_element(0x0013, b"SH", _text_value(PYNETDICOM_IMPLEMENTATION_VERSION)),
+            _meta_element(0x0016, b"AE", _text_value(source_ae)),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"".join((b"\x00" * 128, b"DICM", group_length, elements, dataset))
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    # Explicit VR little endian; OB (and the other long VRs) has 2 reserved bytes and a 4-byte length.
+    if vr == b"OB":
+        return struct.pack("<HH", 0x0002, element) + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text_value(text: str) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _identify(
+    dataset: bytes, syntax: UID, affected_class: str, affected_instance: str
+) -> tuple[int, dict[str, str]]:
+    """Read only the identifying UIDs (stopping after Series Instance UID) and check them against
+    the request.
 
     Statuses follow DCMTK's storescp: unreadable or missing identifiers are "cannot understand"
     (0xC210); a dataset whose SOP class or instance differs from the request is 0xA900.
     """
+    ds: Dataset
     try:
-        dataset = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(_IDENTIFYING_KEYWORDS))
-        uids = {keyword: str(dataset.get(keyword) or "").strip() for keyword in _IDENTIFYING_KEYWORDS}
+        if syntax == DeflatedExplicitVRLittleEndian:
+            meta = part10(b"", affected_class, affected_instance, syntax, "")
+            ds = dcmread(
+                BytesIO(meta + dataset), stop_before_pixels=True, specific_tags=list(_IDENTIFYING_KEYWORDS)
+            )
+        else:
+            # Every other syntax encodes the dataset itself in little endian (big endian for its
+            # retired namesake); the four UIDs all come before (0020,000E)'s successors.
+            ds = read_dataset(
+                BytesIO(dataset),
+                is_implicit_VR=syntax == ImplicitVRLittleEndian,
+                is_little_endian=syntax != ExplicitVRBigEndian,
+                stop_when=lambda tag, _vr, _length: tag > _LAST_IDENTIFYING_TAG,
+            )
+        uids = {keyword: str(ds.get(keyword) or "").strip() for keyword in _IDENTIFYING_KEYWORDS}
         for value in uids.values():
             validate_uid(value)
     except InvalidUidError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,9 +198,11 @@ def _send_batch(
             raise AssociationFailedError(endpoint, "association ended by the peer", statuses)
         # pynetdicom 3.0.4 race: send_c_store pauses the association reactor by clearing a checkpoint
         # and polling `_is_paused`, but the reactor sets `_is_paused = False` only *after* its wait()
-        # returns. If the sender checks in that gap (rare; ~1 in 5,000 sends under CPU load) both
-        # threads run, the reactor takes our C-STORE-RSP off the DIMSE queue, and send_c_store waits
-        # for the dimse_timeout, then aborts. Hence a moderate timeout, and callers retry the batch.
+        # returns. If the sender checks in that gap (~1 in 5,000 sends under CPU load) both threads
+        # run, the reactor takes our C-STORE-RSP off the DIMSE queue, send_c_store waits out the
+        # dimse_timeout and aborts, and the retry stores a duplicate at the peer. Parking the
+        # reactor first closes the gap; the moderate timeout and the callers' retry remain as backup.
+        _park_reactor(assoc)
         try:
             rsp = assoc.send_c_store(item.path)
         except RuntimeError:  # the peer released or aborted between our check and the send
@@ -212,6 +215,23 @@ def _send_batch(
         statuses[item.sop_instance_uid] = int(status)
         if not sop.is_stored(int(status)):
             LOGGER.warning("%s answered C-STORE with status 0x%04X", endpoint, int(status))
+
+
+def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
+    """Clear the reactor's checkpoint and wait until the reactor thread is blocked on it.
+
+    Seeing a waiter on the checkpoint's condition (CPython's threading.Event internals) means the
+    reactor is inside wait() and cannot touch the DIMSE queue until send_c_store sets it again.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    condition = getattr(checkpoint, "_cond", None)
+    waiters = getattr(condition, "_waiters", None)
+    if waiters is None:  # not CPython's Event: fall back on pynetdicom's own pause
+        return
+    deadline = time.monotonic() + timeout
+    while not waiters and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
 
 
 def _read_meta(path: Path) -> _Outgoing:

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 LOGGER = logging.getLogger(__name__)
@@ -17,6 +19,7 @@ LOGGER = logging.getLogger(__name__)
 # gets anywhere near the filesystem.
 _UID_PATTERN = re.compile(r"[0-9.]{1,64}")
 _TEMP_PREFIX = ".tmp-"
+INCOMING = "incoming"  # the journal of instances answered but not yet recorded
 
 
 class SpoolError(Exception):
@@ -74,28 +77,70 @@ class Spool:
     def exists(self, sop_instance_uid: str) -> bool:
         return self.path(sop_instance_uid).is_file()
 
-    def store(self, sop_instance_uid: str, data: bytes) -> Path:
-        """Write `data` for the instance atomically (temp file, fsync, rename, fsync dir)."""
+    def store(self, sop_instance_uid: str, data: bytes, pending: str | None = None) -> Path:
+        """Write `data` for the instance atomically; return its path once the bytes are durable.
+
+        Without `pending`: temp file, fsync, rename, fsync the directory. With `pending` (an opaque
+        tag without "/" or "~"), the instance is also entered in the incoming journal under that tag:
+        that entry is what is made durable, so a caller may answer before recording the instance
+        elsewhere; `settle()` removes the entry once it is recorded, `pending_entries()` lists those
+        a crash left behind. Either way a reader never sees half a file.
+        """
         target = self.path(sop_instance_uid)
         target.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(target.parent).free
+        incoming = self.root / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.root).free
         needed = len(data) + self.min_free_bytes
         if free < needed:
             raise SpoolFullError(free, needed)
 
-        fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=incoming)
         try:
             with os.fdopen(fd, "wb") as tmp:
                 tmp.write(data)
                 tmp.flush()
                 os.fsync(tmp.fileno())
-            os.replace(tmp_name, target)
+            if pending is None:
+                os.replace(tmp_name, target)
+            else:
+                _link_over(tmp_name, target)
+                os.replace(tmp_name, incoming / f"{sop_instance_uid}~{pending}")
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
-        _fsync_directory(target.parent)
+        # One directory fsync makes the rename (or the journal entry) durable (POSIX).
+        _fsync_directory(target.parent if pending is None else incoming)
         return target
+
+    def pending_entries(self) -> list[tuple[str, str]]:
+        """(SOP Instance UID, tag) of journal entries not yet settled, oldest first."""
+        incoming = self.root / INCOMING
+        if not incoming.is_dir():
+            return []
+        entries = []
+        for entry in sorted(os.scandir(incoming), key=lambda e: e.stat().st_mtime):
+            uid, sep, tag = entry.name.partition("~")
+            if sep and not entry.name.startswith(_TEMP_PREFIX):
+                entries.append((uid, tag))
+        return entries
+
+    def restore(self, sop_instance_uid: str, tag: str) -> Path:
+        """Put a journal entry's file back at its spool path (the link may not have survived a crash)."""
+        target = self.path(sop_instance_uid)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link_over(str(self.root / INCOMING / f"{sop_instance_uid}~{tag}"), target)
+        return target
+
+    def settle(self, entries: Iterable[tuple[str, str]]) -> None:
+        """The instances are recorded: make their spool paths durable, then drop their journal entries."""
+        entries = list(entries)
+        for directory in {self.path(uid).parent for uid, _ in entries}:
+            _fsync_directory(directory)
+        for uid, tag in entries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / INCOMING / f"{uid}~{tag}")
 
     def read(self, sop_instance_uid: str) -> bytes:
         try:
@@ -116,13 +161,29 @@ class Spool:
     def remove_stale_temp_files(self) -> int:
         """Delete temp files a crash left behind mid-write; call at startup, before serving."""
         removed = 0
-        for stale in self.root.glob(f"*/*/{_TEMP_PREFIX}*"):
+        stale_files = [
+            *self.root.glob(f"*/*/{_TEMP_PREFIX}*"),
+            *self.root.glob(f"{INCOMING}/{_TEMP_PREFIX}*"),
+        ]
+        for stale in stale_files:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
                 removed += 1
         if removed:
             LOGGER.warning("removed %d stale spool temp files", removed)
         return removed
+
+
+def _link_over(source: str, target: Path) -> None:
+    """Hard-link `source` at `target`, replacing what is there (a resend of the same instance)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        tmp = target.with_name(f"{_TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{target.name}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, target)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -1,0 +1,385 @@
+"""Imaging relay: one CT series through three routers, measured in the same run.
+
+(a) DCMTK ``storescu`` → ``storescp`` direct: the native limit of the machine.
+(b) Orthanc with a Lua auto-routing script (OnStoredInstance → SendToModality, then Delete): the
+    router a hospital would deploy instead of ours, forwarding from ``storescu`` to ``storescp``.
+(c) Our federation (``hie up``'s launcher, two hubs, each gateway its own process on SQLite):
+    ``storescu`` → hub 1 gateway → hub 2 gateway → ``storescp``, for a referral with consent on file.
+
+Every leg has TCP_NODELAY: DCMTK tools and Orthanc take ``TCP_NODELAY=1`` from the environment, the
+gateways set it on every association socket. A leg ends when ``storescp`` has written the last
+instance (one file per C-STORE, so a duplicate would show). Each router first relays a 50-instance
+warm-up study; then the three legs take turns for ``HIE_BENCH_IMAGING_ROUNDS`` rounds (default 2) and
+the best round of each is reported, so that a busy moment on a shared machine does not decide the
+ratio. The gateways' peak RSS (VmHWM) is read after the warm-up and again at the end.
+
+``HIE_BENCH_IMAGING_INSTANCES`` sets the size of the measured series (default 300).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from bench.common import Figure, Report
+from hie_cli.demo import consent_resource
+from hie_cli.federation import Federation
+from hie_cli.launcher import Launcher, LaunchOptions
+from hie_platform.natsd import free_port
+from hie_schemas.codes import DocumentType
+from hie_schemas.consent import ConsentPolicy
+from hie_schemas.documents.builders import build_document, build_submission
+from hie_schemas.events import StudyRef
+
+NAME = "imaging"
+INSTANCES = int(os.environ.get("HIE_BENCH_IMAGING_INSTANCES", "300"))
+WARM_UP = 50
+ROUNDS = int(os.environ.get("HIE_BENCH_IMAGING_ROUNDS", "2"))
+CLINIC, HOSPITAL = "11301001", "31100002"  # a severance clinic refers to the snubh hub hospital
+SINK_AE, ORTHANC_AE, SCU_AE = "SINK", "ORTHANC", "BENCH_SCU"
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+TIMEOUT = 300.0
+
+
+@dataclass
+class Series:
+    study_uid: str
+    files: list[Path]
+
+    @property
+    def bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
+
+
+def make_series(out_dir: Path, count: int, seed: int) -> Series:
+    """`count` CT instances of 128×128×16 bit (pydicom's CT_small with fresh pixels and UIDs)."""
+    source = get_testdata_file("CT_small.dcm")
+    assert source is not None, "pydicom's CT_small.dcm test file is missing"
+    template = dcmread(source)
+    del template[0xFFFCFFFC]  # Data Set Trailing Padding: DCMTK drops it (PS3.10 §7.2 allows that)
+    rng = random.Random(seed)
+    out_dir.mkdir(parents=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = []
+    for number in range(1, count + 1):
+        template.StudyInstanceUID = study_uid
+        template.SeriesInstanceUID = series_uid
+        template.SOPInstanceUID = generate_uid()
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        template.InstanceNumber = number
+        template.AccessionNumber = f"BENCH{seed:04d}"
+        template.PixelData = rng.randbytes(len(template.PixelData))
+        path = out_dir / f"{number:04d}.dcm"
+        template.save_as(path)
+        files.append(path)
+    return Series(study_uid, files)
+
+
+def wait_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 60.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {port}")
+        time.sleep(0.05)
+
+
+class Sink:
+    """DCMTK storescp writing every received instance to its own folder (one file per C-STORE)."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "sink"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            ["storescp", "-aet", SINK_AE, "-od", str(self.dir), "+uf", str(self.port)],
+            env=NODELAY,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, self.process, "storescp")
+
+    def count(self) -> int:
+        return sum(1 for _ in os.scandir(self.dir))
+
+    def clear(self) -> None:
+        for entry in os.scandir(self.dir):
+            os.unlink(entry.path)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def storescu(host: str, port: int, called_ae: str, calling_ae: str, files: list[Path]) -> None:
+    args = ["storescu", "-aet", calling_ae, "-aec", called_ae, host, str(port), *map(str, files)]
+    result = subprocess.run(args, env=NODELAY, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed: {result.stderr[-500:]}")
+
+
+async def until_sink_has(sink: Sink, count: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while sink.count() < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the sink has {sink.count()} of {count} instances after {TIMEOUT} s")
+        await asyncio.sleep(0.01)
+
+
+async def relay(sink: Sink, series: Series, host: str, port: int, called_ae: str, calling_ae: str) -> float:
+    """Seconds from the first C-STORE until the sink has the whole series."""
+    sink.clear()
+    started = time.perf_counter()
+    await asyncio.to_thread(storescu, host, port, called_ae, calling_ae, series.files)
+    await until_sink_has(sink, len(series.files))
+    elapsed = time.perf_counter() - started
+    await asyncio.sleep(0.2)
+    if sink.count() != len(series.files):  # a duplicate shows up as one file more (+uf)
+        print(f"imaging: WARNING the sink has {sink.count()} files for {len(series.files)} instances")
+    return elapsed
+
+
+# --- (b) Orthanc with Lua auto-routing --------------------------------------------------------------
+
+LUA_ROUTE = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  SendToModality(instanceId, 'sink')
+  Delete(instanceId)
+end
+"""
+
+
+class Orthanc:
+    def __init__(self, root: Path, sink: Sink) -> None:
+        folder = root / "orthanc"
+        folder.mkdir()
+        (folder / "route.lua").write_text(LUA_ROUTE)
+        self.dicom_port, self.http_port = free_port(), free_port()
+        config = {
+            "Name": "bench-router",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "StorageCompression": False,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": ORTHANC_AE,
+            "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {"sink": [SINK_AE, "127.0.0.1", sink.port]},
+            "LuaScripts": [str(folder / "route.lua")],
+            "Plugins": [],
+            "SaveJobs": False,
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.process = subprocess.Popen(
+            ["Orthanc", str(folder / "orthanc.json")],
+            env=NODELAY,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.dicom_port, self.process, "Orthanc")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+# --- (c) our federation -----------------------------------------------------------------------------
+
+
+class Hie:
+    def __init__(self, launched: Federation, http: httpx.AsyncClient) -> None:
+        self.f = launched
+        self.http = http
+        self.secrets: dict[str, str] = json.loads((Path(launched.data_dir) / "credentials.json").read_text())
+        self._tokens: dict[str, str] = {}
+
+    async def call(self, method: str, url: str, as_: str, **kw: Any) -> httpx.Response:
+        if as_ not in self._tokens:
+            response = await self.http.post(
+                f"{self.f.registry_url}/oauth2/token",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": as_,
+                    "client_secret": self.secrets[as_],
+                },
+            )
+            response.raise_for_status()
+            self._tokens[as_] = response.json()["access_token"]
+        return await self.http.request(
+            method, url, headers={"Authorization": f"Bearer {self._tokens[as_]}"}, **kw
+        )
+
+    async def refer(self, studies: list[Series], sink: Sink) -> None:
+        """Register the sink as the hospital's PACS; consent; the clinic refers with the studies."""
+        agency = self.f.agency.client_id
+        body = {"ae_title": SINK_AE, "host": "127.0.0.1", "port": sink.port}
+        response = await self.call(
+            "PUT", f"{self.f.registry_url}/institutions/{HOSPITAL}/dicom", agency, json=body
+        )
+        response.raise_for_status()
+        rrn = f"{random.randrange(40, 99):02d}0101-1{random.randrange(10**6):06d}"
+        consent = consent_resource(rrn, CLINIC, ConsentPolicy.ENTIRE_CONSENT)
+        response = await self.call("POST", f"{self.f.consent_url}/fhir/Consent", CLINIC, json=consent)
+        response.raise_for_status()
+        document = build_document(
+            DocumentType.REFERRAL,
+            author_code=CLINIC,
+            author_name="bench clinic",
+            patient_rrn=rrn,
+            created_at=datetime.now(UTC),
+            recipient_code=HOSPITAL,
+            studies=[StudyRef(study_instance_uid=s.study_uid) for s in studies],
+        )
+        submission = build_submission([document], author_code=CLINIC, patient_rrn=rrn, recipients=[HOSPITAL])
+        response = await self.call("POST", self.f.hubs[0].fhir_base, CLINIC, json=submission)
+        if response.status_code != 200:
+            raise RuntimeError(f"referral: {response.status_code} {response.text[:300]}")
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def throughput(
+    report: Report, label: str, series: Series, seconds: float, baseline: tuple[str, float] | None = None
+) -> None:
+    """instances/s and MB/s of one leg; with a baseline (its name and seconds), the ratios too."""
+    rate, mbs = len(series.files) / seconds, series.bytes / seconds / 1e6
+    if baseline is None:
+        report.add(Figure(NAME, f"{label}: instances/s", rate, "inst/s"))
+        report.add(Figure(NAME, f"{label}: MB/s", mbs, "MB/s"))
+        return
+    name, base = baseline
+    report.add(Figure(NAME, f"{label}: instances/s", rate, "inst/s", name, len(series.files) / base))
+    report.add(Figure(NAME, f"{label}: MB/s", mbs, "MB/s", name, series.bytes / base / 1e6))
+
+
+async def run(report: Report) -> None:
+    for tool in ("storescu", "storescp", "Orthanc"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed (apt-get install dcmtk orthanc)")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        warm = make_series(root / "warm-up", WARM_UP, 1)
+        ours_warm = make_series(root / "warm-up-hie", WARM_UP, 2)
+        # Our gateways keep what they relayed (idempotent by SOP Instance UID), so every round sends
+        # them a series of its own; the other legs take the same files again.
+        rounds = [make_series(root / f"round-{i}", INSTANCES, 10 + i) for i in range(ROUNDS)]
+        size = rounds[0].bytes
+        print(f"imaging: {INSTANCES} CT instances of 128×128×16 bit, {size / 1e6:.1f} MB, best of {ROUNDS}")
+        sink = Sink(root)
+        orthanc = Orthanc(root, sink)
+        launcher = Launcher(
+            LaunchOptions(
+                data_dir=root / "federation",
+                hubs=2,
+                extra_env={"HIE_HUB_LOG_LEVEL": "WARNING", "HIE_IMAGING_LOG_LEVEL": "WARNING"},
+            )
+        )
+        print("imaging: starting a federation of two hubs…", flush=True)
+        launched = await asyncio.to_thread(launcher.start)
+        try:
+            async with httpx.AsyncClient(timeout=30.0) as http:
+                hie = Hie(launched, http)
+                await measure(report, hie, launcher, sink, orthanc, warm, ours_warm, rounds)
+        finally:
+            await asyncio.to_thread(launcher.stop)
+            orthanc.stop()
+            sink.stop()
+
+
+async def measure(
+    report: Report,
+    hie: Hie,
+    launcher: Launcher,
+    sink: Sink,
+    orthanc: Orthanc,
+    warm: Series,
+    ours_warm: Series,
+    rounds: list[Series],
+) -> None:
+    launched = hie.f
+    gateways = {c.name: c.process.pid for c in launcher.children if c.name.startswith("imaging-")}
+    hub1 = launched.hubs[0].gateway
+    clinic_ae = next(i.dicom_ae for i in launched.institutions if i.code == CLINIC)
+    assert clinic_ae is not None
+    # One referral names every study; once the warm-up is delivered, all of them are linked at both
+    # gateways (one event, one transaction each), so no measured series waits for its referral.
+    await hie.refer([ours_warm, *rounds], sink)
+
+    async def direct(series: Series) -> float:
+        return await relay(sink, series, "127.0.0.1", sink.port, SINK_AE, SCU_AE)
+
+    async def routed(series: Series) -> float:
+        return await relay(sink, series, "127.0.0.1", orthanc.dicom_port, ORTHANC_AE, SCU_AE)
+
+    async def ours(series: Series) -> float:
+        return await relay(sink, series, hub1.host, hub1.port, hub1.ae_title, clinic_ae)
+
+    await direct(warm)
+    await routed(warm)
+    await ours(ours_warm)
+    after_warm = {name: vm_hwm_kib(pid) for name, pid in gateways.items()}
+    times: dict[str, list[float]] = {"direct": [], "orthanc": [], "hie": []}
+    for series in rounds:  # interleaved, so that a busy moment on the machine hits every leg alike
+        times["direct"].append(await direct(series))
+        times["orthanc"].append(await routed(series))
+        times["hie"].append(await ours(series))
+        print(
+            "imaging: round " + ", ".join(f"{k} {len(series.files) / v[-1]:.1f}/s" for k, v in times.items())
+        )
+    after = {name: vm_hwm_kib(pid) for name, pid in gateways.items()}
+
+    best = {leg: min(values) for leg, values in times.items()}
+    series = rounds[0]
+    throughput(report, "DCMTK storescu → storescp direct", series, best["direct"])
+    throughput(report, "Orthanc 1.10 Lua auto-routing → storescp", series, best["orthanc"])
+    throughput(report, "HIE storescu → gw 1 → gw 2 → storescp", series, best["hie"])
+    throughput(report, "HIE relay vs Orthanc", series, best["hie"], ("Orthanc", best["orthanc"]))
+    throughput(report, "HIE relay vs direct", series, best["hie"], ("direct", best["direct"]))
+    for name in sorted(gateways):
+        report.add(Figure(NAME, f"{name} peak RSS after {WARM_UP} instances", after_warm[name] / 1024, "MiB"))
+        report.add(
+            Figure(
+                NAME,
+                f"{name} peak RSS after {len(rounds) * INSTANCES} more",
+                after[name] / 1024,
+                "MiB",
+                f"after {WARM_UP}",
+                after_warm[name] / 1024,
+            )
+        )
+
+
+if __name__ == "__main__":
+    r = Report()
+    asyncio.run(run(r))
+    r.write("imaging")
