@@ -11,9 +11,14 @@ gateways set it on every association socket. A leg ends when ``storescp`` has wr
 instance (one file per C-STORE, so a duplicate would show). Each router first relays a 50-instance
 warm-up study; then the three legs take turns for ``HIE_BENCH_IMAGING_ROUNDS`` rounds (default 2) and
 the best round of each is reported, so that a busy moment on a shared machine does not decide the
-ratio. The gateways' peak RSS (VmHWM) is read after the warm-up and again at the end.
+ratio. Before each leg the bench waits, untimed, until the sink takes an association again (Orthanc
+keeps its Lua association to the sink open for 5 s, and storescp serves one at a time). The
+gateways' peak RSS (VmHWM) is read after the warm-up and again at the end, and their CPU time
+(user + system) over the measured rounds is reported per relayed instance.
 
-``HIE_BENCH_IMAGING_INSTANCES`` sets the size of the measured series (default 300).
+``HIE_BENCH_IMAGING_INSTANCES`` sets the size of the measured series (default 300);
+``HIE_BENCH_IMAGING_VERBOSE=1`` also prints, per leg, when ``storescu`` finished and when the sink
+was complete.
 """
 
 from __future__ import annotations
@@ -147,13 +152,28 @@ async def until_sink_has(sink: Sink, count: int) -> None:
         await asyncio.sleep(0.01)
 
 
+def sink_free(sink: Sink) -> None:
+    """Block until the sink takes a new association (C-ECHO), untimed, before the next leg starts.
+
+    storescp serves one association at a time, and Orthanc keeps the association its Lua script
+    opened to the sink for DicomAssociationCloseDelay (5 s by default) after the last instance: the
+    leg after Orthanc's would otherwise wait up to 5 s at the sink's door inside its own timing.
+    """
+    args = ["echoscu", "-aet", SCU_AE, "-aec", SINK_AE, "127.0.0.1", str(sink.port)]
+    subprocess.run(args, env=NODELAY, capture_output=True, timeout=60, check=True)
+
+
 async def relay(sink: Sink, series: Series, host: str, port: int, called_ae: str, calling_ae: str) -> float:
     """Seconds from the first C-STORE until the sink has the whole series."""
+    await asyncio.to_thread(sink_free, sink)
     sink.clear()
     started = time.perf_counter()
     await asyncio.to_thread(storescu, host, port, called_ae, calling_ae, series.files)
+    sent = time.perf_counter() - started
     await until_sink_has(sink, len(series.files))
     elapsed = time.perf_counter() - started
+    if os.environ.get("HIE_BENCH_IMAGING_VERBOSE"):
+        print(f"imaging:   {called_ae}: storescu done after {sent:.2f} s, complete after {elapsed:.2f} s")
     await asyncio.sleep(0.2)
     if sink.count() != len(series.files):  # a duplicate shows up as one file more (+uf)
         print(f"imaging: WARNING the sink has {sink.count()} files for {len(series.files)} instances")
@@ -268,6 +288,12 @@ def vm_hwm_kib(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def throughput(
     report: Report, label: str, series: Series, seconds: float, baseline: tuple[str, float] | None = None
 ) -> None:
@@ -283,7 +309,7 @@ def throughput(
 
 
 async def run(report: Report) -> None:
-    for tool in ("storescu", "storescp", "Orthanc"):
+    for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is not installed (apt-get install dcmtk orthanc)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,6 +374,7 @@ async def measure(
     await routed(warm)
     await ours(ours_warm)
     after_warm = {name: vm_hwm_kib(pid) for name, pid in gateways.items()}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in gateways.items()}
     times: dict[str, list[float]] = {"direct": [], "orthanc": [], "hie": []}
     for series in rounds:  # interleaved, so that a busy moment on the machine hits every leg alike
         times["direct"].append(await direct(series))
@@ -357,6 +384,7 @@ async def measure(
             "imaging: round " + ", ".join(f"{k} {len(series.files) / v[-1]:.1f}/s" for k, v in times.items())
         )
     after = {name: vm_hwm_kib(pid) for name, pid in gateways.items()}
+    cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in gateways.items()}
 
     best = {leg: min(values) for leg, values in times.items()}
     series = rounds[0]
@@ -365,7 +393,10 @@ async def measure(
     throughput(report, "HIE storescu → gw 1 → gw 2 → storescp", series, best["hie"])
     throughput(report, "HIE relay vs Orthanc", series, best["hie"], ("Orthanc", best["orthanc"]))
     throughput(report, "HIE relay vs direct", series, best["hie"], ("direct", best["direct"]))
+    relayed = len(rounds) * INSTANCES
     for name in sorted(gateways):
+        # Includes the seconds between rounds (idle associations and timers), not only the relay.
+        report.add(Figure(NAME, f"{name} CPU per relayed instance", cpu_used[name] / relayed * 1000, "ms"))
         report.add(Figure(NAME, f"{name} peak RSS after {WARM_UP} instances", after_warm[name] / 1024, "MiB"))
         report.add(
             Figure(

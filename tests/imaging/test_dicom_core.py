@@ -12,9 +12,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, sop_class
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
-from hie_imaging.dicom import sop
+from hie_imaging.dicom import reactor, sop
+from hie_imaging.dicom.reactor import QuietAssociation, QuietDUL
 from hie_imaging.dicom.scp import ReceivedInstance
 from hie_imaging.dicom.scu import (
     AssociationFailedError,
@@ -164,6 +166,53 @@ def test_tcp_nodelay_and_128k_pdus_on_both_ends(gateway: RunningServer, wait_for
         assert acceptor.requestor.maximum_length == 131072  # what the SCU advertised
     finally:
         assoc.release()
+
+
+def test_both_ends_run_the_waiting_reactor_and_end_with_the_association(
+    gateway: RunningServer, wait_for: Poll
+) -> None:
+    assoc = associate(gateway.endpoint, MODALITY_AE, [build_context(sop.VERIFICATION_SOP_CLASS)])
+    wait_for(lambda: len(gateway.server.active_associations()) == 1, what="server-side association")
+    (acceptor,) = gateway.server.active_associations()
+    for end in (assoc, acceptor):
+        assert isinstance(end, QuietAssociation)
+        assert isinstance(end.dul, QuietDUL)
+    assert assoc.send_c_echo().Status == 0x0000
+
+    assoc.release()
+
+    # Nothing polls any more: the release has to wake all four threads, or they would linger.
+    wait_for(lambda: not acceptor.is_alive() and not acceptor.dul.is_alive(), what="acceptor threads end")
+    wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), what="requestor threads end")
+    assert acceptor.is_released
+
+
+def test_an_idle_association_notices_the_peer_abort(gateway: RunningServer, wait_for: Poll) -> None:
+    assoc = associate(gateway.endpoint, MODALITY_AE, [build_context(sop.VERIFICATION_SOP_CLASS)])
+    wait_for(lambda: len(gateway.server.active_associations()) == 1, what="server-side association")
+    (acceptor,) = gateway.server.active_associations()
+
+    assoc.abort()
+
+    wait_for(lambda: acceptor.is_aborted and not acceptor.is_alive(), what="the SCP to see the abort")
+    assert echo(gateway.endpoint, MODALITY_AE)  # and the server goes on serving
+
+
+def test_stock_pynetdicom_associations_when_the_version_is_not_the_one_reactor_was_written_for(
+    gateway: RunningServer, make_series: MakeSeries, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reactor, "ENABLED", False)
+    files = make_series(3)
+
+    assoc = associate(gateway.endpoint, MODALITY_AE, [build_context(sop.VERIFICATION_SOP_CLASS)])
+    try:
+        assert type(assoc) is Association
+    finally:
+        assoc.release()
+    statuses = send_files(gateway.endpoint, MODALITY_AE, files)
+
+    assert sorted(statuses.values()) == [0, 0, 0]
+    assert len(gateway.recorder.by_uid()) == 3
 
 
 @tolerates_refused_socket_leak

@@ -24,6 +24,7 @@ log = get_logger(__name__)
 
 _PURGE_BATCH = 500
 _RECORD_BATCH = 256
+_RECORD_LINGER_SECONDS = 0.02
 _IDENTIFYING = ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -141,12 +142,17 @@ class ImagingGateway:
                 return
             batch = [arrival]
             stop = False
-            while len(batch) < _RECORD_BATCH and not self._arrivals.empty():
-                more = self._arrivals.get_nowait()
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
+            # Linger a moment for the instances right behind this one: a series arrives one
+            # C-STORE every few milliseconds, and one transaction for several of them costs little
+            # more than one for each. The senders already have their answers (the journal).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_RECORD_LINGER_SECONDS):
+                    while len(batch) < _RECORD_BATCH:
+                        more = await self._arrivals.get()
+                        if more is None:
+                            stop = True
+                            break
+                        batch.append(more)
             await self.record(batch)
             if stop:
                 return

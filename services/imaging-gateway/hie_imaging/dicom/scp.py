@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
 from hie_imaging.dicom import sop
+from hie_imaging.dicom.reactor import QuietRequestHandler
 from hie_imaging.dicom.scu import MAX_PDU_BYTES, enable_tcp_nodelay
 from hie_imaging.dicom.spool import InvalidUidError, SpoolFullError, validate_uid
 
@@ -100,9 +102,17 @@ class StorageServer:
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_C_STORE, _handle_store, [self._on_instance]),
         ]
-        self._server = self._ae.start_server(
-            (host, port), block=False, evt_handlers=handlers, ae_title=self.ae_title
+        # What ae.start_server(block=False) does, with associations that wait instead of polling.
+        server = self._ae.make_server(
+            (host, port),
+            ae_title=self.ae_title,
+            evt_handlers=handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=QuietRequestHandler,
         )
+        self._ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True).start()
+        self._server = server
         LOGGER.info("DICOM SCP %s listening on %s:%d", self.ae_title, *self.address)
 
     @property

@@ -22,6 +22,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 
 from hie_imaging.dicom import sop
+from hie_imaging.dicom.reactor import request_association
 
 LOGGER = logging.getLogger(__name__)
 
@@ -110,13 +111,14 @@ def associate(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     connected = threading.Event()
-    assoc = ae.associate(
+    assoc = request_association(
+        ae,
         endpoint.host,
         endpoint.port,
-        contexts=list(contexts),
-        ae_title=endpoint.ae_title,
-        max_pdu=MAX_PDU_BYTES,
-        evt_handlers=[
+        endpoint.ae_title,
+        contexts,
+        MAX_PDU_BYTES,
+        [
             (evt.EVT_CONN_OPEN, enable_tcp_nodelay),
             (evt.EVT_CONN_OPEN, lambda _event: connected.set()),
         ],
