@@ -302,7 +302,16 @@ class Scenario:
                 got = pacs.received_for(study_uid)
                 return len(got) if len(got) >= len(sent_pixels) else None
 
-            await _until("the CT series at the hospital's PACS", probe)
+            try:
+                await _until("the CT series at the hospital's PACS", probe)
+            except DemoError as exc:
+                # Say where the study stands at each gateway, and why it is stuck.
+                where = [
+                    f"{h.slug}: {await self.gateway_status(h, study_uid)}" for h in (self.hub1, self.hub2)
+                ]
+                raise DemoError(
+                    f"{exc}; {len(pacs.received_for(study_uid))} there; {'; '.join(where)}"
+                ) from None
             received = pacs.received_for(study_uid)
             r.instances_identical = sum(1 for uid, px in received.items() if sent_pixels.get(uid) == px)
             if r.instances_identical != len(sent_pixels):

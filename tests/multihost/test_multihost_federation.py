@@ -163,7 +163,14 @@ async def test_referral_with_ct_from_hub1_reaches_the_pacs_behind_hub2(multihost
         api = Api(federation, http)
         scenario = AcrossHosts(federation, api, 12, multihost.network.namespaces["hub2"])
         scenario.rng = random.Random(seed)  # its first draw is the patient's RRN
-        result = await scenario.run()
+        try:
+            result = await scenario.run()
+        except Exception:
+            # What the hubs' services said is what tells why; pytest shows it with the failure.
+            for name, proc in multihost.services.items():
+                if name.startswith(("imaging-gateway", "hub-node")):
+                    print(f"--- {name} (last lines of {proc.log})\n{proc.last_lines(40)}")
+            raise
 
         # Hub 2's links name an address the other hosts reach (the overlay's PUBLIC_URL): page
         # through the patient's documents there, one per page, from outside hub 2's host.

@@ -96,6 +96,7 @@ class StudyCounts:
     by_state: dict[str, int]
     exchange_ids: list[str]
     attempts: int
+    last_error: str | None
 
 
 async def study_counts(session: AsyncSession, study_uid: str) -> StudyCounts | None:
@@ -112,11 +113,18 @@ async def study_counts(session: AsyncSession, study_uid: str) -> StudyCounts | N
         )
     ).all()
     attempts = await session.scalar(select(func.max(Instance.attempts)).where(where))
+    last_error = await session.scalar(
+        select(Instance.last_error)
+        .where(where, Instance.last_error.is_not(None))
+        .order_by(Instance.updated_at.desc())
+        .limit(1)
+    )
     return StudyCounts(
         received=int(received),
         by_state={str(state): int(count) for state, count in rows},
         exchange_ids=sorted(exchanges),
         attempts=int(attempts or 0),
+        last_error=last_error,
     )
 
 

@@ -22,4 +22,5 @@ class StudyStatus(BaseModel):
     failed: int = 0
     purged: int = 0
     attempts: int = Field(0, description="the most failed relay attempts of any instance")
+    last_error: str | None = Field(None, description="why the latest failed attempt failed, if any did")
     state: str

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_imaging import repository
@@ -56,6 +57,30 @@ def link_role(link: StudyLink, hub: str) -> Role | None:
     return None
 
 
+# pg_advisory_xact_lock(class, key): the class names "a study at this gateway" among our locks.
+_STUDY_LOCK_CLASS = 7243002
+
+
+async def lock_studies(session: AsyncSession, study_uids: Iterable[str]) -> None:
+    """Serialize, per study, the arrival of instances with the arrival of the exchange that claims them.
+
+    Each side reads what the other writes (arrivals read the links, a new link reads the instances).
+    On PostgreSQL under READ COMMITTED two such transactions would each miss the other's rows, and
+    the instance would stay held although its exchange is known; a transaction-scoped advisory lock
+    per study, taken before reading, orders them. Keys are taken in ascending order (no deadlock).
+    On SQLite the single writer connection already serializes them.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    keys = sorted(
+        {int.from_bytes(hashlib.sha256(uid.encode()).digest()[:4], "big", signed=True) for uid in study_uids}
+    )
+    for key in keys:
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(:cls, :key)"), {"cls": _STUDY_LOCK_CLASS, "key": key}
+        )
+
+
 async def _queue(session: AsyncSession, outbox: Outbox, hub: str, sop_uid: str, study_uid: str) -> None:
     job = RelayJob(sop_instance_uid=sop_uid, study_instance_uid=study_uid)
     await outbox.add(session, subjects.hub_imaging_jobs(hub), job)
@@ -75,6 +100,7 @@ async def record_instances(
     afresh. A few statements for the whole batch, not a few per instance: this runs for every
     C-STORE the gateway answers.
     """
+    await lock_studies(session, {a.study_instance_uid for a in arrivals})
     existing = await repository.instances_of_many(session, {a.sop_instance_uid for a in arrivals})
     links = await repository.links_of_studies(session, {a.study_instance_uid for a in arrivals})
     fresh: dict[str, Arrival] = {}
@@ -162,11 +188,14 @@ async def link_exchange(
     exchange, and an instance already queued for it, are left as they are.
     """
     touched: list[str] = []
+    study_uids: list[str] = []
     for ref in sent.studies:
         try:
-            study_uid = validate_uid(ref.study_instance_uid.strip())
+            study_uids.append(validate_uid(ref.study_instance_uid.strip()))
         except InvalidUidError:
             continue  # a malformed reference cannot match any instance
+    await lock_studies(session, study_uids)
+    for study_uid in dict.fromkeys(study_uids):
         link = await repository.link(session, study_uid, sent.exchange_id)
         if link is None:
             link = StudyLink(
@@ -266,6 +295,7 @@ async def study_status(session: AsyncSession, study_uid: str) -> StudyStatus | N
         failed=by_state.get(State.FAILED.value, 0),
         purged=by_state.get(State.PURGED.value, 0),
         attempts=counts.attempts,
+        last_error=counts.last_error,
         state=study_state(by_state),
     )
 
