@@ -101,18 +101,24 @@ class StudyCounts:
 
 async def study_counts(session: AsyncSession, study_uid: str) -> StudyCounts | None:
     where = Instance.study_instance_uid == study_uid
-    received = await session.scalar(select(func.count(func.distinct(Instance.sop_instance_uid))).where(where))
-    if not received:
-        return None
+    # One statement for every count, so they agree with each other: on SQLite each SELECT outside a
+    # write transaction reads its own snapshot, and the recorder commits new rows in between.
+    received = select(func.count(func.distinct(Instance.sop_instance_uid))).where(where).scalar_subquery()
+    attempts = select(func.max(Instance.attempts)).where(where).scalar_subquery()
     rows = (
-        await session.execute(select(Instance.state, func.count()).where(where).group_by(Instance.state))
+        await session.execute(
+            select(Instance.state, func.count(), received, attempts).where(where).group_by(Instance.state)
+        )
     ).all()
+    if not rows:
+        return None
+    by_state = {str(state): int(count) for state, count, _, _ in rows}
+    total, most_attempts = int(rows[0][2]), int(rows[0][3] or 0)  # the same on every row
     exchanges = (
         await session.scalars(
             select(Instance.exchange_id).where(where, Instance.exchange_id != NO_EXCHANGE).distinct()
         )
     ).all()
-    attempts = await session.scalar(select(func.max(Instance.attempts)).where(where))
     last_error = await session.scalar(
         select(Instance.last_error)
         .where(where, Instance.last_error.is_not(None))
@@ -120,10 +126,10 @@ async def study_counts(session: AsyncSession, study_uid: str) -> StudyCounts | N
         .limit(1)
     )
     return StudyCounts(
-        received=int(received),
-        by_state={str(state): int(count) for state, count in rows},
+        received=total,
+        by_state=by_state,
         exchange_ids=sorted(exchanges),
-        attempts=int(attempts or 0),
+        attempts=most_attempts,
         last_error=last_error,
     )
 
