@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 
@@ -31,4 +32,6 @@ async def main(selected: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the federations started stop with it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     asyncio.run(main(sys.argv[1:]))

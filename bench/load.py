@@ -22,6 +22,7 @@ import asyncio
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -315,6 +316,7 @@ async def run(report: Report) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind and stop what was started
     result = Report()
     failed = asyncio.run(run(result))
     print(f"report: {result.write(NAME)}")
