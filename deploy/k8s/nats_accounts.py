@@ -75,6 +75,9 @@ def consumers(slug: str) -> list[Consumer]:
     """The durable consumers of one hub's node and gateway."""
     return [
         Consumer("HIE_HUB_INBOX", f"hub-{slug}-inbox", f"hie.hub.{slug}.inbox.>"),  # hie_hub.inbox
+        # hie_hub.studies: the studies its gateway delivered. Every gateway reports on the one subject,
+        # so a hub reads the other hubs' study counts too (uids and exchange ids, no patient key).
+        Consumer("HIE_IMAGING", f"hub-{slug}-imaging", "hie.imaging.study.progress"),
         # hie_hub.consent_replica: every hub replicates the whole consent feed, by design (§4).
         Consumer("HIE_CONSENT", f"hub-{slug}-consent", "hie.consent.consent.recorded", by_durable_name=True),
         Consumer("HIE_EXCHANGE", f"imaging-{slug}-exchanges", "hie.exchange.exchange.sent"),  # events
@@ -187,7 +190,7 @@ def render(slugs: list[str]) -> str:
         "#                                             of the same config; UPDATE, DELETE, PURGE are not",
         "#                                             imported, so a hub cannot shorten HIE_AUDIT",
         "#   $JS.API.CONSUMER.{INFO,CREATE,MSG.NEXT}.<stream>.<own durable>  and $JS.ACK of the same:",
-        "#                                             its four durable consumers, CREATE pinned to",
+        "#                                             its five durable consumers, CREATE pinned to",
         "#                                             its own filter subject (the consent replica's",
         "#                                             by durable name on HIE_CONSENT, plus DELETE to",
         "#                                             rebuild it)",

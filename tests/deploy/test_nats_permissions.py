@@ -195,6 +195,7 @@ async def test_services_do_their_work_under_their_permissions(buses: dict[str, B
     consume(hub_a, streams.HUB_INBOX.name, f"hub-{HUB_A}-inbox", subjects.hub_inbox_wildcard(HUB_A))
     consume(hub_a, streams.IMAGING_JOBS.name, f"imaging-{HUB_A}-relay", subjects.hub_imaging_jobs(HUB_A))
     consume(hub_a, streams.EXCHANGE.name, f"imaging-{HUB_A}-exchanges", subjects.EXCHANGE_SENT)
+    consume(hub_a, streams.IMAGING.name, f"hub-{HUB_A}-imaging", subjects.IMAGING_STUDY_PROGRESS)
     consume(registry, streams.EXCHANGE.name, "registry-locator", "hie.exchange.>")
     consume(consent, streams.EXCHANGE.name, "consent-history", "hie.exchange.>")
     consume(consent, streams.AUDIT.name, "consent-access", subjects.AUDIT_RECORDED)
@@ -211,6 +212,7 @@ async def test_services_do_their_work_under_their_permissions(buses: dict[str, B
         f"hub-{HUB_A}-inbox": "task-status",
         f"imaging-{HUB_A}-relay": "relay",
         f"imaging-{HUB_A}-exchanges": "sent",
+        f"hub-{HUB_A}-imaging": "progress",  # hub B's gateway reported it: every hub hears all
         "registry-locator": "sent",
         "consent-history": "sent",
         "consent-access": "audit",
@@ -246,6 +248,7 @@ async def test_services_do_their_work_under_their_permissions(buses: dict[str, B
         f"hub-{HUB_A}-inbox": streams.HUB_INBOX.name,
         f"imaging-{HUB_A}-relay": streams.IMAGING_JOBS.name,
         f"imaging-{HUB_A}-exchanges": streams.EXCHANGE.name,
+        f"hub-{HUB_A}-imaging": streams.IMAGING.name,
         "registry-locator": streams.EXCHANGE.name,
         "consent-history": streams.EXCHANGE.name,
         "consent-access": streams.AUDIT.name,
@@ -288,6 +291,15 @@ DENIED: dict[str, Attempt] = {
         ConsumerConfig(
             name=f"hub-{HUB_A}-inbox", durable_name=f"hub-{HUB_A}-inbox", filter_subject="hie.hub.*.inbox.>"
         ),
+    ),
+    "its imaging durable on every imaging fact": lambda nc: nc.jetstream(timeout=1).add_consumer(
+        "HIE_IMAGING",
+        ConsumerConfig(
+            name=f"hub-{HUB_A}-imaging", durable_name=f"hub-{HUB_A}-imaging", filter_subject="hie.imaging.>"
+        ),
+    ),
+    "another hub's imaging consumer": lambda nc: nc.jetstream(timeout=1).consumer_info(
+        "HIE_IMAGING", f"hub-{HUB_B}-imaging"
     ),
     "another hub's consent replica": lambda nc: nc.jetstream(timeout=1).delete_consumer(
         "HIE_CONSENT", f"hub-{HUB_B}-consent"

@@ -52,7 +52,15 @@ async def test_metadata_describes_the_node_without_a_token(federation: Federatio
     statement = response.json()
     parse_resource(statement, "CapabilityStatement")
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
-    assert set(resources) == {"DocumentReference", "Bundle", "List", "Task", "Subscription", "AuditEvent"}
+    assert set(resources) == {
+        "DocumentReference",
+        "Bundle",
+        "List",
+        "Task",
+        "ImagingStudy",
+        "Subscription",
+        "AuditEvent",
+    }
     assert {p["name"] for p in resources["DocumentReference"]["searchParam"]} >= {
         "patient.identifier",
         "type",

@@ -245,7 +245,7 @@ async def test_the_capability_statement_says_what_the_node_does(federation: Fede
             path = template.replace("{type}", resource["type"])
             wanted = {
                 (method, path.replace("{id}", name))
-                for name in ("{document_id}", "{task_id}", "{list_id}", "{subscription_id}")
+                for name in ("{document_id}", "{task_id}", "{list_id}", "{subscription_id}", "{study_id}")
             }
             assert routes & wanted, f"{resource['type']} {interaction['code']} is advertised but not routed"
         declared = {p["name"] for p in resource.get("searchParam", [])}

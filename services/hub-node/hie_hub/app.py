@@ -14,6 +14,7 @@ from hie_hub import (
     documents_api,
     fhir_api,
     holder,
+    imaging_api,
     list_api,
     subscription_api,
     task_api,
@@ -24,6 +25,7 @@ from hie_hub.consent_replica import ConsentReplica
 from hie_hub.inbox import Inbox
 from hie_hub.models import PLATFORM
 from hie_hub.node import HubNode
+from hie_hub.studies import StudyFeed
 from hie_hub.webhooks import WebhookSender
 from hie_platform.http import create_service_app
 from hie_platform.runtime import start_runtime
@@ -45,6 +47,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             app.state.runtime = runtime
             app.state.node = node
             Inbox(node).start()
+            StudyFeed(node).start()
             await holder.serve(node)
             webhooks = WebhookSender(node, runtime.http)
             webhooks.start()
@@ -59,11 +62,15 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         service="hub-node",
         title=f"HIE hub node ({settings.hub})",
         version=VERSION,
-        description="FHIR document repository of a hub and its clinics; referral/return exchange (IHE MHD).",
+        description=(
+            "FHIR document repository of a hub and its clinics; referral/return exchange (IHE MHD); "
+            "the imaging studies delivered to them (IHE XDS-I.b)."
+        ),
         lifespan=lifespan,
         routers=[
             fhir_api.router,
             documents_api.router,
+            imaging_api.router,
             list_api.router,
             task_api.router,
             subscription_api.router,

@@ -33,6 +33,8 @@ ACTIONS: dict[str, tuple[str, str, str | None]] = {
     "document.entered-in-error": ("U", "update", None),
     "list.search": ("E", "search-type", "ITI-66"),
     "list.read": ("R", "read", "ITI-66"),
+    "imaging.search": ("E", "search-type", None),
+    "imaging.read": ("R", "read", None),
     "federated.search": ("E", "search-type", "ITI-67"),
     "federated.retrieve": ("R", "read", "ITI-68"),
     "crs.generate": ("E", "operation", None),
@@ -144,6 +146,14 @@ def _entities(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "what": {"reference": f"DocumentReference/{document_id}"},
                 "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                 "role": {"system": OBJECT_ROLE, "code": "3", "display": "Report"},
+            }
+        )
+    for study_id in (record.get("detail") or {}).get("imaging_studies") or []:
+        entities.append(
+            {
+                "what": {"reference": f"ImagingStudy/{study_id}"},
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
             }
         )
     return entities

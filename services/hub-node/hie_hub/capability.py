@@ -9,6 +9,7 @@ from typing import Any
 from hie_hub.audit_api import AUDIT_SEARCH
 from hie_hub.config import HubSettings
 from hie_hub.documents_api import DOCUMENT_SEARCH
+from hie_hub.imaging_api import STUDY_SEARCH
 from hie_hub.list_api import LIST_SEARCH
 from hie_hub.notifications import TOPIC
 from hie_hub.task_api import TASK_SEARCH
@@ -56,6 +57,16 @@ TASK_PARAMS: dict[str, tuple[str, str]] = {
     ),
     "_cursor": ("string", PAGING),
 }
+STUDY_PARAMS: dict[str, tuple[str, str]] = {
+    "patient.identifier": ("token", "required: RRN or patient-key system|value"),
+    "identifier": (
+        "token",
+        "urn:dicom:uid|urn:oid:<Study Instance UID> (urn:oid: may be left out), |<accession number>, "
+        "or a bare value for either; comma = or",
+    ),
+    "_count": ("number", "page size (default 100, at most 1000)"),
+    "_cursor": ("string", PAGING),
+}
 AUDIT_PARAMS: dict[str, tuple[str, str]] = {
     "patient.identifier": ("token", "RRN or patient-key system|value"),
     "date": ("date", f"when the record was made; {DATE}"),
@@ -67,6 +78,7 @@ ACCEPTED = {
     "DocumentReference": (DOCUMENT_PARAMS, DOCUMENT_SEARCH),
     "List": (LIST_PARAMS, LIST_SEARCH),
     "Task": (TASK_PARAMS, TASK_SEARCH),
+    "ImagingStudy": (STUDY_PARAMS, STUDY_SEARCH),
     "AuditEvent": (AUDIT_PARAMS, AUDIT_SEARCH),
 }
 
@@ -101,7 +113,8 @@ def capability_statement(settings: HubSettings, software_version: str) -> dict[s
                     "IHE MHD for the hub's institutions: publish (ITI-65, with replace by relatesTo), find "
                     "(ITI-67, also across hubs with _federated=true), find SubmissionSets (ITI-66), retrieve "
                     "(ITI-68); referral/return workflow as Task with long polling and rest-hook "
-                    "Subscriptions; a care record summary on request ($generate-crs); the audit trail as "
+                    "Subscriptions; the imaging studies delivered in an exchange as ImagingStudy "
+                    "(XDS-I.b); a care record summary on request ($generate-crs); the audit trail as "
                     "AuditEvent for the agency. Unknown search parameters are ignored unless "
                     "'Prefer: handling=strict' is sent. See docs/fhir-profiles.md."
                 ),
@@ -146,6 +159,16 @@ def capability_statement(settings: HubSettings, software_version: str) -> dict[s
                         "interaction": _interactions("read", "update", "search-type"),
                         "updateCreate": False,
                         "searchParam": _params(TASK_PARAMS),
+                    },
+                    {
+                        "type": "ImagingStudy",
+                        "interaction": _interactions("read", "search-type"),
+                        "documentation": (
+                            "studies the imaging gateway delivered to the recipient's PACS in an exchange "
+                            "this hub received; seen by the two parties, as their documents; the PACS as "
+                            "a contained Endpoint (dicom-dimse)"
+                        ),
+                        "searchParam": _params(STUDY_PARAMS),
                     },
                     {
                         "type": "Subscription",

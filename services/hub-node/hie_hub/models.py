@@ -1,4 +1,4 @@
-"""Hub tables: stored documents and referral Tasks (+ the platform tables)."""
+"""Hub tables: stored documents, referral Tasks, delivered imaging studies (+ the platform tables)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String
+from sqlalchemy import JSON, DateTime, Index, Integer, String, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -89,6 +89,33 @@ class Task(Base):
     focus: Mapped[list[str]] = mapped_column(JSON)
     task: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class DeliveredStudy(Base):
+    """An imaging study delivered to the PACS of one of this hub's institutions in an exchange, as the
+    hub's imaging gateway reported it (StudyProgress): what makes it findable here (IHE XDS-I.b)."""
+
+    __tablename__ = "imaging_studies"
+    __table_args__ = (
+        UniqueConstraint("study_instance_uid", "exchange_id", name="uq_imaging_studies_study_exchange"),
+        Index("ix_imaging_studies_patient_recorded", "patient_key", "recorded_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the ImagingStudy id
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    exchange_id: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[str] = mapped_column(String(64))
+    patient_key: Mapped[str] = mapped_column(String(64))
+    from_institution: Mapped[str] = mapped_column(String(8))
+    to_institution: Mapped[str] = mapped_column(String(8))
+    # The exchanged document that names the study: reading the study asks consent as reading it would.
+    document_id: Mapped[str] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    instances: Mapped[int] = mapped_column(Integer)  # the most instances ever reported delivered
+    state: Mapped[str] = mapped_column(String(16))  # the gateway's word for the study, as last reported
+    first_update_at: Mapped[datetime] = mapped_column(UtcDateTime)  # the gateway's clock
+    last_update_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime)  # this hub's clock; never changes (paging)
 
 
 class SubmissionSet(Base):

@@ -1,4 +1,4 @@
-"""All SQL of the hub: documents and Tasks."""
+"""All SQL of the hub: documents, Tasks, SubmissionSets, Subscriptions and delivered imaging studies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub.models import Document, SubmissionSet, Subscription, Task
+from hie_hub.models import DeliveredStudy, Document, SubmissionSet, Subscription, Task
 
 
 async def document(session: AsyncSession, document_id: str) -> Document | None:
@@ -166,3 +166,41 @@ async def subscriptions_of(session: AsyncSession, institution: str) -> list[Subs
         select(Subscription).where(Subscription.institution == institution).order_by(Subscription.created_at)
     )
     return list(rows.all())
+
+
+async def task_of_exchange(session: AsyncSession, exchange_id: str, hub: str) -> Task | None:
+    """This hub's copy of an exchange's Task: the one it received when it owns the exchange (the
+    requester's copy too when both parties belong to this hub), else the one it sent."""
+    rows = await session.scalars(select(Task).where(Task.exchange_id == exchange_id).order_by(Task.id))
+    found = list(rows.all())
+    return next((row for row in found if row.owner_hub == hub), found[0] if found else None)
+
+
+async def delivered_study(
+    session: AsyncSession, study_uid: str, exchange_id: str, *, lock: bool = False
+) -> DeliveredStudy | None:
+    """The study as delivered in one exchange; ``lock`` holds its row until the transaction ends
+    (PostgreSQL), so that two replicas applying progress to it take turns."""
+    query = select(DeliveredStudy).where(
+        DeliveredStudy.study_instance_uid == study_uid, DeliveredStudy.exchange_id == exchange_id
+    )
+    return await session.scalar(query.with_for_update() if lock else query)
+
+
+async def delivered_study_by_id(session: AsyncSession, study_id: str) -> DeliveredStudy | None:
+    return await session.get(DeliveredStudy, study_id)
+
+
+async def delivered_studies_of_patient(
+    session: AsyncSession, patient_key: str, *, study_uids: Collection[str] | None = None
+) -> list[DeliveredStudy]:
+    """A patient's delivered studies, most recently recorded first (ties by id)."""
+    query = select(DeliveredStudy).where(DeliveredStudy.patient_key == patient_key)
+    if study_uids is not None:
+        query = query.where(DeliveredStudy.study_instance_uid.in_(list(study_uids)))
+    query = query.order_by(DeliveredStudy.recorded_at.desc(), DeliveredStudy.id.desc())
+    return list((await session.scalars(query)).all())
+
+
+def add_delivered_study(session: AsyncSession, row: DeliveredStudy) -> None:
+    session.add(row)

@@ -1,0 +1,50 @@
+"""FHIR REST endpoints of ImagingStudy: the studies delivered to this hub's institutions (XDS-I.b)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from hie_hub import studies
+from hie_hub.node import NodeDep, ReaderActor
+from hie_hub.params import DEFAULT_COUNT, SearchParams
+from hie_hub.resources import searchset
+from hie_platform.errors import FhirError, fhir_response
+from hie_platform.http import ReadSessionDep, SessionDep
+from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
+
+router = APIRouter(prefix="/fhir", tags=["imaging"])
+
+STUDY_SEARCH = frozenset({"patient.identifier", "identifier", "_count", "_cursor"})
+
+
+@router.get("/ImagingStudy", summary="Find the imaging studies delivered in your exchanges (XDS-I.b)")
+async def find_imaging_studies(
+    request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    params = SearchParams(request, STUDY_SEARCH)
+    count = params.count()
+    query = studies.StudyQuery(
+        patient_key=params.patient_key("patient.identifier", node.settings.patient_key_bytes),
+        identifiers=params.any_of("identifier"),
+        count=count if count is not None else DEFAULT_COUNT,
+        cursor=params.cursor(),
+    )
+    found = await studies.search(node, read, session, actor, query)
+    base = f"{node.settings.fhir_base}/ImagingStudy"
+    patient = {"patient.identifier": f"{PATIENT_KEY_SYSTEM}|{query.patient_key}"}
+    links = [("self", params.link(base, patient))]
+    if found.next_cursor is not None:
+        links.append(("next", params.link(base, patient | {"_cursor": found.next_cursor.encode()})))
+    resources = [await studies.resource(node, row) for row in found.studies]
+    return fhir_response(200, searchset(node.settings.fhir_base, resources, found.total, links=links))
+
+
+@router.get("/ImagingStudy/{study_id}", summary="Read one ImagingStudy")
+async def read_imaging_study(
+    study_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    result = await studies.read_study(node, read, session, actor, study_id)
+    if isinstance(result, FhirError):
+        return fhir_response(result.status, result.operation_outcome(), result.headers())
+    return fhir_response(200, await studies.resource(node, result))
