@@ -67,6 +67,7 @@ class Load:
         self.patients = [demo_rrn(rng) for _ in range(40)]
         self.churn = [demo_rrn(rng) for _ in range(10)]
         self.churn_withdrawn: dict[str, bool] = {}
+        self.churn_busy: set[str] = set()
         self.referred: list[str] = []  # patients with at least one referral published
         self.documents: list[str] = []  # DocumentReference ids at hub 1
         self.referrals: set[str] = set()  # DocumentReference ids of the referrals themselves
@@ -159,15 +160,27 @@ class Load:
         return None
 
     async def consent(self) -> str | None:
-        rrn = self.rng.choice(self.churn)
-        withdraw = not self.churn_withdrawn.get(rrn, False)
-        self.churn_withdrawn[rrn] = withdraw  # claimed before the await: one change per patient at a time
-        policy = ConsentPolicy.ENTIRE_WITHDRAWAL if withdraw else ConsentPolicy.ENTIRE_CONSENT
-        body = consent_resource(rrn, self.clinic.code, policy)
-        response = await self.api.call("POST", f"{self.f.consent_url}/fhir/Consent", self.clinic, json=body)
-        if response.status_code != 201:
-            return f"Consent {policy.value} {response.status_code}: {response.text[:200]}"
-        return None
+        # One change at a time per patient, as at a real desk: two clients toggling the same patient
+        # at once would rightly get 409 (withdrawing what is already withdrawn, or a version older
+        # than the one in force).
+        free = [rrn for rrn in self.churn if rrn not in self.churn_busy]
+        if not free:
+            return None
+        rrn = self.rng.choice(free)
+        self.churn_busy.add(rrn)
+        try:
+            withdraw = not self.churn_withdrawn.get(rrn, False)
+            policy = ConsentPolicy.ENTIRE_WITHDRAWAL if withdraw else ConsentPolicy.ENTIRE_CONSENT
+            body = consent_resource(rrn, self.clinic.code, policy)
+            response = await self.api.call(
+                "POST", f"{self.f.consent_url}/fhir/Consent", self.clinic, json=body
+            )
+            if response.status_code != 201:
+                return f"Consent {policy.value} {response.status_code}: {response.text[:200]}"
+            self.churn_withdrawn[rrn] = withdraw
+            return None
+        finally:
+            self.churn_busy.discard(rrn)
 
     async def imaging(self) -> str | None:
         rrn = self.rng.choice(self.patients)

@@ -72,26 +72,32 @@ def demo_rrn(rng: random.Random) -> str:
 
 
 class Api:
-    """HTTP with a cached access token per institution."""
+    """HTTP with a cached access token per institution, fetched again shortly before it expires."""
+
+    REFRESH_MARGIN_SECONDS = 30.0
 
     def __init__(self, federation: Federation, http: httpx.AsyncClient) -> None:
         self.federation = federation
         self.http = http
-        self._tokens: dict[str, str] = {}
+        self._tokens: dict[str, tuple[str, float]] = {}  # client id -> (token, monotonic expiry)
 
     async def token(self, inst: InstitutionEntry) -> str:
-        if inst.client_id not in self._tokens:
-            response = await self.http.post(
-                f"{self.federation.registry_url}/oauth2/token",
-                data={
-                    "grant_type": "client_credentials",
-                    "client_id": inst.client_id,
-                    "client_secret": inst.client_secret,
-                },
-            )
-            _expect(response, 200, f"token for {inst.code}")
-            self._tokens[inst.client_id] = response.json()["access_token"]
-        return self._tokens[inst.client_id]
+        cached = self._tokens.get(inst.client_id)
+        if cached is not None and time.monotonic() < cached[1]:
+            return cached[0]
+        response = await self.http.post(
+            f"{self.federation.registry_url}/oauth2/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_id": inst.client_id,
+                "client_secret": inst.client_secret,
+            },
+        )
+        body = _expect(response, 200, f"token for {inst.code}")
+        lifetime = float(body.get("expires_in", 300))
+        expiry = time.monotonic() + max(lifetime - self.REFRESH_MARGIN_SECONDS, lifetime / 2)
+        self._tokens[inst.client_id] = (body["access_token"], expiry)
+        return str(body["access_token"])
 
     async def call(self, method: str, url: str, inst: InstitutionEntry, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {await self.token(inst)}", "Accept": FHIR_JSON}

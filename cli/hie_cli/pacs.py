@@ -61,22 +61,57 @@ def _nodelay(event: Any) -> None:
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+NO_RESPONSE = 0xFFFF  # our marker: the instance got no C-STORE response
+
+
 def send_series(
-    datasets: Sequence[Dataset], host: str, port: int, called_ae: str, calling_ae: str
+    datasets: Sequence[Dataset], host: str, port: int, called_ae: str, calling_ae: str, associations: int = 3
 ) -> dict[str, int]:
-    """C-STORE datasets over one association; returns SOP Instance UID → DIMSE status."""
+    """C-STORE datasets; returns SOP Instance UID → DIMSE status (NO_RESPONSE if never answered).
+
+    Like a modality or PACS, it sends again, on a new association, whatever got no response: an
+    aborted association, or pynetdicom 3.0.4's send_c_store race (under CPU load a send can miss its
+    response and wait out the DIMSE timeout, then the association is aborted). Stores are
+    idempotent by SOP Instance UID at the gateway, so a resend never makes a second copy.
+    """
+    statuses: dict[str, int] = {}
+    for attempt in range(associations):
+        pending = [ds for ds in datasets if statuses.get(str(ds.SOPInstanceUID), NO_RESPONSE) == NO_RESPONSE]
+        if not pending:
+            break
+        try:
+            _send_once(pending, host, port, called_ae, calling_ae, statuses)
+        except ConnectionError:
+            if attempt == associations - 1:
+                raise
+    return statuses
+
+
+def _send_once(
+    datasets: Sequence[Dataset],
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    statuses: dict[str, int],
+) -> None:
     ae = AE(calling_ae)
     ae.maximum_pdu_size = MAX_PDU
+    ae.dimse_timeout = 10  # a missed response costs this long before the resend
     for sop_class, syntax in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     if not assoc.is_established:
         raise ConnectionError(f"association with {called_ae} at {host}:{port} was not established")
-    statuses: dict[str, int] = {}
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
-            statuses[str(ds.SOPInstanceUID)] = int(status.Status) if "Status" in status else 0xFFFF
+            if not assoc.is_established:
+                break  # aborted (by the peer, or by pynetdicom after a DIMSE timeout): resend the rest
+            try:
+                status = assoc.send_c_store(ds)
+            except RuntimeError:  # ended between the check and the send
+                break
+            statuses[str(ds.SOPInstanceUID)] = int(status.Status) if "Status" in status else NO_RESPONSE
     finally:
-        assoc.release()
-    return statuses
+        if assoc.is_established:
+            assoc.release()

@@ -141,4 +141,12 @@ def serve(app: Any, settings: ServiceSettings) -> None:
     """Run a service under uvicorn with our logging (no uvicorn access log: it would print queries)."""
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False, lifespan="on")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=settings.http_keep_alive_seconds,
+    )

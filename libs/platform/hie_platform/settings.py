@@ -51,6 +51,10 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     max_body_bytes: int = 10 * 1024 * 1024
+    # How long an idle HTTP keep-alive connection stays open. Longer than the clients' own expiry
+    # (httpx 5 s, most EMR stacks and load balancers 60 s): a server that closes first races the
+    # client's next request on that connection, which then fails with a read error.
+    http_keep_alive_seconds: int = Field(default=75, ge=1)
 
     @property
     def base_url(self) -> str:
