@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from pydicom import dcmread
+from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, sop_class
 from pynetdicom.association import Association
@@ -385,6 +386,11 @@ def test_peer_refusing_a_transfer_syntax_fails_only_those_files(
 ) -> None:
     peer = start_storescp()  # DCMTK default: uncompressed transfer syntaxes only
     jpeg2000 = make_series(1, source="MR_small_jp2klossless.dcm")
+    # A codestream that cannot be decoded, so the fallback to an uncompressed syntax (see
+    # test_transcoding.py) cannot help either.
+    broken = dcmread(jpeg2000[0])
+    broken.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(60)])
+    broken.save_as(jpeg2000[0])
 
     statuses = send_files(peer.endpoint, MODALITY_AE, ct_series + jpeg2000)
 

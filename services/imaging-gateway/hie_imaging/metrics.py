@@ -19,6 +19,13 @@ class GatewayMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.transcoded = Counter(
+            "hie_imaging_instances_transcoded_total",
+            "Instances whose own transfer syntax the peer refused, by result: sent decoded into an "
+            "uncompressed syntax, or failed (could not be decoded, not sent)",
+            ["result"],
+            registry=registry,
+        )
         self.associations = Counter(
             "hie_imaging_associations_total",
             "Outgoing associations, by outcome (ok, failed)",

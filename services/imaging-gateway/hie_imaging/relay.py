@@ -30,6 +30,7 @@ from hie_imaging.dicom import (
     is_stored,
     send_files,
 )
+from hie_imaging.dicom.scu import SendResult
 from hie_imaging.events import ProgressReporter
 from hie_imaging.metrics import GatewayMetrics
 from hie_imaging.models import Instance, Role, State, StudyLink
@@ -323,7 +324,7 @@ class RelayWorker:
                 files.append(path)
             else:
                 missing.add(sop_uid)
-        statuses: dict[str, int] = {}
+        statuses = SendResult()
         error: str | None = None
         if files:
             async with self._slots:
@@ -343,6 +344,10 @@ class RelayWorker:
                 batch.outcomes.append(Outcome(row, link, State.FAILED, "the spooled file is missing"))
             elif status is not None and is_stored(status):
                 batch.outcomes.append(Outcome(row, link, final))
+            elif sop_uid in statuses.untranscodable:
+                why = statuses.untranscodable[sop_uid]
+                reason = f"{endpoint} refused its transfer syntax and it cannot be decoded: {why}"
+                batch.outcomes.append(Outcome(row, link, State.QUEUED, reason[:300]))  # last_error's size
             else:
                 reason = (
                     f"{endpoint} answered 0x{status:04X}" if status is not None else f"{endpoint}: {error}"
@@ -351,11 +356,21 @@ class RelayWorker:
         stored = sum(1 for sop_uid in statuses if is_stored(statuses[sop_uid]))
         self.metrics.sent.labels("stored").inc(stored)
         self.metrics.sent.labels("failed").inc(len(files) - stored)
+        # Each association that transcoded has logged a line of its own (hie_imaging.dicom.scu).
+        self.metrics.transcoded.labels("sent").inc(len(statuses.transcoded))
+        self.metrics.transcoded.labels("failed").inc(len(statuses.untranscodable))
         if error:
             log.warning("relay failed", endpoint=str(endpoint), error=error, instances=len(files))
         elif files:
             ms = round((time.perf_counter() - started) * 1000, 1)
-            log.info("sent", endpoint=str(endpoint), instances=len(files), stored=stored, ms=ms)
+            log.info(
+                "sent",
+                endpoint=str(endpoint),
+                instances=len(files),
+                stored=stored,
+                transcoded=len(statuses.transcoded),
+                ms=ms,
+            )
 
     async def _record(self, batch: Batch) -> None:
         """Write every outcome, and one audit record per exchange and result, in one transaction."""

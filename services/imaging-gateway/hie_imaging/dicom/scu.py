@@ -1,21 +1,40 @@
 """Outbound DICOM: C-ECHO and C-STORE of spooled Part 10 files to a peer, bytes sent as stored.
 
+An instance goes out decoded into an uncompressed syntax only when the peer refuses its own
+(`send_files`); otherwise its bytes are streamed exactly as they were received.
+
 Every function blocks; callers run them in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -29,6 +48,19 @@ LOGGER = logging.getLogger(__name__)
 MAX_PDU_BYTES = 128 * 1024
 # PS3.8 §9.3.2.2: context IDs are odd numbers 1-255, so one association carries at most 128.
 MAX_PRESENTATION_CONTEXTS = 128
+
+# What an instance is sent in when the peer refuses its own syntax, in this order (explicit VR keeps
+# the VRs of private elements). Only ever these: the fallback decompresses, it never re-compresses.
+FALLBACK_SYNTAXES: Final[tuple[UID, ...]] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+# PS3.3 C.7.6.1.1.5: Lossy Image Compression Method (0028,2114) of the lossy-capable syntaxes.
+_LOSSY_METHOD: Final[dict[str, str]] = {
+    JPEGBaseline8Bit: "ISO_10918_1",
+    JPEGExtended12Bit: "ISO_10918_1",
+    JPEGLSNearLossless: "ISO_14495_1",
+    JPEG2000: "ISO_15444_1",
+    HTJ2K: "ISO_15444_15",
+}
 
 # PS3.8 Table 9-21 (A-ASSOCIATE-RJ) reason codes, keyed by (source, diagnostic).
 _REJECT_REASONS: dict[tuple[int, int], str] = {
@@ -55,14 +87,37 @@ class DicomEndpoint:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+class SendResult(dict[str, int]):
+    """SOP Instance UID -> DIMSE status, and which instances had to be transcoded for the peer.
+
+    `transcoded`: instances sent (and answered) in an uncompressed syntax because the peer refused
+    their own, as (original syntax, syntax sent). `untranscodable`: instances whose own syntax was
+    refused and that could not be decoded (their status is 0x0122), with the reason.
+    """
+
+    def __init__(self, statuses: Mapping[str, int] | None = None) -> None:
+        super().__init__(statuses or {})
+        self.transcoded: dict[str, tuple[UID, UID]] = {}
+        self.untranscodable: dict[str, str] = {}
+        if isinstance(statuses, SendResult):
+            self.transcoded.update(statuses.transcoded)
+            self.untranscodable.update(statuses.untranscodable)
+
+
 class AssociationFailedError(Exception):
     """No association, or it ended early. `completed` holds statuses of instances already answered."""
 
-    def __init__(self, endpoint: DicomEndpoint, reason: str, completed: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, endpoint: DicomEndpoint, reason: str, completed: Mapping[str, int] | None = None
+    ) -> None:
         super().__init__(f"association with {endpoint} failed: {reason}")
         self.endpoint = endpoint
         self.reason = reason
-        self.completed: dict[str, int] = dict(completed or {})
+        self.completed = SendResult(completed)
+
+
+class TranscodeError(Exception):
+    """An instance cannot be rewritten in an uncompressed syntax (no decoder, corrupt pixel data)."""
 
 
 class UnreadableFileError(Exception):
@@ -84,6 +139,12 @@ class _Outgoing:
     @property
     def context_key(self) -> tuple[str, str]:
         return (str(self.sop_class_uid), str(self.transfer_syntax_uid))
+
+    @property
+    def fallback_keys(self) -> tuple[tuple[str, str], ...]:
+        """The contexts to propose too, in case the peer refuses `context_key`."""
+        sop_class = str(self.sop_class_uid)
+        return tuple((sop_class, str(ts)) for ts in FALLBACK_SYNTAXES if ts != self.transfer_syntax_uid)
 
 
 def enable_tcp_nodelay(event: Event) -> None:
@@ -151,12 +212,16 @@ def send_files(
     calling_ae: str,
     files: Sequence[Path],
     timeout: float = 30,
-) -> dict[str, int]:
-    """C-STORE each Part 10 file unchanged; return SOP Instance UID -> DIMSE status.
+) -> SendResult:
+    """C-STORE each Part 10 file; return SOP Instance UID -> DIMSE status (a `SendResult`).
 
-    Only the file meta is read (SOP class, instance, transfer syntax); exactly those (SOP class,
-    transfer syntax) pairs are proposed, so the dataset goes out in the syntax it was received in,
-    with no decode and no transcode. A pair the peer refuses gets 0x0122 without being sent.
+    Only the file meta is read (SOP class, instance, transfer syntax). Each file's own (SOP class,
+    transfer syntax) pair is proposed and, for its SOP class, explicit and implicit VR little endian
+    as a fallback, in the same association. Whenever the peer accepts the file's own syntax, the
+    dataset goes out exactly as stored, with no decode. Only an instance whose own syntax the peer
+    refuses is read with pydicom, decompressed if it is compressed, and sent in the first fallback
+    syntax the peer accepted (`SendResult.transcoded`); if the peer accepted none, or the instance
+    cannot be decoded (`SendResult.untranscodable`, logged), it gets 0x0122 without being sent.
     Use `sop.is_stored(status)` to judge the result. Raises UnreadableFileError before connecting if
     any file lacks file meta, and AssociationFailedError if an association is refused, rejected or
     aborted (its `completed` says which instances were already answered; resending is safe because
@@ -168,9 +233,12 @@ def send_files(
     # pynetdicom 3 and the gateway never wants the re-encoding path, so we set it and leave it set.
     _config.STORE_SEND_CHUNKED_DATASET = True
 
-    statuses: dict[str, int] = {}
+    statuses = SendResult()
     for batch in _batches(outgoing):
-        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in _unique_contexts(batch)]
+        # The files' own contexts first, then the fallbacks; pynetdicom numbers them in this order.
+        keys = dict.fromkeys(item.context_key for item in batch)
+        keys.update(dict.fromkeys(key for item in batch for key in item.fallback_keys))
+        contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in keys]
         try:
             assoc = associate(endpoint, calling_ae, contexts, timeout)
         except AssociationFailedError as exc:
@@ -183,40 +251,204 @@ def send_files(
 
 
 def _send_batch(
-    assoc: Association, endpoint: DicomEndpoint, batch: list[_Outgoing], statuses: dict[str, int]
+    assoc: Association, endpoint: DicomEndpoint, batch: list[_Outgoing], statuses: SendResult
 ) -> None:
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-    for item in batch:
-        if item.context_key not in accepted:
-            LOGGER.warning(
-                "%s refused %s in %s; not sent",
-                endpoint,
-                item.sop_class_uid.name,
-                item.transfer_syntax_uid.name,
+    transcoded: Counter[tuple[UID, UID]] = Counter()
+    try:
+        for item in batch:
+            if item.context_key in accepted:
+                _store(assoc, endpoint, item, item.path, statuses)
+                continue
+            target = next(
+                (
+                    ts
+                    for ts in FALLBACK_SYNTAXES
+                    if (str(item.sop_class_uid), str(ts)) in accepted and ts != item.transfer_syntax_uid
+                ),
+                None,
             )
-            statuses[item.sop_instance_uid] = sop.STATUS_SOP_CLASS_NOT_SUPPORTED
-            continue
-        if not assoc.is_established:
-            raise AssociationFailedError(endpoint, "association ended by the peer", statuses)
-        # pynetdicom 3.0.4 race: send_c_store pauses the association reactor by clearing a checkpoint
-        # and polling `_is_paused`, but the reactor sets `_is_paused = False` only *after* its wait()
-        # returns. If the sender checks in that gap (~1 in 5,000 sends under CPU load) both threads
-        # run, the reactor takes our C-STORE-RSP off the DIMSE queue, send_c_store waits out the
-        # dimse_timeout and aborts, and the retry stores a duplicate at the peer. Parking the
-        # reactor first closes the gap; the moderate timeout and the callers' retry remain as backup.
-        _park_reactor(assoc)
+            if target is None:
+                LOGGER.warning(
+                    "%s refused %s in %s; not sent",
+                    endpoint,
+                    item.sop_class_uid.name,
+                    item.transfer_syntax_uid.name,
+                )
+                statuses[item.sop_instance_uid] = sop.STATUS_SOP_CLASS_NOT_SUPPORTED
+                continue
+            if not assoc.is_established:
+                raise AssociationFailedError(endpoint, "association ended by the peer", statuses)
+            try:
+                path = _transcode(item, target)
+            except TranscodeError as exc:
+                LOGGER.warning(
+                    "%s refused %s in %s and it cannot be decoded for %s; not sent: %s",
+                    endpoint,
+                    item.sop_class_uid.name,
+                    item.transfer_syntax_uid.name,
+                    target.name,
+                    exc,
+                )
+                statuses[item.sop_instance_uid] = sop.STATUS_SOP_CLASS_NOT_SUPPORTED
+                statuses.untranscodable[item.sop_instance_uid] = str(exc)
+                continue
+            try:
+                _store(assoc, endpoint, item, path, statuses)
+            finally:
+                path.unlink(missing_ok=True)
+            statuses.transcoded[item.sop_instance_uid] = (item.transfer_syntax_uid, target)
+            transcoded[(item.transfer_syntax_uid, target)] += 1
+    finally:
+        if transcoded:
+            LOGGER.info(
+                "%s: transcoded %d of %d instances on this association (%s)",
+                endpoint,
+                transcoded.total(),
+                len(batch),
+                ", ".join(
+                    f"{n} {source.name} -> {target.name}" for (source, target), n in transcoded.items()
+                ),
+            )
+
+
+def _store(
+    assoc: Association, endpoint: DicomEndpoint, item: _Outgoing, path: Path, statuses: SendResult
+) -> None:
+    """C-STORE the Part 10 file at `path` (its dataset bytes streamed as they are) for `item`."""
+    if not assoc.is_established:
+        raise AssociationFailedError(endpoint, "association ended by the peer", statuses)
+    # pynetdicom 3.0.4 race: send_c_store pauses the association reactor by clearing a checkpoint
+    # and polling `_is_paused`, but the reactor sets `_is_paused = False` only *after* its wait()
+    # returns. If the sender checks in that gap (~1 in 5,000 sends under CPU load) both threads
+    # run, the reactor takes our C-STORE-RSP off the DIMSE queue, send_c_store waits out the
+    # dimse_timeout and aborts, and the retry stores a duplicate at the peer. Parking the
+    # reactor first closes the gap; the moderate timeout and the callers' retry remain as backup.
+    _park_reactor(assoc)
+    try:
+        rsp = assoc.send_c_store(path)
+    except RuntimeError:  # the peer released or aborted between our check and the send
+        raise AssociationFailedError(endpoint, "association ended by the peer", statuses) from None
+    status = rsp.get("Status")
+    if status is None:
+        # pynetdicom returns an empty response both when the peer aborts and on DIMSE timeout.
+        reason = f"no C-STORE response (peer abort or {assoc.dimse_timeout} s DIMSE timeout)"
+        raise AssociationFailedError(endpoint, reason, statuses)
+    statuses[item.sop_instance_uid] = int(status)
+    if not sop.is_stored(int(status)):
+        LOGGER.warning("%s answered C-STORE with status 0x%04X", endpoint, int(status))
+
+
+# --- the fallback: an instance rewritten in an uncompressed syntax -------------------------------
+
+
+def _transcode(item: _Outgoing, target: UID) -> Path:
+    """Write `item` in the uncompressed syntax `target` to a temporary Part 10 file (the caller
+    deletes it); raise TranscodeError if it cannot be.
+
+    Encapsulated pixel data is decompressed (as pydicom decodes it: YCbCr becomes RGB), the SOP
+    Instance UID is kept (the pixel values are those of the instance as stored), and Lossy Image
+    Compression is set to 01 when the compressed stream itself shows lossy coding (PS3.3
+    C.7.6.1.1.5). Uncompressed and deflated data are only re-encoded.
+    """
+    source = item.transfer_syntax_uid
+    if not source.is_little_endian:
+        # pydicom re-encodes the element structure but not the byte order of OW/OF values.
+        raise TranscodeError(f"no conversion from {source.name} (retired) is implemented")
+    try:
+        ds = dcmread(item.path)
+        if source.is_compressed:
+            _decompress(ds, source)
+        ds.file_meta.TransferSyntaxUID = target
+        handle, name = tempfile.mkstemp(prefix="hie-transcode-", suffix=".dcm")
+        os.close(handle)
+        path = Path(name)
         try:
-            rsp = assoc.send_c_store(item.path)
-        except RuntimeError:  # the peer released or aborted between our check and the send
-            raise AssociationFailedError(endpoint, "association ended by the peer", statuses) from None
-        status = rsp.get("Status")
-        if status is None:
-            # pynetdicom returns an empty response both when the peer aborts and on DIMSE timeout.
-            reason = f"no C-STORE response (peer abort or {assoc.dimse_timeout} s DIMSE timeout)"
-            raise AssociationFailedError(endpoint, reason, statuses)
-        statuses[item.sop_instance_uid] = int(status)
-        if not sop.is_stored(int(status)):
-            LOGGER.warning("%s answered C-STORE with status 0x%04X", endpoint, int(status))
+            ds.save_as(path, enforce_file_format=True)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+    except Exception as exc:  # any decoder or encoder error: the instance is not sent, nothing else
+        detail = " ".join(str(exc).split())  # pydicom's decoder errors span several lines
+        raise TranscodeError(f"{type(exc).__name__}: {detail}"[:200]) from exc
+    return path
+
+
+def _decompress(ds: Dataset, source: UID) -> None:
+    compressed_bytes = len(ds.PixelData)
+    lossy = _lossy_coded(ds.PixelData, source)
+    # Encapsulated pixel data nested in items (the Icon Image Sequence, PS3.5 A.4) is encoded in the
+    # same syntax and has to be decoded as well.
+    nested = [
+        item
+        for element in list(ds.iterall())
+        if element.VR == "SQ"
+        for item in element.value
+        if "PixelData" in item and item["PixelData"].is_undefined_length
+    ]
+    for item in nested:
+        item.file_meta = FileMetaDataset()
+        item.file_meta.TransferSyntaxUID = source
+        item.decompress(generate_instance_uid=False)
+        del item.file_meta
+    ds.decompress(generate_instance_uid=False)
+    # Only valid with encapsulated pixel data (PS3.5 A.4).
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if lossy and ds.get("LossyImageCompression") != "01":
+        ds.LossyImageCompression = "01"
+        if "LossyImageCompressionMethod" not in ds and "LossyImageCompressionRatio" not in ds:
+            ds.LossyImageCompressionMethod = _LOSSY_METHOD[source]
+            ratio = len(ds.PixelData) / max(1, compressed_bytes)
+            ds.LossyImageCompressionRatio = f"{ratio:.2f}"
+
+
+def _lossy_coded(pixel_data: bytes, source: UID) -> bool:
+    """True if the encapsulated frames show lossy coding: a JPEG DCT process, an irreversible JPEG
+    2000 wavelet, JPEG-LS with NEAR > 0. False when the syntax is lossless or the stream does not say."""
+    if source in (JPEGBaseline8Bit, JPEGExtended12Bit):
+        return True
+    if source not in _LOSSY_METHOD:
+        return False
+    fragments = generate_fragments(pixel_data)
+    next(fragments, None)  # the Basic Offset Table
+    if source == JPEGLSNearLossless:
+        return any(_jpeg_ls_near(fragment) for fragment in fragments)
+    return any(_j2k_irreversible(fragment) for fragment in fragments)
+
+
+def _marker_segments(data: bytes, start: int) -> Iterator[tuple[int, int]]:
+    """(marker, offset of its 2-byte length) of each marker segment from `start` (JPEG and J2K)."""
+    offset = start
+    while offset + 4 <= len(data) and data[offset] == 0xFF:
+        marker = data[offset + 1]
+        yield marker, offset + 2
+        offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
+
+
+def _j2k_irreversible(fragment: bytes) -> bool:
+    """ISO 15444-1 A.6.1: the COD segment's transformation byte, 0 = 9-7 irreversible wavelet."""
+    if not fragment.startswith(b"\xff\x4f"):  # not the start of a codestream (SOC)
+        return False
+    for marker, at in _marker_segments(fragment, 2):
+        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4), levels, cb width, cb height, cb style, transform
+            return at + 11 < len(fragment) and fragment[at + 11] == 0
+        if marker in (0x90, 0x93):  # SOT, SOD: the main header is over
+            break
+    return False
+
+
+def _jpeg_ls_near(fragment: bytes) -> int:
+    """ISO 14495-1 C.2.3: the NEAR parameter of the first scan header (0 = lossless)."""
+    if not fragment.startswith(b"\xff\xd8"):  # not the start of an image (SOI)
+        return 0
+    for marker, at in _marker_segments(fragment, 2):
+        if marker == 0xDA:  # SOS: Ls, Ns, Ns x (Ci, Tmi), NEAR
+            components = fragment[at + 2] if at + 2 < len(fragment) else 0
+            near = at + 3 + 2 * components
+            return fragment[near] if near < len(fragment) else 0
+    return 0
 
 
 def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
@@ -253,20 +485,18 @@ def _read_meta(path: Path) -> _Outgoing:
     )
 
 
-def _unique_contexts(batch: Sequence[_Outgoing]) -> list[tuple[str, str]]:
-    return list(dict.fromkeys(item.context_key for item in batch))
-
-
 def _batches(outgoing: Sequence[_Outgoing]) -> Iterator[list[_Outgoing]]:
-    """Split into runs needing at most 128 distinct contexts each (one association per run)."""
+    """Split into runs needing at most 128 distinct contexts each, fallbacks included (one
+    association per run)."""
     batch: list[_Outgoing] = []
     keys: set[tuple[str, str]] = set()
     for item in outgoing:
-        if item.context_key not in keys and len(keys) == MAX_PRESENTATION_CONTEXTS:
+        needed = {item.context_key, *item.fallback_keys} - keys
+        if batch and len(keys) + len(needed) > MAX_PRESENTATION_CONTEXTS:
             yield batch
             batch, keys = [], set()
         batch.append(item)
-        keys.add(item.context_key)
+        keys |= {item.context_key, *item.fallback_keys}
     if batch:
         yield batch
 
