@@ -70,6 +70,13 @@ async def test_consent_service_down_hubs_decide_within_the_bound_then_fail_close
             return replicated_versions(federation, consented) == [1]
 
         await eventually(in_replica, "the consent in the source hub's replica")
+
+        async def replica_current() -> bool:
+            # Deciding locally: the replica has counted a heartbeat (until then, the central point).
+            metrics = await http.get(f"{federation.hub(SOURCE_HUB).url}/metrics")
+            return "hie_hub_consent_replica_current 1.0" in metrics.text
+
+        await eventually(replica_current, "the source hub's replica to be current")
         assert (await send(Referral.new(consented))).status_code == 200
 
         federation.consent.kill()

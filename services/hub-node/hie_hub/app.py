@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
 
 from hie_hub import (
     audit_api,
@@ -21,7 +22,7 @@ from hie_hub import (
 )
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
-from hie_hub.consent_replica import ConsentReplica
+from hie_hub.consent_replica import ConsentReplica, Freshness
 from hie_hub.inbox import Inbox
 from hie_hub.models import PLATFORM
 from hie_hub.node import HubNode
@@ -42,6 +43,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         async with start_runtime(settings, "hub-node", PLATFORM, MIGRATIONS) as runtime:
             replica = ConsentReplica(runtime, settings.hub)
             await replica.start()
+            replicas.append(replica)
             gate = ConsentGate(runtime.bus, settings.consent_timeout_seconds, replica)
             node = HubNode(settings, runtime, gate)
             app.state.runtime = runtime
@@ -57,8 +59,10 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             finally:
                 await webhooks.stop()
                 await replica.stop()
+                replicas.remove(replica)
 
-    return create_service_app(
+    replicas: list[ConsentReplica] = []
+    app = create_service_app(
         service="hub-node",
         title=f"HIE hub node ({settings.hub})",
         version=VERSION,
@@ -79,3 +83,28 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         ],
         max_body_bytes=settings.max_body_bytes,
     )
+    _replica_metrics(app, replicas)
+    return app
+
+
+def _replica_metrics(app: FastAPI, replicas: list[ConsentReplica]) -> None:
+    """How current the consent replica is: alert well before it reaches the staleness bound."""
+    registry = app.state.metrics.registry
+
+    def staleness() -> float:
+        seconds = replicas[-1].staleness_seconds() if replicas else None
+        return float("nan") if seconds is None else seconds
+
+    def current() -> float:
+        return 1.0 if replicas and replicas[-1].freshness() is Freshness.CURRENT else 0.0
+
+    Gauge(
+        "hie_hub_consent_replica_staleness_seconds",
+        "Seconds since the consent replica was last known to hold every recorded version (NaN: not yet)",
+        registry=registry,
+    ).set_function(staleness)
+    Gauge(
+        "hie_hub_consent_replica_current",
+        "1 while the replica decides locally (within the staleness bound), 0 while starting or stale",
+        registry=registry,
+    ).set_function(current)
