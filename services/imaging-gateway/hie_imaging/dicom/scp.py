@@ -24,6 +24,7 @@ from hie_imaging.dicom import sop
 from hie_imaging.dicom.reactor import QuietRequestHandler
 from hie_imaging.dicom.scu import MAX_PDU_BYTES, enable_tcp_nodelay
 from hie_imaging.dicom.spool import InvalidUidError, SpoolFullError, validate_uid
+from hie_imaging.dicom.structure import IncompleteDatasetError, check_complete
 
 LOGGER = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ def _handle_store(event: Event, on_instance: OnInstance) -> int:
         affected_instance = str(request.AffectedSOPInstanceUID)
         syntax = UID(str(event.context.transfer_syntax))
         status, uids = _identify(stream, syntax, affected_class, affected_instance)
+        if status == sop.STATUS_SUCCESS:
+            status = _check_complete(stream, syntax)
         if status != sop.STATUS_SUCCESS:
             LOGGER.warning("C-STORE from %r at %s refused with 0x%04X", calling_ae, peer_address, status)
             return status
@@ -250,6 +253,22 @@ def _uid_value(uid: str) -> bytes:
 def _text_value(text: str) -> bytes:
     raw = text.encode("ascii", "replace")
     return raw + b" " if len(raw) % 2 else raw
+
+
+def _check_complete(dataset: bytes, syntax: UID) -> int:
+    """Walk every element header to the end of the dataset (values skipped, never decoded).
+
+    A dataset that does not parse into whole elements (cut inside the pixel data, a sequence or
+    item overrunning the data, a missing delimiter, a truncated deflate stream) is 0xC210: PS3.4
+    Annex B.2.3's "Cannot understand" (Cxxx) is the failure for a dataset the SCP cannot parse into
+    elements; 0xA900 is for a well-formed dataset of another SOP class than the request names.
+    """
+    try:
+        check_complete(dataset, syntax)
+    except IncompleteDatasetError as exc:
+        LOGGER.warning("C-STORE dataset is incomplete: %s", exc)
+        return sop.STATUS_CANNOT_UNDERSTAND
+    return sop.STATUS_SUCCESS
 
 
 def _identify(
