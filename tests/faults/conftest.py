@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from faults_support import NatsCluster
+from fault_servers import NatsCluster
 
 
 @pytest.fixture

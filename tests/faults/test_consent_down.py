@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fault_servers import NatsCluster
 from faults_support import (
     SOURCE_HUB,
     FaultFederation,
-    NatsCluster,
     Referral,
     delivered_exactly_once,
     eventually,

@@ -22,17 +22,15 @@ from typing import Any
 
 import httpx
 import pytest
+from fault_servers import NatsCluster, PrivatePostgres, postgres_bin
 from faults_support import (
     CLINIC,
     SOURCE_HUB,
     FaultFederation,
-    NatsCluster,
-    PrivatePostgres,
     Referral,
     delivered_exactly_once,
     eventually,
     new_rrn,
-    postgres_bin,
 )
 
 from hie_schemas.identifiers import KRNPI_SYSTEM, RRN_SYSTEM

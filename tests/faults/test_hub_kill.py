@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import httpx
+from fault_servers import NatsCluster
 from faults_support import (
     DESTINATION_HUB,
     SOURCE_HUB,
     Burst,
     FaultFederation,
-    NatsCluster,
     Referral,
     delivered_exactly_once,
     new_rrn,

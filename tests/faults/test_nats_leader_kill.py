@@ -17,17 +17,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fault_servers import NatsCluster, stream_info
 from faults_support import (
     DESTINATION_HUB,
     Burst,
     FaultFederation,
-    NatsCluster,
     Referral,
     delivered_exactly_once,
     eventually,
     new_rrn,
     requesters_told,
-    stream_info,
 )
 
 from hie_schemas import streams, subjects

