@@ -136,17 +136,31 @@ async def record_audit_event(
     )
 
 
-def _exchange_line(r: ExchangeEntry) -> ExchangeHistoryEntry:
-    return ExchangeHistoryEntry(
-        exchange_id=r.exchange_id,
-        kind=r.kind,
-        from_institution=r.from_institution,
-        to_institution=r.to_institution,
-        document_types=list(r.document_types),
-        occurred_at=as_utc(r.occurred_at),
-        status=r.status,
-        purpose=r.purpose,
-    )
+def _exchange_lines(rows: list[ExchangeEntry]) -> list[ExchangeHistoryEntry]:
+    """One line per stored event, each status line completed from its exchange's 'sent' line.
+
+    The exchange stream does not order one hub's ExchangeSent before another hub's TaskUpdated, so
+    a status line may have been stored before the exchange it belongs to was known. What the
+    exchange was (kind, parties, types, purpose) is therefore taken from the 'sent' line when the
+    history is read, never frozen at the moment a status line arrived.
+    """
+    sent = {r.exchange_id: r for r in rows if r.status == "sent"}
+    lines = []
+    for r in rows:
+        origin = sent.get(r.exchange_id, r)
+        lines.append(
+            ExchangeHistoryEntry(
+                exchange_id=r.exchange_id,
+                kind=origin.kind or r.kind,
+                from_institution=origin.from_institution or r.from_institution,
+                to_institution=origin.to_institution or r.to_institution,
+                document_types=list(origin.document_types or r.document_types),
+                occurred_at=as_utc(r.occurred_at),
+                status=r.status,
+                purpose=origin.purpose or r.purpose,
+            )
+        )
+    return lines
 
 
 async def exchange_history(
@@ -162,7 +176,7 @@ async def exchange_history(
         patient_key=patient_key,
         detail={"entries": len(rows)},
     )
-    return [_exchange_line(r) for r in rows]
+    return _exchange_lines(rows)
 
 
 async def patient_history(session: AsyncSession, patient_key: str) -> PatientHistory:
@@ -171,7 +185,7 @@ async def patient_history(session: AsyncSession, patient_key: str) -> PatientHis
     accesses = await repository.access_history(session, patient_key)
     types = await repository.document_types(session, (d for a in accesses for d in a.document_ids))
     return PatientHistory(
-        exchanges=[_exchange_line(r) for r in exchanges],
+        exchanges=_exchange_lines(exchanges),
         accesses=[
             AccessHistoryEntry(
                 occurred_at=as_utc(a.occurred_at),
