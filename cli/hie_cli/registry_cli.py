@@ -10,21 +10,37 @@ from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from hie_schemas.directory import InstitutionKind, InstitutionState
 
 app = typer.Typer(
     help="Agency operations on the registry (needs agency credentials).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
+pacs_app = typer.Typer(
+    help="The DICOM endpoint (PACS) the registry lists for an institution; imaging gateways relay to it.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(pacs_app, name="pacs")
 
 RegistryUrl = Annotated[
     str | None,
     typer.Option(
-        "--registry-url", envvar="HIE_REGISTRY_URL", help="defaults to the one in <data-dir>/federation.json"
+        "--registry-url",
+        envvar="HIE_REGISTRY_URL",
+        metavar="URL",
+        help="defaults to the one in <data-dir>/federation.json",
     ),
 ]
-DataDir = Annotated[Path, typer.Option("--data-dir", help="where `hie up` wrote federation.json")]
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", metavar="DIR", help="where `hie up` wrote federation.json")
+]
 Reason = Annotated[str, typer.Option("--reason", "-r", help="why; recorded in the institution's history")]
 
 
@@ -77,10 +93,27 @@ class Agency:
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r.get(c) or "")) for r in rows)) if rows else len(c) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    """Columns aligned by display width (Korean names take two cells a character), plain when piped."""
+    grid = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for column in columns:
+        grid.add_column(column.upper().replace("_", " "), overflow="fold")
     for row in rows:
-        print("  ".join(str(row.get(c) or "").ljust(widths[c]) for c in columns))
+        grid.add_row(*(_text(row.get(c)) for c in columns))
+    # Piped output is not folded to 80 columns: a script reads whole rows.
+    Console(soft_wrap=False, width=None if sys.stdout.isatty() else 400).print(grid)
+
+
+def _text(value: Any) -> str:
+    """A value as a person reads it: lists joined, a DICOM endpoint as AE@host:port, nothing as '-'."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(_text(v) for v in value)
+    if isinstance(value, dict):
+        if {"ae_title", "host", "port"} <= value.keys():
+            return f"{value['ae_title']}@{value['host']}:{value['port']}"
+        return ", ".join(f"{k} {_text(v)}" for k, v in value.items() if v)
+    return str(value)
 
 
 @app.command()
@@ -116,33 +149,35 @@ def _step(action: str) -> Any:
             creds = result["credentials"]
             print(f"client_id={creds['client_id']} client_secret={creds['client_secret']} (shown once)")
 
-    command.__doc__ = f"{action.replace('-', ' ').capitalize()} an institution."
+    command.__doc__ = STEPS[action]
     return command
 
 
-for _action in (
-    "review",
-    "sign-agreement",
-    "approve",
-    "activate",
-    "reject",
-    "suspend",
-    "reinstate",
-    "revoke",
-):
+STEPS = {
+    "review": "Start the review of an institution's application.",
+    "sign-agreement": "Record that an institution signed the participation agreement.",
+    "approve": "Approve an institution (issues its client credentials, shown once).",
+    "activate": "Put an approved institution into service.",
+    "reject": "Reject an institution's application.",
+    "suspend": "Suspend an institution: every service refuses its tokens at once.",
+    "reinstate": "Reinstate a suspended institution.",
+    "revoke": "Revoke an institution's participation for good.",
+}
+for _action in STEPS:
     app.command(name=_action)(_step(_action))
 
 
 @app.command(name="list")
 def list_institutions(
-    hub: Annotated[str | None, typer.Option(help="hub slug")] = None,
-    kind: Annotated[str | None, typer.Option(help="hub, clinic, public-agency")] = None,
-    state: Annotated[str | None, typer.Option(help="applied, under-review, active, suspended, …")] = None,
+    hub: Annotated[str | None, typer.Option(metavar="SLUG", help="only this hub's institutions")] = None,
+    kind: Annotated[InstitutionKind | None, typer.Option(help="only institutions of this kind")] = None,
+    state: Annotated[InstitutionState | None, typer.Option(help="only institutions in this state")] = None,
     registry_url: RegistryUrl = None,
     data_dir: DataDir = Path(".hie"),
 ) -> None:
     """List institutions."""
-    params = {k: v for k, v in {"hub": hub, "kind": kind, "state": state}.items() if v}
+    chosen = {"hub": hub, "kind": kind.value if kind else None, "state": state.value if state else None}
+    params = {k: v for k, v in chosen.items() if v}
     rows = Agency(registry_url, data_dir).call("GET", "/institutions", params=params)
     table(rows, ["code", "name", "kind", "region", "hub", "state"])
 
@@ -165,7 +200,7 @@ def show(code: str, registry_url: RegistryUrl = None, data_dir: DataDir = Path("
         "dicom",
         "contacts",
     ):
-        print(f"{key:<12} {inst.get(key)}")
+        print(f"{key:<12} {_text(inst.get(key))}")
 
 
 @app.command()
@@ -182,3 +217,41 @@ def statistics(registry_url: RegistryUrl = None, data_dir: DataDir = Path(".hie"
     for group, counts in stats["institutions"].items():
         print(f"{group}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     table(stats["exchanges_per_month"], ["month", "kind", "count"])
+
+
+@pacs_app.command(name="set")
+def pacs_set(
+    code: Annotated[
+        str, typer.Argument(metavar="CODE", help="요양기관기호 of the institution that owns the PACS")
+    ],
+    ae_title: Annotated[
+        str, typer.Option("--ae-title", metavar="AE", help="the PACS's AE title (1-16 characters)")
+    ],
+    host: Annotated[
+        str, typer.Option("--host", metavar="HOST", help="host name or address the PACS listens on")
+    ],
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="the PACS's DICOM port")
+    ],
+    registry_url: RegistryUrl = None,
+    data_dir: DataDir = Path(".hie"),
+) -> None:
+    """Register (or change) an institution's PACS: gateways relay its studies there and accept it as a
+    sender from that host."""
+    inst = Agency(registry_url, data_dir).call(
+        "PUT", f"/institutions/{code}/dicom", json={"ae_title": ae_title, "host": host, "port": port}
+    )
+    print(f"{inst['code']} {inst['name']}: PACS {_text(inst.get('dicom'))}")
+
+
+@pacs_app.command(name="show")
+def pacs_show(
+    code: Annotated[str, typer.Argument(help="요양기관기호")],
+    registry_url: RegistryUrl = None,
+    data_dir: DataDir = Path(".hie"),
+) -> None:
+    """Show the PACS registered for an institution."""
+    inst = Agency(registry_url, data_dir).call("GET", f"/institutions/{code}/detail")
+    if not inst.get("dicom"):
+        fail(f"{code} has no PACS registered (hie registry pacs set {code} --ae-title … --host … --port …)")
+    print(f"{inst['code']} {inst['name']}: PACS {_text(inst['dicom'])}")
