@@ -18,10 +18,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain click help: typer's rich panels print "--help <bool>"
 )
 
 app.add_typer(registry_cli.app, name="registry")
-audit_app = typer.Typer(help="Check a hub's tamper-evident audit trail.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="Check a hub's tamper-evident audit trail.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(audit_app, name="audit")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="where databases, logs and federation.json live")]

@@ -127,3 +127,17 @@ async def test_pacs_set_and_show(registry: Any) -> None:
     )
     assert code == 2
     assert "--port" in err
+    # The registry fixture is shared: put back the PACS the other tests expect.
+    code, _, err = await hie(
+        registry,
+        "pacs",
+        "set",
+        "31302001",
+        "--ae-title",
+        "PACS31302001",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "104",
+    )
+    assert code == 0, err

@@ -89,3 +89,47 @@ async def test_dicom_endpoints_are_published(registry: Any) -> None:
     addresses = [e["resource"]["address"] for e in bundle["entry"]]
     assert addresses == ["dicom://PACS31302001@127.0.0.1:104"]
     parse_resource(bundle["entry"][0]["resource"], "Endpoint")
+
+
+async def test_a_change_is_in_the_directory_as_soon_as_it_is_committed(registry: Any) -> None:
+    """The directory is served from memory: every committed change must show on the very next read."""
+    import random
+
+    code = f"78{random.randint(0, 999999):06d}"
+    name = f"새봄{code[-4:]}의원"
+    agency = {"Authorization": f"Bearer {await registry.token('agency')}"}
+    assert (await search(registry, {"name": name}))["total"] == 0  # the snapshot exists before the change
+    async with httpx.AsyncClient(base_url=registry.url, headers=agency) as http:
+        application = {
+            "code": code,
+            "name": name,
+            "kind": "clinic",
+            "region": "제주",
+            "hub": "snubh",
+            "departments": ["0100"],
+            "contacts": {"person": "김담당", "phone": "064-000-0000"},
+            "samples": [],
+        }
+        assert (await http.post("/institutions", json=application)).status_code == 201
+        found = await search(registry, {"name": name})
+        assert [e["resource"]["id"] for e in found["entry"]] == [code]
+        assert found["total"] == 1
+        # One- and two-character Korean terms still match (no trigram index would).
+        assert code in {
+            e["resource"]["id"] for e in (await search(registry, {"name": "봄", "_count": "200"}))["entry"]
+        }
+        assert code in {
+            e["resource"]["id"]
+            for e in (await search(registry, {"address-state": "제주", "active": "false", "_count": "200"}))[
+                "entry"
+            ]
+        }
+        dicom = {"ae_title": "NEWPACS", "host": "127.0.0.9", "port": 11112}
+        assert (await http.put(f"/institutions/{code}/dicom", json=dicom)).status_code == 200
+        endpoints = (await http.get("/fhir/Endpoint", params={"organization": code})).json()
+        assert [e["resource"]["address"] for e in endpoints["entry"]] == ["dicom://NEWPACS@127.0.0.9:11112"]
+        read = (await http.get(f"/fhir/Endpoint/{code}-dicom")).json()
+        assert read["address"] == "dicom://NEWPACS@127.0.0.9:11112"
+        organization = (await http.get(f"/fhir/Organization/{code}")).json()
+        assert organization["name"] == name
+        assert organization["endpoint"] == [{"reference": f"Endpoint/{code}-dicom"}]

@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from sqlalchemy import Select, func, or_, select
+import orjson
+from fastapi import APIRouter, Request, Response
 
 from hie_platform.errors import BadRequest, FhirError, NotFound
-from hie_platform.http import ReadSessionDep
-from hie_registry.models import Hub, Institution
+from hie_registry.directory_index import DirectoryIndex
+from hie_registry.models import Institution
 from hie_schemas.auth import SCOPE_AGENCY
 from hie_schemas.directory import InstitutionKind, InstitutionState
 from hie_schemas.fhir import FHIR_JSON
@@ -100,40 +99,41 @@ def _int_param(request: Request, name: str, default: int, upper: int) -> int:
     return min(int(raw), upper)
 
 
-def _filters(
-    query: Select[tuple[Institution]], request: Request, hub_codes: dict[str, str]
-) -> Select[tuple[Institution]]:
+def _criteria(request: Request, hub_codes: dict[str, str]) -> dict[str, str]:
+    """The search parameters as the directory index's criteria (FHIR names → index fields)."""
     params = request.query_params
     strict = "handling=strict" in request.headers.get("prefer", "")
     unknown = set(params) - ORGANIZATION_PARAMS
     if unknown and strict:
         raise BadRequest(f"unknown search parameters: {', '.join(sorted(unknown))}")
+    criteria: dict[str, str] = {}
     if name := params.get("name"):
-        pattern = f"%{name.lower()}%"
-        query = query.where(
-            or_(func.lower(Institution.name).like(pattern), func.lower(Institution.name_en).like(pattern))
-        )
+        criteria["name"] = name
     if state := params.get("address-state"):
-        query = query.where(Institution.region == state)
+        criteria["region"] = state
     if kind := params.get("type"):
-        query = query.where(Institution.kind == kind.rpartition("|")[2])
+        criteria["kind"] = kind.rpartition("|")[2]
     if partof := params.get("partof"):
         code = partof.rpartition("/")[2]
-        slug = next((s for s, c in hub_codes.items() if c == code), None)
-        query = query.where(
-            Institution.hub == (slug or "\x00"), Institution.kind == InstitutionKind.CLINIC.value
-        )
+        criteria["hub"] = next((s for s, c in hub_codes.items() if c == code), "\x00")
     if (active := params.get("active")) is not None:
         if active not in ("true", "false"):
             raise BadRequest("active must be true or false", expression=["active"])
-        good = Institution.state == InstitutionState.ACTIVE.value
-        query = query.where(good if active == "true" else ~good)
+        criteria["active"] = active
     if identifier := params.get("identifier"):
         system, _, value = identifier.rpartition("|")
         if system and system != KRNPI_SYSTEM:
             raise BadRequest(f"identifier system must be {KRNPI_SYSTEM}", expression=["identifier"])
-        query = query.where(Institution.code == value)
-    return query
+        criteria["code"] = value or "\x00"
+    return criteria
+
+
+def directory(request: Request) -> DirectoryIndex:
+    """The app's in-memory directory, made on first use from the registry's database."""
+    index: DirectoryIndex | None = getattr(request.app.state, "directory", None)
+    if index is None:
+        index = request.app.state.directory = DirectoryIndex(request.app.state.runtime.db)
+    return index
 
 
 async def _is_agency(request: Request) -> bool:
@@ -148,25 +148,17 @@ async def _is_agency(request: Request) -> bool:
     return SCOPE_AGENCY in actor.scopes
 
 
-async def _hub_codes(session: ReadSessionDep) -> dict[str, str]:
-    rows = (await session.execute(select(Hub.slug, Hub.institution_code))).all()
-    return {row.slug: row.institution_code for row in rows}
-
-
 @router.get("/Organization", summary="Search participating institutions (mCSD ITI-90 style)")
-async def search_organizations(request: Request, session: ReadSessionDep) -> JSONResponse:
+async def search_organizations(request: Request) -> Response:
     count = _int_param(request, "_count", DEFAULT_COUNT, MAX_COUNT)
     offset = _int_param(request, "_offset", 0, 10**9)
-    hub_codes = await _hub_codes(session)
-    query: Select[Any] = _filters(select(Institution), request, hub_codes)
-    total = await session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
-    rows: list[Institution] = list(
-        (await session.scalars(query.order_by(Institution.code).limit(count).offset(offset))).all()
-    )
+    snapshot = await directory(request).snapshot()
+    matches = snapshot.search(_criteria(request, snapshot.hub_codes))
+    total = len(matches)
     with_contacts = await _is_agency(request)
     base = str(request.url.remove_query_params(["_offset"]))
     links = [{"relation": "self", "url": str(request.url)}]
-    if offset + count < (total or 0):
+    if offset + count < total:
         sep = "&" if "?" in base else "?"
         links.append({"relation": "next", "url": f"{base}{sep}{urlencode({'_offset': offset + count})}"})
     bundle = {
@@ -177,42 +169,39 @@ async def search_organizations(request: Request, session: ReadSessionDep) -> JSO
         "entry": [
             {
                 "fullUrl": f"{request.base_url}fhir/Organization/{i.code}",
-                "resource": organization(i, hub_codes, with_contacts),
+                "resource": organization(i, snapshot.hub_codes, with_contacts),
                 "search": {"mode": "match"},
             }
-            for i in rows
+            for i in matches[offset : offset + count]
         ],
     }
-    return JSONResponse(bundle, media_type=FHIR_JSON)
+    return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
 
 
 @router.get("/Organization/{code}")
-async def read_organization(code: str, request: Request, session: ReadSessionDep) -> JSONResponse:
-    inst = await session.get(Institution, code) if code.isdigit() and len(code) == 8 else None
+async def read_organization(code: str, request: Request) -> Response:
+    snapshot = await directory(request).snapshot()
+    inst = snapshot.by_code.get(code)
     if inst is None:
         raise NotFound(f"Organization/{code} not found")
-    resource = organization(inst, await _hub_codes(session), await _is_agency(request))
-    return JSONResponse(resource, media_type=FHIR_JSON)
+    resource = organization(inst, snapshot.hub_codes, await _is_agency(request))
+    return Response(orjson.dumps(resource), media_type=FHIR_JSON)
 
 
 @router.get("/Endpoint", summary="Search endpoints (organization=<code>)")
-async def search_endpoints(request: Request, session: ReadSessionDep) -> JSONResponse:
+async def search_endpoints(request: Request) -> Response:
     org = request.query_params.get("organization", "").rpartition("/")[2]
-    query = select(Institution).order_by(Institution.code).limit(MAX_COUNT)
-    if org:
-        query = query.where(Institution.code == org)
-    rows = (await session.scalars(query)).all()
+    snapshot = await directory(request).snapshot()
+    rows = snapshot.search({"code": org} if org else {})[:MAX_COUNT]
     entries = [{"resource": endpoint(i, which)} for i in rows for _, which in endpoint_ids(i)]
-    return JSONResponse(
-        {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries},
-        media_type=FHIR_JSON,
-    )
+    bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
+    return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
 
 
 @router.get("/Endpoint/{endpoint_id}")
-async def read_endpoint(endpoint_id: str, session: ReadSessionDep) -> JSONResponse:
+async def read_endpoint(endpoint_id: str, request: Request) -> Response:
     code, _, which = endpoint_id.partition("-")
-    inst = await session.get(Institution, code) if code.isdigit() and len(code) == 8 else None
+    inst = (await directory(request).snapshot()).by_code.get(code)
     if inst is None or (code + "-" + which, which) not in endpoint_ids(inst):
         raise NotFound(f"Endpoint/{endpoint_id} not found")
-    return JSONResponse(endpoint(inst, which), media_type=FHIR_JSON)
+    return Response(orjson.dumps(endpoint(inst, which)), media_type=FHIR_JSON)
