@@ -163,7 +163,13 @@ class Launcher:
                 self._spawn(
                     f"hub-{hub.hub}",
                     "hie_hub",
-                    env("HIE_HUB_", f"hub-{hub.hub}", node_port, HUB=hub.hub),
+                    env(
+                        "HIE_HUB_",
+                        f"hub-{hub.hub}",
+                        node_port,
+                        HUB=hub.hub,
+                        AUDIT_CHECKPOINT_KEY_FILE=str(self.data / "keys" / f"audit-checkpoint-{hub.hub}.pem"),
+                    ),
                     node_url,
                 )
             )

@@ -1,28 +1,73 @@
 """Append-only, hash-chained audit records (ATNA/BALP in spirit): each record's hash covers the one
-before it, so altering or removing any record breaks the chain from that point on."""
+before it, so altering or removing any record breaks the chain from that point on.
+
+Chain version 2 (every record written since the audit chain was hardened) hashes the whole row:
+``sha256`` of the JSON object ``{"chain": 2, "sequence": …, "recorded_at": …, "prev_hash": …,
+"record": …}`` with sorted keys, no spaces, UTF-8 (``recorded_at`` as ``hie_platform.audit_anchor.
+utc_text``: UTC, microseconds, ``Z``). Version 1 rows (written before) hashed only the previous hash
+and the record; they still verify, and their ``sequence`` and ``recorded_at`` columns must equal the
+values inside the hashed record. A version-1 row after a version-2 row is a break: nobody writes one.
+Rows are not re-hashed on upgrade, which would destroy the evidence the chain exists for.
+
+What the chain cannot show by itself (the newest records deleted, or a record altered and every
+later hash recomputed) is caught by signed checkpoints kept outside the database (audit_anchor).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Table, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_platform.audit_anchor import utc_text
 from hie_platform.outbox import Outbox
 from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
 from hie_schemas.events import AuditRecorded
 
 GENESIS = "0" * 64
+CHAIN_VERSION = 2
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def chain_hash(prev_hash: str, record: dict[str, Any]) -> str:
-    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+    """Chain version 1: the previous hash and the record only (rows written before version 2)."""
+    return hashlib.sha256(prev_hash.encode() + _canonical(record)).hexdigest()
+
+
+def row_hash(prev_hash: str, sequence: int, recorded_at: datetime, record: dict[str, Any]) -> str:
+    """Chain version 2: every column of the row but the hash itself."""
+    row = {
+        "chain": CHAIN_VERSION,
+        "sequence": sequence,
+        "recorded_at": utc_text(recorded_at),
+        "prev_hash": prev_hash,
+        "record": record,
+    }
+    return hashlib.sha256(_canonical(row)).hexdigest()
+
+
+def _version_1_row(prev: str, sequence: int, recorded_at: datetime, record: Any, digest: str) -> bool:
+    if not isinstance(record, dict) or chain_hash(prev, record) != digest:
+        return False
+    if record.get("sequence", sequence) != sequence:
+        return False
+    if "recorded_at" not in record:
+        return True
+    try:
+        inside = datetime.fromisoformat(str(record["recorded_at"]))
+    except ValueError:
+        return False
+    return utc_text(inside) == utc_text(recorded_at)
 
 
 @dataclass(frozen=True)
@@ -32,13 +77,26 @@ class ChainCheck:
     first_bad_sequence: int | None = None
 
 
+class Anchor(Protocol):
+    """Something that checkpoints the chain's head outside the database (hie_hub.audit_checkpoints)."""
+
+    every: int
+
+    async def checkpoint(self, session: AsyncSession, sequence: int, head_hash: str) -> None: ...
+
+
+# Called with (sequence, stored hash) for every row the verifier reads, in sequence order.
+RowSeen = Callable[[int, str], None]
+
+
 class AuditTrail:
     """Appends audit records in the caller's transaction and emits them through the outbox."""
 
-    def __init__(self, table: Table, outbox: Outbox, node: str) -> None:
+    def __init__(self, table: Table, outbox: Outbox, node: str, anchor: Anchor | None = None) -> None:
         self.table = table
         self.outbox = outbox
         self.node = node
+        self.anchor = anchor  # set by a service that checkpoints its chain (the hub)
 
     async def record(
         self,
@@ -79,7 +137,7 @@ class AuditTrail:
             "consent_version": consent_version,
             "detail": detail or {},
         }
-        digest = chain_hash(prev_hash, record)
+        digest = row_hash(prev_hash, sequence, now, record)
         await session.execute(
             insert(t).values(
                 sequence=sequence, recorded_at=now, record=record, prev_hash=prev_hash, hash=digest
@@ -103,20 +161,36 @@ class AuditTrail:
                 recorded_at=now,
             ),
         )
+        if self.anchor is not None and sequence % self.anchor.every == 0:
+            # Under the same lock and in the same transaction: one signature and one outbox row.
+            await self.anchor.checkpoint(session, sequence, digest)
         return sequence
 
-    async def verify(self, session: AsyncSession) -> ChainCheck:
+    async def verify(self, session: AsyncSession, seen: RowSeen | None = None) -> ChainCheck:
+        """Walk the whole chain in sequence order; ``first_bad_sequence`` is the first broken link.
+
+        The walk goes on past a break (from the stored hash), so that ``seen`` is called for every row.
+        """
         t = self.table
-        prev = GENESIS
-        expected = 1
-        count = 0
+        prev, expected, count = GENESIS, 1, 0
+        first_bad: int | None = None
+        version_2_seen = False
         rows = await session.stream(
-            select(t.c.sequence, t.c.record, t.c.prev_hash, t.c.hash).order_by(t.c.sequence)
+            select(t.c.sequence, t.c.recorded_at, t.c.record, t.c.prev_hash, t.c.hash).order_by(t.c.sequence)
         )
         async for row in rows:
             count += 1
-            if row.sequence != expected or row.prev_hash != prev or chain_hash(prev, row.record) != row.hash:
-                return ChainCheck(ok=False, records=count, first_bad_sequence=expected)
-            prev = row.hash
-            expected += 1
-        return ChainCheck(ok=True, records=count)
+            if seen is not None:
+                seen(row.sequence, row.hash)
+            version_2 = isinstance(row.record, dict) and (
+                row_hash(prev, row.sequence, row.recorded_at, row.record) == row.hash
+            )
+            version_2_seen = version_2_seen or version_2
+            intact = row.sequence == expected and row.prev_hash == prev
+            if not version_2:
+                intact = intact and not version_2_seen
+                intact = intact and _version_1_row(prev, row.sequence, row.recorded_at, row.record, row.hash)
+            if not intact and first_bad is None:
+                first_bad = expected
+            prev, expected = row.hash, row.sequence + 1
+        return ChainCheck(ok=first_bad is None, records=count, first_bad_sequence=first_bad)

@@ -228,6 +228,24 @@ class AuditRecorded(EventPayload):
     recorded_at: datetime
 
 
+class AuditCheckpoint(EventPayload):
+    """A hub's signed statement of its audit chain's head, published on
+    ``subjects.audit_checkpoint(hub)`` and kept in HIE_AUDIT, outside the hub's database: the head's
+    sequence and hash, the record count, when, and an Ed25519 signature by the hub's checkpoint key
+    (hie_platform.audit_anchor says what is signed)."""
+
+    event_type: ClassVar[str] = "hie.audit.checkpoint"
+
+    hub: str
+    node: str
+    sequence: int
+    head_hash: str
+    count: int
+    issued_at: datetime
+    key_id: str
+    signature: str
+
+
 class DecisionRequest(BaseModel):
     """Request body of the consent decision RPC (hie.rpc.consent.decide) and POST /decisions."""
 

@@ -50,6 +50,11 @@ def central_rpc(service: str, operation: str) -> str:
     return f"hie.rpc.{_token(service, 'service')}.{_token(operation, 'operation')}"
 
 
+def audit_checkpoint(hub: str) -> str:
+    """One hub's signed audit-chain checkpoints (stream HIE_AUDIT): ``hie.audit.checkpoint.<hub>``."""
+    return f"hie.audit.checkpoint.{_token(hub, 'hub')}"
+
+
 # Well-known subjects, built once from the functions above.
 REGISTRY_INSTITUTION_CHANGED = fact("registry", "institution", "changed")
 CONSENT_RECORDED = fact("consent", "consent", "recorded")

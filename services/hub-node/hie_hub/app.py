@@ -20,6 +20,7 @@ from hie_hub import (
     subscription_api,
     task_api,
 )
+from hie_hub.audit_checkpoints import AuditCheckpoints
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
 from hie_hub.consent_replica import ConsentReplica, Freshness
@@ -53,11 +54,16 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             await holder.serve(node)
             webhooks = WebhookSender(node, runtime.http)
             webhooks.start()
+            checkpoints = AuditCheckpoints.attach(settings, runtime)
+            if checkpoints is not None:
+                checkpoints.start()
             runtime.relay.kick()
             try:
                 yield
             finally:
                 await webhooks.stop()
+                if checkpoints is not None:
+                    await checkpoints.stop()
                 await replica.stop()
                 replicas.remove(replica)
 

@@ -1,0 +1,89 @@
+"""The hub's signed audit checkpoints: its chain's head anchored in JetStream (HIE_AUDIT), outside the
+hub's database, so that `hie audit verify` finds the newest records deleted or the chain rewritten.
+
+A checkpoint is written to the outbox (published after commit, like every fact) on
+``hie.audit.checkpoint.<hub>``: by the record that makes the sequence a multiple of
+``AUDIT_CHECKPOINT_EVERY`` (in that record's transaction, under the trail's lock), and every
+``AUDIT_CHECKPOINT_SECONDS`` when the head has moved since (so a quiet hub's newest records are
+anchored too), and once more when the hub stops. The key is ``AUDIT_CHECKPOINT_KEY_FILE`` (Ed25519,
+created 0600 if missing, public key beside it as ``.pub``); without that setting there are no
+checkpoints and the start logs a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hie_hub.config import HubSettings
+from hie_platform.audit_anchor import CheckpointSigner, load_or_create_key
+from hie_platform.logging import get_logger
+from hie_platform.runtime import Runtime
+from hie_schemas import subjects
+
+log = get_logger(__name__)
+
+
+class AuditCheckpoints:
+    """Signs and publishes checkpoints of one hub's chain; the trail calls ``checkpoint``."""
+
+    def __init__(self, runtime: Runtime, signer: CheckpointSigner, every: int, interval: float) -> None:
+        self.runtime = runtime
+        self.signer = signer
+        self.every = every
+        self.interval = interval
+        self._anchored = 0  # the head sequence this node last checkpointed on its timer
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def attach(cls, settings: HubSettings, runtime: Runtime) -> AuditCheckpoints | None:
+        """Load (or create) the hub's key and make the trail checkpoint its head; None without a key."""
+        if settings.audit_checkpoint_key_file is None:
+            log.warning("audit checkpoints off: set HIE_HUB_AUDIT_CHECKPOINT_KEY_FILE", hub=settings.hub)
+            return None
+        key = load_or_create_key(settings.audit_checkpoint_key_file)
+        signer = CheckpointSigner(key, settings.hub, settings.node)
+        checkpoints = cls(runtime, signer, settings.audit_checkpoint_every, settings.audit_checkpoint_seconds)
+        runtime.audit.anchor = checkpoints
+        log.info("audit checkpoints on", hub=settings.hub, key_id=signer.key_id)
+        return checkpoints
+
+    async def checkpoint(self, session: AsyncSession, sequence: int, head_hash: str) -> None:
+        # Sequences run from 1 without gaps, so the head's sequence is also the record count.
+        signed = self.signer.sign(sequence, head_hash, count=sequence)
+        await self.runtime.outbox.add(session, subjects.audit_checkpoint(self.signer.hub), signed)
+
+    async def checkpoint_head(self) -> None:
+        """Checkpoint the committed head if it moved since this node's last timed checkpoint."""
+        t = self.runtime.tables.audit
+        async with self.runtime.db.transaction() as session:
+            head = (
+                await session.execute(select(t.c.sequence, t.c.hash).order_by(t.c.sequence.desc()).limit(1))
+            ).first()
+            if head is None or head.sequence == self._anchored:
+                return
+            await self.checkpoint(session, head.sequence, head.hash)
+        self._anchored = head.sequence
+        self.runtime.relay.kick()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.checkpoint_head()  # the relay, stopped after this, flushes it
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.checkpoint_head()
+            except Exception as exc:  # the database or the key file; the next pass tries again
+                log.warning("audit checkpoint failed", error=type(exc).__name__)
+            await asyncio.sleep(self.interval)
