@@ -7,8 +7,10 @@ appends the records and publishes its signed checkpoints through its outbox to a
 from __future__ import annotations
 
 import asyncio
+import stat
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -55,6 +57,49 @@ class AnchoredHub:
         return await asyncio.to_thread(CliRunner().invoke, cli, args)
 
 
+@asynccontextmanager
+async def running_hub(
+    config: pytest.Config, nats_url: str, registry_url: str, database: tuple[str, str | None], **audit: Any
+) -> AsyncIterator[tuple[HubSettings, Any]]:
+    """A real hub node under uvicorn with a fresh slug (its own checkpoint subject) and a key file."""
+    url, schema = database
+    slug = f"t{uuid.uuid4().hex[:10]}"
+    port = free_port()
+    settings = HubSettings(
+        hub=slug,
+        port=port,
+        database_url=url,
+        database_schema=schema,
+        nats_url=nats_url,
+        registry_url=registry_url,
+        node=f"test-{slug}",
+        **audit,
+    )
+    app = create_app(settings)
+    running = await root_conftest(config).RunningApp(app, port).start()
+    try:
+        yield settings, app.state.runtime
+    finally:
+        await running.stop()
+
+
+async def append(runtime: Any, records: int) -> None:
+    """Audit records appended by the hub's own trail, as its endpoints do."""
+    for n in range(records):
+        async with runtime.db.transaction() as session:
+            await runtime.audit.record(
+                session, action="document.read", actor=None, outcome="success", detail={"n": n}
+            )
+    runtime.relay.kick()
+
+
+async def checkpoint_at(nats_url: str, hub: str, sequence: int) -> None:
+    async def found() -> bool | None:
+        return True if any(c.sequence == sequence for c in await read_from_nats(nats_url, hub)) else None
+
+    await eventually(found, f"the checkpoint at sequence {sequence} in HIE_AUDIT")
+
+
 @pytest.fixture
 async def hub(
     pytestconfig: pytest.Config,
@@ -64,43 +109,23 @@ async def hub(
     tmp_path: Path,
 ) -> AsyncIterator[AnchoredHub]:
     """A real hub node that checkpoints every 5 records, with 12 records appended by its own trail."""
-    url, schema = database
-    slug = f"t{uuid.uuid4().hex[:10]}"  # its own checkpoint subject on the module's nats-server
     key_file = tmp_path / "keys" / "audit-checkpoint.pem"
-    port = free_port()
-    settings = HubSettings(
-        hub=slug,
-        port=port,
-        database_url=url,
-        database_schema=schema,
-        nats_url=hub_nats,
-        registry_url=hub_registry.url,
-        node=f"test-{slug}",
+    async with running_hub(
+        pytestconfig,
+        hub_nats,
+        hub_registry.url,
+        database,
         audit_checkpoint_key_file=key_file,
         audit_checkpoint_every=EVERY,
         audit_checkpoint_seconds=3600.0,  # only the every-5 checkpoints while the test runs
-    )
-    app = create_app(settings)
-    running = await root_conftest(pytestconfig).RunningApp(app, port).start()
-    try:
-        runtime = app.state.runtime
-        for n in range(RECORDS):
-            async with runtime.db.transaction() as session:
-                await runtime.audit.record(
-                    session, action="document.read", actor=None, outcome="success", detail={"n": n}
-                )
-        runtime.relay.kick()
-
-        async def checkpointed() -> bool | None:
-            found = await read_from_nats(hub_nats, slug)
-            return True if any(c.sequence == 2 * EVERY for c in found) else None
-
-        await eventually(checkpointed, "the checkpoint at sequence 10 in HIE_AUDIT")
+    ) as (settings, runtime):
+        await append(runtime, RECORDS)
+        await checkpoint_at(hub_nats, settings.hub, 2 * EVERY)
+        url, schema = database
         db = Database(url, schema)
-        yield AnchoredHub(slug, hub_nats, url, schema, key_file.with_name(key_file.name + ".pub"), db)
+        public = key_file.with_name(key_file.name + ".pub")
+        yield AnchoredHub(settings.hub, hub_nats, url, schema, public, db)
         await db.dispose()
-    finally:
-        await running.stop()
 
 
 async def test_an_intact_chain_is_verified_up_to_its_last_checkpoint(
@@ -205,3 +230,41 @@ async def test_a_checkpoint_signed_with_another_key_is_refused(hub: AnchoredHub)
         "does not verify with the hub's public key"
     )
     assert lines[1].startswith("hie audit verify: truncated: checkpoint 10 ")
+
+
+async def test_a_quiet_hub_anchors_its_newest_records_on_its_timer(
+    pytestconfig: pytest.Config,
+    hub_nats: str,
+    hub_registry: Any,
+    database: tuple[str, str | None],
+    tmp_path: Path,
+) -> None:
+    """Three records, far fewer than AUDIT_CHECKPOINT_EVERY: the timer checkpoints them, so deleting the
+    newest is found; the key file is the owner's only."""
+    key_file = tmp_path / "audit-checkpoint.pem"
+    async with running_hub(
+        pytestconfig,
+        hub_nats,
+        hub_registry.url,
+        database,
+        audit_checkpoint_key_file=key_file,
+        audit_checkpoint_every=1000,
+        audit_checkpoint_seconds=0.2,
+    ) as (settings, runtime):
+        await append(runtime, 3)
+        await checkpoint_at(hub_nats, settings.hub, 3)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    url, schema = database
+    db = Database(url, schema)
+    hub = AnchoredHub(settings.hub, hub_nats, url, schema, key_file.with_name(key_file.name + ".pub"), db)
+    try:
+        intact = await hub.verify()
+        assert intact.exit_code == 0, intact.stderr
+        assert "verified up to checkpoint 3 " in intact.stdout
+        async with db.transaction() as session:
+            await session.execute(delete(PLATFORM.audit).where(PLATFORM.audit.c.sequence == 3))
+        truncated = await hub.verify()
+    finally:
+        await db.dispose()
+    assert truncated.exit_code == 1
+    assert truncated.stderr.startswith("hie audit verify: truncated: checkpoint 3 ")
