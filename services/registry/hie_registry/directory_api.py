@@ -169,7 +169,9 @@ async def search_organizations(request: Request) -> Response:
         "entry": [
             {
                 "fullUrl": f"{request.base_url}fhir/Organization/{i.code}",
-                "resource": organization(i, snapshot.hub_codes, with_contacts),
+                "resource": organization(i, snapshot.hub_codes, True)
+                if with_contacts
+                else snapshot.public(i, organization),
                 "search": {"mode": "match"},
             }
             for i in matches[offset : offset + count]

@@ -32,6 +32,7 @@ from hie_schemas.directory import InstitutionKind, InstitutionState
 MAX_CACHED_SEARCHES = 4096
 
 Filter = tuple[tuple[str, str], ...]
+Render = Callable[[Institution, dict[str, str], bool], dict[str, Any]]  # directory_api.organization
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class Snapshot:
     hub_codes: dict[str, str]
     by_code: dict[str, Institution]
     _matches: dict[Filter, list[Institution]] = field(default_factory=dict)
+    _public: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def public(self, inst: Institution, build: Render) -> dict[str, Any]:
+        """An institution's public resource, built once per snapshot (it cannot change within one)."""
+        resource = self._public.get(inst.code)
+        if resource is None:
+            resource = self._public[inst.code] = build(inst, self.hub_codes, False)
+        return resource
 
     def search(self, criteria: dict[str, str]) -> list[Institution]:
         """The institutions that match every criterion, in code order (computed once per search)."""
