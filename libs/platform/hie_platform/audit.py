@@ -89,6 +89,24 @@ class Anchor(Protocol):
 RowSeen = Callable[[int, str], None]
 
 
+def _recorded(record: dict[str, Any], digest: str, recorded_at: datetime) -> AuditRecorded:
+    """The fact published for one appended record (no client id, no detail)."""
+    return AuditRecorded(
+        node=record["node"],
+        sequence=record["sequence"],
+        hash=digest,
+        action=record["action"],
+        actor_institution=record["actor_institution"],
+        patient_key=record["patient_key"],
+        document_ids=record["document_ids"],
+        purpose=record["purpose"],
+        outcome=record["outcome"],
+        rule=record["rule"],
+        consent_version=record["consent_version"],
+        recorded_at=recorded_at,
+    )
+
+
 class AuditTrail:
     """Appends audit records in the caller's transaction and emits them through the outbox."""
 
@@ -143,24 +161,7 @@ class AuditTrail:
                 sequence=sequence, recorded_at=now, record=record, prev_hash=prev_hash, hash=digest
             )
         )
-        await self.outbox.add(
-            session,
-            subjects.AUDIT_RECORDED,
-            AuditRecorded(
-                node=self.node,
-                sequence=sequence,
-                hash=digest,
-                action=action,
-                actor_institution=record["actor_institution"],
-                patient_key=patient_key,
-                document_ids=record["document_ids"],
-                purpose=purpose,
-                outcome=outcome,
-                rule=rule,
-                consent_version=consent_version,
-                recorded_at=now,
-            ),
-        )
+        await self.outbox.add(session, subjects.AUDIT_RECORDED, _recorded(record, digest, now))
         if self.anchor is not None and sequence % self.anchor.every == 0:
             # Under the same lock and in the same transaction: one signature and one outbox row.
             await self.anchor.checkpoint(session, sequence, digest)
