@@ -1,34 +1,113 @@
 """The data holder's question for every disclosure: may these documents flow to this institution now?
 
 One place asks the consent gate for ITI-67/68, federated searches from other hubs and the CRS
-generated on request; the author institution reads its own documents without asking.
+generated on request; the author institution reads its own documents without asking. A document an
+exchange sent to the reader is decided with that exchange's purpose and justification, which the
+exchange's Task carries (the same extensions as the SubmissionSet that asked for it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub.models import Document
+from hie_hub import repository
+from hie_hub.models import Document, Task
 from hie_hub.node import HubNode
 from hie_schemas.consent import Decision, FlowQuery, Purpose
+from hie_schemas.documents.profiles import JUSTIFICATION_EXTENSION_URL, PURPOSE_EXTENSION_URL, PURPOSE_SYSTEM
+from hie_schemas.events import ExchangeKind
+
+# Tasks written before the purpose travelled with them: the kinds that only one purpose makes.
+_PURPOSE_BY_KIND = {
+    ExchangeKind.PATIENT_REQUEST.value: Purpose.PATIENT_REQUEST,
+    ExchangeKind.PUBLIC_AGENCY.value: Purpose.PUBLIC_AGENCY,
+}
 
 
 @dataclass(frozen=True)
 class Access:
-    """Who is asking and why (the recipient of the flow in the consent rule)."""
+    """Who is asking and why (the recipient of the flow in the consent rule); ``exchange_id`` names
+    the exchange whose purpose it is, for the audit record (not part of the question)."""
 
     institution: str
     purpose: Purpose = Purpose.TREATMENT
     justification: str | None = None
+    exchange_id: str | None = field(default=None, compare=False)
 
     @property
     def flagged(self) -> bool:
         """Emergency access is shown to the patient afterwards (의료법 §21-2 exception)."""
         return self.purpose is Purpose.EMERGENCY
+
+    def audit_detail(self) -> dict[str, Any]:
+        """Break-the-glass is recorded with its justification and flagged (의료법 §21-2 exception)."""
+        return {"flagged": True, "justification": self.justification} if self.flagged else {}
+
+
+@dataclass(frozen=True)
+class Disclosure:
+    """The decision for one document (None: the reader is its author) and the access it was made for."""
+
+    decision: Decision | None
+    access: Access
+
+    @property
+    def permit(self) -> bool:
+        return self.decision is None or self.decision.permit
+
+
+def purpose_extensions(purpose: Purpose, justification: str | None) -> list[dict[str, Any]]:
+    """The exchange's purpose of use (and justification) as the Task states it to both its parties."""
+    extensions: list[dict[str, Any]] = [
+        {"url": PURPOSE_EXTENSION_URL, "valueCoding": {"system": PURPOSE_SYSTEM, "code": purpose.value}}
+    ]
+    if justification:
+        extensions.append({"url": JUSTIFICATION_EXTENSION_URL, "valueString": justification})
+    return extensions
+
+
+def exchange_access(task: Task) -> Access:
+    """The access an exchange gave its recipient (the Task's owner): the exchange's purpose, as the
+    holder's hub decided it when sending; treatment for a Task that states none."""
+    resource = task.task
+    purpose, justification = Purpose.TREATMENT, None
+    codes = [c.get("code") for c in (resource.get("code") or {}).get("coding") or [] if isinstance(c, dict)]
+    purpose = next((_PURPOSE_BY_KIND[c] for c in codes if c in _PURPOSE_BY_KIND), purpose)
+    for extension in resource.get("extension") or []:
+        if not isinstance(extension, dict):
+            continue
+        if extension.get("url") == PURPOSE_EXTENSION_URL:
+            code = (extension.get("valueCoding") or {}).get("code")
+            purpose = Purpose(code) if code in {p.value for p in Purpose} else purpose
+        elif extension.get("url") == JUSTIFICATION_EXTENSION_URL:
+            justification = str(extension.get("valueString") or "").strip() or None
+    return Access(task.owner, purpose, justification, exchange_id=task.exchange_id)
+
+
+async def exchange_accesses(
+    read: AsyncSession, institution: str, rows: Sequence[Document]
+) -> list[list[Access]]:
+    """For each row another institution wrote, the accesses of the exchanges that sent it to
+    ``institution`` (newest first, one per purpose and justification); empty where none did."""
+    foreign = [row for row in rows if row.author_institution != institution and institution in row.recipients]
+    if not foreign:
+        return [[] for _ in rows]
+    tasks = await repository.tasks_owned_for(read, institution, {row.patient_key for row in foreign})
+    wanted = {row.document_id for row in foreign}
+    exchanges = [(set(task.focus), exchange_access(task)) for task in tasks]
+    found: list[list[Access]] = []
+    for row in rows:
+        accesses: list[Access] = []
+        for focus, access in exchanges if row.document_id in wanted else []:
+            if row.document_id in focus and access not in accesses:
+                accesses.append(access)
+        found.append(accesses)
+    return found
 
 
 async def decisions(node: HubNode, access: Access, rows: Sequence[Document]) -> list[Decision | None]:
@@ -65,6 +144,27 @@ async def decisions(node: HubNode, access: Access, rows: Sequence[Document]) -> 
         else answers[(row.patient_key, row.author_institution, row.author_department, row.created_at)]
         for row in rows
     ]
+
+
+async def disclosures(
+    node: HubNode, rows: Sequence[Document], candidates: Sequence[Sequence[Access]]
+) -> list[Disclosure]:
+    """Each row decided for its candidate accesses (at least one) in order: the first that permits
+    wins, else the first refusal. A later access is asked only for rows the earlier ones refused, so
+    an emergency is not announced to the patient for a document another purpose already disclosed."""
+    chosen: dict[int, Disclosure] = {}
+    for round_ in range(max((len(c) for c in candidates), default=0)):
+        groups: dict[Access, list[int]] = {}
+        for i, accesses in enumerate(candidates):
+            earlier = chosen.get(i)
+            if round_ < len(accesses) and (earlier is None or not earlier.permit):
+                groups.setdefault(accesses[round_], []).append(i)
+        for access, indexes in groups.items():
+            decided = await decisions(node, access, [rows[i] for i in indexes])
+            for i, decision in zip(indexes, decided, strict=True):
+                if i not in chosen or decision is None or decision.permit:
+                    chosen[i] = Disclosure(decision, candidates[i][round_])
+    return [chosen[i] for i in range(len(rows))]
 
 
 async def release(read: AsyncSession) -> None:

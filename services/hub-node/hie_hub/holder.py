@@ -2,7 +2,9 @@
 
 Another hub asks on behalf of one of its institutions (``hie.hub.<hub>.rpc.search`` and ``.retrieve``);
 this hub applies the patient's consent for that institution and purpose, exactly as for its own
-institutions, and audits every disclosure with the asking institution as the actor. The same
+institutions, and audits every disclosure with the asking institution as the actor. A document that an
+exchange sent to the asking institution may also flow for that exchange's purpose (as its own hub
+reads it), and is then audited with that purpose. The same
 functions answer the asking hub's own holdings in-process.
 """
 
@@ -14,7 +16,14 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
-from hie_hub.disclosure import Access, decisions, first_refusal, newest_version
+from hie_hub.disclosure import (
+    Access,
+    Disclosure,
+    disclosures,
+    exchange_accesses,
+    first_refusal,
+    newest_version,
+)
 from hie_hub.models import Document
 from hie_hub.node import HubNode
 from hie_platform.logging import get_logger
@@ -79,6 +88,24 @@ def _detail(request: HubSearchRequest | HubRetrieveRequest, **more: Any) -> dict
     return detail
 
 
+async def _candidates(
+    read: AsyncSession, request: HubSearchRequest | HubRetrieveRequest, rows: list[Document]
+) -> list[list[Access]]:
+    """The asked purpose first, then those of the exchanges that sent each row to the requester."""
+    asked = _access(request)
+    by_exchange = await exchange_accesses(read, request.requester, rows)
+    return [[asked, *(a for a in found if a != asked)] for found in by_exchange]
+
+
+def _access_detail(request: HubSearchRequest | HubRetrieveRequest, shown: list[Disclosure]) -> dict[str, Any]:
+    """The audit detail of documents disclosed for one access: the request's own, or an exchange's."""
+    if not shown or shown[0].access == _access(request):
+        return _detail(request)
+    exchanges = sorted({d.access.exchange_id for d in shown if d.access.exchange_id})
+    detail = {"federated": True, "requester_hub": request.requester_hub, "exchange_ids": exchanges}
+    return detail | shown[0].access.audit_detail()
+
+
 def disclosed(row: Document, hub: str) -> dict[str, Any]:
     return {**row.docref, "meta": {**(row.docref.get("meta") or {}), "source": hub_source(hub)}}
 
@@ -99,23 +126,12 @@ async def answer_search(node: HubNode, request: HubSearchRequest) -> HubSearchRe
             created_from=wanted.created_from,
             created_before=wanted.created_before,
         )
-    rows = rows[:MAX_DOCUMENTS]
-    decided = await decisions(node, _access(request), rows)
-    permitted = [row for row, d in zip(rows, decided, strict=True) if d is None or d.permit]
-    refusal = first_refusal(decided)
-    async with node.runtime.db.transaction() as session:
-        await node.runtime.audit.record(
-            session,
-            action="federated.search",
-            actor=await remote_actor(node, request.requester, request.requester_hub),
-            outcome="success" if permitted or not rows else "denied",
-            patient_key=request.patient_key,
-            document_ids=[row.document_id for row in permitted],
-            purpose=request.purpose.value,
-            rule=refusal.rule.value if refusal and not permitted else None,
-            consent_version=newest_version(decided),
-            detail=_detail(request, matched=len(rows), withheld=len(rows) - len(permitted)),
-        )
+        rows = rows[:MAX_DOCUMENTS]
+        candidates = await _candidates(read, request, rows)
+    decided = await disclosures(node, rows, candidates)
+    permitted = [row for row, d in zip(rows, decided, strict=True) if d.permit]
+    refusal = first_refusal([d.decision for d in decided])
+    await _audit_search(node, request, rows, decided)
     node.runtime.relay.kick()
     if rows and not permitted and refusal is not None:
         return HubSearchReply(
@@ -132,6 +148,36 @@ async def answer_search(node: HubNode, request: HubSearchRequest) -> HubSearchRe
     )
 
 
+async def _audit_search(
+    node: HubNode, request: HubSearchRequest, rows: list[Document], decided: list[Disclosure]
+) -> None:
+    """One record per purpose the documents were disclosed for, the asked one first (always written)."""
+    permitted = [d for d in decided if d.permit]
+    refusal = first_refusal([d.decision for d in decided])
+    groups: dict[Access, list[tuple[Document, Disclosure]]] = {_access(request): []}
+    for row, d in zip(rows, decided, strict=True):
+        if d.permit:
+            groups.setdefault(d.access, []).append((row, d))
+    async with node.runtime.db.transaction() as session:
+        actor = await remote_actor(node, request.requester, request.requester_hub)
+        for n, (access, group) in enumerate(groups.items()):
+            counts = {"matched": len(rows), "withheld": len(rows) - len(permitted)} if n == 0 else {}
+            await node.runtime.audit.record(
+                session,
+                action="federated.search",
+                actor=actor,
+                outcome="success" if permitted or not rows else "denied",
+                patient_key=request.patient_key,
+                document_ids=[row.document_id for row, _ in group],
+                purpose=access.purpose.value,
+                rule=refusal.rule.value if refusal and not permitted else None,
+                consent_version=newest_version(
+                    [d.decision for _, d in group] if n else [d.decision for d in decided]
+                ),
+                detail=_access_detail(request, [d for _, d in group]) | counts,
+            )
+
+
 async def answer_retrieve(node: HubNode, request: HubRetrieveRequest) -> HubRetrieveReply:
     """One document for the asking institution, if consent lets it flow now (asked again: it may
     have been withdrawn since the search)."""
@@ -140,14 +186,13 @@ async def answer_retrieve(node: HubNode, request: HubRetrieveRequest) -> HubRetr
         return HubRetrieveReply(hub=node.hub, outcome="refused", message=refused)
     async with node.runtime.db.read_sessions() as read:
         row = await repository.document(read, request.document_id)
+        candidates = await _candidates(read, request, [row]) if row is not None else []
     if row is None:
         return HubRetrieveReply(hub=node.hub, outcome="not-found", message="no such document")
-    decision = (await decisions(node, _access(request), [row]))[0]
-    permitted = decision is None or decision.permit
+    [disclosure] = await disclosures(node, [row], candidates)
+    decision, permitted = disclosure.decision, disclosure.permit
     async with node.runtime.db.transaction() as session:
-        await _audit_retrieve(
-            node, session, request, row, permitted, decision.rule.value if decision else None
-        )
+        await _audit_retrieve(node, session, request, row, disclosure)
     node.runtime.relay.kick()
     if not permitted and decision is not None:
         return HubRetrieveReply(
@@ -163,19 +208,19 @@ async def _audit_retrieve(
     session: AsyncSession,
     request: HubRetrieveRequest,
     row: Document,
-    permitted: bool,
-    rule: str | None,
+    disclosure: Disclosure,
 ) -> None:
+    decision = disclosure.decision
     await node.runtime.audit.record(
         session,
         action="federated.retrieve",
         actor=await remote_actor(node, request.requester, request.requester_hub),
-        outcome="success" if permitted else "denied",
+        outcome="success" if disclosure.permit else "denied",
         patient_key=row.patient_key,
         document_ids=[row.document_id],
-        purpose=request.purpose.value,
-        rule=rule,
-        detail=_detail(request),
+        purpose=disclosure.access.purpose.value,
+        rule=decision.rule.value if decision else None,
+        detail=_access_detail(request, [disclosure]),
     )
 
 

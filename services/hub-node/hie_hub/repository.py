@@ -176,6 +176,14 @@ async def task_of_exchange(session: AsyncSession, exchange_id: str, hub: str) ->
     return next((row for row in found if row.owner_hub == hub), found[0] if found else None)
 
 
+async def tasks_owned_for(session: AsyncSession, owner: str, patient_keys: Collection[str]) -> list[Task]:
+    """The exchanges addressed to ``owner`` about these patients, most recently changed first."""
+    if not patient_keys:
+        return []
+    query = select(Task).where(Task.owner == owner, Task.patient_key.in_(list(patient_keys)))
+    return list((await session.scalars(query.order_by(Task.updated_at.desc(), Task.id))).all())
+
+
 async def delivered_study(
     session: AsyncSession, study_uid: str, exchange_id: str, *, lock: bool = False
 ) -> DeliveredStudy | None:

@@ -2,24 +2,26 @@
 
 A document is visible to its author's institution and to the institutions it was addressed to; for
 anyone but the author the patient's consent is asked at the moment of reading (it may have been
-withdrawn since the exchange). Every search and read is audited with the documents it disclosed.
+withdrawn since the exchange), for the purpose of the exchange that sent it there: a patient-requested
+transfer (의료법 §21-3) or an emergency with its justification (§21-2) is read as it was sent, and
+audited so. Every search and read is audited with the documents it disclosed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
-from hie_hub.disclosure import Access, decisions, newest_version, release
+from hie_hub.disclosure import Access, Disclosure, disclosures, exchange_accesses, newest_version, release
 from hie_hub.models import Document
 from hie_hub.node import HubNode
 from hie_hub.params import DEFAULT_COUNT, Cursor, DateBound
 from hie_platform.errors import Forbidden, NotFound
 from hie_schemas.auth import TokenClaims
-from hie_schemas.consent import Purpose
 
 
 @dataclass(frozen=True)
@@ -81,22 +83,59 @@ async def search(
 ) -> Found:
     """ITI-67: the patient's documents the caller may see now; refused ones are left out silently."""
     addressed = [row for row in await matching(read, query) if addressed_to(row, actor.inst)]
+    candidates = await _candidates(read, actor, addressed)
     await release(read)
-    decided = await decisions(node, Access(actor.inst), addressed)
-    visible = [row for row, d in zip(addressed, decided, strict=True) if d is None or d.permit]
-    returned, next_cursor = page(visible, query)
-    await node.runtime.audit.record(
-        session,
-        action="document.search",
-        actor=actor,
-        outcome="success",
-        patient_key=query.patient_key,
-        document_ids=[row.document_id for row in returned],
-        purpose=Purpose.TREATMENT.value,
-        consent_version=newest_version(decided),
-        detail={"matched": len(visible), "withheld_by_consent": len(addressed) - len(visible)},
-    )
+    decided = await disclosures(node, addressed, candidates)
+    visible = [(row, d) for row, d in zip(addressed, decided, strict=True) if d.permit]
+    returned, next_cursor = page([row for row, _ in visible], query)
+    await _audit_search(node, session, actor, query, returned, visible, len(addressed) - len(visible))
     return Found(returned, len(visible), next_cursor)
+
+
+async def _audit_search(
+    node: HubNode,
+    session: AsyncSession,
+    actor: TokenClaims,
+    query: DocumentQuery,
+    returned: list[Document],
+    visible: list[tuple[Document, Disclosure]],
+    withheld: int,
+) -> None:
+    """One record per purpose the returned documents were disclosed for, the search's own first
+    (written even when it returned nothing)."""
+    shown = {row.document_id for row in returned}
+    groups: dict[Access, list[tuple[Document, Disclosure]]] = {Access(actor.inst): []}
+    for row, disclosed in visible:
+        if row.document_id in shown:
+            groups.setdefault(disclosed.access, []).append((row, disclosed))
+    counts = {"matched": len(visible), "withheld_by_consent": withheld}
+    for n, (access, group) in enumerate(groups.items()):
+        await node.runtime.audit.record(
+            session,
+            action="document.search",
+            actor=actor,
+            outcome="success",
+            patient_key=query.patient_key,
+            document_ids=[row.document_id for row, _ in group],
+            purpose=access.purpose.value,
+            consent_version=newest_version([d.decision for _, d in (visible if n == 0 else group)]),
+            detail=(counts if n == 0 else {})
+            | access.audit_detail()
+            | _exchanges(d.access for _, d in group),
+        )
+
+
+def _exchanges(accesses: Iterable[Access]) -> dict[str, Any]:
+    """The exchanges whose purpose disclosed the documents (none for the reader's own treatment)."""
+    ids = sorted({a.exchange_id for a in accesses if a.exchange_id is not None})
+    return {"exchange_ids": ids} if ids else {}
+
+
+async def _candidates(read: AsyncSession, actor: TokenClaims, rows: list[Document]) -> list[list[Access]]:
+    """What each row is decided for: the purposes of the exchanges that sent it to the reader, or
+    treatment where none did (the author's own documents, which no one is asked about)."""
+    by_exchange = await exchange_accesses(read, actor.inst, rows)
+    return [accesses or [Access(actor.inst)] for accesses in by_exchange]
 
 
 async def read_document(
@@ -114,19 +153,21 @@ async def read_document(
     row = await repository.document(read, document_id)
     if row is None or not addressed_to(row, actor.inst):
         raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
+    candidates = await _candidates(read, actor, [row])
     await release(read)
-    decision = (await decisions(node, Access(actor.inst), [row]))[0]
-    permitted = decision is None or decision.permit
+    [disclosed] = await disclosures(node, [row], candidates)
+    decision, access = disclosed.decision, disclosed.access
     await node.runtime.audit.record(
         session,
         action=action,
         actor=actor,
-        outcome="success" if permitted else "denied",
+        outcome="success" if disclosed.permit else "denied",
         patient_key=row.patient_key,
         document_ids=[row.document_id],
-        purpose=Purpose.TREATMENT.value,
+        purpose=access.purpose.value,
         rule=decision.rule.value if decision else None,
         consent_version=decision.consent_version if decision else None,
+        detail=access.audit_detail() | _exchanges([access]),
     )
     if decision is not None and not decision.permit:
         return Forbidden(

@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
+from hie_hub.disclosure import purpose_extensions
 from hie_hub.documents import Submission, SubmittedDocument
 from hie_hub.models import Document, Task
 from hie_hub.node import HubNode
@@ -109,6 +110,7 @@ async def send(
         inputs=[i for i in ids if i != lead_document.document_id],
         at=now,
     )
+    task["extension"] = purpose_extensions(submission.purpose, submission.justification)
     row = Task(
         id=task_id,
         exchange_id=exchange_id,

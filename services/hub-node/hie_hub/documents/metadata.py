@@ -51,11 +51,7 @@ def purpose_of(submission_set: Located) -> tuple[Purpose, str | None, list[Issue
                 issues.append(_issue(message, f"{path}.valueCoding", "code-invalid"))
         elif extension.get("url") == profiles.JUSTIFICATION_EXTENSION_URL:
             justification = (text(extension.get("valueString")) or "").strip() or None
-    if purpose is Purpose.EMERGENCY and justification is None:
-        message = (
-            "emergency exchange needs a justification (extension " + profiles.JUSTIFICATION_EXTENSION_URL
-        )
-        issues.append(_issue(message + ")", f"{submission_set.path}.extension", "required"))
+    # An emergency without a justification is a malformed request (400), refused by parse_submission.
     return purpose, justification, issues
 
 

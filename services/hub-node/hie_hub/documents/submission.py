@@ -99,6 +99,7 @@ def parse_submission(
     recipients, recipient_issues = recipients_of(submission_set)
     issues += recipient_issues
     purpose, justification, purpose_issues = purpose_of(submission_set)
+    _require_justification(purpose, justification, submission_set)
     issues += purpose_issues
     ids = {r.index: _assigned_id(bundle, r) for r in (submission_set, *(r for r, _ in pairs))}
     ids |= {d.index: _document_id(d.resource) for _, d in pairs}
@@ -133,6 +134,17 @@ def parse_submission(
 
 def _bad(message: str, *expression: str) -> BadRequest:
     return BadRequest(message, expression=expression)
+
+
+def _require_justification(purpose: Purpose, justification: str | None, submission_set: Located) -> None:
+    """One status wherever an emergency is asserted (ITI-65 here, ITI-67 and $generate-crs too): 400.
+    The purpose of use is a claim about the request, like a security header, not profile content."""
+    if purpose is Purpose.EMERGENCY and justification is None:
+        raise _bad(
+            "emergency exchange needs a justification (extension "
+            f"{profiles.JUSTIFICATION_EXTENSION_URL} with a non-blank valueString)",
+            f"{submission_set.path}.extension",
+        )
 
 
 def _issue(message: str, expression: str, code: str = "invalid") -> Issue:
