@@ -44,7 +44,9 @@ async def test_the_signature_is_kept_beside_the_resource(consent_service: Consen
     assert mine.content == SIGNATURE
     assert mine.headers["content-type"] == "image/png"
     assert agency.content == SIGNATURE
-    assert other.status_code == 403
+    # Another clinic gets the 404 of a version without an image: it cannot tell one exists (issue 12,
+    # point 4; it was a 403).
+    assert other.status_code == 404
     (row,) = await consent_service.rows("consent_signatures")
     assert row["data"] == SIGNATURE
 
@@ -178,12 +180,17 @@ async def test_a_non_participant_cannot_record_consent(consent_service: ConsentS
         assert suspended.status_code == 200
     body = consent_json((RRN_SYSTEM, new_rrn()), "ENTIRE_CONSENT", organization=code)
 
-    async def refused() -> httpx.Response | None:
+    # The consent service learns of the suspension from the registry's event; wait for it with a
+    # request that writes nothing (polling with POSTs would record consents until it arrives).
+    async def suspension_known() -> httpx.Response | None:
         async with httpx.AsyncClient(base_url=consent_service.url) as http:
-            response = await http.post("/fhir/Consent", json=body, headers=clinic)
+            response = await http.get("/fhir/Consent", params={"_count": "1"}, headers=clinic)
         return response if response.status_code == 403 else None
 
-    await eventually(refused, "the suspended clinic refused")
+    await eventually(suspension_known, "the suspension known to the consent service")
+    async with httpx.AsyncClient(base_url=consent_service.url) as http:
+        refused = await http.post("/fhir/Consent", json=body, headers=clinic)
+    assert refused.status_code == 403, refused.text
     async with httpx.AsyncClient(base_url=consent_service.url) as http:
         by_agency = await http.post(
             "/fhir/Consent",
