@@ -255,3 +255,58 @@ def pacs_show(
     if not inst.get("dicom"):
         fail(f"{code} has no PACS registered (hie registry pacs set {code} --ae-title … --host … --port …)")
     print(f"{inst['code']} {inst['name']}: PACS {_text(inst['dicom'])}")
+
+
+# --- the registry's signing keys (docs/operations.md, "Signing keys") ------------------------------
+
+keys_app = typer.Typer(
+    help="The registry's token signing keys: list, rotate, retire a leaked key at once.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(keys_app, name="keys")
+KeyReason = Annotated[str, typer.Option("--reason", "-r", help="why; kept in the registry's audit trail")]
+
+
+def _key_change(result: dict[str, Any]) -> None:
+    print(f"signing with {result['kid']}; in the JWKS: {', '.join(result['keys'])}")
+    if result["retired"]:
+        print(f"retired (refused by every service from now on): {', '.join(result['retired'])}")
+
+
+@keys_app.command(name="list")
+def keys_list(registry_url: RegistryUrl = None, data_dir: DataDir = Path(".hie")) -> None:
+    """List the signing keys, newest first: which one signs, which are retired."""
+    rows = Agency(registry_url, data_dir).call("GET", "/keys")
+    table(
+        [{**r, "signing": "yes" if r["signing"] else ""} for r in rows],
+        ["kid", "created_at", "retired_at", "signing"],
+    )
+
+
+@keys_app.command(name="rotate")
+def keys_rotate(
+    reason: KeyReason,
+    retire_now: Annotated[
+        bool,
+        typer.Option("--retire-now", help="retire every older key at once (a leaked key), not after expiry"),
+    ] = False,
+    registry_url: RegistryUrl = None,
+    data_dir: DataDir = Path(".hie"),
+) -> None:
+    """Sign with a new key; older keys verify until their tokens expire, or stop at once (--retire-now)."""
+    result = Agency(registry_url, data_dir).call(
+        "POST", "/keys/rotate", params={"retire_previous": retire_now}, json={"reason": reason}
+    )
+    _key_change(result)
+
+
+@keys_app.command(name="retire")
+def keys_retire(
+    kid: Annotated[str, typer.Argument(metavar="KID", help="the key id (hie registry keys list)")],
+    reason: KeyReason,
+    registry_url: RegistryUrl = None,
+    data_dir: DataDir = Path(".hie"),
+) -> None:
+    """Retire one key at once: it leaves the JWKS and every service refuses its tokens."""
+    _key_change(Agency(registry_url, data_dir).call("POST", f"/keys/{kid}/retire", json={"reason": reason}))

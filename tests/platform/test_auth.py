@@ -93,7 +93,11 @@ def _hs256_with_public_key() -> str:
 
 
 def _es256(key: ec.EllipticCurvePrivateKey, kid: str = "k1", **overrides: Any) -> str:
-    return jwt.encode(claims(**overrides), key, algorithm="ES256", headers={"kid": kid})
+    body = {k: v for k, v in claims(**overrides).items() if v is not None}
+    return jwt.encode(body, key, algorithm="ES256", headers={"kid": kid})
+
+
+TEN_YEARS = 10 * 365 * 24 * 3600
 
 
 @pytest.mark.parametrize(
@@ -106,6 +110,13 @@ def _es256(key: ec.EllipticCurvePrivateKey, kid: str = "k1", **overrides: Any) -
         pytest.param(lambda: _es256(GOOD, aud="other"), id="wrong-audience"),
         pytest.param(lambda: _es256(GOOD, iss="http://evil"), id="wrong-issuer"),
         pytest.param(lambda: _es256(GOOD, kid="unknown"), id="unknown-kid"),
+        pytest.param(lambda: _es256(GOOD, exp=int(time.time()) + TEN_YEARS), id="ten-year-lifetime"),
+        pytest.param(lambda: _es256(GOOD, exp=int(time.time()) + 601), id="lifetime-over-the-maximum"),
+        pytest.param(
+            lambda: _es256(GOOD, iat=int(time.time()) + 120, exp=int(time.time()) + 420),
+            id="issued-in-the-future",
+        ),
+        pytest.param(lambda: _es256(GOOD, iat=None), id="without-iat"),
         pytest.param(lambda: "not.a.token", id="garbage"),
     ],
 )
@@ -124,3 +135,66 @@ async def test_unknown_kids_do_not_hammer_the_registry() -> None:
         with pytest.raises(Unauthorized):
             await verifier.verify(_es256(GOOD, kid="unknown"))
     assert jwks.fetches == 1
+
+
+async def test_the_maximum_lifetime_is_a_setting() -> None:
+    """A token living exactly the maximum passes; one second more is refused with the reason."""
+    verifier = TokenVerifier(Jwks(GOOD_JWK), ISSUER, min_refresh_seconds=0, max_lifetime_seconds=900)
+    now = int(time.time())
+    assert (await verifier.verify(_es256(GOOD, iat=now, exp=now + 900))).inst == "11301001"
+    with pytest.raises(Unauthorized, match="lifetime"):
+        await verifier.verify(_es256(GOOD, iat=now, exp=now + 901))
+
+
+async def test_a_retired_key_is_refused_at_once_and_the_new_key_works() -> None:
+    """The registry's notice drops the kid at once; the JWKS read after it confirms the retirement."""
+    old, old_jwk = keypair("old")
+    new, new_jwk = keypair("new")
+    jwks = Jwks(old_jwk, new_jwk)
+    verifier = TokenVerifier(jwks, ISSUER, min_refresh_seconds=0)
+    leaked = jwt.encode(claims(), old, algorithm="ES256", headers={"kid": "old"})
+    assert (await verifier.verify(leaked)).inst == "11301001"
+    jwks.keys = [new_jwk]  # the registry serves the new key only, then says so
+    await verifier.key_retired("old")
+    with pytest.raises(Unauthorized, match="retired key"):
+        await verifier.verify(leaked)
+    assert (await verifier.verify(jwt.encode(claims(), new, algorithm="ES256", headers={"kid": "new"}))).inst
+
+
+async def test_a_notice_the_registry_does_not_confirm_is_lifted() -> None:
+    """A retirement notice for a key the registry still publishes when asked afterwards (not the
+    registry's word) does not lock the federation out."""
+    jwks = Jwks(GOOD_JWK)
+    verifier = TokenVerifier(jwks, ISSUER, min_refresh_seconds=0)
+    await verifier.key_retired("k1")
+    assert (await verifier.verify(_es256(GOOD))).inst == "11301001"
+
+
+async def test_a_kid_gone_from_a_fresh_jwks_is_refused_without_any_notice() -> None:
+    """A missed notice costs at most the JWKS's maximum age: a cache older than that is re-read."""
+    old, old_jwk = keypair("old")
+    _, new_jwk = keypair("new")
+    jwks = Jwks(old_jwk, new_jwk)
+    verifier = TokenVerifier(jwks, ISSUER, min_refresh_seconds=0, max_age_seconds=0)
+    leaked = jwt.encode(claims(), old, algorithm="ES256", headers={"kid": "old"})
+    assert (await verifier.verify(leaked)).inst == "11301001"
+    jwks.keys = [new_jwk]
+    with pytest.raises(Unauthorized, match="unknown key"):
+        await verifier.verify(leaked)
+
+
+async def test_an_unreachable_registry_leaves_the_cached_keys_in_use() -> None:
+    """A stale cache whose refresh fails keeps verifying with the keys it has (availability), and
+    does not retry on every request."""
+    jwks = Jwks(GOOD_JWK)
+    verifier = TokenVerifier(jwks, ISSUER, min_refresh_seconds=60, max_age_seconds=0)
+    await verifier.verify(_es256(GOOD))
+
+    async def down() -> dict[str, Any]:
+        jwks.fetches += 1
+        raise OSError("registry down")
+
+    verifier._fetch = down
+    for _ in range(3):
+        assert (await verifier.verify(_es256(GOOD))).inst == "11301001"
+    assert jwks.fetches == 2  # one failed refresh, then the retry waits

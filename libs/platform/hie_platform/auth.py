@@ -1,25 +1,46 @@
-"""Bearer-token verification against the registry's JWKS (ES256 only) and the FastAPI dependencies."""
+"""Bearer-token verification against the registry's JWKS (ES256 only) and the FastAPI dependencies.
+
+Keys are cached; the cache follows the registry three ways: an unknown kid re-reads the JWKS
+(rotation), a retired key's event (``hie.registry.key.retired``) drops its kid at once, and a JWKS
+older than ``max_age_seconds`` is re-read before use, so a missed event costs at most that long.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import jwt
 from fastapi import Depends, Request
+from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from hie_platform.errors import Forbidden, ServiceUnavailable, Unauthorized
+from hie_platform.logging import get_logger
+from hie_schemas import subjects
 from hie_schemas.auth import ALGORITHM, AUDIENCE, TokenClaims
+from hie_schemas.envelope import Envelope
+from hie_schemas.events import SigningKeyRetired
+
+if TYPE_CHECKING:
+    from hie_platform.bus import Bus
+
+log = get_logger(__name__)
 
 JwksFetcher = Callable[[], Awaitable[dict[str, Any]]]
 # Extra check after the signature, e.g. "is this institution still in good standing?".
 ClaimsCheck = Callable[[TokenClaims], Awaitable[None]]
+LEEWAY_SECONDS = 5
+# The registry issues 300-second tokens; a longer one was not issued by it as configured (a forged
+# token signed with a leaked key, or a mis-set registry), so it is refused.
+DEFAULT_MAX_LIFETIME_SECONDS = 600
 
 
 class TokenVerifier:
-    """Verifies access tokens locally; re-reads the JWKS when it meets an unknown key id (rotation)."""
+    """Verifies access tokens locally against a cached JWKS that follows the registry's rotations and
+    retirements; refuses a token that lives longer than ``max_lifetime_seconds`` (exp - iat)."""
 
     def __init__(
         self,
@@ -28,27 +49,74 @@ class TokenVerifier:
         audience: str = AUDIENCE,
         min_refresh_seconds: float = 2.0,
         check: ClaimsCheck | None = None,
+        *,
+        max_lifetime_seconds: int = DEFAULT_MAX_LIFETIME_SECONDS,
+        max_age_seconds: float = 60.0,
     ) -> None:
         self._fetch = fetch_jwks
         self._issuer = issuer
         self._audience = audience
         self._min_refresh = min_refresh_seconds
+        self._max_lifetime = max_lifetime_seconds
+        self._max_age = max_age_seconds
         self._keys: dict[str, Any] = {}
-        self._fetched_at = 0.0
+        self._fetched_at = float("-inf")
+        # kid -> when its retirement was heard (monotonic): refused from then on, whatever a JWKS
+        # fetched before that moment says.
+        self._retired: dict[str, float] = {}
+        self._lock = asyncio.Lock()
         self._check = check
 
-    async def _refresh(self) -> None:
+    def retire(self, kid: str) -> None:
+        """Refuse ``kid`` from now on (the registry retired it)."""
+        self._retired[kid] = time.monotonic()
+        self._keys.pop(kid, None)
+
+    async def key_retired(self, kid: str) -> None:
+        """The registry's notice: refuse ``kid`` at once, then re-read the JWKS, which confirms it."""
+        self.retire(kid)
+        log.warning("signing key retired: its tokens are refused", kid=kid)
+        await self._refresh_quietly()
+
+    async def _refresh(self, wanted_at: float | None = None) -> None:
+        async with self._lock:
+            if wanted_at is not None and self._fetched_at >= wanted_at:
+                return  # another request read the JWKS while this one waited
+            started = time.monotonic()
+            try:
+                jwks = await self._fetch()
+                keyset = jwt.PyJWKSet.from_dict(jwks)
+            except Exception as exc:
+                raise ServiceUnavailable("cannot read the registry's signing keys") from exc
+            keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
+            for kid, heard in list(self._retired.items()):
+                if kid in keys and started >= heard:
+                    # Read after the retirement and still published: the notice was not the
+                    # registry's word (the registry drops a key from its JWKS before it tells).
+                    del self._retired[kid]
+                else:
+                    keys.pop(kid, None)
+            self._keys = keys
+            self._fetched_at = started
+
+    async def _refresh_quietly(self, wanted_at: float | None = None) -> None:
         try:
-            jwks = await self._fetch()
-            keyset = jwt.PyJWKSet.from_dict(jwks)
-        except Exception as exc:
-            raise ServiceUnavailable("cannot read the registry's signing keys") from exc
-        self._keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
-        self._fetched_at = time.monotonic()
+            await self._refresh(wanted_at)
+        except ServiceUnavailable:
+            # The cached keys keep serving while the registry is unreachable; retry after the
+            # minimum interval rather than on every request.
+            log.warning("signing keys not refreshed: the registry's JWKS cannot be read")
+            self._fetched_at = time.monotonic() - self._max_age + self._min_refresh
 
     async def _key(self, kid: str) -> Any:
-        if kid not in self._keys and time.monotonic() - self._fetched_at >= self._min_refresh:
-            await self._refresh()
+        if kid in self._retired:
+            raise Unauthorized("token signed with a retired key")
+        now = time.monotonic()
+        age = now - self._fetched_at
+        if kid not in self._keys and age >= self._min_refresh:
+            await self._refresh(now)
+        elif age >= self._max_age:
+            await self._refresh_quietly(now)
         key = self._keys.get(kid)
         if key is None:
             raise Unauthorized("token signed with an unknown key")
@@ -70,17 +138,33 @@ class TokenVerifier:
                 algorithms=[ALGORITHM],
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=5,
+                leeway=LEEWAY_SECONDS,
                 options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
             )
             claims = TokenClaims.model_validate(raw)
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("token issued in the future") from None
         except (jwt.PyJWTError, ValidationError):
             raise Unauthorized("token rejected") from None
+        if claims.exp - claims.iat > self._max_lifetime:
+            raise Unauthorized(f"token lifetime longer than the accepted {self._max_lifetime} seconds")
         if self._check is not None:
             await self._check(claims)
         return claims
+
+    async def follow(self, bus: Bus) -> None:
+        """Drop a retired key as soon as the registry says so, then re-read the JWKS."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                notice = Envelope.from_bytes(msg.data).payload(SigningKeyRetired)
+            except (ValidationError, ValueError):
+                return
+            await self.key_retired(notice.kid)
+
+        await bus.nc.subscribe(subjects.REGISTRY_KEY_RETIRED, cb=on_msg)
 
 
 def bearer_token(request: Request) -> str:

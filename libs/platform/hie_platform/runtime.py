@@ -117,8 +117,12 @@ async def start_runtime(
 
             check_claims = in_good_standing
         verifier = TokenVerifier(
-            jwks or http_jwks_fetcher(http, settings.registry_url), settings.issuer, check=check_claims
+            jwks or http_jwks_fetcher(http, settings.registry_url),
+            settings.issuer,
+            check=check_claims,
+            max_lifetime_seconds=settings.token_max_lifetime_seconds,
         )
+        await verifier.follow(bus)
         runtime = Runtime(
             settings=settings,
             source=source,

@@ -48,6 +48,8 @@ class ServiceSettings(BaseSettings):
     nats_stream_replicas: int = Field(default=1, ge=1, le=5)
     registry_url: str = "http://127.0.0.1:8001"
     token_issuer: str | None = None
+    # The longest access token (exp - iat) a verifier accepts; at least the registry's token lifetime.
+    token_max_lifetime_seconds: int = Field(default=600, ge=60)
     log_level: str = "INFO"
     log_json: bool = True
     max_body_bytes: int = 10 * 1024 * 1024

@@ -49,6 +49,14 @@ class InstitutionChanged(EventPayload):
     change: str
 
 
+class SigningKeyRetired(EventPayload):
+    """The agency retired a registry signing key: every verifier refuses tokens with its kid at once."""
+
+    event_type: ClassVar[str] = subjects.REGISTRY_KEY_RETIRED
+
+    kid: str
+
+
 class ConsentRecorded(EventPayload):
     """A new version of a patient's consent; replicas apply versions in order."""
 

@@ -57,6 +57,7 @@ def audit_checkpoint(hub: str) -> str:
 
 # Well-known subjects, built once from the functions above.
 REGISTRY_INSTITUTION_CHANGED = fact("registry", "institution", "changed")
+REGISTRY_KEY_RETIRED = fact("registry", "key", "retired")
 CONSENT_RECORDED = fact("consent", "consent", "recorded")
 EXCHANGE_DOCUMENT_PUBLISHED = fact("exchange", "document", "published")
 EXCHANGE_SENT = fact("exchange", "exchange", "sent")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
+from pydantic import model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hie_platform.settings import ServiceSettings
+from hie_platform.settings import ConfigError, ServiceSettings
 
 
 class RegistrySettings(ServiceSettings):
@@ -20,3 +22,13 @@ class RegistrySettings(ServiceSettings):
     seed_demo: bool = False
     credentials_file: Path | None = None
     topology_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _verifiable_lifetime(self) -> Self:
+        # Every verifier refuses a token that lives longer than token_max_lifetime_seconds.
+        if self.token_ttl_seconds > self.token_max_lifetime_seconds:
+            raise ConfigError(
+                f"token_ttl_seconds ({self.token_ttl_seconds}) exceeds token_max_lifetime_seconds "
+                f"({self.token_max_lifetime_seconds}): the services would refuse every token"
+            )
+        return self

@@ -15,6 +15,8 @@ from sqlalchemy import select
 from hie_platform.auth import require_scope
 from hie_platform.errors import NotFound
 from hie_platform.http import ReadSessionDep, SessionDep
+from hie_platform.logging import get_logger
+from hie_registry import keys
 from hie_registry.models import Hub, Institution
 from hie_registry.service import (
     InvalidClientError,
@@ -28,6 +30,7 @@ from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
 from hie_schemas.directory import HubView, InstitutionView
 from hie_schemas.identifiers import InvalidIdentifierError, validate_institution_code
 
+log = get_logger(__name__)
 router = APIRouter()
 AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
 
@@ -90,6 +93,77 @@ async def token(
 async def jwks(request: Request) -> dict[str, Any]:
     data: dict[str, Any] = request.app.state.keyring.jwks()
     return data
+
+
+class KeyChange(BaseModel):
+    reason: str = Field(min_length=1, max_length=500, description="why; kept in the audit trail")
+
+
+class KeyRingView(BaseModel):
+    kid: str = Field(description="the key that signs from now on")
+    keys: list[str] = Field(description="the keys in the JWKS (they verify)")
+    retired: list[str] = Field(description="keys retired by this call: refused everywhere at once")
+
+
+async def _key_change(
+    request: Request,
+    session: SessionDep,
+    actor: TokenClaims,
+    ring: keys.KeyRing,
+    retired: list[str],
+    reason: str,
+) -> KeyRingView:
+    """Serve the new ring, refuse the retired kids here at once, audit and log the change."""
+    runtime = request.app.state.runtime
+    request.app.state.keyring = ring
+    for kid in retired:
+        runtime.verifier.retire(kid)
+    detail = {"signing": ring.current.kid, "retired": retired, "reason": reason}
+    await runtime.audit.record(
+        session, action="signing-key-change", actor=actor, outcome="success", detail=detail
+    )
+    log.warning("signing keys changed", actor=actor.sub, signing=ring.current.kid, retired=retired)
+    return KeyRingView(kid=ring.current.kid, keys=[k.kid for k in ring.keys], retired=retired)
+
+
+@router.get("/keys", tags=["agency"], summary="The registry's signing keys: which signs, which are retired")
+async def list_keys(session: ReadSessionDep, _actor: AgencyActor) -> list[dict[str, Any]]:
+    return await keys.listing(session)
+
+
+@router.post(
+    "/keys/rotate",
+    tags=["agency"],
+    response_model=KeyRingView,
+    summary="Sign with a new key; old keys verify until their tokens expire, or stop at once "
+    "(retire_previous=true, for a leaked key)",
+)
+async def rotate_key(
+    session: SessionDep,
+    request: Request,
+    actor: AgencyActor,
+    retire_previous: bool = False,
+    body: KeyChange | None = None,
+) -> KeyRingView:
+    runtime = request.app.state.runtime
+    ring, retired = await keys.rotate(
+        session, runtime.outbox, runtime.settings.token_ttl_seconds, retire_previous=retire_previous
+    )
+    reason = body.reason if body else ("retire previous keys" if retire_previous else "rotation")
+    return await _key_change(request, session, actor, ring, retired, reason)
+
+
+@router.post(
+    "/keys/{kid}/retire",
+    tags=["agency"],
+    response_model=KeyRingView,
+    summary="Retire one signing key at once (leaked): it leaves the JWKS and every service refuses it",
+)
+async def retire_key(
+    kid: str, body: KeyChange, session: SessionDep, request: Request, actor: AgencyActor
+) -> KeyRingView:
+    ring = await keys.retire(session, request.app.state.runtime.outbox, kid)
+    return await _key_change(request, session, actor, ring, [kid], body.reason)
 
 
 def _code(code: str) -> str:

@@ -1,4 +1,5 @@
-"""The registry's ES256 signing keys and JWKS: the newest key signs, every unretired key verifies."""
+"""The registry's ES256 signing keys and JWKS: the newest key signs, every unretired key verifies;
+a retired key leaves the JWKS and every verifier is told at once (hie.registry.key.retired)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_platform.errors import NotFound
+from hie_platform.outbox import Outbox
 from hie_registry.models import SigningKey
+from hie_schemas import subjects
+from hie_schemas.events import SigningKeyRetired
 
 
 @dataclass(frozen=True)
@@ -69,21 +74,71 @@ async def load_key_ring(session: AsyncSession) -> KeyRing:
     return KeyRing(keys)
 
 
-async def rotate(session: AsyncSession, token_ttl_seconds: int) -> KeyRing:
-    """Add a signing key and retire keys that no unexpired token can still need.
+async def _active(session: AsyncSession) -> list[SigningKey]:
+    rows = (await session.scalars(select(SigningKey).where(SigningKey.retired_at.is_(None)))).all()
+    return sorted(rows, key=lambda r: _aware(r.created_at))
 
-    A key is retired once a newer key has been signing for longer than the token lifetime, so
-    every token it signed has expired.
+
+async def _retire(session: AsyncSession, outbox: Outbox, rows: list[SigningKey]) -> list[str]:
+    """Retire ``rows`` now and tell every verifier (hie.registry.key.retired) to refuse their kids."""
+    now = datetime.now(UTC)
+    for row in rows:
+        row.retired_at = now
+        await outbox.add(session, subjects.REGISTRY_KEY_RETIRED, SigningKeyRetired(kid=row.kid))
+    await session.flush()
+    return [row.kid for row in rows]
+
+
+async def rotate(
+    session: AsyncSession, outbox: Outbox, token_ttl_seconds: int, *, retire_previous: bool = False
+) -> tuple[KeyRing, list[str]]:
+    """Add a signing key; retire the older keys at once (``retire_previous``, a leaked key), or only
+    those no unexpired token can still need.
+
+    Without ``retire_previous`` a key is retired once a newer key has been signing for longer than the
+    token lifetime, so every token it signed has expired. Returns the ring and the retired kids.
     """
     await add_key(session)
-    rows = (await session.scalars(select(SigningKey).where(SigningKey.retired_at.is_(None)))).all()
-    now = datetime.now(UTC)
-    ordered = sorted(rows, key=lambda r: _aware(r.created_at))
-    for older, newer in itertools.pairwise(ordered):
-        if (now - _aware(newer.created_at)).total_seconds() > token_ttl_seconds + 60:
-            older.retired_at = now
-    await session.flush()
+    ordered = await _active(session)
+    if retire_previous:
+        retiring = ordered[:-1]
+    else:
+        now = datetime.now(UTC)
+        retiring = [
+            older
+            for older, newer in itertools.pairwise(ordered)
+            if (now - _aware(newer.created_at)).total_seconds() > token_ttl_seconds + 60
+        ]
+    retired = await _retire(session, outbox, retiring)
+    return await load_key_ring(session), retired
+
+
+async def retire(session: AsyncSession, outbox: Outbox, kid: str) -> KeyRing:
+    """Retire one key at once; when it is the one signing, a new key takes over first."""
+    ordered = await _active(session)
+    row = next((r for r in ordered if r.kid == kid), None)
+    if row is None:
+        raise NotFound(f"no signing key {kid!r} in use")
+    if row is ordered[-1]:
+        await add_key(session)
+    await _retire(session, outbox, [row])
     return await load_key_ring(session)
+
+
+async def listing(session: AsyncSession) -> list[dict[str, Any]]:
+    """Every key, newest first: kid, created, retired, and which one signs."""
+    rows = (await session.scalars(select(SigningKey))).all()
+    ordered = sorted(rows, key=lambda r: _aware(r.created_at), reverse=True)
+    signing = next((r.kid for r in ordered if r.retired_at is None), None)
+    return [
+        {
+            "kid": r.kid,
+            "created_at": _aware(r.created_at).isoformat(),
+            "retired_at": _aware(r.retired_at).isoformat() if r.retired_at else None,
+            "signing": r.kid == signing,
+        }
+        for r in ordered
+    ]
 
 
 def _aware(moment: datetime) -> datetime:

@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from hie_platform.auth import CurrentActor, require_scope
 from hie_platform.errors import BadRequest, Forbidden, NotFound
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_registry import locator, participation
-from hie_registry.keys import rotate
 from hie_registry.lifecycle import Action
 from hie_registry.models import Institution
 from hie_registry.schemas import Application, HistoryEntry, InstitutionDetail, StepRequest, StepResult
@@ -72,20 +70,6 @@ async def institution_detail(code: str, session: ReadSessionDep, _actor: AgencyA
     if inst is None:
         raise NotFound(f"no institution {code}")
     return detail(inst)
-
-
-@router.post(
-    "/keys/rotate", summary="Start signing with a new key; old keys verify until their tokens expire"
-)
-async def rotate_key(session: SessionDep, request: Request, _actor: AgencyActor) -> JSONResponse:
-    settings = request.app.state.runtime.settings
-    request.app.state.keyring = await rotate(session, settings.token_ttl_seconds)
-    return JSONResponse(
-        {
-            "kid": request.app.state.keyring.current.kid,
-            "keys": [k.kid for k in request.app.state.keyring.keys],
-        }
-    )
 
 
 @router.get(

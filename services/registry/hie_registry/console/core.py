@@ -1,15 +1,14 @@
 """What every console page shares: keys, templates, the agency's session, page and error rendering.
 
-The session is a cookie sealed with a key derived from ``HIE_REGISTRY_CONSOLE_SESSION_SECRET``
-(HttpOnly, SameSite=Strict, Secure over HTTPS, path /console) holding only a session id, the client id
-and two times; it is not a bearer token for any API. Every page re-reads the client and its
+The session lives server-side (console/sessions.py); the cookie, sealed with a key derived from
+``HIE_REGISTRY_CONSOLE_SESSION_SECRET`` (HttpOnly, SameSite=Strict, Secure over HTTPS, path /console),
+holds only its id and the client id, and is not a bearer token for any API. Signing out deletes the
+session, so a copy of the cookie opens nothing afterwards. Every page re-reads the client and its
 institution, so revoking the agency's credentials ends console sessions at the next click.
 """
 
 from __future__ import annotations
 
-import secrets
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from hie_platform.web import (
 )
 from hie_registry.config import RegistrySettings
 from hie_registry.console.i18n import STRINGS
+from hie_registry.console.sessions import SessionStore
 from hie_registry.console.settings import ConsoleSettings
 from hie_registry.models import Client, Institution
 from hie_schemas.auth import AUDIENCE, SCOPE_AGENCY, TokenClaims
@@ -50,7 +50,7 @@ class AgencySession:
     """A signed-in agency user: the claims its actions are recorded under."""
 
     claims: TokenClaims
-    renewed: str | None = None  # a re-sealed cookie (sliding idle timeout) to send back
+    session_id: str
 
 
 class Console:
@@ -60,6 +60,7 @@ class Console:
         self.public_url = service.public_url
         self.issuer = service.issuer
         self.sessions = Sealer(derive_key(secret, "hie-console-session"))
+        self.store = SessionStore(settings.session_idle_seconds, settings.session_max_seconds)
         self.forms = FormGuard(
             derive_key(secret, "hie-console-form"),
             BROWSER_COOKIE,
@@ -71,8 +72,14 @@ class Console:
     # --- session ---------------------------------------------------------------------------------
 
     def new_session(self, client_id: str) -> str:
-        now = int(time.time())
-        return self.sessions.seal({"sid": secrets.token_hex(16), "sub": client_id, "auth": now, "seen": now})
+        sid, _ = self.store.open(client_id)
+        return self.sessions.seal({"sid": sid, "sub": client_id})
+
+    def end_session(self, request: Request) -> None:
+        """Delete the session the cookie names (sign-out): the cookie alone opens nothing after this."""
+        value = self.sessions.unseal(request.cookies.get(SESSION_COOKIE, ""))
+        if value is not None and isinstance(value.get("sid"), str):
+            self.store.end(value["sid"])
 
     def start_session(self, response: Response, request: Request, client_id: str) -> None:
         set_cookie(
@@ -87,19 +94,11 @@ class Console:
 
     async def agency(self, request: Request) -> AgencySession | None:
         value = self.sessions.unseal(request.cookies.get(SESSION_COOKIE, ""))
-        if value is None:
+        if value is None or not isinstance(value.get("sid"), str) or not isinstance(value.get("sub"), str):
             return None
-        now = int(time.time())
-        try:
-            auth, seen, sub, sid = (
-                int(value["auth"]),
-                int(value["seen"]),
-                str(value["sub"]),
-                str(value["sid"]),
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
-        if now - seen > self.settings.session_idle_seconds or now - auth > self.settings.session_max_seconds:
+        sid, sub = value["sid"], value["sub"]
+        live = self.store.get(sid, sub)  # ended by sign-out, idle or too old: gone
+        if live is None:
             return None
         async with request.app.state.runtime.db.read_sessions() as session:
             client = await session.get(Client, sub)
@@ -116,16 +115,15 @@ class Console:
             iss=self.issuer,
             sub=sub,
             aud=AUDIENCE,
-            iat=auth,
-            exp=auth + self.settings.session_max_seconds,
+            iat=live.authenticated_at,
+            exp=live.authenticated_at + self.settings.session_max_seconds,
             jti=sid,
             inst=inst.code,
             kind=InstitutionKind(inst.kind),
             hub=inst.hub,
             scope=client.scopes,
         )
-        renewed = self.sessions.seal({**value, "seen": now}) if now - seen >= 60 else None
-        return AgencySession(claims=claims, renewed=renewed)
+        return AgencySession(claims=claims, session_id=sid)
 
     # --- pages -----------------------------------------------------------------------------------
 
@@ -169,16 +167,6 @@ class Console:
             headers=error.headers() if error is not None else None,
         )
         self.forms.remember_browser(response, request, browser, new)
-        if agency is not None and agency.renewed is not None:
-            set_cookie(
-                response,
-                request,
-                SESSION_COOKIE,
-                agency.renewed,
-                path=PATH,
-                max_age=self.settings.session_max_seconds,
-                public_url=self.public_url,
-            )
         return response
 
     def sign_in_required(self, request: Request) -> HTMLResponse:

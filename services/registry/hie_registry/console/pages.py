@@ -77,6 +77,7 @@ async def sign_out(request: Request, console: ConsoleDep, agency: AgencyDep) -> 
         console.forms.check(request, form.get("form_token"), "sign-out")
     except FhirError as exc:
         return console.page(request, "error.html", {}, agency=agency, error=exc, here=f"{PATH}/")
+    console.end_session(request)
     response = RedirectResponse(f"{PATH}/sign-in", status_code=303)
     clear_cookie(response, request, SESSION_COOKIE, path=PATH)
     return response
