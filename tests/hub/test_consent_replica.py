@@ -24,9 +24,9 @@ from hub_support import SEVERANCE_CLINIC, SNUBH, Hub, eventually, new_rrn, root_
 from hie_consent.app import create_app as create_consent_app
 from hie_consent.config import ConsentSettings
 from hie_consent.fhir import CHANNEL_EXTENSION
-from hie_hub.consent import ConsentGate
-from hie_hub.consent_replica import ConsentReplica, Freshness
 from hie_platform.bus import Bus
+from hie_platform.consent_gate import ConsentGate
+from hie_platform.consent_replica import ConsentReplica, Freshness
 from hie_platform.db import Database
 from hie_platform.natsd import free_port
 from hie_schemas import codes, subjects
