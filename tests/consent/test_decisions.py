@@ -6,7 +6,6 @@ from datetime import UTC, datetime, timedelta
 
 import nats
 from consent_helpers import (
-    SEVERANCE_CLINIC,
     SEVERANCE_HUB,
     SNUBH_CLINIC,
     SNUBH_HUB,
@@ -121,7 +120,7 @@ async def test_partial_consent_excludes_a_department(consent_service: ConsentSer
     await consent_service.consent(rrn, "PARTIAL_CONSENT", exclude_departments=("0300",))
     key = consent_service.patient_key(rrn)
     psychiatry = await consent_service.decide_http(
-        flow(key, SEVERANCE_HUB, SNUBH_HUB, holder_department="0300"), client_id=SEVERANCE_CLINIC
+        flow(key, SEVERANCE_HUB, SNUBH_HUB, holder_department="0300")
     )
     surgery = await consent_service.decide_http(flow(key, SEVERANCE_HUB, SNUBH_HUB, holder_department="0400"))
     assert psychiatry["rule"] == "deny-department-excluded"

@@ -14,6 +14,7 @@ import httpx
 import jwt
 import pytest
 from consent_helpers import (
+    AGENCY,
     SEVERANCE_CLINIC,
     SEVERANCE_HUB,
     SNUBH_HUB,
@@ -120,15 +121,17 @@ async def test_patient_signs_in_and_consents_withdraws_and_consents_again(
     fresh = await service.decide_http(flow(key, SEVERANCE_HUB, SNUBH_HUB))
     assert (gap["rule"], gap["consent_version"]) == ("deny-not-covered-at-creation", 4)
     assert (fresh["rule"], fresh["consent_version"]) == ("permit-consent", 4)
-    # Institutions read the portal's versions as FHIR Consent like any other.
+    # The agency reads the portal's versions as FHIR Consent; an institution, which recorded none of
+    # them, finds nothing (issue 12, point 4: it used to read them all, reasons included).
     async with httpx.AsyncClient(base_url=service.url) as http:
+        search = {"patient.identifier": f"{PATIENT_KEY_SYSTEM}|{key}"}
         bundle = (
-            await http.get(
-                "/fhir/Consent",
-                params={"patient.identifier": f"{PATIENT_KEY_SYSTEM}|{key}"},
-                headers=await service.headers(),
-            )
+            await http.get("/fhir/Consent", params=search, headers=await service.headers(AGENCY))
         ).json()
+        institution = await http.get("/fhir/Consent", params=search, headers=await service.headers())
+    assert institution.status_code == 200
+    assert institution.json()["total"] == 0
+    assert not institution.json().get("entry")
     second = next(e["resource"] for e in bundle["entry"] if e["resource"]["meta"]["versionId"] == "2")
     assert [x["valueCode"] for x in second["extension"]] == ["portal", "self"]
     assert len(second["provision"]["provision"]) == 2

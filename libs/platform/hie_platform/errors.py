@@ -150,6 +150,7 @@ def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | N
 # warnings with the reason; other client errors are info lines without it, because their
 # diagnostics may quote the caller's input (which may carry a resident registration number).
 SECURITY_STATUSES = frozenset({401, 403, 413})
+MAX_ISSUES = 20  # issues listed in one OperationOutcome for a request that fails validation
 
 
 def log_refusal(
@@ -176,6 +177,30 @@ def _log_request_refusal(request: Request, status: int, code: str, reason: str =
     )
 
 
+def validation_issues(errors: Sequence[Any], limit: int = MAX_ISSUES) -> list[Issue]:
+    """The first ``limit`` validation errors as issues, then one that counts the rest: a body with
+    200,000 unknown keys is 200,000 errors, and building (and sending) one issue each held the event
+    loop for seconds."""
+    issues = [
+        Issue(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}",
+            code="invalid",
+            expression=(".".join(str(p) for p in err.get("loc", ()) if p != "body"),),
+        )
+        for err in errors[:limit]
+    ]
+    if len(errors) > limit:
+        issues.append(Issue(f"and {len(errors) - limit} more issues not listed", code="invalid"))
+    return issues or [Issue("invalid request")]
+
+
+def refusal_response(request: Request, error: FhirError) -> JSONResponse:
+    """A refusal returned rather than raised, so that the request scope still commits (e.g. the
+    audit record of a refused read); logged like a raised one."""
+    _log_request_refusal(request, error.status, error.code, error.diagnostics)
+    return fhir_response(error.status, error.operation_outcome(), error.headers())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OperationOutcome; nothing leaves as a stack trace."""
 
@@ -187,15 +212,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         _log_request_refusal(request, 400, "invalid")
-        issues = [
-            Issue(
-                f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}",
-                code="invalid",
-                expression=(".".join(str(p) for p in err.get("loc", ()) if p != "body"),),
-            )
-            for err in exc.errors()
-        ]
-        return fhir_response(400, operation_outcome(issues or [Issue("invalid request")]))
+        return fhir_response(400, operation_outcome(validation_issues(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

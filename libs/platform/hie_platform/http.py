@@ -13,10 +13,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hie_platform.errors import PayloadTooLarge, install_error_handlers, log_refusal, operation_outcome
+from hie_platform import json_limits
+from hie_platform.errors import (
+    FhirError,
+    PayloadTooLarge,
+    install_error_handlers,
+    log_refusal,
+    operation_outcome,
+)
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger, new_correlation_id
 
 log = get_logger("hie.access")
+_JSON_SCOPE_KEY = "hie.json_body"  # the request body as parsed (within limits) by PlatformMiddleware
 
 
 class Metrics:
@@ -44,9 +52,11 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _buffered(receive: Receive) -> Receive:
-    """Read the whole request body now (``receive`` enforces the limit); replay it as one message."""
+async def _buffered(receive: Receive) -> tuple[Receive, bytes | None]:
+    """Read the whole request body now (``receive`` enforces the limit); replay it as one message.
+    Also returns the body (None when the client went away before sending all of it)."""
     body = bytearray()
+    whole: bytes | None = None
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client went away: pass that on
@@ -54,13 +64,37 @@ async def _buffered(receive: Receive) -> Receive:
             break
         body += message.get("body", b"")
         if not message.get("more_body", False):
-            pending = [{"type": "http.request", "body": bytes(body), "more_body": False}]
+            whole = bytes(body)
+            pending = [{"type": "http.request", "body": whole, "more_body": False}]
             break
 
     async def replay() -> Message:
         return pending.pop() if pending else await receive()
 
-    return replay
+    return replay, whole
+
+
+def _may_be_json(headers: dict[bytes, bytes]) -> bool:
+    """A body that some route may parse as JSON: a JSON media type (``application/json``,
+    ``application/fhir+json``, any ``+json``), or no media type at all with a body."""
+    content_type = headers.get(b"content-type")
+    if content_type is None:
+        return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+    return content_type.split(b";")[0].strip().lower().endswith(b"json")
+
+
+def _checked_json(scope: Scope, body: bytes) -> FhirError | None:
+    """Parse a JSON body within the limits (json_limits.py) before any route sees it; the value is
+    kept in the scope for ``request_json``. Not JSON at all is left to the route to report."""
+    if not body:
+        return None
+    try:
+        scope[_JSON_SCOPE_KEY] = json_limits.loads(body)
+    except json_limits.JsonLimitExceeded as refusal:
+        return refusal
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return None
 
 
 class PlatformMiddleware:
@@ -106,14 +140,22 @@ class PlatformMiddleware:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body:
                 raise _BodyTooLarge
             app_receive: Receive = limited_receive
-            if declared is None and b"transfer-encoding" in headers:
+            json_body = _may_be_json(headers)
+            if json_body or (declared is None and b"transfer-encoding" in headers):
                 # A chunked body is read up to the limit before the app sees it: parsers that catch
                 # every error (FastAPI's form and body readers) would otherwise turn 413 into 400.
-                app_receive = await _buffered(limited_receive)
+                app_receive, body = await _buffered(limited_receive)
+                refusal = _checked_json(scope, body) if json_body and body is not None else None
+                if refusal is not None:
+                    status = refusal.status
+                    await self._refuse(send, cid, scope, refusal)
+                    return
             await self.app(scope, app_receive, send_with_headers)
         except _BodyTooLarge:
             status = 413
-            await self._too_large(send, cid, scope)
+            await self._refuse(
+                send, cid, scope, PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+            )
         finally:
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
@@ -124,8 +166,8 @@ class PlatformMiddleware:
                 log.info("request", method=method, route=route, status=status, ms=round(elapsed * 1000, 2))
             correlation_id.reset(token)
 
-    async def _too_large(self, send: Send, cid: str, scope: Scope) -> None:
-        refusal = PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+    async def _refuse(self, send: Send, cid: str, scope: Scope, refusal: FhirError) -> None:
+        """Answer before the app runs (a body too large, or JSON beyond the limits)."""
         log_refusal(
             refusal.status,
             refusal.code,
@@ -137,7 +179,7 @@ class PlatformMiddleware:
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": refusal.status,
                 "headers": [(b"content-type", b"application/fhir+json"), (b"x-correlation-id", cid.encode())],
             }
         )
@@ -204,6 +246,14 @@ async def _write_session(request: Request) -> AsyncIterator[AsyncSession]:
 async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:
     async with request.app.state.runtime.db.read_sessions() as session:
         yield session
+
+
+async def request_json(request: Request) -> Any:
+    """The request body as JSON, parsed once within the limits (json_limits.py): raises
+    ``JsonLimitExceeded`` beyond them, ``ValueError``/``UnicodeDecodeError`` when it is not JSON."""
+    if _JSON_SCOPE_KEY in request.scope:
+        return request.scope[_JSON_SCOPE_KEY]
+    return json_limits.loads(await request.body())
 
 
 SessionDep = Annotated[AsyncSession, Depends(_write_session, scope="function")]

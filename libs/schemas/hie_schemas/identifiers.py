@@ -2,6 +2,12 @@
 
 The resident registration number (RRN, 주민등록번호) is accepted only to derive the patient key and is
 never stored or logged; ``Rrn`` hides its value from ``repr``/``str`` so it cannot leak into a log line.
+
+Digits are ASCII ``0-9`` only, everywhere: Python's ``\\d`` and ``int()`` also take Arabic-Indic,
+fullwidth and every other Unicode decimal digit, so "٩٠٠١٠١-١٢٣٤٥٦٧" would pass as a valid RRN and
+give a patient key of its own, splitting one patient in two. Such a number is refused, not normalised:
+no EMR sends one, and one refusal everywhere is simpler to state and test than a normalisation that
+every entry point must apply first.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ PATIENT_KEY_SYSTEM = "https://hie-federation.kr/fhir/sid/patient-key"
 # Institution OIDs: 1.2.410.100110.10.<요양기관기호> (KHIS).
 INSTITUTION_OID_ROOT = "1.2.410.100110.10"
 
-_CODE = re.compile(r"^\d{8}$")
-_RRN = re.compile(r"^(\d{6})-?(\d{7})$")
+ASCII_DIGITS_ONLY = "digits must be ASCII 0-9 (Arabic-Indic, fullwidth and other Unicode digits are refused)"
+# [0-9], not \d: see the module docstring.
+_CODE = re.compile(r"^[0-9]{8}$")
+_RRN = re.compile(r"^([0-9]{6})-?([0-9]{7})$")
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -34,10 +42,21 @@ class InvalidIdentifierError(ValueError):
         self.reason = reason
 
 
+def non_ascii_digits(value: str) -> bool:
+    """True when ``value`` has a decimal digit other than ASCII 0-9 (which ``\\d`` and ``int()`` take)."""
+    return any(c.isdecimal() and not c.isascii() for c in value)
+
+
 def validate_institution_code(code: str) -> str:
     """Return the 8-digit 요양기관기호 or raise ``InvalidIdentifierError``."""
     if not isinstance(code, str) or not _CODE.fullmatch(code):
-        raise InvalidIdentifierError(KRNPI_SYSTEM, "요양기관기호 must be exactly 8 digits")
+        unicode_digits = isinstance(code, str) and non_ascii_digits(code)
+        reason = (
+            f"요양기관기호: {ASCII_DIGITS_ONLY}"
+            if unicode_digits
+            else "요양기관기호 must be exactly 8 digits"
+        )
+        raise InvalidIdentifierError(KRNPI_SYSTEM, reason)
     return code
 
 
@@ -53,6 +72,8 @@ class Rrn:
     def __init__(self, raw: str) -> None:
         match = _RRN.fullmatch(raw.strip()) if isinstance(raw, str) else None
         if match is None:
+            if isinstance(raw, str) and non_ascii_digits(raw):
+                raise InvalidIdentifierError(RRN_SYSTEM, ASCII_DIGITS_ONLY)
             raise InvalidIdentifierError(RRN_SYSTEM, "must be 13 digits, optionally as YYMMDD-NNNNNNN")
         birth, rest = match.groups()
         century = {"9": 1800, "0": 1800, "1": 1900, "2": 1900, "5": 1900, "6": 1900}.get(rest[0], 2000)

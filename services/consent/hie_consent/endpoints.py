@@ -1,9 +1,12 @@
 """Consent HTTP API for institutions and the agency: FHIR Consent (record, search, read, signature
-image), decisions, and the agency's view of a patient's consent versions and exchange history."""
+image), decisions, and the agency's view of a patient's consent versions and exchange history.
+
+A consent record is read only by the institution that recorded it and by the agency
+(``service.may_read``); anyone else finds nothing (an empty searchset, the 404 of an unknown id), so
+that it cannot learn a record exists. docs/consent.md, "Who reads a consent record"."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -15,10 +18,18 @@ from hie_consent.config import ConsentSettings
 from hie_consent.fhir import searchset
 from hie_consent.schemas import ConsentVersionView, ExchangeHistoryEntry
 from hie_platform.auth import current_actor, require_scope
-from hie_platform.errors import BadRequest, NotFound, UnsupportedMediaType, fhir_response
-from hie_platform.http import SessionDep
+from hie_platform.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    UnsupportedMediaType,
+    fhir_response,
+    refusal_response,
+)
+from hie_platform.http import SessionDep, request_json
 from hie_platform.runtime import Runtime
 from hie_schemas.auth import SCOPE_AGENCY, SCOPE_EXCHANGE, TokenClaims
+from hie_schemas.directory import InstitutionKind
 from hie_schemas.events import DecisionReply, DecisionRequest
 from hie_schemas.identifiers import (
     InvalidIdentifierError,
@@ -30,7 +41,6 @@ from hie_schemas.identifiers import (
 router = APIRouter()
 ExchangeActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_EXCHANGE))]
 AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
-ExchangeOrAgencyActor = Annotated[TokenClaims, Depends(current_actor)]
 # FHIR token search (system|value); the value may be an RRN, so it is never echoed back.
 PatientParam = Annotated[str, Query(alias="patient.identifier", description="system|value")]
 _JSON_TYPES = ("application/fhir+json", "application/json")
@@ -49,8 +59,19 @@ def _settings(request: Request) -> ConsentSettings:
     return settings
 
 
+async def _reader(actor: Annotated[TokenClaims, Depends(current_actor)]) -> TokenClaims:
+    """An institution (scope exchange) or the agency; what each may read is decided per record."""
+    if not actor.scopes & {SCOPE_EXCHANGE, SCOPE_AGENCY}:
+        raise Forbidden(f"the '{SCOPE_EXCHANGE}' or '{SCOPE_AGENCY}' scope is required")
+    return actor
+
+
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 SettingsDep = Annotated[ConsentSettings, Depends(_settings)]
+ReaderActor = Annotated[TokenClaims, Depends(_reader)]
+# The same answer for an unknown id and for a record the caller may not read.
+NO_CONSENT = "no such Consent (or version)"
+NO_SIGNATURE = "no signature image for this Consent version"
 
 
 def _patient_key(param: str, settings: ConsentSettings) -> str:
@@ -69,8 +90,8 @@ async def _json_body(request: Request) -> Any:
     if media_type not in _JSON_TYPES:
         raise UnsupportedMediaType("send the resource as application/fhir+json")
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return await request_json(request)  # parsed within the shared limits (json_limits.py)
+    except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not JSON") from None
 
 
@@ -100,7 +121,7 @@ async def search_consent(
     session: SessionDep,
     runtime: RuntimeDep,
     settings: SettingsDep,
-    actor: ExchangeActor,
+    actor: ReaderActor,
     patient: PatientParam,
 ) -> JSONResponse:
     resources = await service.consent_versions(session, runtime, actor, _patient_key(patient, settings))
@@ -108,11 +129,17 @@ async def search_consent(
 
 
 async def _read(
-    session: AsyncSession, runtime: Runtime, actor: TokenClaims, resource_id: str, version_id: int | None
+    request: Request,
+    session: AsyncSession,
+    runtime: Runtime,
+    actor: TokenClaims,
+    resource_id: str,
+    version_id: int | None,
 ) -> JSONResponse:
     resource = await service.consent_resource(session, runtime, actor, resource_id, version_id)
     if resource is None:
-        raise NotFound("no such Consent (or version)")  # the id is not echoed: it is caller input
+        # Returned, not raised: the refused read's audit record commits. The id is not echoed.
+        return refusal_response(request, NotFound(NO_CONSENT))
     return fhir_response(200, resource, {"ETag": f'W/"{resource["meta"]["versionId"]}"'})
 
 
@@ -123,9 +150,9 @@ async def _read(
     summary="The current version of a Consent",
 )
 async def read_consent(
-    session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor, resource_id: str
+    request: Request, session: SessionDep, runtime: RuntimeDep, actor: ReaderActor, resource_id: str
 ) -> JSONResponse:
-    return await _read(session, runtime, actor, resource_id, None)
+    return await _read(request, session, runtime, actor, resource_id, None)
 
 
 @router.get(
@@ -135,9 +162,14 @@ async def read_consent(
     summary="One version of a Consent",
 )
 async def read_consent_version(
-    session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor, resource_id: str, version_id: VersionId
+    request: Request,
+    session: SessionDep,
+    runtime: RuntimeDep,
+    actor: ReaderActor,
+    resource_id: str,
+    version_id: VersionId,
 ) -> JSONResponse:
-    return await _read(session, runtime, actor, resource_id, version_id)
+    return await _read(request, session, runtime, actor, resource_id, version_id)
 
 
 @router.get(
@@ -148,13 +180,16 @@ async def read_consent_version(
     summary="The signature image of a desk consent (the recording institution and the agency only)",
 )
 async def read_signature(
+    request: Request,
     session: SessionDep,
     runtime: RuntimeDep,
-    actor: ExchangeOrAgencyActor,
+    actor: ReaderActor,
     resource_id: str,
     version_id: VersionId,
 ) -> Response:
     image = await service.signature(session, runtime, actor, resource_id, version_id)
+    if image is None:
+        return refusal_response(request, NotFound(NO_SIGNATURE))
     return Response(image.data, media_type=image.content_type, headers={"Cache-Control": "no-store"})
 
 
@@ -162,11 +197,17 @@ async def read_signature(
     "/decisions",
     tags=["decisions"],
     response_model=DecisionReply,
-    summary="May this document flow from holder to recipient now? (same as NATS hie.rpc.consent.decide)",
+    summary="May this document flow from holder to recipient now? (the holder, the recipient or the agency)",
 )
 async def post_decision(
-    body: DecisionRequest, session: SessionDep, runtime: RuntimeDep, actor: ExchangeActor
+    body: DecisionRequest, session: SessionDep, runtime: RuntimeDep, actor: ReaderActor
 ) -> DecisionReply:
+    if actor.kind is not InstitutionKind.AGENCY and actor.inst not in (
+        body.query.holder,
+        body.query.recipient,
+    ):
+        # A decision names the rule (e.g. the recipient is excluded): only a party to the flow asks it.
+        raise Forbidden("only the holder, the recipient or the agency asks about a flow")
     try:
         validate_patient_key(body.query.patient_key)
     except InvalidIdentifierError as exc:

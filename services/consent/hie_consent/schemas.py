@@ -41,8 +41,10 @@ class ExclusionKind(StrEnum):
 Text100 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Reason = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
 # Korean mobile numbers (SMS and identity verification go to a mobile phone): 010-1234-5678 or 01012345678.
-Mobile = Annotated[str, StringConstraints(strip_whitespace=True, pattern=r"^01[016789]-?\d{3,4}-?\d{4}$")]
-Code = Annotated[str, StringConstraints(pattern=r"^\d{6}$")]
+# [0-9], not \d: pydantic's \d takes any Unicode digit (hie_schemas.identifiers: ASCII digits only).
+MOBILE_PATTERN = r"^01[016789]-?[0-9]{3,4}-?[0-9]{4}$"
+Mobile = Annotated[str, StringConstraints(strip_whitespace=True, pattern=MOBILE_PATTERN)]
+Code = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
 
 
 class Exclusion(BaseModel):

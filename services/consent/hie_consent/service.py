@@ -28,7 +28,7 @@ from hie_consent.schemas import (
     SignerRelationship,
 )
 from hie_consent.signature import SignatureImage
-from hie_platform.errors import Conflict, Forbidden, NotFound, Unprocessable
+from hie_platform.errors import Conflict, Forbidden, Unprocessable
 from hie_platform.runtime import Runtime
 from hie_schemas import codes, subjects
 from hie_schemas.auth import TokenClaims
@@ -238,48 +238,71 @@ async def record_consent(
     return await append_version(session, runtime, settings, new, actor=actor)
 
 
-async def consent_versions(
-    session: AsyncSession, runtime: Runtime, actor: TokenClaims, patient_key: str
-) -> list[dict[str, Any]]:
-    """The patient's Consent versions as stored, newest first (the read is audited)."""
-    rows = await repository.versions(session, patient_key)
+def may_read(actor: TokenClaims, row: ConsentVersion) -> bool:
+    """A consent record (exclusions and their reasons, the signer's name and phone, the signature) is
+    read by the institution that recorded it at its desk and by the agency; the patient reads their
+    own through the portal. Nobody else, not even a hub: hubs decide from the replica and the decision
+    RPC, which carry no reasons and no signer."""
+    return actor.kind is InstitutionKind.AGENCY or row.recorded_by == actor.inst
+
+
+async def _audit_read(
+    session: AsyncSession, runtime: Runtime, actor: TokenClaims, row: ConsentVersion, *, allowed: bool
+) -> None:
     await runtime.audit.record(
         session,
         action="consent-read",
         actor=actor,
-        outcome="success",
-        patient_key=patient_key,
-        detail={"versions": len(rows)},
+        outcome="success" if allowed else "deny",
+        patient_key=row.patient_key,
+        consent_version=row.version,
     )
-    return [row.resource for row in reversed(rows)]
+
+
+async def consent_versions(
+    session: AsyncSession, runtime: Runtime, actor: TokenClaims, patient_key: str
+) -> list[dict[str, Any]]:
+    """The patient's Consent versions the caller may read (``may_read``), newest first. Another
+    institution gets an empty list, as for a patient with no consent: it cannot tell that a record
+    exists (the read is audited, as refused when records were withheld)."""
+    rows = await repository.versions(session, patient_key)
+    visible = [row for row in rows if may_read(actor, row)]
+    await runtime.audit.record(
+        session,
+        action="consent-read",
+        actor=actor,
+        outcome="success" if visible or not rows else "deny",
+        patient_key=patient_key,
+        detail={"versions": len(visible)},
+    )
+    return [row.resource for row in reversed(visible)]
 
 
 async def consent_resource(
     session: AsyncSession, runtime: Runtime, actor: TokenClaims, resource_id: str, number: int | None
 ) -> dict[str, Any] | None:
+    """One version (the current one when ``number`` is None), or None when there is no such version
+    or the caller may not read it: both answer the same 404."""
     row = await repository.version(session, resource_id, number)
-    if row is not None:
-        await runtime.audit.record(
-            session,
-            action="consent-read",
-            actor=actor,
-            outcome="success",
-            patient_key=row.patient_key,
-            consent_version=row.version,
-        )
-    return row.resource if row is not None else None
+    if row is None:
+        return None
+    allowed = may_read(actor, row)
+    await _audit_read(session, runtime, actor, row, allowed=allowed)
+    return row.resource if allowed else None
 
 
 async def signature(
     session: AsyncSession, runtime: Runtime, actor: TokenClaims, resource_id: str, number: int
-) -> ConsentSignature:
-    """The signature image of one version: for the institution that recorded it and for the agency."""
+) -> ConsentSignature | None:
+    """The signature image of one version, for the institution that recorded it and for the agency;
+    None (a 404) when there is none or the caller may not read it."""
     row = await repository.version(session, resource_id, number)
     image = await repository.signature(session, row.id) if row is not None else None
     if row is None or image is None:
-        raise NotFound("no signature image for this Consent version")
-    if actor.inst != row.recorded_by and actor.kind is not InstitutionKind.AGENCY:
-        raise Forbidden("only the recording institution and the agency read a signature image")
+        return None
+    if not may_read(actor, row):
+        await _audit_read(session, runtime, actor, row, allowed=False)
+        return None
     await runtime.audit.record(
         session,
         action="consent-signature-read",
