@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Self
 
-from pydantic import field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hie_platform.settings import ServiceSettings
+from hie_platform.settings import ConfigError, Environment, ServiceSettings
 from hie_schemas import subjects
 
 # PS3.5 §6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control code.
@@ -41,6 +42,15 @@ class ImagingSettings(ServiceSettings):
     relay_ack_wait_seconds: float = 120.0
     allowlist_refresh_seconds: float = 5.0  # an unknown caller re-reads the registry at most this often
     purge_interval_seconds: float = 60.0
+    # Who may connect to the DICOM listener (docs/imaging.md, "Who may connect").
+    # A registered AE title only from the address(es) its registered DICOM host resolves to. Off
+    # only in the local run (`hie up` passes false); refused in production.
+    bind_callers_to_host: bool = True
+    dicom_max_associations: int = Field(default=16, ge=1)  # connection slots shared by every address
+    dicom_max_connections_per_peer: int = Field(default=8, ge=1)  # of the shared slots, per source IP
+    dicom_reserved_per_caller: int = Field(default=1, ge=0)  # extra slots per registered AE, at its host
+    dicom_request_timeout_seconds: float = Field(default=5.0, gt=0)  # connect -> whole A-ASSOCIATE-RQ
+    dicom_idle_timeout_seconds: float = Field(default=60.0, gt=0)  # an association with no traffic ends
 
     @field_validator("hub")
     @classmethod
@@ -55,6 +65,12 @@ class ImagingSettings(ServiceSettings):
         if not _AE_TITLE.fullmatch(value):
             raise ValueError("ae_title must be 1-16 printable characters without a backslash")
         return value
+
+    @model_validator(mode="after")
+    def _callers_bound_in_production(self) -> Self:
+        if not self.bind_callers_to_host and self.environment is Environment.PRODUCTION:
+            raise ConfigError("bind_callers_to_host=false is for the local run only, not production")
+        return self
 
     @property
     def dicom_bind_host(self) -> str:

@@ -48,10 +48,27 @@ class ImagingGateway:
         self.runtime = runtime
         self.metrics = metrics
         self.spool = Spool(settings.spool_dir, settings.spool_min_free_bytes)
-        self.callers = CallerDirectory(runtime, settings.hub, settings.allowlist_refresh_seconds)
+        self.callers = CallerDirectory(
+            runtime,
+            settings.hub,
+            settings.allowlist_refresh_seconds,
+            bind_to_host=settings.bind_callers_to_host,
+            on_refused=self._count_refusal,
+        )
         self.reporter = ProgressReporter(runtime, settings.hub)
         self.worker = RelayWorker(settings, runtime, self.spool, self.reporter, metrics)
-        self.server = StorageServer(settings.ae_title, self.callers.is_allowed, self.on_instance)
+        self.server = StorageServer(
+            settings.ae_title,
+            self.callers.is_allowed,
+            self.on_instance,
+            maximum_associations=settings.dicom_max_associations,
+            max_connections_per_peer=settings.dicom_max_connections_per_peer,
+            reserved_per_caller=settings.dicom_reserved_per_caller,
+            reserved_for=self.callers.registered_at,
+            on_refused=self._count_refusal,
+            acse_timeout=settings.dicom_request_timeout_seconds,
+            network_timeout=settings.dicom_idle_timeout_seconds,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arrivals: asyncio.Queue[service.Arrival | None] = asyncio.Queue()
         self._recorder: asyncio.Task[None] | None = None
@@ -93,6 +110,9 @@ class ImagingGateway:
         await self.worker.stop()
         await self.callers.stop()
         await self.reporter.stop()
+
+    def _count_refusal(self, reason: str) -> None:
+        self.metrics.dicom_refused.labels(reason).inc()
 
     # --- receiving: runs on pynetdicom's association threads ------------------------------------
 

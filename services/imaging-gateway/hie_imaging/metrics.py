@@ -37,6 +37,14 @@ class GatewayMetrics:
             "Consent decisions not obtained (the instances wait; fail closed)",
             registry=registry,
         )
+        self.dicom_refused = Counter(
+            "hie_imaging_dicom_refusals_total",
+            "DICOM connections and associations refused or closed, by reason: unknown-caller, "
+            "wrong-host (a registered AE from another address), peer-limit, capacity, "
+            "no-association-request (closed after the request timeout)",
+            ["reason"],
+            registry=registry,
+        )
         self.blocked = Counter(
             "hie_imaging_instances_blocked_total",
             "Instances the consent decision kept back",

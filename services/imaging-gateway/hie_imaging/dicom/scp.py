@@ -18,10 +18,15 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
 
 from hie_imaging.dicom import sop
-from hie_imaging.dicom.reactor import QuietRequestHandler
+from hie_imaging.dicom.admission import (
+    ConnectionGate,
+    GatedAssociationServer,
+    GatedRequestHandler,
+    OnRefused,
+    ReservedFor,
+)
 from hie_imaging.dicom.scu import MAX_PDU_BYTES, enable_tcp_nodelay
 from hie_imaging.dicom.spool import InvalidUidError, SpoolFullError, validate_uid
 from hie_imaging.dicom.structure import IncompleteDatasetError, check_complete
@@ -38,6 +43,7 @@ threads, possibly concurrently, so it must be thread-safe."""
 # PS3.8 §9.3.4 A-ASSOCIATE-RJ (result, source, diagnostic).
 _REJECT_UNKNOWN_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
 _REJECT_TRY_LATER = (0x02, 0x01, 0x01)  # transient, service user, no reason given
+_UNLIMITED = 1 << 30
 
 _IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _LAST_IDENTIFYING_TAG = 0x0020000E  # Series Instance UID
@@ -61,7 +67,10 @@ class StorageServer:
     """The gateway's Storage SCP (PS3.4 Annex B) and Verification SCP, on pynetdicom threads.
 
     Calling AE titles are checked by `is_allowed` at association time, so an allow-list fed from the
-    registry takes effect for the next association without a restart.
+    registry takes effect for the next association without a restart. Connections take a slot from
+    `gate` when they are accepted (admission.py): `maximum_associations` shared ones, at most
+    `max_connections_per_peer` of them per source address, and `reserved_per_caller` more for each
+    registered caller whose host is that address (`reserved_for`).
     """
 
     def __init__(
@@ -72,24 +81,39 @@ class StorageServer:
         *,
         require_called_aet: bool = True,
         maximum_associations: int = 16,
-        acse_timeout: float = 30,
+        max_connections_per_peer: int = 8,
+        reserved_per_caller: int = 1,
+        reserved_for: ReservedFor | None = None,
+        on_refused: OnRefused | None = None,
+        acse_timeout: float = 5,
         dimse_timeout: float = 60,
         network_timeout: float = 60,
     ) -> None:
         self.ae_title = ae_title
         self._is_allowed = is_allowed
         self._on_instance = on_instance
+        # Connection slots are counted by the gate at accept (admission.py), not by pynetdicom,
+        # whose own count (every thread, associated or not, against one limit) is kept out of play.
+        self.gate = ConnectionGate(
+            shared=maximum_associations,
+            per_peer=min(max_connections_per_peer, maximum_associations),
+            reserved=reserved_per_caller,
+            reserved_for=reserved_for or (lambda _address: 0),
+            on_refused=on_refused,
+        )
         self._ae = AE(ae_title=ae_title)
         self._ae.maximum_pdu_size = MAX_PDU_BYTES
-        self._ae.maximum_associations = maximum_associations
+        self._ae.maximum_associations = _UNLIMITED
         self._ae.require_called_aet = require_called_aet
+        # Also the time a new connection has to send its whole A-ASSOCIATE-RQ (pynetdicom's ARTIM
+        # and its wait for the request); a silent connection is closed after it.
         self._ae.acse_timeout = acse_timeout
         self._ae.dimse_timeout = dimse_timeout
         self._ae.network_timeout = network_timeout
         for sop_class in sop.STORAGE_SOP_CLASSES:
             self._ae.add_supported_context(sop_class, list(sop.TRANSFER_SYNTAXES))
         self._ae.add_supported_context(sop.VERIFICATION_SOP_CLASS, list(sop.TRANSFER_SYNTAXES[:2]))
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GatedAssociationServer | None = None
 
     def start(self, host: str, port: int, ae_title: str | None = None) -> None:
         """Listen on (host, port); port 0 picks a free port (see `address`). Returns at once."""
@@ -104,12 +128,17 @@ class StorageServer:
             (evt.EVT_C_STORE, _handle_store, [self._on_instance]),
         ]
         # What ae.start_server(block=False) does, with associations that wait instead of polling.
-        server = self._ae.make_server(
-            (host, port),
-            ae_title=self.ae_title,
-            evt_handlers=handlers,
-            server_class=ThreadedAssociationServer,
-            request_handler=QuietRequestHandler,
+        server = cast(
+            GatedAssociationServer,
+            self._ae.make_server(
+                (host, port),
+                ae_title=self.ae_title,
+                evt_handlers=handlers,
+                server_class=GatedAssociationServer,
+                request_handler=GatedRequestHandler,
+                gate=self.gate,
+                socket_timeout=self._ae.network_timeout,
+            ),
         )
         self._ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{port}", daemon=True).start()
