@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import BaseModel
 
@@ -37,7 +38,7 @@ class InstitutionEntry(BaseModel):
 
 class Federation(BaseModel):
     data_dir: str
-    nats_url: str
+    nats_url: str  # without credentials: connect with nats_url_for(user)
     registry_url: str
     consent_url: str
     hubs: list[HubEntry]
@@ -48,6 +49,14 @@ class Federation(BaseModel):
 
     def institution(self, code: str) -> InstitutionEntry:
         return next(i for i in self.institutions if i.code == code)
+
+    def nats_url_for(self, user: str) -> str:
+        """The NATS URL with ``user``'s password from the data directory (ops: the operators' user;
+        hub-<slug>, registry, consent: a service's)."""
+        stored: dict[str, str] = json.loads((Path(self.data_dir) / "secrets.json").read_text())
+        parts = urlsplit(self.nats_url)
+        netloc = f"{quote(user, safe='')}:{quote(stored[f'nats:{user}'], safe='')}@{parts.netloc}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
     @property
     def agency(self) -> InstitutionEntry:

@@ -1,5 +1,10 @@
 """`hie up`: the whole federation on one machine — nats-server, registry, consent, and N hubs
-(hub node + imaging gateway each) as separate processes on SQLite (or PostgreSQL schemas)."""
+(hub node + imaging gateway each) as separate processes on SQLite (or PostgreSQL schemas).
+
+Locked down as Kubernetes is: nats-server runs the accounts generated from the bus contract with one
+user per service (registry, consent, hub-<slug> for a hub node and its gateway), secrets are
+generated per data directory (secrets.json), and every file under the data directory is the owner's
+only (children run with umask 077; what an older run left is brought to 0600 / 0700)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from types import FrameType
 import httpx
 
 from hie_cli.federation import Federation, Gateway, HubEntry, InstitutionEntry
+from hie_cli.local_secrets import UMASK, local_secrets, lock_down, open_log, write_private
+from hie_platform import nats_accounts
 from hie_platform.natsd import NatsServer, free_port
 from hie_registry import seed
 
@@ -70,14 +77,18 @@ class Launcher:
     def _spawn(self, name: str, module: str, env: dict[str, str], url: str | None) -> Child:
         log = self.logs / f"{name}.log"
         full_env = {**os.environ, **self.options.extra_env, **env}
-        with open(log, "ab") as out:
+        out = open_log(log)
+        try:
             process = subprocess.Popen(
                 [sys.executable, "-m", module],
                 env=full_env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                umask=UMASK,
             )
+        finally:
+            os.close(out)
         child = Child(name, process, log, url)
         self.children.append(child)
         return child
@@ -104,20 +115,46 @@ class Launcher:
                 if pending:
                     time.sleep(0.1)
 
-    def start(self) -> Federation:
-        for folder in (self.data, self.logs, self.data / "db", self.data / "spool"):
-            folder.mkdir(parents=True, exist_ok=True)
-        host = self.options.host
-        self.nats = NatsServer(self.data / "nats", host=host, log_file=self.logs / "nats.log").start()
-        common = {"NATS_URL": self.nats.url, "HOST": host, "ENVIRONMENT": "development"}
+    def _start_nats(self, slugs: list[str]) -> dict[str, str]:
+        """nats-server with the generated accounts; returns the data directory's secrets."""
+        users = nats_accounts.users(slugs)
+        secrets = local_secrets(self.data, users)
+        self.nats = NatsServer(
+            self.data / "nats",
+            host=self.options.host,
+            log_file=self.logs / "nats.log",
+            accounts=nats_accounts.render(slugs),
+            passwords={nats_accounts.password_var(u): secrets[f"nats:{u}"] for u in users},
+        ).start()
+        return secrets
 
-        def env(prefix: str, name: str, port: int, **extra: str) -> dict[str, str]:
-            values = {**common, "PORT": str(port), "NODE": name, "REGISTRY_URL": registry_url, **extra}
+    def nats_url(self, user: str, secrets: dict[str, str]) -> str:
+        assert self.nats is not None
+        return self.nats.user_url(user, secrets[f"nats:{user}"])
+
+    def start(self) -> Federation:
+        lock_down(self.data)
+        for folder in (self.logs, self.data / "db", self.data / "spool"):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host = self.options.host
+        hubs = seed.HUBS[: self.options.hubs]
+        secrets = self._start_nats([h.hub for h in hubs if h.hub is not None])
+        assert self.nats is not None
+        common = {"HOST": host, "ENVIRONMENT": "development"}
+
+        def env(prefix: str, name: str, port: int, user: str, **extra: str) -> dict[str, str]:
+            values = {
+                **common,
+                "NATS_URL": self.nats_url(user, secrets),
+                "PORT": str(port),
+                "NODE": name,
+                "REGISTRY_URL": registry_url,
+                **extra,
+            }
             return {f"{prefix}{k}": v for k, v in values.items()} | self._database_env(prefix, name)
 
         registry_port = free_port(host)
         registry_url = f"http://{host}:{registry_port}"
-        hubs = seed.HUBS[: self.options.hubs]
         topology: dict[str, dict[str, object]] = {"hubs": {}}
         hub_ports: dict[str, tuple[int, int, int]] = {}
         for hub in hubs:
@@ -128,7 +165,7 @@ class Launcher:
                 "fhir_base": f"http://{host}:{node_port}/fhir",
                 "gateway": {"ae_title": seed.hub_gateway_ae(hub.hub), "host": host, "port": gw_dicom},
             }
-        (self.data / "topology.json").write_text(json.dumps(topology, indent=2))
+        write_private(self.data / "topology.json", json.dumps(topology, indent=2))
 
         registry = self._spawn(
             "registry",
@@ -137,6 +174,8 @@ class Launcher:
                 "HIE_REGISTRY_",
                 "registry",
                 registry_port,
+                "registry",
+                CONSOLE_SESSION_SECRET=secrets["console_session_secret"],
                 SEED_DEMO="true",
                 CREDENTIALS_FILE=str(self.data / "credentials.json"),
                 TOPOLOGY_FILE=str(self.data / "topology.json"),
@@ -149,7 +188,14 @@ class Launcher:
         consent = self._spawn(
             "consent",
             "hie_consent",
-            env("HIE_CONSENT_", "consent", consent_port),
+            env(
+                "HIE_CONSENT_",
+                "consent",
+                consent_port,
+                "consent",
+                PATIENT_KEY_SECRET=secrets["patient_key_secret"],
+                PORTAL_SESSION_SECRET=secrets["portal_session_secret"],
+            ),
             f"http://{host}:{consent_port}",
         )
         hub_children: list[Child] = [consent]
@@ -167,7 +213,9 @@ class Launcher:
                         "HIE_HUB_",
                         f"hub-{hub.hub}",
                         node_port,
+                        nats_accounts.hub_user(hub.hub),
                         HUB=hub.hub,
+                        PATIENT_KEY_SECRET=secrets["patient_key_secret"],
                         AUDIT_CHECKPOINT_KEY_FILE=str(self.data / "keys" / f"audit-checkpoint-{hub.hub}.pem"),
                     ),
                     node_url,
@@ -181,6 +229,7 @@ class Launcher:
                         "HIE_IMAGING_",
                         f"imaging-{hub.hub}",
                         gw_http,
+                        nats_accounts.hub_user(hub.hub),
                         HUB=hub.hub,
                         DICOM_PORT=str(gw_dicom),
                         AE_TITLE=seed.hub_gateway_ae(hub.hub),
@@ -263,7 +312,7 @@ def _last_line(log: Path) -> str:
 def print_summary(federation: Federation, started_in: float) -> None:
     print(f"HIE federation up in {started_in:.1f}s — data in {federation.data_dir}")
     print(f"  {'service':<22} {'address':<38} detail")
-    print(f"  {'nats':<22} {federation.nats_url:<38} JetStream")
+    print(f"  {'nats':<22} {federation.nats_url:<38} JetStream, a user per service")
     print(f"  {'registry':<22} {federation.registry_url:<38} directory, OAuth2 token, JWKS")
     print(f"  {'consent':<22} {federation.consent_url:<38} consent, decisions, history")
     for hub in federation.hubs:

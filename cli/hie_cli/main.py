@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from hie_cli import registry_cli
+from hie_cli import outbox_cli, registry_cli
 from hie_cli.launcher import MAX_HUBS, LaunchOptions, run_until_interrupted
 from hie_platform.runtime import redact_url
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 
 app.add_typer(registry_cli.app, name="registry")
+app.add_typer(outbox_cli.app, name="outbox")
 audit_app = typer.Typer(
     help="Check a hub's tamper-evident audit trail.", no_args_is_help=True, rich_markup_mode=None
 )

@@ -18,13 +18,14 @@ from consent_helpers import (
 )
 
 from hie_platform.bus import Bus
-from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
+from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import ExchangeKind, ExchangeSent, TaskUpdated
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM, RRN_SYSTEM
 
 HUB = Source(service="hub", node="test-severance")
+SENT = subject(Kind.EXCHANGE_SENT, sender="severance")  # sent() is severance's
 
 
 def sent(patient_key: str, at: datetime) -> ExchangeSent:
@@ -59,7 +60,7 @@ async def test_sent_exchange_appears_in_the_patients_history(consent_service: Co
     event = sent(key, datetime.now(UTC))
     nc = await nats.connect(consent_service.nats_url)
     try:
-        await Bus(nc).publish(subjects.EXCHANGE_SENT, Envelope.wrap(event, HUB))
+        await Bus(nc).publish(SENT, Envelope.wrap(event, HUB))
     finally:
         await nc.close()
 
@@ -104,12 +105,12 @@ async def test_a_redelivered_event_is_stored_once(consent_service: ConsentServic
     nc = await nats.connect(consent_service.nats_url)
     try:
         bus = Bus(nc)
-        await bus.publish(subjects.EXCHANGE_SENT, envelope)
-        await bus.publish(subjects.EXCHANGE_SENT, envelope)  # same Nats-Msg-Id: JetStream drops it
+        await bus.publish(SENT, envelope)
+        await bus.publish(SENT, envelope)  # same Nats-Msg-Id: JetStream drops it
         # A publisher that lost its Nats-Msg-Id: only the consumer's own bookkeeping can catch this one.
-        await bus.publish_raw(subjects.EXCHANGE_SENT, envelope.to_bytes(), f"{envelope.id}-retry", None)
+        await bus.publish_raw(SENT, envelope.to_bytes(), f"{envelope.id}-retry", None)
         # The stream is consumed in order, so once the status line shows, both copies have been handled.
-        await bus.publish(subjects.EXCHANGE_TASK_UPDATED, Envelope.wrap(accepted, HUB))
+        await bus.publish(subject(Kind.TASK_UPDATED, sender="snubh"), Envelope.wrap(accepted, HUB))
     finally:
         await nc.close()
 

@@ -15,7 +15,7 @@ from consent_helpers import SNUBH_HUB, ConsentService, eventually, new_rrn
 from test_exchange_history import HUB, history, sent
 
 from hie_platform.bus import Bus
-from hie_schemas import subjects
+from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import ExchangeKind, TaskUpdated
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
@@ -37,16 +37,16 @@ async def test_a_status_line_names_its_exchange_whichever_event_came_first(
         updated_at=at + timedelta(seconds=1),
     )
     events = [
-        (subjects.EXCHANGE_SENT, Envelope.wrap(exchange, HUB)),
-        (subjects.EXCHANGE_TASK_UPDATED, Envelope.wrap(received, HUB)),
+        (subject(Kind.EXCHANGE_SENT, sender=exchange.from_hub), Envelope.wrap(exchange, HUB)),
+        (subject(Kind.TASK_UPDATED, sender=exchange.to_hub), Envelope.wrap(received, HUB)),
     ]
     if first == "received":
         events.reverse()
     nc = await nats.connect(consent_service.nats_url)
     try:
         bus = Bus(nc)
-        for subject, envelope in events:
-            await bus.publish(subject, envelope)
+        for where, envelope in events:
+            await bus.publish(where, envelope)
     finally:
         await nc.close()
 

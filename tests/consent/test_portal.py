@@ -42,6 +42,7 @@ from hie_platform.natsd import free_port
 from hie_platform.settings import Environment
 from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
+from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import AuditRecorded, DocumentPublished, ExchangeKind, ExchangeSent
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
@@ -298,7 +299,7 @@ async def test_patient_sees_only_their_own_exchanges_and_accesses(consent_servic
         for key in keys.values():
             doc = f"doc-{uuid.uuid4().hex[:12]}"
             await bus.publish(
-                subjects.EXCHANGE_DOCUMENT_PUBLISHED,
+                subject(Kind.DOCUMENT_PUBLISHED, sender="severance"),
                 Envelope.wrap(
                     DocumentPublished(
                         hub="severance",
@@ -312,7 +313,7 @@ async def test_patient_sees_only_their_own_exchanges_and_accesses(consent_servic
                 ),
             )
             await bus.publish(
-                subjects.EXCHANGE_SENT,
+                subject(Kind.EXCHANGE_SENT, sender="severance"),
                 Envelope.wrap(
                     ExchangeSent(
                         exchange_id=f"ex-{uuid.uuid4().hex[:12]}",

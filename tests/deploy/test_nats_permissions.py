@@ -1,7 +1,9 @@
 """The central overlay's NATS configuration, run by the nats-server the project pins.
 
 One server (no cluster) with the rendered accounts.conf; registry, consent and two hubs connect as
-their users and do what the services do through the real Bus. Then a hub tries what it must not.
+their users and do, through the real Bus, everything the bus contract (hie_schemas.contract) says
+they do: every kind published by each of its publishers on its subject, every durable consumer and
+core subscription, every RPC. Then a hub tries what it must not (issue 12 points 5 and 6).
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ from pydantic import BaseModel
 
 from hie_platform.bus import Bus
 from hie_platform.natsd import find_nats_server, free_port, wait_for_port
-from hie_schemas import streams, subjects
+from hie_schemas import contract, streams
+from hie_schemas.contract import DURABLES, HUB_ROLES, MESSAGES, RPCS, Durable, Kind, Message, Role
 from hie_schemas.envelope import Envelope, Source
 
-HUB_A, HUB_B = "snubh", "severance"
-HEARTBEAT = "hie.feed.consent.heartbeat"
+HUB_A, HUB_B, HUB_C = "snubh", "severance", "cnuh"
+USERS = {
+    Role.REGISTRY: "registry",
+    Role.CONSENT: "consent",
+    Role.HUB: f"hub-{HUB_A}",
+    Role.GATEWAY: f"hub-{HUB_A}",
+}
 
 
 def password(user: str) -> str:
@@ -109,15 +117,15 @@ def test_a_missing_password_stops_the_server(rendered: dict[str, Rendered], tmp_
     assert f"HUB_{HUB_A.upper()}_PASSWORD" in result.stderr
 
 
-# --- what the services do ------------------------------------------------------------------------
+# --- what the services do, from the contract ------------------------------------------------------
 
 
 class Ping(BaseModel):
     n: int
 
 
-def envelope(kind: str) -> Envelope:
-    return Envelope(type=kind, source=Source(service="test", node="test"), data={"kind": kind})
+def envelope(subject: str) -> Envelope:
+    return Envelope(type=subject, source=Source(service="test", node="test"), data={"subject": subject})
 
 
 async def within(awaitable: Awaitable[Any], seconds: float, what: str) -> Any:
@@ -141,125 +149,149 @@ async def buses(nats_port: int) -> AsyncIterator[dict[str, Bus]]:
         await bus.close()
 
 
-async def test_services_do_their_work_under_their_permissions(buses: dict[str, Bus]) -> None:
-    registry, consent = buses["registry"], buses["consent"]
-    hub_a, hub_b = buses[f"hub-{HUB_A}"], buses[f"hub-{HUB_B}"]
-    for bus in buses.values():  # every service does this at start-up (central first)
-        await bus.ensure_streams()
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` the rest."""
+    want, got = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or token not in ("*", got[i]):
+            return False
+    return len(want) == len(got)
 
-    async def decide(request: Ping) -> Ping:
-        return Ping(n=request.n + 1)
 
-    await consent.serve(subjects.CONSENT_DECIDE, "consent", Ping, decide)
-    await registry.serve(subjects.REGISTRY_LOCATE, "registry", Ping, decide)
-    for bus in (consent, registry):
-        await bus.nc.flush()  # the responders' interest has reached the server
-    assert (await hub_a.request(subjects.CONSENT_DECIDE, Ping(n=1), Ping)).n == 2
-    assert (await hub_b.request(subjects.REGISTRY_LOCATE, Ping(n=5), Ping)).n == 6
-    # Federated search: a hub answers on its own rpc subjects, the other hubs ask it.
-    await hub_b.serve(subjects.hub_rpc(HUB_B, "search"), "hub", Ping, decide)
-    await hub_a.serve(subjects.hub_rpc(HUB_A, "retrieve"), "hub", Ping, decide)
-    for bus in (hub_a, hub_b):
-        await bus.nc.flush()
-    assert (await hub_a.request(subjects.hub_rpc(HUB_B, "search"), Ping(n=10), Ping)).n == 11
-    assert (await hub_b.request(subjects.hub_rpc(HUB_A, "retrieve"), Ping(n=20), Ping)).n == 21
+def publication(msg: Message, role: Role) -> tuple[str, str]:
+    """(user, subject) of ``role`` publishing ``msg``: a hub's inbox kinds go from hub B to hub A."""
+    tokens = msg.template.split(".")
+    if role not in HUB_ROLES:
+        return role.value, msg.subject(sender=role.value) if msg.sender_bound else msg.template
+    if msg.sender_bound and contract.TO in tokens:
+        return f"hub-{HUB_B}", msg.subject(to=HUB_A, sender=HUB_B)
+    if contract.TO in tokens:
+        return f"hub-{HUB_A}", msg.subject(to=HUB_A)
+    return f"hub-{HUB_A}", msg.subject(sender=HUB_A) if msg.sender_bound else msg.template
 
-    # Core subscriptions: the registry's changes and consent's heartbeat reach every hub.
-    heard: asyncio.Queue[str] = asyncio.Queue()
 
-    async def on_core(msg: Any) -> None:
-        heard.put_nowait(msg.subject)
+PUBLISHED = sorted({(m.kind, *publication(m, role)) for m in MESSAGES.values() for role in m.publishers})
 
-    for bus in (hub_a, hub_b):
-        await bus.nc.subscribe(subjects.REGISTRY_INSTITUTION_CHANGED, cb=on_core)
-        await bus.nc.subscribe(HEARTBEAT, cb=on_core)
-        await bus.nc.flush()
-    await registry.publish(subjects.REGISTRY_INSTITUTION_CHANGED, envelope("changed"))
-    await consent.nc.publish(HEARTBEAT, envelope("beat").to_bytes())
-    got = [await within(heard.get(), 10, f"core message {n + 1} of 4 (got {n})") for n in range(4)]
-    assert sorted(got) == sorted([subjects.REGISTRY_INSTITUTION_CHANGED, HEARTBEAT] * 2)
 
-    # Durable consumers: each service's own, created and pulled through the imports, acked.
-    received: dict[str, asyncio.Queue[str]] = {}
+def hub_of(d: Durable) -> str | None:
+    return HUB_A if d.role in HUB_ROLES else None
 
-    def consume(bus: Bus, stream: str, durable: str, subject: str) -> None:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        received[durable] = queue
 
-        async def handler(env: Envelope) -> None:
-            queue.put_nowait(env.type)
-
-        bus.consume(stream, durable, subject, handler)
-
-    consume(hub_b, streams.HUB_INBOX.name, f"hub-{HUB_B}-inbox", subjects.hub_inbox_wildcard(HUB_B))
-    consume(hub_a, streams.HUB_INBOX.name, f"hub-{HUB_A}-inbox", subjects.hub_inbox_wildcard(HUB_A))
-    consume(hub_a, streams.IMAGING_JOBS.name, f"imaging-{HUB_A}-relay", subjects.hub_imaging_jobs(HUB_A))
-    consume(hub_a, streams.EXCHANGE.name, f"imaging-{HUB_A}-exchanges", subjects.EXCHANGE_SENT)
-    consume(hub_a, streams.IMAGING.name, f"hub-{HUB_A}-imaging", subjects.IMAGING_STUDY_PROGRESS)
-    consume(registry, streams.EXCHANGE.name, "registry-locator", "hie.exchange.>")
-    consume(consent, streams.EXCHANGE.name, "consent-history", "hie.exchange.>")
-    consume(consent, streams.AUDIT.name, "consent-access", subjects.AUDIT_RECORDED)
-
-    await hub_a.publish(subjects.hub_inbox(HUB_B, "delivery"), envelope("delivery"))
-    await hub_b.publish(subjects.hub_inbox(HUB_A, "task-status"), envelope("task-status"))
-    await hub_a.publish(subjects.hub_imaging_jobs(HUB_A), envelope("relay"))
-    await hub_a.publish(subjects.EXCHANGE_SENT, envelope("sent"))
-    await hub_b.publish(subjects.AUDIT_RECORDED, envelope("audit"))
-    await hub_b.publish(subjects.IMAGING_STUDY_PROGRESS, envelope("progress"))
-    await consent.publish(subjects.CONSENT_RECORDED, envelope("consent"))
-    expected = {
-        f"hub-{HUB_B}-inbox": "delivery",
-        f"hub-{HUB_A}-inbox": "task-status",
-        f"imaging-{HUB_A}-relay": "relay",
-        f"imaging-{HUB_A}-exchanges": "sent",
-        f"hub-{HUB_A}-imaging": "progress",  # hub B's gateway reported it: every hub hears all
-        "registry-locator": "sent",
-        "consent-history": "sent",
-        "consent-access": "audit",
+def expected(d: Durable) -> set[str]:
+    return {
+        subject
+        for kind, _, subject in PUBLISHED
+        if MESSAGES[kind].stream == d.stream and matches(d.filter(hub_of(d)), subject)
     }
-    for durable, kind in expected.items():
-        assert await within(received[durable].get(), 20, f"{kind} for {durable}") == kind, durable
 
-    # The hub's consent replica: a consumer by durable name, rebuilt by deleting it (consent_replica).
-    js = hub_a.js
-    durable = f"hub-{HUB_A}-consent"
+
+def core_kinds(role: Role) -> list[Message]:
+    """What ``role`` consumes without a durable consumer: a core subscription."""
+    durable = {k for d in DURABLES if d.role is role for k in d.kinds}
+    return [m for m in MESSAGES.values() if role in m.consumers and m.kind not in durable]
+
+
+async def _durable(bus: Bus, d: Durable, received: dict[str, asyncio.Queue[str]]) -> None:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    received[d.name(hub_of(d))] = queue
+
+    async def handler(env: Envelope) -> None:
+        queue.put_nowait(env.data["subject"])
+
+    if not d.by_durable_name:
+        bus.consume(d.stream.name, d.name(hub_of(d)), d.filter(hub_of(d)), handler)
+        return
+    # The consent replica: a consumer by durable name, rebuilt by deleting it (hie_platform.consent_replica).
     config = ConsumerConfig(
-        durable_name=durable,
-        filter_subject=subjects.CONSENT_RECORDED,
+        durable_name=d.name(hub_of(d)),
+        filter_subject=d.filter(hub_of(d)),
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
     )
-    await js.add_consumer(streams.CONSENT.name, config)
-    assert await js.delete_consumer(streams.CONSENT.name, durable)
-    await js.add_consumer(streams.CONSENT.name, config)
-    sub = await js.pull_subscribe_bind(durable=durable, stream=streams.CONSENT.name)
-    (msg,) = await sub.fetch(1, timeout=5)
-    assert Envelope.from_bytes(msg.data).type == "consent"
-    await msg.ack_sync()
-    info = await js.consumer_info(streams.CONSENT.name, durable)
-    assert info.num_ack_pending == 0
-    # Consent's heartbeat reads the last recorded version's sequence.
-    last = await consent.js.get_last_msg(streams.CONSENT.name, subjects.CONSENT_RECORDED)
-    assert last.seq == info.delivered.stream_seq
+    await bus.js.add_consumer(d.stream.name, config)
+    assert await bus.js.delete_consumer(d.stream.name, d.name(hub_of(d)))
+    await bus.js.add_consumer(d.stream.name, config)
+    sub = await bus.js.pull_subscribe_bind(durable=d.name(hub_of(d)), stream=d.stream.name)
 
+    async def pull() -> None:
+        while True:
+            try:
+                for msg in await sub.fetch(1, timeout=1):
+                    queue.put_nowait(Envelope.from_bytes(msg.data).data["subject"])
+                    await msg.ack_sync()
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+
+    bus._tasks.append(asyncio.create_task(pull()))
+
+
+async def _serve_rpcs(buses: dict[str, Bus]) -> None:
+    async def answer(request: Ping) -> Ping:
+        return Ping(n=request.n + 1)
+
+    for rpc in RPCS.values():
+        if rpc.server in HUB_ROLES:  # hub A answers its own, asked by any hub
+            await buses[f"hub-{HUB_A}"].serve(rpc.pattern(to=HUB_A), "hub", Ping, answer)
+        else:
+            await buses[USERS[rpc.server]].serve(rpc.template, rpc.server.value, Ping, answer)
+    for bus in buses.values():
+        await bus.nc.flush()  # the responders' interest has reached the server
+
+
+async def test_services_do_their_work_under_their_permissions(buses: dict[str, Bus]) -> None:
+    for bus in buses.values():  # every service does this at start-up (central first)
+        await bus.ensure_streams()
+    await _serve_rpcs(buses)
+    for rpc in RPCS.values():
+        for role in rpc.callers:
+            user, subject = (f"hub-{HUB_B}", rpc.subject(to=HUB_A, sender=HUB_B))
+            if rpc.server not in HUB_ROLES:
+                user, subject = USERS[role], rpc.template
+            assert (await buses[user].request(subject, Ping(n=1), Ping)).n == 2, (rpc.operation, role)
+
+    heard: dict[str, asyncio.Queue[str]] = {}
+    for role in Role:
+        for msg in core_kinds(role):
+            queue = heard.setdefault(f"{role.value}:{msg.kind.value}", asyncio.Queue())
+
+            async def on_core(m: Any, queue: asyncio.Queue[str] = queue) -> None:
+                queue.put_nowait(m.subject)
+
+            await buses[USERS[role]].nc.subscribe(msg.pattern(), cb=on_core)
+    received: dict[str, asyncio.Queue[str]] = {}
+    for d in DURABLES:
+        await _durable(buses[USERS[d.role]], d, received)
+    for bus in buses.values():
+        await bus.nc.flush()
+
+    for kind, user, subject in PUBLISHED:
+        if MESSAGES[kind].stream is None:
+            await buses[user].nc.publish(subject, envelope(subject).to_bytes())
+        else:
+            await buses[user].publish(subject, envelope(subject))  # a PubAck, or an error
+    for name, queue in heard.items():
+        await within(queue.get(), 10, f"core message for {name}")
+    for d in DURABLES:
+        want, got = expected(d), set()
+        while not want <= got:
+            got.add(
+                await within(received[d.name(hub_of(d))].get(), 20, f"{want - got} for {d.name(hub_of(d))}")
+            )
+
+    # Consent's heartbeat reads the last recorded version's sequence.
+    consent = buses["consent"]
+    assert (await consent.js.get_last_msg(streams.CONSENT.name, contract.subject(Kind.CONSENT_RECORDED))).seq
     # Everything fetched was acknowledged through the imported $JS.ACK subjects.
-    streams_of = {
-        f"hub-{HUB_B}-inbox": streams.HUB_INBOX.name,
-        f"hub-{HUB_A}-inbox": streams.HUB_INBOX.name,
-        f"imaging-{HUB_A}-relay": streams.IMAGING_JOBS.name,
-        f"imaging-{HUB_A}-exchanges": streams.EXCHANGE.name,
-        f"hub-{HUB_A}-imaging": streams.IMAGING.name,
-        "registry-locator": streams.EXCHANGE.name,
-        "consent-history": streams.EXCHANGE.name,
-        "consent-access": streams.AUDIT.name,
-    }
-    port = registry.nc.connected_url.port  # type: ignore[union-attr]
+    port = consent.nc.connected_url.port  # type: ignore[union-attr]
     ops = await nats.connect(user_url(port, "ops"))
     try:
-        deadline = asyncio.get_running_loop().time() + 5
-        for durable_name, stream in streams_of.items():
-            while (await ops.jetstream().consumer_info(stream, durable_name)).num_ack_pending:
-                assert asyncio.get_running_loop().time() < deadline, f"{durable_name} left unacknowledged"
+        deadline = asyncio.get_running_loop().time() + 10
+        for d in DURABLES:
+            name = d.name(hub_of(d))
+            while (await ops.jetstream().consumer_info(d.stream.name, name)).num_ack_pending:
+                assert asyncio.get_running_loop().time() < deadline, f"{name} left unacknowledged"
                 await asyncio.sleep(0.05)
     finally:
         await ops.close()
@@ -271,32 +303,47 @@ async def test_services_do_their_work_under_their_permissions(buses: dict[str, B
 Attempt = Callable[[Any], Awaitable[Any]]
 
 
-def _js_publish(subject: str) -> Attempt:
+def _publish(msg: Message, subject: str) -> Attempt:
+    if msg.stream is None:
+        return lambda nc: nc.publish(subject, b"{}")
     return lambda nc: nc.jetstream(timeout=1).publish(subject, b"{}", timeout=1)
 
 
+def forged() -> dict[str, Attempt]:
+    """Hub A publishing as someone else: every hub kind claiming hub B, every central kind."""
+    out: dict[str, Attempt] = {}
+    for msg in MESSAGES.values():
+        to = HUB_C if contract.TO in msg.template.split(".") else None
+        if msg.sender_bound and msg.publishers & HUB_ROLES:
+            out[f"{msg.kind.value} claiming another hub"] = _publish(msg, msg.subject(to=to, sender=HUB_B))
+        for central in msg.publishers - HUB_ROLES:
+            if not msg.sender_bound and msg.publishers & HUB_ROLES:
+                continue  # a subject every service shares (the audit trail): not a forgery
+            subject = msg.subject(sender=central.value) if msg.sender_bound else msg.template
+            out[f"{msg.kind.value} as {central.value}"] = _publish(msg, subject)
+    return out
+
+
+def _consumer(stream: str, name: str, filter_subject: str) -> Attempt:
+    config = ConsumerConfig(name=name, durable_name=name, filter_subject=filter_subject)
+    return lambda nc: nc.jetstream(timeout=1).add_consumer(stream, config)
+
+
+SEARCH = RPCS[contract.Operation.HUB_SEARCH]
 DENIED: dict[str, Attempt] = {
-    "another hub's relay queue": _js_publish(f"hie.hub.{HUB_B}.imaging.relay"),
-    "another hub's other rpc": lambda nc: nc.request(f"hie.hub.{HUB_B}.rpc.purge", b"", timeout=1),
-    "answering as another hub": lambda nc: nc.subscribe(f"hie.hub.{HUB_B}.rpc.search"),
-    "another inbox kind": _js_publish(f"hie.hub.{HUB_B}.inbox.other"),
-    "a registry fact": _js_publish("hie.registry.institution.changed"),
-    "a consent fact": _js_publish("hie.consent.consent.recorded"),
-    "consent's heartbeat": lambda nc: nc.publish(HEARTBEAT, b"{}"),
+    **forged(),
+    "another hub's relay queue": _publish(MESSAGES[Kind.RELAY_JOB], f"hie.hub.{HUB_B}.imaging.relay"),
+    "an undeclared inbox kind": _publish(MESSAGES[Kind.DELIVERY], f"hie.hub.{HUB_B}.inbox.other.{HUB_A}"),
+    "another hub's other rpc": lambda nc: nc.request(f"hie.hub.{HUB_B}.rpc.purge.{HUB_A}", b"", timeout=1),
+    "asking as another hub": lambda nc: nc.request(SEARCH.subject(to=HUB_B, sender=HUB_C), b"", timeout=1),
+    "answering another hub's search": lambda nc: nc.subscribe(SEARCH.pattern(to=HUB_B)),
+    "answering as another hub for itself": lambda nc: nc.subscribe(SEARCH.subject(to=HUB_B, sender=HUB_A)),
     "another hub's inbox consumer": lambda nc: nc.jetstream(timeout=1).consumer_info(
         "HIE_HUB_INBOX", f"hub-{HUB_B}-inbox"
     ),
-    "its own durable on every inbox": lambda nc: nc.jetstream(timeout=1).add_consumer(
-        "HIE_HUB_INBOX",
-        ConsumerConfig(
-            name=f"hub-{HUB_A}-inbox", durable_name=f"hub-{HUB_A}-inbox", filter_subject="hie.hub.*.inbox.>"
-        ),
-    ),
-    "its imaging durable on every imaging fact": lambda nc: nc.jetstream(timeout=1).add_consumer(
-        "HIE_IMAGING",
-        ConsumerConfig(
-            name=f"hub-{HUB_A}-imaging", durable_name=f"hub-{HUB_A}-imaging", filter_subject="hie.imaging.>"
-        ),
+    "its own durable on every inbox": _consumer("HIE_HUB_INBOX", f"hub-{HUB_A}-inbox", "hie.hub.*.inbox.>"),
+    "its imaging durable on every gateway's reports": _consumer(
+        "HIE_IMAGING", f"hub-{HUB_A}-imaging", "hie.imaging.study.progress.*"
     ),
     "another hub's imaging consumer": lambda nc: nc.jetstream(timeout=1).consumer_info(
         "HIE_IMAGING", f"hub-{HUB_B}-imaging"
@@ -304,13 +351,16 @@ DENIED: dict[str, Attempt] = {
     "another hub's consent replica": lambda nc: nc.jetstream(timeout=1).delete_consumer(
         "HIE_CONSENT", f"hub-{HUB_B}-consent"
     ),
+    "another gateway's consent replica": lambda nc: nc.jetstream(timeout=1).delete_consumer(
+        "HIE_CONSENT", f"imaging-{HUB_B}-consent"
+    ),
     "a stream update": lambda nc: nc.jetstream(timeout=1).update_stream(
         name="HIE_AUDIT", subjects=["hie.audit.>"], max_msgs=1
     ),
     "a stream purge": lambda nc: nc.jetstream(timeout=1).purge_stream("HIE_AUDIT"),
     "a stream delete": lambda nc: nc.jetstream(timeout=1).delete_stream("HIE_AUDIT"),
     "a message read": lambda nc: nc.jetstream(timeout=1).get_last_msg(
-        "HIE_HUB_INBOX", f"hie.hub.{HUB_B}.inbox.delivery"
+        "HIE_HUB_INBOX", f"hie.hub.{HUB_B}.inbox.delivery.{HUB_A}"
     ),
     "every subject": lambda nc: nc.subscribe("hie.>"),
 }
@@ -349,15 +399,16 @@ async def test_a_hub_cannot_read_another_hubs_deliveries(buses: dict[str, Bus]) 
     await hub_a.nc.subscribe("_INBOX.>", cb=snoop)
     await hub_a.nc.flush()
     secret = base64.b64encode(os.urandom(12)).decode()
-    marker = envelope(f"delivery-{secret}")
+    marker = Envelope(type="delivery", source=Source(service="t", node="t"), data={"secret": secret})
     delivered: asyncio.Queue[str] = asyncio.Queue()
 
     async def handler(env: Envelope) -> None:
-        delivered.put_nowait(env.type)
+        delivered.put_nowait(env.data.get("secret", ""))
 
-    hub_b.consume(streams.HUB_INBOX.name, f"hub-{HUB_B}-inbox", subjects.hub_inbox_wildcard(HUB_B), handler)
-    await hub_a.publish(subjects.hub_inbox(HUB_B, "delivery"), marker)
-    while (kind := await within(delivered.get(), 20, "the delivery")) != marker.type:
-        assert kind.startswith("delivery")
+    inbox = contract.durable(Role.HUB, streams.HUB_INBOX)
+    hub_b.consume(streams.HUB_INBOX.name, inbox.name(HUB_B), inbox.filter(HUB_B), handler)
+    await hub_a.publish(contract.subject(Kind.DELIVERY, to=HUB_B, sender=HUB_A), marker)
+    while await within(delivered.get(), 20, "the delivery") != secret:
+        pass
     await asyncio.sleep(0.3)
     assert not any(secret.encode() in data for data in seen)

@@ -20,6 +20,7 @@ import pytest
 from fault_servers import NatsCluster, stream_info
 from faults_support import (
     DESTINATION_HUB,
+    SOURCE_HUB,
     Burst,
     FaultFederation,
     Referral,
@@ -29,7 +30,8 @@ from faults_support import (
     requesters_told,
 )
 
-from hie_schemas import streams, subjects
+from hie_schemas import streams
+from hie_schemas.contract import Kind, subject
 
 REFERRALS = 200
 PATIENTS = 5
@@ -83,7 +85,7 @@ async def test_killing_the_stream_leader_of_a_3_node_cluster_loses_nothing(
         await delivered_exactly_once(federation, http, referrals)
         await requesters_told(federation, http, referrals)
         # The stream holds each delivery once: no publish retried by the relay was stored twice.
-        deliveries = subjects.hub_inbox(DESTINATION_HUB, "delivery")
+        deliveries = subject(Kind.DELIVERY, to=DESTINATION_HUB, sender=SOURCE_HUB)
         info = await stream_info(cluster.url, streams.HUB_INBOX.name, subjects_filter=deliveries)
         assert (info.state.subjects or {}).get(deliveries) == REFERRALS
         print(

@@ -18,9 +18,9 @@ from hub_support import (
 )
 
 from hie_platform.bus import Bus
-from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
 from hie_schemas.documents.builders import build_document, build_submission
+from hie_schemas.contract import Kind, subject
 from hie_schemas.fhir import parse_resource
 
 NAMES = {SEVERANCE_CLINIC: "서울 연세가정의학과의원", SNUBH: "분당서울대학교병원", SEVERANCE: "세브란스병원"}
@@ -154,10 +154,10 @@ async def test_referral_is_delivered_accepted_and_returned(federation: Federatio
     # The facts went out: sent (referral, return) and Task updates, and every read was audited.
     outbox = await fed.hubs["snubh"].rows("outbox")
     assert {r["subject"] for r in outbox} >= {
-        subjects.EXCHANGE_SENT,
-        subjects.EXCHANGE_TASK_UPDATED,
-        subjects.hub_inbox("severance", "task-status"),
-        subjects.hub_inbox("severance", "delivery"),
+        subject(Kind.EXCHANGE_SENT, sender="snubh"),
+        subject(Kind.TASK_UPDATED, sender="snubh"),
+        subject(Kind.TASK_STATUS, to="severance", sender="snubh"),
+        subject(Kind.DELIVERY, to="severance", sender="snubh"),
     }
     audit = [
         r["record"] for r in await fed.hubs["snubh"].rows("audit_log") if r["record"]["patient_key"] == key
@@ -210,7 +210,9 @@ async def test_without_consent_nothing_is_stored_or_delivered(federation: Federa
         SEVERANCE_CLINIC,
     )
     denied = [
-        r for r in await fed.hubs["severance"].rows("outbox") if r["subject"] == subjects.EXCHANGE_DENIED
+        r
+        for r in await fed.hubs["severance"].rows("outbox")
+        if r["subject"] == subject(Kind.EXCHANGE_DENIED, sender="severance")
     ]
     assert [r for r in denied if key.encode() in r["payload"]]
 
@@ -235,7 +237,8 @@ async def test_republishing_the_same_document_stores_one_copy(federation: Federa
     deliveries = [
         r
         for r in await fed.hubs["severance"].rows("outbox")
-        if r["subject"] == subjects.hub_inbox("snubh", "delivery") and key.encode() in r["payload"]
+        if r["subject"] == subject(Kind.DELIVERY, to="snubh", sender="severance")
+        and key.encode() in r["payload"]
     ]
     assert len(deliveries) == 1
     assert len(await fed.inbox("snubh", SNUBH)) == len({t["id"] for t in await fed.inbox("snubh", SNUBH)})
@@ -266,7 +269,8 @@ async def test_a_redelivered_delivery_is_applied_once(federation: Federation, rr
     [sent] = [
         r
         for r in await fed.hubs["severance"].rows("outbox")
-        if r["subject"] == subjects.hub_inbox("snubh", "delivery") and key.encode() in r["payload"]
+        if r["subject"] == subject(Kind.DELIVERY, to="snubh", sender="severance")
+        and key.encode() in r["payload"]
     ]
     # The same event again, under a new Nats-Msg-Id so that JetStream does not drop it as a duplicate.
     bus = await Bus.connect(fed.hubs["snubh"].settings.nats_url, name="test-redelivery")

@@ -27,8 +27,9 @@ from hub_support import (
 )
 
 from hie_platform.bus import Bus
-from hie_schemas import subjects
+from hie_registry import seed
 from hie_schemas.codes import DocumentType
+from hie_schemas.contract import RPCS, Kind, Operation, subject
 from hie_schemas.documents.profiles import (
     JUSTIFICATION_EXTENSION_URL,
     PURPOSE_EXTENSION_URL,
@@ -137,19 +138,20 @@ async def test_hubs_that_are_down_or_too_slow_are_named(federation: Federation, 
             event = DocumentPublished(
                 hub=hub,
                 patient_key=key,
-                author_institution="23100004",
+                author_institution=next(h.code for h in seed.HUBS if h.hub == hub),
                 document_ids=[f"{hub}-doc"],
                 document_types=[CRS],
                 published_at=datetime.now(UTC),
             )
             await bus.publish(
-                subjects.EXCHANGE_DOCUMENT_PUBLISHED, Envelope.wrap(event, Source(service="t", node=hub))
+                subject(Kind.DOCUMENT_PUBLISHED, sender=hub),
+                Envelope.wrap(event, Source(service="t", node=hub)),
             )
 
         async def silent(_msg: Any) -> None:
             await asyncio.sleep(30)
 
-        await bus.nc.subscribe(subjects.hub_rpc("pnuh", "search"), cb=silent)
+        await bus.nc.subscribe(RPCS[Operation.HUB_SEARCH].pattern(to="pnuh"), cb=silent)
 
         async def five_hubs() -> httpx.Response | None:
             response = await walk_in(fed, rrn)
@@ -230,7 +232,8 @@ async def test_a_patient_requested_transfer_needs_no_consent(federation: Federat
     sent = [
         r
         for r in await fed.hubs["severance"].rows("outbox")
-        if r["subject"] == subjects.EXCHANGE_SENT and doc_id in r["payload"].decode()
+        if r["subject"].startswith(subject(Kind.EXCHANGE_SENT, sender="x")[:-1])
+        and doc_id in r["payload"].decode()
     ]
     assert sent
     assert '"purpose":"patient-request"' in sent[0]["payload"].decode()

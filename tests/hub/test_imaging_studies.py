@@ -35,8 +35,8 @@ from hub_support import (
 from hie_hub.models import DeliveredStudy
 from hie_hub.studies import imaging_study, study_id
 from hie_platform.bus import Bus
-from hie_schemas import subjects
 from hie_schemas.codes import DICOM_UID, DocumentType
+from hie_schemas.contract import Kind, subject
 from hie_schemas.directory import DicomEndpointInfo, InstitutionKind, InstitutionState, InstitutionView
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import Delivery, StudyProgress, StudyRef
@@ -83,7 +83,7 @@ async def report(
         state=state,
         updated_at=at or datetime.now(UTC),
     )
-    await bus.publish(subjects.IMAGING_STUDY_PROGRESS, Envelope.wrap(progress, GATEWAY))
+    await bus.publish(subject(Kind.STUDY_PROGRESS, sender=hub), Envelope.wrap(progress, GATEWAY))
 
 
 async def refer(
@@ -276,7 +276,7 @@ async def test_progress_read_before_its_delivery_waits_for_it(
     [sent] = [
         Envelope.from_bytes(row["payload"])
         for row in await fed.hubs["severance"].rows("outbox")
-        if row["subject"] == subjects.hub_inbox("snubh", "delivery") and task_id.encode() in row["payload"]
+        if row["subject"].startswith("hie.hub.snubh.inbox.delivery.") and task_id.encode() in row["payload"]
     ]
     delivery = sent.payload(Delivery)
     exchange_id, second_task = str(uuid.uuid4()), str(uuid.uuid4())
@@ -295,7 +295,10 @@ async def test_progress_read_before_its_delivery_waits_for_it(
     await findable(fed, "snubh", SNUBH, rrn, sentinel, 1)
     assert await study_rows(fed, "snubh", ct) == []  # read, and waiting for its exchange
 
-    await gateway.publish(subjects.hub_inbox("snubh", "delivery"), Envelope.wrap(held_back, GATEWAY))
+    await gateway.publish(
+        subject(Kind.DELIVERY, to="snubh", sender=held_back.exchange.from_hub),
+        Envelope.wrap(held_back, GATEWAY),
+    )
     study = await findable(fed, "snubh", SNUBH, rrn, ct, 6)
     assert study["basedOn"] == [{"reference": f"Task/{second_task}"}]
 

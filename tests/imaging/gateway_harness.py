@@ -33,6 +33,7 @@ from hie_platform.db import Database
 from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
 from hie_schemas.consent import ConsentPolicy, ConsentState, decide
+from hie_schemas.contract import Kind, message, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import (
     DecisionReply,
@@ -153,7 +154,7 @@ class ProgressLog:
         async def on_event(msg: Msg) -> None:
             self.events.append(Envelope.from_bytes(msg.data).payload(StudyProgress))
 
-        await self.nc.subscribe(subjects.IMAGING_STUDY_PROGRESS, cb=on_event)
+        await self.nc.subscribe(message(Kind.STUDY_PROGRESS).pattern(), cb=on_event)
         return self
 
     def of(self, study_uid: str, hub: str) -> list[StudyProgress]:
@@ -187,7 +188,9 @@ async def publish_exchange(nc: NatsClient, sent: ExchangeSent) -> None:
     """As a hub node does: the envelope, with Nats-Msg-Id = event id, on the exchange stream."""
     envelope = Envelope.wrap(sent, Source(service="hub-node", node=f"hub-{sent.from_hub}"))
     await nc.jetstream().publish(
-        subjects.EXCHANGE_SENT, envelope.to_bytes(), headers={"Nats-Msg-Id": envelope.id}
+        subject(Kind.EXCHANGE_SENT, sender=sent.from_hub),
+        envelope.to_bytes(),
+        headers={"Nats-Msg-Id": envelope.id},
     )
 
 

@@ -11,6 +11,7 @@ import httpx
 
 from hie_platform.bus import Bus
 from hie_schemas import subjects
+from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import DocumentPublished, ExchangeKind, ExchangeSent, LocateReply, LocateRequest
 
@@ -59,9 +60,10 @@ async def test_locator_learns_hubs_from_events_and_counts_exchanges_once(
         clinic = {"Authorization": f"Bearer {await registry.token('11301001')}"}
         async with httpx.AsyncClient() as http:
             before = (await http.get(f"{registry.url}/statistics", headers=agency)).json()
-            await publish(bus, subjects.EXCHANGE_DOCUMENT_PUBLISHED, published)
-            await publish(bus, subjects.EXCHANGE_SENT, sent)
-            await publish(bus, subjects.EXCHANGE_SENT, sent, msg_id=sent.id + "-again")  # redelivered copy
+            await publish(bus, subject(Kind.DOCUMENT_PUBLISHED, sender="severance"), published)
+            await publish(bus, subject(Kind.EXCHANGE_SENT, sender="severance"), sent)
+            again = sent.id + "-again"  # a redelivered copy
+            await publish(bus, subject(Kind.EXCHANGE_SENT, sender="severance"), sent, msg_id=again)
 
             deadline = asyncio.get_running_loop().time() + 10
             while True:

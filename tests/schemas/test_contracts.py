@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from hie_schemas import subjects
+from hie_schemas import contract, subjects
 from hie_schemas.codes import DOCUMENT_KINDS, LOINC, TEMPLATE_SYSTEM, DocumentType, document_kind_by_coding
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import ConsentRecorded, ExchangeSent, InstitutionChanged
@@ -68,11 +68,14 @@ def test_token_param_error_does_not_echo_the_value() -> None:
 
 
 def test_subjects_carry_no_identifiers_and_refuse_injection() -> None:
-    assert subjects.hub_inbox("snubh", "delivery") == "hie.hub.snubh.inbox.delivery"
-    assert subjects.EXCHANGE_SENT == "hie.exchange.exchange.sent"
+    delivery = contract.subject(contract.Kind.DELIVERY, to="snubh", sender="severance")
+    assert delivery == "hie.hub.snubh.inbox.delivery.severance"
+    assert contract.subject(contract.Kind.EXCHANGE_SENT, sender="snubh") == "hie.exchange.exchange.sent.snubh"
     for bad in ("snubh.>", "a b", "*", "", "UPPER"):
         with pytest.raises(ValueError, match="invalid subject token"):
-            subjects.hub_inbox(bad, "delivery")
+            contract.subject(contract.Kind.DELIVERY, to=bad, sender="severance")
+        with pytest.raises(ValueError, match="invalid subject token"):
+            contract.subject(contract.Kind.DELIVERY, to="snubh", sender=bad)
 
 
 def test_envelope_round_trip_and_type_check() -> None:

@@ -13,8 +13,8 @@ from web_flows import agency, apply_clinic, console_sign_in, history
 from web_helpers import SEVERANCE_CLINIC, Browser, eventually, new_code
 
 from hie_platform.bus import Bus
-from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
+from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import ExchangeKind, ExchangeSent
 
@@ -172,7 +172,10 @@ async def test_statistics_chart_and_audit_status(browser: Browser, registry: Any
     )
     nc = await nats.connect(nats_url)
     try:
-        await Bus(nc).publish(subjects.EXCHANGE_SENT, Envelope.wrap(sent, Source(service="hub", node="web")))
+        await Bus(nc).publish(
+            subject(Kind.EXCHANGE_SENT, sender=sent.from_hub),
+            Envelope.wrap(sent, Source(service="hub", node="web")),
+        )
     finally:
         await nc.close()
 

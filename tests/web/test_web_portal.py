@@ -16,12 +16,11 @@ from hie_consent.models import IdentityChallenge
 from hie_platform.bus import Bus
 from hie_platform.db import Database
 from hie_platform.web import korean_time
-from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
 from hie_schemas.consent import FlowQuery
+from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import (
-    EXCHANGE_EMERGENCY_PERMITTED,
     EmergencyAccessPermitted,
     ExchangeKind,
     ExchangeSent,
@@ -131,7 +130,9 @@ async def test_a_patient_sees_a_referral_and_an_emergency_access_in_the_history(
         decided_at=datetime.now(UTC),
     )
     await publish(
-        consent_web.nats_url, (subjects.EXCHANGE_SENT, sent), (EXCHANGE_EMERGENCY_PERMITTED, emergency)
+        consent_web.nats_url,
+        (subject(Kind.EXCHANGE_SENT, sender=sent.from_hub), sent),
+        (subject(Kind.EMERGENCY_PERMITTED, sender="snubh"), emergency),
     )
     await portal_sign_in(browser, consent_web, rrn)
 
@@ -163,7 +164,7 @@ async def test_a_patient_sees_a_referral_and_an_emergency_access_in_the_history(
 async def test_another_patients_history_is_out_of_reach(browser: Browser, consent_web: ConsentWeb) -> None:
     victim, intruder = new_rrn(), new_rrn()
     sent = referral(consent_web.patient_key(victim))
-    await publish(consent_web.nats_url, (subjects.EXCHANGE_SENT, sent))
+    await publish(consent_web.nats_url, (subject(Kind.EXCHANGE_SENT, sender=sent.from_hub), sent))
     await portal_sign_in(browser, consent_web, intruder)
     await browser.open(f"{consent_web.url}/portal/history/{sent.exchange_id}")
     assert browser.status == 404

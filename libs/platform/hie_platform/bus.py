@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -13,21 +14,94 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
-from hie_schemas import streams
-from hie_schemas.envelope import Envelope
+from hie_schemas import contract, streams
+from hie_schemas.envelope import Envelope, EventPayload
 
 log = get_logger(__name__)
 T = TypeVar("T", bound=BaseModel)
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
+# The hub of an institution, as the registry says (None: no such institution, or no hub).
+HubOf = Callable[[str], Awaitable[str | None]]
+
+# Process-wide (one service per process in a deployment); rendered by every service's /metrics.
+BUS_METRICS = CollectorRegistry()
+REFUSED = Counter(
+    "hie_bus_refused_messages_total",
+    "Messages a consumer refused and terminated: unknown subject, type not the subject's kind, "
+    "malformed, or a sender that is not the hub of the institution the message claims",
+    ["kind", "reason"],
+    registry=BUS_METRICS,
+)
+
+
+class _BusCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield from BUS_METRICS.collect()
+
+
+def bus_collector() -> Collector:
+    """The bus's metrics for a service's /metrics registry (hie_platform.http)."""
+    return _BusCollector()
 
 
 class PermanentEventError(Exception):
     """An event that can never be processed (malformed, wrong version): terminated, not redelivered."""
+
+
+class RefusedMessage(PermanentEventError):
+    """A message refused for what it claims (subject, type, sender): counted, logged, terminated."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A message whose subject, type and sender have been checked: what a kind's handler receives."""
+
+    address: contract.Address
+    envelope: Envelope
+    payload: EventPayload
+
+
+KindHandler = Callable[[Incoming], Awaitable[None]]
+
+
+async def check_sender(address: contract.Address, payload: EventPayload, hub_of: HubOf) -> None:
+    """The subject's sender must be the hub the payload claims, and the hub of its institutions."""
+    spec = contract.MESSAGES[address.kind]
+    if not spec.sender_bound:
+        return
+    sender = address.sender
+    central = {r.value for r in spec.publishers & contract.CENTRAL_ROLES}
+    if sender in central:
+        return  # only that central service's NATS user may publish with its name
+    claimed = contract.claim(payload)
+    if any(hub != sender for hub in claimed.hubs):
+        raise RefusedMessage("sender-mismatch", "a hub field is not the sending hub")
+    hubs = [await hub_of(code) for code in claimed.institutions]
+    if claimed.any_institution:
+        if sender not in hubs:
+            raise RefusedMessage("sender-mismatch", "no claimed institution belongs to the sending hub")
+    elif any(hub is None for hub in hubs):
+        raise RefusedMessage("unknown-institution", "a claimed institution has no hub in the registry")
+    elif any(hub != sender for hub in hubs):
+        raise RefusedMessage("sender-mismatch", "a claimed institution belongs to another hub")
+
+
+def refused(kind: str, exc: RefusedMessage, **where: Any) -> None:
+    """Count and log a refusal: the kind, the reason and where; never the payload (patient data)."""
+    REFUSED.labels(kind, exc.reason).inc()
+    log.warning("message refused", kind=kind, reason=exc.reason, detail=str(exc), **where)
 
 
 class RpcError(Exception):
@@ -122,17 +196,33 @@ class Bus:
         return reply_type.model_validate_json(msg.data)
 
     async def serve(
-        self, subject: str, queue: str, request_type: type[T], handler: Callable[[T], Awaitable[BaseModel]]
+        self,
+        subject: str,
+        queue: str,
+        request_type: type[T],
+        handler: Callable[[T], Awaitable[BaseModel]],
+        verify: Callable[[str | None, T], Awaitable[None]] | None = None,
     ) -> None:
-        """Answer request/reply calls on ``subject`` in queue group ``queue`` (the service's name)."""
+        """Answer request/reply calls on ``subject`` in queue group ``queue`` (the service's name).
+
+        ``verify`` gets the asking hub (the request subject's sender token) and the request, and raises
+        RefusedMessage when the request claims someone the asker is not."""
 
         async def on_msg(msg: Msg) -> None:
             token = correlation_id.set(msg.headers.get(CORRELATION_HEADER) if msg.headers else None)
             try:
-                reply = await handler(request_type.model_validate_json(msg.data))
+                request = request_type.model_validate_json(msg.data)
+                if verify is not None:
+                    parsed = contract.parse_rpc(msg.subject)
+                    await verify(parsed[2] if parsed else None, request)
+                reply = await handler(request)
                 await msg.respond(reply.model_dump_json().encode())
             except ValidationError:
                 await self.nc.publish(msg.reply, b"", headers={"Hie-Error": "invalid request"})
+            except RefusedMessage as exc:
+                parsed = contract.parse_rpc(msg.subject)
+                refused(parsed[0].value if parsed else "unknown", exc, subject=msg.subject)
+                await self.nc.publish(msg.reply, b"", headers={"Hie-Error": f"refused: {exc.reason}"})
             except Exception as exc:
                 log.error("rpc handler failed", subject=subject, exc_info=exc)
                 await self.nc.publish(msg.reply, b"", headers={"Hie-Error": "handler failed"})
@@ -140,6 +230,56 @@ class Bus:
                 correlation_id.reset(token)
 
         await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    def consume_kinds(
+        self,
+        durable: str,
+        consumer: contract.Durable,
+        filter_subject: str,
+        handlers: Mapping[contract.Kind, KindHandler],
+        hub_of: HubOf,
+        batch: int = 32,
+        ack_wait: float = 30.0,
+    ) -> None:
+        """A durable consumer that dispatches on the SUBJECT's kind (contract.parse), refuses an
+        envelope whose type is not that kind's or whose sender is not the hub it claims, and hands the
+        rest to ``handlers``; kinds the consumer sees but does not handle are acknowledged."""
+
+        async def dispatch(msg: Msg) -> Envelope | None:
+            address = contract.parse(msg.subject)
+            if address is None:
+                raise RefusedMessage("unknown-subject")
+            spec = contract.MESSAGES[address.kind]
+            try:
+                envelope = Envelope.from_bytes(msg.data)
+            except ValidationError:
+                raise RefusedMessage("malformed", "not an envelope") from None
+            if envelope.type != spec.envelope_type:
+                raise RefusedMessage(
+                    "type-mismatch", f"{envelope.type[:64]!r} on a {address.kind.value} subject"
+                )
+            handler = handlers.get(address.kind)
+            if handler is None or spec.payload is None:
+                return envelope
+            try:
+                payload = envelope.payload(spec.payload)
+            except (ValidationError, ValueError):
+                raise RefusedMessage("malformed", f"not a valid {address.kind.value}") from None
+            await check_sender(address, payload, hub_of)
+            token = correlation_id.set(envelope.correlation_id)
+            try:
+                await handler(Incoming(address, envelope, payload))
+            finally:
+                correlation_id.reset(token)
+            return envelope
+
+        self._tasks.append(
+            asyncio.create_task(
+                self._consume(
+                    consumer.stream.name, durable, filter_subject, dispatch, batch, ack_wait, kinds=True
+                )
+            )
+        )
 
     def consume(
         self,
@@ -155,18 +295,33 @@ class Bus:
             asyncio.create_task(self._consume(stream, durable, filter_subject, handler, batch, ack_wait))
         )
 
+    async def _refilter(self, stream: str, durable: str, filter_subject: str, config: ConsumerConfig) -> None:
+        """A durable made before its subjects changed keeps its old filter (nats-py binds to it as it
+        is, and would wait forever): move it to the new filter (an update, NATS >= 2.10)."""
+        try:
+            info = await self.js.consumer_info(stream, durable)
+        except NotFoundError:
+            return
+        if info.config.filter_subject not in (None, filter_subject):
+            log.warning("durable consumer moved to its new filter", durable=durable, filter=filter_subject)
+            config.name = durable
+            config.filter_subject = filter_subject
+            await self.js.add_consumer(stream, config=config)
+
     async def _consume(
         self,
         stream: str,
         durable: str,
         filter_subject: str,
-        handler: EnvelopeHandler,
+        handler: Any,
         batch: int,
         ack_wait: float,
+        kinds: bool = False,
     ) -> None:
         config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_ack_pending=1000)
         while True:
             try:
+                await self._refilter(stream, durable, filter_subject, config)
                 sub = await self.js.pull_subscribe(
                     filter_subject, durable=durable, stream=stream, config=config
                 )
@@ -175,13 +330,13 @@ class Bus:
                 log.warning("cannot subscribe yet", durable=durable, error=str(exc))
                 await asyncio.sleep(1.0)
         try:
-            await self._pull(sub, durable, handler, batch)
+            await self._pull(sub, durable, handler, batch, kinds)
         finally:
             # A pending pull subscription would hold up drain() on shutdown.
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _pull(self, sub: Any, durable: str, handler: EnvelopeHandler, batch: int) -> None:
+    async def _pull(self, sub: Any, durable: str, handler: Any, batch: int, kinds: bool = False) -> None:
         while True:
             try:
                 msgs = await sub.fetch(batch, timeout=1.0)
@@ -196,7 +351,10 @@ class Bus:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                await self._handle(msg, durable, handler)
+                if kinds:
+                    await self._dispatch(msg, durable, handler)
+                else:
+                    await self._handle(msg, durable, handler)
 
     async def _handle(self, msg: Msg, durable: str, handler: EnvelopeHandler) -> None:
         try:
@@ -228,6 +386,38 @@ class Bus:
                 await msg.nak(delay=delay)
         finally:
             correlation_id.reset(token)
+
+    async def _dispatch(
+        self, msg: Msg, durable: str, dispatch: Callable[[Msg], Awaitable[Envelope | None]]
+    ) -> None:
+        """consume_kinds: refusals terminated (counted); failures redelivered with backoff."""
+        try:
+            await dispatch(msg)
+            await msg.ack()
+        except RefusedMessage as exc:
+            address = contract.parse(msg.subject)
+            sender = address.sender if address else None
+            refused(address.kind.value if address else "unknown", exc, durable=durable, sender=sender)
+            await msg.term()
+        except PermanentEventError as exc:
+            log.error("event terminated", durable=durable, subject=msg.subject, error=str(exc))
+            await msg.term()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._retry_later(msg, durable, exc)
+
+    async def _retry_later(self, msg: Msg, durable: str, exc: Exception) -> None:
+        deliveries = msg.metadata.num_delivered if msg.metadata else 1
+        delay = min(30.0, 0.2 * 2 ** min(deliveries, 8))
+        log.warning(
+            "event handler failed; will retry",
+            durable=durable,
+            delay=delay,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
 
     async def delete_consumer(self, stream: str, durable: str) -> None:
         with contextlib.suppress(NotFoundError):

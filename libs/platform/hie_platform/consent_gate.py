@@ -22,11 +22,10 @@ from hie_platform.bus import Bus, RpcError
 from hie_platform.consent_replica import ConsentReplica, ConsentSource, Freshness
 from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
-from hie_schemas import subjects
+from hie_schemas import contract, subjects
 from hie_schemas.consent import Decision, FlowQuery, Purpose, Rule, decide_replicated
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import (
-    EXCHANGE_EMERGENCY_PERMITTED,
     DecisionReply,
     DecisionRequest,
     EmergencyAccessPermitted,
@@ -179,7 +178,7 @@ class ConsentGate:
         )
         try:
             await replica.runtime.bus.publish(
-                EXCHANGE_EMERGENCY_PERMITTED,
+                contract.subject(contract.Kind.EMERGENCY_PERMITTED, sender=self.hub),
                 Envelope.wrap(event, replica.runtime.source),
             )
         except Exception as exc:

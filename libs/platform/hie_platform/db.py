@@ -132,6 +132,17 @@ def outbox_columns() -> list[Column[Any]]:
     ]
 
 
+def outbox_retry_columns() -> list[Column[Any]]:
+    """Added by each service's outbox-retry migration: a row that fails to publish is retried with
+    backoff, then set aside (``dead_at``) so that it never holds back the rows behind it."""
+    return [
+        Column("attempts", Integer, nullable=False, server_default=text("0")),
+        Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+        Column("last_error", String(500), nullable=True),
+        Column("dead_at", DateTime(timezone=True), nullable=True),
+    ]
+
+
 def processed_columns() -> list[Column[Any]]:
     return [
         Column("consumer", String(100), primary_key=True),
@@ -159,7 +170,7 @@ class PlatformTables:
 
 def platform_tables(metadata: MetaData) -> PlatformTables:
     """Declare the outbox, processed-event and audit tables on a service's metadata."""
-    outbox = Table("outbox", metadata, *outbox_columns())
+    outbox = Table("outbox", metadata, *outbox_columns(), *outbox_retry_columns())
     Index("ix_outbox_unsent", outbox.c.sent_at, outbox.c.id)
     return PlatformTables(
         outbox=outbox,

@@ -22,6 +22,7 @@ from hie_platform.errors import (
     operation_outcome,
 )
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger, new_correlation_id
+from hie_platform.outbox import outbox_collector
 
 log = get_logger("hie.access")
 _JSON_SCOPE_KEY = "hie.json_body"  # the request body as parsed (within limits) by PlatformMiddleware
@@ -224,6 +225,7 @@ def create_service_app(
 ) -> FastAPI:
     app = FastAPI(title=title, version=version, description=description, lifespan=lifespan)
     app.state.metrics = Metrics(service)
+    app.state.metrics.registry.register(outbox_collector(service, app))
     install_error_handlers(app)
     app.add_middleware(PlatformMiddleware, metrics=app.state.metrics, max_body_bytes=max_body_bytes)
     app.include_router(health_router())

@@ -15,6 +15,7 @@ from hie_platform.db import (
     audit_columns,
     connect_args_for,
     outbox_columns,
+    outbox_retry_columns,
     processed_columns,
     validate_schema_name,
 )
@@ -80,6 +81,18 @@ def create_platform_tables() -> None:
     op.create_index("ix_outbox_unsent", "outbox", ["sent_at", "id"])
     op.create_table("processed_events", *processed_columns())
     op.create_table("audit_log", *audit_columns())
+
+
+def add_outbox_retry_columns() -> None:
+    """Called from each service's outbox-retry revision (the first revision keeps the original table)."""
+    for column in outbox_retry_columns():
+        op.add_column("outbox", column)
+
+
+def drop_outbox_retry_columns() -> None:
+    with op.batch_alter_table("outbox") as batch:
+        for column in reversed(outbox_retry_columns()):
+            batch.drop_column(column.name)
 
 
 def drop_platform_tables() -> None:

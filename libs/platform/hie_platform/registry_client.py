@@ -9,11 +9,11 @@ import httpx
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from hie_platform.bus import Bus
+from hie_platform.bus import Bus, RefusedMessage
 from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_schemas import subjects
-from hie_schemas.directory import HubView, InstitutionView
+from hie_schemas.directory import HubView, InstitutionKind, InstitutionView
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import InstitutionChanged
 
@@ -60,6 +60,27 @@ class RegistryClient:
 
     async def hub(self, slug: str) -> HubView | None:
         return next((h for h in await self.hubs() if h.slug == slug), None)
+
+    async def hub_of(self, code: str) -> str | None:
+        """The hub an institution belongs to (a bus consumer's sender check); None if unknown."""
+        try:
+            view = await self.institution(code)
+        except ValueError:
+            return None
+        return view.hub if view is not None else None
+
+    async def check_asker(self, sender: str | None, requester: str, requester_hub: str) -> None:
+        """A hub's request (the subject's asking hub ``sender``) speaks only for its own institutions,
+        or for a public agency, which belongs to no hub and asks through the hub it reads at."""
+        if sender is None or sender != requester_hub:
+            raise RefusedMessage("sender-mismatch", "requester_hub is not the asking hub")
+        view = await self.institution(requester)
+        if view is None:
+            raise RefusedMessage("unknown-institution", "the requester is not in the registry")
+        if view.hub is None and view.kind is InstitutionKind.PUBLIC_AGENCY:
+            return
+        if view.hub != sender:
+            raise RefusedMessage("sender-mismatch", "the requester belongs to another hub")
 
     async def in_good_standing(self, code: str) -> bool:
         view = await self.institution(code)

@@ -19,7 +19,7 @@ from hie_platform.db import Database, PlatformTables
 from hie_platform.errors import Forbidden
 from hie_platform.logging import configure_logging, get_logger
 from hie_platform.migrations import upgrade
-from hie_platform.outbox import Outbox, OutboxRelay
+from hie_platform.outbox import Outbox, OutboxRelay, RetryPolicy
 from hie_platform.registry_client import RegistryClient
 from hie_platform.settings import ServiceSettings
 from hie_schemas.auth import TokenClaims
@@ -55,6 +55,15 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def outbox_policy(settings: ServiceSettings) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=settings.outbox_max_attempts,
+        base_seconds=settings.outbox_retry_base_seconds,
+        max_seconds=settings.outbox_retry_max_seconds,
+        publish_timeout=settings.outbox_publish_timeout_seconds,
+    )
 
 
 def http_jwks_fetcher(http: httpx.AsyncClient, registry_url: str) -> JwksFetcher:
@@ -104,8 +113,8 @@ async def start_runtime(
         stack.push_async_callback(http.aclose)
         registry = RegistryClient(settings.registry_url, http)
         await registry.follow(bus)
-        outbox = Outbox(tables.outbox, source)
-        relay = OutboxRelay(db, tables.outbox, bus)
+        outbox = Outbox(tables.outbox, source, max_payload=lambda: int(bus.nc.max_payload))
+        relay = OutboxRelay(db, tables.outbox, bus, policy=outbox_policy(settings))
         relay.start()
         stack.push_async_callback(relay.stop)
         if check_claims is None:

@@ -57,6 +57,12 @@ class ServiceSettings(BaseSettings):
     # (httpx 5 s, most EMR stacks and load balancers 60 s): a server that closes first races the
     # client's next request on that connection, which then fails with a read error.
     http_keep_alive_seconds: int = Field(default=75, ge=1)
+    # Outbox relay: a row that fails to publish is retried after base * 2^(attempt-1) seconds (at
+    # most max), and set aside as a dead letter after max_attempts (docs/operations.md, Monitoring).
+    outbox_max_attempts: int = Field(default=10, ge=1)
+    outbox_retry_base_seconds: float = Field(default=1.0, gt=0)
+    outbox_retry_max_seconds: float = Field(default=300.0, gt=0)
+    outbox_publish_timeout_seconds: float = Field(default=5.0, gt=0)
 
     @property
     def base_url(self) -> str:

@@ -1,4 +1,5 @@
-"""Typed payloads of the federation's events; each names its type (= its fact subject)."""
+"""Typed payloads of the federation's events; each names its envelope type. The subject each travels
+on, and who may publish it, is declared in hie_schemas.contract."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from hie_schemas.consent import ConsentPolicy, Decision, FlowQuery, Purpose
 from hie_schemas.directory import InstitutionView
 from hie_schemas.envelope import EventPayload
 
+# Envelope types (a hub's fact travels on ``<type>.<hub>``: hie_schemas.contract).
 # The consent feed's liveness signal: core NATS, deliberately outside every stream (a stream bound to
 # ``hie.consent.>`` would keep one message a second forever). Nothing is addressed or identified in it.
 CONSENT_FEED_HEARTBEAT = subjects.fact("feed", "consent", "heartbeat")
 # An emergency access permitted without consent (의료법 §21-2 exception); on the exchange stream, so
-# the consent service shows it to the patient with its justification.
+# the consent service shows it to the patient with its justification. The type, not the subject: the
+# subject ends with the deciding hub (or "consent"), contract.subject(Kind.EMERGENCY_PERMITTED, ...).
 EXCHANGE_EMERGENCY_PERMITTED = subjects.fact("exchange", "emergency", "permitted")
 
 
@@ -108,7 +111,7 @@ class EmergencyAccessPermitted(EventPayload):
 class DocumentPublished(EventPayload):
     """Documents stored at a hub for a patient: feeds the record locator (no clinical content)."""
 
-    event_type: ClassVar[str] = subjects.EXCHANGE_DOCUMENT_PUBLISHED
+    event_type: ClassVar[str] = "hie.exchange.document.published"
 
     hub: str
     patient_key: str
@@ -121,7 +124,7 @@ class DocumentPublished(EventPayload):
 class ExchangeSent(EventPayload):
     """A referral, return or other exchange left its holder's hub with the consent decision it used."""
 
-    event_type: ClassVar[str] = subjects.EXCHANGE_SENT
+    event_type: ClassVar[str] = "hie.exchange.exchange.sent"
 
     exchange_id: str
     kind: ExchangeKind
@@ -143,7 +146,7 @@ class ExchangeSent(EventPayload):
 class ExchangeDenied(EventPayload):
     """A flow refused by the data holder; kept so the agency and the patient can see refusals."""
 
-    event_type: ClassVar[str] = subjects.EXCHANGE_DENIED
+    event_type: ClassVar[str] = "hie.exchange.exchange.denied"
 
     from_institution: str
     from_hub: str
@@ -156,7 +159,7 @@ class ExchangeDenied(EventPayload):
 class TaskUpdated(EventPayload):
     """A referral Task moved on (received, accepted, rejected, completed)."""
 
-    event_type: ClassVar[str] = subjects.EXCHANGE_TASK_UPDATED
+    event_type: ClassVar[str] = "hie.exchange.task.updated"
 
     task_id: str
     exchange_id: str
@@ -175,7 +178,8 @@ class DeliveredDocument(BaseModel):
 
 
 class Delivery(EventPayload):
-    """The documents of an exchange, pushed to the destination hub (hie.hub.<hub>.inbox.delivery)."""
+    """The documents of an exchange, pushed to the destination hub
+    (hie.hub.<hub>.inbox.delivery.<sending hub>)."""
 
     event_type: ClassVar[str] = "hie.hub.inbox.delivery"
 
@@ -195,7 +199,7 @@ class TaskStatusNotice(EventPayload):
 class StudyProgress(EventPayload):
     """Counts for one study at one gateway: received, relayed, delivered, failed."""
 
-    event_type: ClassVar[str] = subjects.IMAGING_STUDY_PROGRESS
+    event_type: ClassVar[str] = "hie.imaging.study.progress"
 
     hub: str
     study_instance_uid: str
@@ -287,7 +291,8 @@ class LocateReply(BaseModel):
 
 class DocumentStatusNotice(EventPayload):
     """The author changed documents' status (superseded by a replacement, or entered-in-error); sent to
-    every hub that holds a copy (hie.hub.<hub>.inbox.document-status) so that all copies agree."""
+    every hub that holds a copy (hie.hub.<hub>.inbox.document-status.<author's hub>) so that all
+    copies agree."""
 
     event_type: ClassVar[str] = "hie.hub.inbox.document-status"
 
@@ -312,7 +317,8 @@ class DocumentFilter(BaseModel):
 
 
 class HubSearchRequest(BaseModel):
-    """Federated search (hie.hub.<hub>.rpc.search): the holding hub answers as the data holder."""
+    """Federated search (hie.hub.<hub>.rpc.search.<asking hub>): the holding hub answers as the data
+    holder."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -339,7 +345,8 @@ class HubSearchReply(BaseModel):
 
 
 class HubRetrieveRequest(BaseModel):
-    """Federated retrieve (hie.hub.<hub>.rpc.retrieve): one document for the asking institution."""
+    """Federated retrieve (hie.hub.<hub>.rpc.retrieve.<asking hub>): one document for the asking
+    institution."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -1,9 +1,10 @@
 """NATS subject builders. No patient data or identifiers ever appear in a subject.
 
-Facts are ``hie.<domain>.<entity>.<event>`` (past tense). What is addressed to one hub lives under
-``hie.hub.<hub>.…``; request/reply operations under ``hie.hub.<hub>.rpc.<op>`` for a hub and
-``hie.rpc.<service>.<op>`` for a central service (outside every stream, so a request is never
-captured by JetStream).
+Facts are ``hie.<domain>.<entity>.<event>`` (past tense), followed by the publishing hub when a hub
+publishes them. What is addressed to one hub lives under ``hie.hub.<hub>.…``; request/reply operations
+under ``hie.hub.<hub>.rpc.<op>.<asking hub>`` for a hub and ``hie.rpc.<service>.<op>`` for a central
+service (outside every stream, so a request is never captured by JetStream). Which kind travels on
+which subject, and who may publish it, is declared in ``hie_schemas.contract``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import re
 _TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
-def _token(value: str, what: str) -> str:
+def token(value: str, what: str) -> str:
+    """``value`` as one subject token (a hub slug, a kind...); refuses dots, wildcards and spaces."""
     if not _TOKEN.fullmatch(value):
         raise ValueError(f"invalid subject token for {what}: {value!r}")
     return value
+
+
+_token = token
 
 
 def fact(domain: str, entity: str, event: str) -> str:
@@ -28,17 +33,8 @@ def domain_wildcard(domain: str) -> str:
     return f"hie.{_token(domain, 'domain')}.>"
 
 
-def hub_inbox(hub: str, kind: str) -> str:
-    """Work addressed to one hub, e.g. a delivered referral: ``hie.hub.snubh.inbox.delivery``."""
-    return f"hie.hub.{_token(hub, 'hub')}.inbox.{_token(kind, 'kind')}"
-
-
 def hub_inbox_wildcard(hub: str) -> str:
     return f"hie.hub.{_token(hub, 'hub')}.inbox.>"
-
-
-def hub_rpc(hub: str, operation: str) -> str:
-    return f"hie.hub.{_token(hub, 'hub')}.rpc.{_token(operation, 'operation')}"
 
 
 def hub_imaging_jobs(hub: str) -> str:
@@ -55,15 +51,11 @@ def audit_checkpoint(hub: str) -> str:
     return f"hie.audit.checkpoint.{_token(hub, 'hub')}"
 
 
-# Well-known subjects, built once from the functions above.
+# The subjects of the central services' facts (only their own NATS users may publish them). A hub's
+# facts end with the hub: build them with hie_schemas.contract.subject(kind, sender=hub).
 REGISTRY_INSTITUTION_CHANGED = fact("registry", "institution", "changed")
 REGISTRY_KEY_RETIRED = fact("registry", "key", "retired")
 CONSENT_RECORDED = fact("consent", "consent", "recorded")
-EXCHANGE_DOCUMENT_PUBLISHED = fact("exchange", "document", "published")
-EXCHANGE_SENT = fact("exchange", "exchange", "sent")
-EXCHANGE_DENIED = fact("exchange", "exchange", "denied")
-EXCHANGE_TASK_UPDATED = fact("exchange", "task", "updated")
-IMAGING_STUDY_PROGRESS = fact("imaging", "study", "progress")
 AUDIT_RECORDED = fact("audit", "record", "appended")
 CONSENT_DECIDE = central_rpc("consent", "decide")
 REGISTRY_LOCATE = central_rpc("registry", "locate")

@@ -12,9 +12,10 @@ from sqlalchemy import func, select
 from hie_consent import history, service
 from hie_consent.config import ConsentSettings
 from hie_consent.repository import as_utc
+from hie_platform.bus import Incoming
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_schemas import streams, subjects
+from hie_schemas import contract, streams, subjects
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import CONSENT_FEED_HEARTBEAT, ConsentFeedHeartbeat, DecisionReply, DecisionRequest
 
@@ -31,28 +32,36 @@ async def start(runtime: Runtime, settings: ConsentSettings) -> None:
         runtime.relay.kick()
         return DecisionReply(decision=decision)
 
-    async def on_exchange(envelope: Envelope) -> None:
+    # The Bus has checked that each envelope's type is its subject's kind and that a hub's fact comes
+    # from the hub of the institution it names (hie_schemas.contract).
+    async def on_exchange(incoming: Incoming) -> None:
         async with runtime.db.transaction() as session:
-            await history.record_exchange_event(session, runtime, settings.history_consumer, envelope)
+            await history.record_exchange_event(
+                session, runtime, settings.history_consumer, incoming.envelope
+            )
 
-    async def on_audit(envelope: Envelope) -> None:
+    async def on_audit(incoming: Incoming) -> None:
         async with runtime.db.transaction() as session:
-            await history.record_audit_event(session, runtime, settings.access_consumer, envelope)
+            await history.record_audit_event(session, runtime, settings.access_consumer, incoming.envelope)
 
     await runtime.bus.serve(
         subjects.CONSENT_DECIDE, queue=QUEUE, request_type=DecisionRequest, handler=on_decide
     )
-    runtime.bus.consume(
-        stream=streams.EXCHANGE.name,
-        durable=settings.history_consumer,
-        filter_subject=subjects.domain_wildcard("exchange"),
-        handler=on_exchange,
+    exchanges = contract.durable(contract.Role.CONSENT, streams.EXCHANGE)
+    runtime.bus.consume_kinds(
+        settings.history_consumer,
+        exchanges,
+        exchanges.filter(),
+        dict.fromkeys(exchanges.kinds, on_exchange),
+        runtime.registry.hub_of,
     )
-    runtime.bus.consume(
-        stream=streams.AUDIT.name,
-        durable=settings.access_consumer,
-        filter_subject=subjects.AUDIT_RECORDED,
-        handler=on_audit,
+    accesses = contract.durable(contract.Role.CONSENT, streams.AUDIT)
+    runtime.bus.consume_kinds(
+        settings.access_consumer,
+        accesses,
+        accesses.filter(),
+        {contract.Kind.AUDIT_RECORDED: on_audit},
+        runtime.registry.hub_of,
     )
 
 

@@ -14,7 +14,6 @@ from hie_consent.repository import as_utc
 from hie_consent.schemas import AccessHistoryEntry, ExchangeHistoryEntry, PatientHistory
 from hie_platform.bus import PermanentEventError, first_time
 from hie_platform.runtime import Runtime
-from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose, Rule
 from hie_schemas.envelope import Envelope, EventPayload
@@ -45,7 +44,7 @@ async def record_exchange_event(
 ) -> None:
     """Store an exchange fact once: exchanges and their Task statuses, document types, emergency permits."""
     entry: ExchangeEntry | AccessEntry
-    if envelope.type == subjects.EXCHANGE_SENT:
+    if envelope.type == ExchangeSent.event_type:
         sent = _payload(envelope, ExchangeSent)
         await repository.index_documents(
             session, dict(zip(sent.document_ids, [t.value for t in sent.document_types], strict=False))
@@ -62,7 +61,7 @@ async def record_exchange_event(
             status="sent",
             purpose=sent.purpose.value,
         )
-    elif envelope.type == subjects.EXCHANGE_TASK_UPDATED:
+    elif envelope.type == TaskUpdated.event_type:
         update = _payload(envelope, TaskUpdated)
         # A status line repeats what the exchange was, when its 'sent' line is known.
         origin = await repository.sent_entry(session, update.exchange_id)
@@ -78,7 +77,7 @@ async def record_exchange_event(
             status=update.status,
             purpose=origin.purpose if origin else None,
         )
-    elif envelope.type == subjects.EXCHANGE_DOCUMENT_PUBLISHED:
+    elif envelope.type == DocumentPublished.event_type:
         published = _payload(envelope, DocumentPublished)
         # Audit records name documents by id only; this is how the patient later sees their types.
         types = [t.value for t in published.document_types]

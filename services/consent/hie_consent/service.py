@@ -30,11 +30,11 @@ from hie_consent.schemas import (
 from hie_consent.signature import SignatureImage
 from hie_platform.errors import Conflict, Forbidden, Unprocessable
 from hie_platform.runtime import Runtime
-from hie_schemas import codes, subjects
+from hie_schemas import codes, contract, subjects
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import ConsentPolicy, ConsentState, Decision, FlowQuery, Purpose, decide
 from hie_schemas.directory import InstitutionKind
-from hie_schemas.events import EXCHANGE_EMERGENCY_PERMITTED, ConsentRecorded, EmergencyAccessPermitted
+from hie_schemas.events import ConsentRecorded, EmergencyAccessPermitted
 from hie_schemas.identifiers import InvalidIdentifierError, validate_institution_code, validate_patient_key
 
 WITHDRAWALS = frozenset({ConsentPolicy.ENTIRE_WITHDRAWAL, ConsentPolicy.PARTIAL_WITHDRAWAL})
@@ -405,7 +405,7 @@ async def decide_flow(
     if emergency and decision.permit and patient_key is not None and query.justification:
         await runtime.outbox.add(
             session,
-            EXCHANGE_EMERGENCY_PERMITTED,
+            contract.subject(contract.Kind.EMERGENCY_PERMITTED, sender=contract.Role.CONSENT.value),
             EmergencyAccessPermitted(
                 patient_key=patient_key,
                 holder=query.holder,

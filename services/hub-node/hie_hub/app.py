@@ -45,7 +45,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             replica = ConsentReplica(runtime, settings.hub)
             await replica.start()
             replicas.append(replica)
-            gate = ConsentGate(runtime.bus, settings.consent_timeout_seconds, replica)
+            gate = ConsentGate(runtime.bus, settings.consent_timeout_seconds, replica, hub=settings.hub)
             node = HubNode(settings, runtime, gate)
             app.state.runtime = runtime
             app.state.node = node

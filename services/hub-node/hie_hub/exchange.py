@@ -29,9 +29,9 @@ from hie_hub.resources import (
 )
 from hie_hub.sending import Recipient
 from hie_platform.errors import Conflict, Forbidden, Issue, Unprocessable
-from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Decision, FlowQuery, Purpose
+from hie_schemas.contract import Kind, subject
 from hie_schemas.events import DocumentPublished, ExchangeDenied
 
 
@@ -133,7 +133,7 @@ async def publish(
     # Feeds the registry's record locator: this hub now holds documents for the patient.
     await node.runtime.outbox.add(
         session,
-        subjects.EXCHANGE_DOCUMENT_PUBLISHED,
+        subject(Kind.DOCUMENT_PUBLISHED, sender=node.hub),
         DocumentPublished(
             hub=node.hub,
             patient_key=submission.patient_key,
@@ -207,7 +207,7 @@ async def _record_refusal(
     for refusal in first_by_recipient.values():
         await node.runtime.outbox.add(
             session,
-            subjects.EXCHANGE_DENIED,
+            subject(Kind.EXCHANGE_DENIED, sender=node.hub),
             ExchangeDenied(
                 from_institution=actor.inst,
                 from_hub=node.hub,

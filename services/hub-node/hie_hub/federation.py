@@ -32,6 +32,7 @@ from hie_platform.logging import get_logger
 from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
+from hie_schemas.contract import Operation, rpc_subject
 from hie_schemas.events import (
     DocumentFilter,
     HubRetrieveReply,
@@ -99,7 +100,7 @@ async def _ask(node: HubNode, hub: str, request: HubSearchRequest, deadline: flo
             return "timeout"
         except FhirError as exc:
             return f"error: {exc.diagnostics}"
-    subject = subjects.hub_rpc(hub, "search")
+    subject = rpc_subject(Operation.HUB_SEARCH, to=hub, sender=node.hub)
     try:
         return await node.runtime.bus.request(subject, request, HubSearchReply, timeout=deadline)
     except RpcError as exc:
@@ -240,7 +241,7 @@ async def retrieve(node: HubNode, actor: TokenClaims, found: FederatedGrant) -> 
     )
     if found.holder_hub == node.hub:
         return await holder.answer_retrieve(node, request)
-    subject = subjects.hub_rpc(found.holder_hub, "retrieve")
+    subject = rpc_subject(Operation.HUB_RETRIEVE, to=found.holder_hub, sender=node.hub)
     try:
         return await node.runtime.bus.request(
             subject, request, HubRetrieveReply, timeout=node.settings.federated_timeout_seconds

@@ -27,9 +27,9 @@ from hie_hub.disclosure import (
 from hie_hub.models import Document
 from hie_hub.node import HubNode
 from hie_platform.logging import get_logger
-from hie_schemas import subjects
 from hie_schemas.auth import AUDIENCE, TokenClaims
 from hie_schemas.consent import Purpose
+from hie_schemas.contract import RPCS, Operation
 from hie_schemas.directory import InstitutionKind
 from hie_schemas.events import HubRetrieveReply, HubRetrieveRequest, HubSearchReply, HubSearchRequest
 from hie_schemas.identifiers import InvalidIdentifierError, validate_institution_code, validate_patient_key
@@ -234,5 +234,12 @@ async def serve(node: HubNode) -> None:
     async def retrieve(request: HubRetrieveRequest) -> HubRetrieveReply:
         return await answer_retrieve(node, request)
 
-    await bus.serve(subjects.hub_rpc(node.hub, "search"), QUEUE, HubSearchRequest, search)
-    await bus.serve(subjects.hub_rpc(node.hub, "retrieve"), QUEUE, HubRetrieveRequest, retrieve)
+    async def asker(sender: str | None, request: HubSearchRequest | HubRetrieveRequest) -> None:
+        await node.runtime.registry.check_asker(sender, request.requester, request.requester_hub)
+
+    for operation, request_type, answer in (
+        (Operation.HUB_SEARCH, HubSearchRequest, search),
+        (Operation.HUB_RETRIEVE, HubRetrieveRequest, retrieve),
+    ):
+        subject = RPCS[operation].pattern(to=node.hub)  # any asking hub; checked by asker()
+        await bus.serve(subject, QUEUE, request_type, answer, verify=asker)  # type: ignore[arg-type]

@@ -1,15 +1,17 @@
-"""This hub's inbox (hie.hub.<hub>.inbox.>): deliveries of referrals/returns and Task status notices.
+"""This hub's inbox (hie.hub.<hub>.inbox.<kind>.<sending hub>): deliveries of referrals/returns, Task
+and document status notices.
 
-The durable consumer is idempotent: each event is applied once (processed_events in the same
-transaction), and whatever it emits goes through the outbox of that transaction.
+The handler is chosen by the subject's kind (hie_schemas.contract), never by the envelope's word; the
+Bus refuses an envelope of another type and a sender that is not the hub of the institution the
+message claims (counted in hie_bus_refused_messages_total). The durable consumer is idempotent: each
+event is applied once (processed_events in the same transaction), and whatever it emits goes through
+the outbox of that transaction.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TypeVar
 
-from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import lifecycle, repository, tasks
@@ -17,10 +19,10 @@ from hie_hub.models import Document, DocumentStatus, Origin, Task
 from hie_hub.node import HubNode
 from hie_hub.notifications import task_changed
 from hie_hub.resources import TaskStatus, read_metadata, scrub_rrn, with_status
-from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.bus import Incoming, PermanentEventError, RefusedMessage, first_time
 from hie_platform.logging import get_logger
-from hie_schemas import streams, subjects
-from hie_schemas.envelope import Envelope
+from hie_schemas import contract, streams
+from hie_schemas.contract import Kind, subject
 from hie_schemas.events import Delivery, DocumentStatusNotice, TaskStatusNotice, TaskUpdated
 
 log = get_logger(__name__)
@@ -31,29 +33,36 @@ class Inbox:
 
     def __init__(self, node: HubNode) -> None:
         self.node = node
-        self.durable = f"hub-{node.hub}-inbox"
+        self.consumer = contract.durable(contract.Role.HUB, streams.HUB_INBOX)
+        self.durable = self.consumer.name(node.hub)
 
     def start(self) -> None:
-        self.node.runtime.bus.consume(
-            streams.HUB_INBOX.name,
-            durable=self.durable,
-            filter_subject=subjects.hub_inbox_wildcard(self.node.hub),
-            handler=self.handle,
+        runtime = self.node.runtime
+        runtime.bus.consume_kinds(
+            self.durable,
+            self.consumer,
+            self.consumer.filter(self.node.hub),
+            {Kind.DELIVERY: self.handle, Kind.TASK_STATUS: self.handle, Kind.DOCUMENT_STATUS: self.handle},
+            runtime.registry.hub_of,
         )
 
-    async def handle(self, envelope: Envelope) -> None:
+    async def handle(self, incoming: Incoming) -> None:
         runtime = self.node.runtime
+        if incoming.address.to != self.node.hub:
+            raise RefusedMessage("wrong-hub", "addressed to another hub")
         async with runtime.db.transaction() as session:
-            if not await first_time(session, runtime.tables.processed, self.durable, envelope.id):
+            if not await first_time(session, runtime.tables.processed, self.durable, incoming.envelope.id):
                 return
-            if envelope.type == Delivery.event_type:
-                await self._delivery(session, _payload(envelope, Delivery))
-            elif envelope.type == TaskStatusNotice.event_type:
-                await tasks.apply_notice(self.node, session, _payload(envelope, TaskStatusNotice).update)
-            elif envelope.type == DocumentStatusNotice.event_type:
-                await lifecycle.apply_notice(session, _payload(envelope, DocumentStatusNotice))
-            else:
-                raise PermanentEventError(f"the hub inbox does not take {envelope.type!r}")
+            match incoming.payload:
+                case Delivery():
+                    await self._delivery(session, incoming.payload)
+                case TaskStatusNotice():
+                    sender = incoming.address.sender or ""
+                    await tasks.apply_notice(self.node, session, incoming.payload.update, sender)
+                case DocumentStatusNotice():
+                    await lifecycle.apply_notice(session, incoming.payload)
+                case _:
+                    raise PermanentEventError(f"the hub inbox does not take {incoming.envelope.type!r}")
         runtime.relay.kick()
 
     async def _delivery(self, session: AsyncSession, delivery: Delivery) -> None:
@@ -124,9 +133,11 @@ class Inbox:
         )
         outbox = self.node.runtime.outbox
         await outbox.add(
-            session, subjects.hub_inbox(sent.from_hub, "task-status"), TaskStatusNotice(update=update)
+            session,
+            subject(Kind.TASK_STATUS, to=sent.from_hub, sender=self.node.hub),
+            TaskStatusNotice(update=update),
         )
-        await outbox.add(session, subjects.EXCHANGE_TASK_UPDATED, update)
+        await outbox.add(session, subject(Kind.TASK_UPDATED, sender=self.node.hub), update)
         await self.node.runtime.audit.record(
             session,
             action="exchange.receive",
@@ -145,13 +156,3 @@ class Inbox:
             },
         )
         log.info("delivery stored", exchange_id=sent.exchange_id, documents=len(sent.document_ids))
-
-
-P = TypeVar("P", Delivery, TaskStatusNotice, DocumentStatusNotice)
-
-
-def _payload(envelope: Envelope, model: type[P]) -> P:
-    try:
-        return envelope.payload(model)
-    except (ValidationError, ValueError) as exc:
-        raise PermanentEventError(f"malformed {envelope.type}: {type(exc).__name__}") from exc

@@ -20,8 +20,8 @@ from hie_hub.models import Document, DocumentStatus, Task
 from hie_hub.node import HubNode
 from hie_platform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from hie_platform.logging import get_logger
-from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
+from hie_schemas.contract import Kind, subject
 from hie_schemas.events import DocumentStatusNotice
 from hie_schemas.fhir import FhirParseError, parse_resource
 
@@ -136,7 +136,7 @@ async def _change(
     for hub, ids in (await _holders(session, node.hub, rows)).items():
         await node.runtime.outbox.add(
             session,
-            subjects.hub_inbox(hub, "document-status"),
+            subject(Kind.DOCUMENT_STATUS, to=hub, sender=node.hub),
             DocumentStatusNotice(
                 document_ids=ids,
                 status=status.value,

@@ -17,9 +17,9 @@ from hie_hub.node import HubNode
 from hie_hub.notifications import task_changed
 from hie_hub.resources import TaskStatus, build_task, exchange_kind
 from hie_platform.errors import Issue, Unprocessable
-from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
+from hie_schemas.contract import Kind, subject
 from hie_schemas.directory import InstitutionKind
 from hie_schemas.events import DeliveredDocument, Delivery, ExchangeKind, ExchangeSent
 from hie_schemas.identifiers import InvalidIdentifierError, validate_institution_code
@@ -150,8 +150,8 @@ async def send(
     outbox = node.runtime.outbox
     await outbox.add(
         session,
-        subjects.hub_inbox(recipient.hub, "delivery"),
+        subject(Kind.DELIVERY, to=recipient.hub, sender=node.hub),
         Delivery(exchange=sent, task=task, documents=delivered),
     )
-    await outbox.add(session, subjects.EXCHANGE_SENT, sent)
+    await outbox.add(session, subject(Kind.EXCHANGE_SENT, sender=node.hub), sent)
     return row

@@ -25,10 +25,10 @@ from hie_hub.disclosure import Access, decisions, newest_version, release
 from hie_hub.models import DeliveredStudy, Document, Task, as_utc
 from hie_hub.node import HubNode
 from hie_hub.params import DEFAULT_COUNT, Cursor
-from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.bus import Incoming, PermanentEventError, first_time
 from hie_platform.errors import Forbidden, NotFound, ServiceUnavailable
 from hie_platform.logging import get_logger
-from hie_schemas import streams, subjects
+from hie_schemas import contract, streams
 from hie_schemas.auth import TokenClaims
 from hie_schemas.codes import DICOM_UID
 from hie_schemas.consent import Purpose
@@ -71,17 +71,25 @@ class StudyFeed:
 
     def __init__(self, node: HubNode) -> None:
         self.node = node
-        self.durable = f"hub-{node.hub}-imaging"
+        self.consumer = contract.durable(contract.Role.HUB, streams.IMAGING)
+        self.durable = self.consumer.name(node.hub)
         self.started_at = datetime.now(UTC)
 
     def start(self) -> None:
         self.started_at = datetime.now(UTC)
-        self.node.runtime.bus.consume(
-            streams.IMAGING.name,
-            durable=self.durable,
-            filter_subject=subjects.IMAGING_STUDY_PROGRESS,
-            handler=self.handle,
+        runtime = self.node.runtime
+        runtime.bus.consume_kinds(
+            self.durable,
+            self.consumer,
+            self.consumer.filter(self.node.hub),
+            {contract.Kind.STUDY_PROGRESS: self._on_progress},
+            runtime.registry.hub_of,
         )
+
+    async def _on_progress(self, incoming: Incoming) -> None:
+        """Its own gateway's reports (the filter, and the sender check: the subject's hub is the hub
+        the report names)."""
+        await self.handle(incoming.envelope)
 
     async def handle(self, envelope: Envelope) -> None:
         progress = _payload(envelope)

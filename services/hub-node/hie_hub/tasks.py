@@ -14,11 +14,11 @@ from hie_hub.models import Task
 from hie_hub.node import HubNode
 from hie_hub.notifications import task_changed
 from hie_hub.resources import TaskStatus, output_document_ids, with_status
-from hie_platform.bus import PermanentEventError
+from hie_platform.bus import PermanentEventError, RefusedMessage
 from hie_platform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from hie_platform.logging import get_logger
-from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
+from hie_schemas.contract import Kind, subject
 from hie_schemas.events import TaskStatusNotice, TaskUpdated
 from hie_schemas.fhir import FhirParseError, parse_resource
 
@@ -115,9 +115,11 @@ async def update_task(
     )
     outbox = node.runtime.outbox
     await outbox.add(
-        session, subjects.hub_inbox(row.requester_hub, "task-status"), TaskStatusNotice(update=update)
+        session,
+        subject(Kind.TASK_STATUS, to=row.requester_hub, sender=node.hub),
+        TaskStatusNotice(update=update),
     )
-    await outbox.add(session, subjects.EXCHANGE_TASK_UPDATED, update)
+    await outbox.add(session, subject(Kind.TASK_UPDATED, sender=node.hub), update)
     await node.runtime.audit.record(
         session,
         action="task.update",
@@ -142,12 +144,15 @@ async def _check_output(session: AsyncSession, actor: TokenClaims, output: list[
             )
 
 
-async def apply_notice(node: HubNode, session: AsyncSession, update: TaskUpdated) -> bool:
-    """Bring this hub's copy of a Task up to the owner's status; late or repeated notices are ignored."""
+async def apply_notice(node: HubNode, session: AsyncSession, update: TaskUpdated, sender: str) -> bool:
+    """Bring this hub's copy of a Task up to the owner's status; late or repeated notices are ignored.
+    Only the owner's word counts, sent by the owner's hub (``sender``: the subject's sending hub)."""
     row = await repository.task(session, update.task_id)
     if row is None:
         log.warning("task-status notice for an unknown Task", task_id=update.task_id)
         return False
+    if update.by_institution != row.owner or sender != row.owner_hub:
+        raise RefusedMessage("not-the-owner", "a task-status notice not from the Task's owner")
     try:
         status = TaskStatus(update.status)
     except ValueError:

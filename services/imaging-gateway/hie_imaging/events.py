@@ -7,15 +7,12 @@ import contextlib
 from collections import OrderedDict
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
-
 from hie_imaging import service
 from hie_imaging.schemas import StudyStatus
-from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.bus import Incoming, first_time
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_schemas import streams, subjects
-from hie_schemas.envelope import Envelope
+from hie_schemas import contract, streams
 from hie_schemas.events import ExchangeSent, StudyProgress
 
 log = get_logger(__name__)
@@ -74,7 +71,9 @@ class ProgressReporter:
                     if status is None or self._published.get(study_uid) == status:
                         continue
                     await self._runtime.outbox.add(
-                        session, subjects.IMAGING_STUDY_PROGRESS, _progress(self._hub, status)
+                        session,
+                        contract.subject(contract.Kind.STUDY_PROGRESS, sender=self._hub),
+                        _progress(self._hub, status),
                     )
                     published.append(status)
         except BaseException:
@@ -107,15 +106,15 @@ def _progress(hub: str, status: StudyStatus) -> StudyProgress:
 def follow_exchanges(runtime: Runtime, hub: str, durable: str, reporter: ProgressReporter) -> None:
     """Link the studies of every exchange from or to this hub (durable, idempotent by event id)."""
 
-    async def on_exchange(envelope: Envelope) -> None:
-        try:
-            sent = envelope.payload(ExchangeSent)
-        except (ValidationError, ValueError) as exc:
-            raise PermanentEventError(str(exc)) from exc
+    async def on_exchange(incoming: Incoming) -> None:
+        # The Bus refused an ExchangeSent whose subject's hub is not the sending institution's hub
+        # (a hub cannot make this gateway relay a study on another hub's word).
+        sent = incoming.payload
+        assert isinstance(sent, ExchangeSent)
         if hub not in (sent.from_hub, sent.to_hub) or not sent.studies:
             return
         async with runtime.db.transaction() as session:
-            if not await first_time(session, runtime.tables.processed, durable, envelope.id):
+            if not await first_time(session, runtime.tables.processed, durable, incoming.envelope.id):
                 return
             touched = await service.link_exchange(session, runtime.outbox, hub, sent, datetime.now(UTC))
         if touched:
@@ -123,9 +122,11 @@ def follow_exchanges(runtime: Runtime, hub: str, durable: str, reporter: Progres
             reporter.touch(*touched)
             log.info("exchange claimed held studies", exchange_id=sent.exchange_id, studies=len(touched))
 
-    runtime.bus.consume(
-        stream=streams.EXCHANGE.name,
-        durable=durable,
-        filter_subject=subjects.EXCHANGE_SENT,
-        handler=on_exchange,
+    consumer = contract.durable(contract.Role.GATEWAY, streams.EXCHANGE)
+    runtime.bus.consume_kinds(
+        durable,
+        consumer,
+        consumer.filter(hub),
+        {contract.Kind.EXCHANGE_SENT: on_exchange},
+        runtime.registry.hub_of,
     )

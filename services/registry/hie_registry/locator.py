@@ -7,11 +7,10 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.bus import Incoming, first_time
 from hie_platform.runtime import Runtime
 from hie_registry.models import PLATFORM, ExchangeCount, Institution, LocatorEntry
-from hie_schemas import streams, subjects
-from hie_schemas.envelope import Envelope
+from hie_schemas import contract, streams, subjects
 from hie_schemas.events import DocumentPublished, ExchangeSent, LocateReply, LocateRequest
 from hie_schemas.identifiers import InvalidIdentifierError, validate_patient_key
 
@@ -43,24 +42,17 @@ async def hubs_for(session: AsyncSession, patient_key: str) -> list[str]:
 
 
 async def start(runtime: Runtime) -> None:
-    async def on_event(envelope: Envelope) -> None:
-        if envelope.type not in (DocumentPublished.event_type, ExchangeSent.event_type):
-            return
-        try:
-            published = (
-                envelope.payload(DocumentPublished) if envelope.type == DocumentPublished.event_type else None
-            )
-            sent = envelope.payload(ExchangeSent) if envelope.type == ExchangeSent.event_type else None
-        except ValueError as exc:
-            raise PermanentEventError(str(exc)) from exc
+    async def on_event(incoming: Incoming) -> None:
+        # Chosen by subject; the Bus checked that the publishing hub is the hub the fact names.
         async with runtime.db.transaction() as session:
-            if not await first_time(session, PLATFORM.processed, CONSUMER, envelope.id):
+            if not await first_time(session, PLATFORM.processed, CONSUMER, incoming.envelope.id):
                 return
-            if published is not None:
-                await _seen(session, published.patient_key, published.hub, published.published_at)
-            if sent is not None:
-                await _seen(session, sent.patient_key, sent.to_hub, sent.sent_at)
-                await _count(session, sent.sent_at, sent.kind.value)
+            match incoming.payload:
+                case DocumentPublished() as published:
+                    await _seen(session, published.patient_key, published.hub, published.published_at)
+                case ExchangeSent() as sent:
+                    await _seen(session, sent.patient_key, sent.to_hub, sent.sent_at)
+                    await _count(session, sent.sent_at, sent.kind.value)
 
     async def locate(request: LocateRequest) -> LocateReply:
         try:
@@ -70,7 +62,20 @@ async def start(runtime: Runtime) -> None:
         async with runtime.db.read_sessions() as session:
             return LocateReply(hubs=await hubs_for(session, key))
 
-    runtime.bus.consume(streams.EXCHANGE.name, CONSUMER, "hie.exchange.>", on_event)
+    async def hub_of(code: str) -> str | None:
+        """The registry is the directory: it asks its own database, not itself over HTTP."""
+        async with runtime.db.read_sessions() as session:
+            institution = await session.get(Institution, code)
+        return institution.hub if institution is not None else None
+
+    consumer = contract.durable(contract.Role.REGISTRY, streams.EXCHANGE)
+    runtime.bus.consume_kinds(
+        consumer.name(),
+        consumer,
+        consumer.filter(),
+        dict.fromkeys(consumer.kinds, on_event),
+        hub_of,
+    )
     await runtime.bus.serve(subjects.REGISTRY_LOCATE, "registry", LocateRequest, locate)
 
 
