@@ -348,11 +348,11 @@ def test_hub_overlay_uses_its_slug_everywhere(
     assert f"user: hub-{slug}\n" in block.group(1)
     assert f'"hie.hub.{slug}.imaging.relay"' in block.group(1)
     assert f"hub-{slug}-inbox" in block.group(1)
-    # Of the other hubs, only their federated-search operations appear (as imports).
+    # Of the other hubs, only their federated-search operations appear (as imports), asked as itself.
     others = {h.hub for h in seed.HUBS} - {slug}
     for other in others:
         for mention in re.finditer(rf"hie\.hub\.{other}\.(\S+?)\"", block.group(1)):
-            assert mention.group(1) in ("rpc.search", "rpc.retrieve"), mention.group(0)
+            assert mention.group(1) in (f"rpc.search.{slug}", f"rpc.retrieve.{slug}"), mention.group(0)
 
     dicom = out.find("Service", "imaging-gateway-dicom")
     assert dicom["spec"]["type"] == "LoadBalancer"
