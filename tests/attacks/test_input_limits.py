@@ -153,6 +153,25 @@ def test_deep_nesting_and_huge_numbers_are_refused_with_400(
     assert line["code"] == "invalid"
 
 
+@pytest.mark.parametrize(
+    ("service", "path", "client"),
+    [
+        (SEVERANCE_HUB, "/fhir/DocumentReference", SEVERANCE_CLINIC),
+        (SEVERANCE_HUB, "/fhir/Task", SEVERANCE_CLINIC),
+        ("registry", "/fhir/Organization", AGENCY),
+    ],
+)
+def test_a_5000_digit_count_in_the_query_is_refused_with_400(
+    attack_federation: AttackFederation, service: str, path: str, client: str
+) -> None:
+    """Past CPython's 4,300-digit int limit, ``int()`` raises ValueError wherever a route reads a number."""
+    fed = attack_federation
+    params = {"_count": "9" * 5000, "patient.identifier": f"{RRN_SYSTEM}|{new_rrn()}"}
+    with fed.http(service) as http:
+        response = http.get(path, params=params, headers=_headers(fed, client, correlation()))
+    assert "too many digits" in refused(response, 400)
+
+
 def test_json_within_the_limits_still_reaches_the_route(attack_federation: AttackFederation) -> None:
     """The control: a real ITI-65 publication (about 12 deep) and a number of 19 digits pass."""
     fed = attack_federation

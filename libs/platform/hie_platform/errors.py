@@ -151,6 +151,7 @@ def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | N
 # diagnostics may quote the caller's input (which may carry a resident registration number).
 SECURITY_STATUSES = frozenset({401, 403, 413})
 MAX_ISSUES = 20  # issues listed in one OperationOutcome for a request that fails validation
+_INT_DIGITS_LIMIT = "Exceeds the limit ("  # CPython's message for int() beyond sys.get_int_max_str_digits()
 
 
 def log_refusal(
@@ -234,6 +235,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for family in (sa_exc.SQLAlchemyError, ConnectionError, asyncpg.PostgresError):
         app.add_exception_handler(family, _database)
+
+    @app.exception_handler(ValueError)
+    async def _value(request: Request, exc: ValueError) -> JSONResponse:
+        # int() of more than 4,300 digits (CPython's limit, sys.set_int_max_str_digits) raises
+        # ValueError wherever a route turns caller input into a number (e.g. ``_count``): the request
+        # was wrong, not the service. Request bodies never get here (json_limits.py refuses first).
+        if not str(exc).startswith(_INT_DIGITS_LIMIT):
+            return await _unexpected(request, exc)
+        refusal = BadRequest("a number in the request has too many digits")
+        _log_request_refusal(request, refusal.status, refusal.code, refusal.diagnostics)
+        return fhir_response(refusal.status, refusal.operation_outcome())
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
