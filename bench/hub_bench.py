@@ -31,6 +31,7 @@ from bench.common import Figure, Report, Timing, percentile, run_concurrently
 from hie_cli.demo import consent_resource
 from hie_cli.launcher import Launcher, LaunchOptions
 from hie_hub.models import Document
+from hie_hub.resources import created_tasks
 from hie_platform.migrations import upgrade
 from hie_platform.natsd import free_port, wait_for_port
 from hie_schemas.codes import DocumentType
@@ -120,6 +121,8 @@ def bare_validation_rate(body: dict[str, Any], seconds: float = 3.0) -> float:
 
 
 def located(response: dict[str, Any], resource_type: str) -> str:
+    if resource_type == "Task":  # named on the DocumentReference's entry (one entry per request entry)
+        return created_tasks(response)[0]
     locations = [str(e["response"]["location"]) for e in response["entry"]]
     return next(loc.split("/")[1] for loc in locations if loc.startswith(f"{resource_type}/"))
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from hie_hub.resources import created_tasks
 from hie_platform.natsd import free_port
 from hie_registry import seed
 from hie_schemas import codes
@@ -397,7 +398,7 @@ class Referral:
         """Read the transaction-response: the DocumentReference and the Task it created."""
         locations = [e.get("response", {}).get("location", "") for e in bundle.get("entry", [])]
         docrefs = [loc.split("/")[1] for loc in locations if loc.startswith("DocumentReference/")]
-        tasks = [loc.split("/")[1] for loc in locations if loc.startswith("Task/")]
+        tasks = created_tasks(bundle)  # on the DocumentReference's entry (one entry per request entry)
         assert (len(docrefs), len(tasks)) == (1, 1), bundle
         if self.task_id is not None:
             # A retry replays the first answer: the same Task, nothing new.

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from hie_hub.app import create_app
 from hie_hub.config import HubSettings
 from hie_hub.models import Base
+from hie_hub.resources import created_tasks
 from hie_platform.bus import Bus
 from hie_platform.db import Database
 from hie_platform.natsd import free_port
@@ -334,8 +335,12 @@ def submit(
 
 
 def located(response: httpx.Response, resource_type: str) -> list[str]:
-    """Ids of the resources of one type a transaction-response names."""
+    """Ids of the resources of one type a transaction-response names: the entries' locations
+    (``Type/id/_history/n``), or for Task the created-task extensions on the DocumentReference's
+    entry (FHIR R4: one response entry per request entry)."""
     assert response.status_code == 200, response.text
+    if resource_type == "Task":
+        return created_tasks(response.json())
     found = [e["response"]["location"] for e in response.json()["entry"]]
     return [loc.split("/")[1] for loc in found if loc.startswith(f"{resource_type}/")]
 

@@ -16,6 +16,7 @@ from hub_support import (
     krnpi,
 )
 
+from hie_hub.resources import created_tasks
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType
 from hie_schemas.documents.builders import build_document, build_submission
@@ -165,6 +166,7 @@ async def test_a_summary_without_recipients_is_stored_for_its_author_only(
     assert published.status_code == 200, published.text
     locations = [e["response"]["location"] for e in published.json()["entry"]]
     assert not [loc for loc in locations if loc.startswith("Task/")]
+    assert not created_tasks(published.json())
     [doc_id] = [loc.split("/")[1] for loc in locations if loc.startswith("DocumentReference/")]
     own = await fed.search("severance", SEVERANCE_CLINIC, rrn)
     assert [e["resource"]["id"] for e in own.json()["entry"]] == [doc_id]
@@ -233,11 +235,7 @@ async def test_only_the_owner_moves_a_task_along_the_workflow(federation: Federa
     fed = federation
     fed.desk.grant(rrn)
     published = await fed.publish("severance", SEVERANCE_CLINIC, referral(SEVERANCE_CLINIC, rrn))
-    task_id = next(
-        e["response"]["location"].split("/")[1]
-        for e in published.json()["entry"]
-        if e["response"]["location"].startswith("Task/")
-    )
+    [task_id] = created_tasks(published.json())
     task = await fed.task_arrives("snubh", SNUBH, task_id, "received")
 
     async def put(hub: str, as_: str, **changes: Any) -> httpx.Response:

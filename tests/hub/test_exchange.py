@@ -17,10 +17,11 @@ from hub_support import (
     rrn_forms,
 )
 
+from hie_hub.resources import created_tasks
 from hie_platform.bus import Bus
 from hie_schemas.codes import DocumentType
-from hie_schemas.documents.builders import build_document, build_submission
 from hie_schemas.contract import Kind, subject
+from hie_schemas.documents.builders import build_document, build_submission
 from hie_schemas.fhir import parse_resource
 
 NAMES = {SEVERANCE_CLINIC: "서울 연세가정의학과의원", SNUBH: "분당서울대학교병원", SEVERANCE: "세브란스병원"}
@@ -37,6 +38,8 @@ def submission(docs: list[dict[str, Any]], author: str, rrn: str, recipients: li
 
 
 def locations(response_body: dict[str, Any], resource_type: str) -> list[str]:
+    if resource_type == "Task":  # named on the DocumentReference's entry (one entry per request entry)
+        return created_tasks(response_body)
     found = [e["response"]["location"] for e in response_body["entry"]]
     return [loc.split("/")[1] for loc in found if loc.startswith(f"{resource_type}/")]
 
@@ -105,7 +108,9 @@ async def test_referral_is_delivered_accepted_and_returned(federation: Federatio
     assert reference["content"][0]["attachment"]["url"] == f"Bundle/{doc_id}"
     retrieved = await fed.call("GET", "snubh", f"/Bundle/{doc_id}", as_=SNUBH)
     assert retrieved.status_code == 200, retrieved.text
-    assert retrieved.json() == pseudonymised(referral, key)
+    served = retrieved.json()
+    assert served.pop("meta")["versionId"] == "1"  # the document's first and only version
+    assert served == pseudonymised(referral, key)
     one = await fed.call("GET", "snubh", f"/DocumentReference/{doc_id}", as_=SNUBH)
     assert one.status_code == 200
     assert one.json() == reference
@@ -149,7 +154,7 @@ async def test_referral_is_delivered_accepted_and_returned(federation: Federatio
     at_clinic = await fed.search("severance", SEVERANCE_CLINIC, rrn)
     assert {e["resource"]["id"] for e in at_clinic.json()["entry"]} == {doc_id, note_id}
     note_bundle = await fed.call("GET", "severance", f"/Bundle/{note_id}", as_=SEVERANCE_CLINIC)
-    assert note_bundle.json() == pseudonymised(note, key)
+    assert {k: v for k, v in note_bundle.json().items() if k != "meta"} == pseudonymised(note, key)
 
     # The facts went out: sent (referral, return) and Task updates, and every read was audited.
     outbox = await fed.hubs["snubh"].rows("outbox")

@@ -116,7 +116,9 @@ async def test_submission_sets_are_found_with_iti_66(federation: Federation, rrn
         "severance", SEVERANCE_CLINIC, submit(REFERRAL, SEVERANCE_CLINIC, rrn, [SEVERANCE])
     )
     [list_id], [doc_id] = located(published, "List"), located(published, "DocumentReference")
-    assert published.json()["entry"][0]["response"]["location"] == f"List/{list_id}"  # request order
+    assert (
+        published.json()["entry"][0]["response"]["location"] == f"List/{list_id}/_history/1"
+    )  # request order
 
     async def lists(as_: str, **params: str) -> list[dict[str, Any]]:
         response = await fed.call(

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from hie_hub import repository
 from hie_hub.app import MIGRATIONS
 from hie_hub.models import PLATFORM, Document, Task
+from hie_hub.resources import created_tasks
 from hie_platform.audit import AuditTrail
 from hie_platform.db import Database
 from hie_platform.migrations import upgrade
@@ -156,11 +157,7 @@ async def test_referral_to_the_hub_hospital_of_the_same_hub(
         assert {r.status_code for r in racing} <= {200, 409}, [r.text for r in racing]
         published = next(r for r in racing if r.status_code == 200)
         assert (await http.post("", json=body, headers=clinic)).json() == published.json()
-        task_id = next(
-            e["response"]["location"].split("/")[1]
-            for e in published.json()["entry"]
-            if e["response"]["location"].startswith("Task/")
-        )
+        [task_id] = created_tasks(published.json())
 
         async def received() -> list[dict[str, Any]]:
             inbox = await http.get(

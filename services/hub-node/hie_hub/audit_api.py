@@ -12,13 +12,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 
 from hie_hub.audit_events import audit_event
 from hie_hub.models import PLATFORM, as_utc
 from hie_hub.node import NodeDep
-from hie_hub.params import DEFAULT_COUNT, Cursor, SearchParams
-from hie_hub.resources import searchset
+from hie_hub.params import DEFAULT_COUNT, SUMMARY, Cursor, SearchParams
+from hie_hub.resources import count_only, searchset
 from hie_platform.auth import require_scope
 from hie_platform.errors import BadRequest, fhir_response
 from hie_platform.http import ReadSessionDep
@@ -27,7 +27,7 @@ from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["audit"])
 AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
-AUDIT_SEARCH = frozenset({"patient.identifier", "date", "_count", "_cursor"})
+AUDIT_SEARCH = frozenset({"patient.identifier", "date", "_count", "_cursor"}) | SUMMARY
 _BATCH = 500
 
 
@@ -36,6 +36,7 @@ async def search_audit_events(
     request: Request, node: NodeDep, _agency: AgencyActor, read: ReadSessionDep
 ) -> JSONResponse:
     params = SearchParams(request, AUDIT_SEARCH)
+    params.check_total()
     key = (
         params.patient_key("patient.identifier", node.settings.patient_key_bytes)
         if params.one("patient.identifier") is not None
@@ -54,6 +55,7 @@ async def search_audit_events(
             query = query.where(t.c.recorded_at >= bound.lower)
         if bound.upper is not None:
             query = query.where(t.c.recorded_at < bound.upper)
+    total = await read.scalar(select(func.count()).select_from(query.subquery()))
     if cursor is not None:
         if not cursor.key.isdigit():
             raise BadRequest("_cursor is not a cursor this server issued", expression=("_cursor",))
@@ -77,4 +79,5 @@ async def search_audit_events(
                 ),
             )
         )
-    return fhir_response(200, searchset(node.settings.fhir_base, events, None, links=links))
+    bundle = searchset(node.settings.fhir_base, events, int(total or 0), links=links)
+    return fhir_response(200, count_only(bundle) if params.count_only() else bundle)

@@ -12,6 +12,7 @@ from hie_hub.documents_api import DOCUMENT_SEARCH
 from hie_hub.imaging_api import STUDY_SEARCH
 from hie_hub.list_api import LIST_SEARCH
 from hie_hub.notifications import TOPIC
+from hie_hub.resources import CREATED_TASK_EXTENSION
 from hie_hub.task_api import TASK_SEARCH
 from hie_schemas.fhir import FHIR_JSON, FHIR_VERSION
 
@@ -19,20 +20,31 @@ MHD = "https://profiles.ihe.net/ITI/MHD"
 KRNPI = "hira-krnpi system|code (or the bare 8-digit code)"
 PAGING = "opaque position of the next page (from the next link); pages are stable while documents are added"
 DATE = "eq, gt, lt, ge, le; a date or dateTime without timezone is read in KST (+09:00)"
+COUNT = "page size (default 100, at most 1000: a larger value is served as 1000, as the self link says)"
+# _summary and _total on the searches that give Bundle.total.
+SUMMARY_PARAMS: dict[str, tuple[str, str]] = {
+    "_summary": ("token", "count only (Bundle.total, no entries); other values are not supported"),
+    "_total": ("token", "none | estimate | accurate: Bundle.total is always the accurate count"),
+}
 
 DOCUMENT_PARAMS: dict[str, tuple[str, str]] = {
     "patient.identifier": ("token", "required: RRN (mois-rrn) or patient-key system|value"),
     "type": ("token", "K-CDA template (urn:oid:1.2.410.100110.40.2.1|n) or LOINC document type; comma = or"),
-    "status": ("token", "current | superseded | entered-in-error; comma = or"),
+    "status": (
+        "token",
+        "current | superseded | entered-in-error; comma = or (default: current, superseded; an "
+        "entered-in-error document is found only when asked for, and stays readable)",
+    ),
     "date": ("date", f"the document's time (Composition.date = DocumentReference.date); {DATE}"),
     "author": ("reference", f"author institution: {KRNPI}"),
     "author:identifier": ("reference", f"author institution: {KRNPI}"),
     "author.identifier": ("token", f"author institution: {KRNPI}"),
-    "_count": ("number", "page size (default 100, at most 1000)"),
+    "_count": ("number", COUNT),
     "_cursor": ("string", PAGING),
     "_federated": ("token", "true: search every hub that holds documents for the patient (walk-in search)"),
     "purpose": ("token", "with _federated: treatment (default) | emergency (needs justification)"),
     "justification": ("string", "why emergency access is needed (or header X-HIE-Justification)"),
+    **SUMMARY_PARAMS,
 }
 LIST_PARAMS: dict[str, tuple[str, str]] = {
     "patient.identifier": ("token", "required: RRN or patient-key system|value"),
@@ -49,13 +61,14 @@ TASK_PARAMS: dict[str, tuple[str, str]] = {
     "requester": ("reference", f"the caller's institution: {KRNPI}"),
     "requester:identifier": ("reference", f"the caller's institution: {KRNPI}"),
     "status": ("token", "requested | received | accepted | rejected | completed"),
-    "_count": ("number", "page size (default 100); a 'next' link leads to the following page"),
+    "_count": ("number", f"{COUNT}; a 'next' link leads to the following page"),
     "_since": (
         "date",
         "Tasks changed after this instant, oldest change first; with 'Prefer: wait=N' the request "
         "waits for one (without it: newest change first)",
     ),
     "_cursor": ("string", PAGING),
+    **SUMMARY_PARAMS,
 }
 STUDY_PARAMS: dict[str, tuple[str, str]] = {
     "patient.identifier": ("token", "required: RRN or patient-key system|value"),
@@ -70,8 +83,9 @@ STUDY_PARAMS: dict[str, tuple[str, str]] = {
 AUDIT_PARAMS: dict[str, tuple[str, str]] = {
     "patient.identifier": ("token", "RRN or patient-key system|value"),
     "date": ("date", f"when the record was made; {DATE}"),
-    "_count": ("number", "page size"),
+    "_count": ("number", COUNT),
     "_cursor": ("string", PAGING),
+    **SUMMARY_PARAMS,
 }
 # The tables above describe exactly what the endpoints accept (tests/hub/test_mhd.py compares them).
 ACCEPTED = {
@@ -80,6 +94,17 @@ ACCEPTED = {
     "Task": (TASK_PARAMS, TASK_SEARCH),
     "ImagingStudy": (STUDY_PARAMS, STUDY_SEARCH),
     "AuditEvent": (AUDIT_PARAMS, AUDIT_SEARCH),
+}
+
+
+# Reads and updates of a versioned resource: meta.versionId / ETag, If-None-Match, If-Match.
+VERSIONED: dict[str, Any] = {
+    "versioning": "versioned-update",
+    "readHistory": False,
+    "updateCreate": False,
+    "conditionalCreate": False,
+    "conditionalRead": "not-match",
+    "conditionalUpdate": False,
 }
 
 
@@ -101,7 +126,8 @@ def capability_statement(settings: HubSettings, software_version: str) -> dict[s
         "software": {"name": "hie-hub-node", "version": software_version},
         "implementation": {"description": f"HIE hub node {settings.hub}", "url": base},
         "fhirVersion": FHIR_VERSION,
-        "format": [FHIR_JSON, "json"],
+        # JSON only: Accept application/fhir+xml or _format=xml is answered 406 (OperationOutcome).
+        "format": ["json", FHIR_JSON],
         "instantiates": [
             f"{MHD}/CapabilityStatement/IHE.MHD.DocumentRecipient",
             f"{MHD}/CapabilityStatement/IHE.MHD.DocumentResponder",
@@ -116,7 +142,14 @@ def capability_statement(settings: HubSettings, software_version: str) -> dict[s
                     "Subscriptions; the imaging studies delivered in an exchange as ImagingStudy "
                     "(XDS-I.b); a care record summary on request ($generate-crs); the audit trail as "
                     "AuditEvent for the agency. Unknown search parameters are ignored unless "
-                    "'Prefer: handling=strict' is sent. See docs/fhir-profiles.md."
+                    "'Prefer: handling=strict' is sent; _format (json) and _pretty are accepted "
+                    "everywhere, XML is refused with 406. Reads carry meta.versionId, ETag and "
+                    "Last-Modified (GET and HEAD, If-None-Match answers 304); updates honour If-Match "
+                    "(412); no version history is kept (the transaction-response location names the "
+                    "version created). ITI-65 answers one entry per request entry; the Tasks it made "
+                    f"are extensions {CREATED_TASK_EXTENSION} on the DocumentReference's entry. "
+                    "Conditional create (ifNoneExist) is refused: a document is stored once per "
+                    "Bundle.identifier. See docs/fhir-profiles.md."
                 ),
                 "security": {
                     "service": [
@@ -139,13 +172,21 @@ def capability_statement(settings: HubSettings, software_version: str) -> dict[s
                     {
                         "type": "DocumentReference",
                         "interaction": _interactions("read", "update", "search-type"),
-                        "updateCreate": False,
-                        "documentation": "update: the author sets status entered-in-error (nothing else)",
+                        **VERSIONED,
+                        "documentation": (
+                            "update: the author sets status entered-in-error (nothing else), If-Match "
+                            "honoured; content.attachment.size and hash describe the document as ITI-68 "
+                            "serves it (SHA-1 of its bytes); an entered-in-error document stays readable "
+                            "with its status and is left out of searches that do not ask for it"
+                        ),
                         "searchParam": _params(DOCUMENT_PARAMS),
                     },
                     {
                         "type": "Bundle",
                         "interaction": _interactions("read"),
+                        "versioning": "versioned",
+                        "readHistory": False,
+                        "conditionalRead": "not-match",
                         "documentation": "the document (ITI-68), at DocumentReference.content.attachment.url",
                     },
                     {
@@ -157,7 +198,7 @@ def capability_statement(settings: HubSettings, software_version: str) -> dict[s
                     {
                         "type": "Task",
                         "interaction": _interactions("read", "update", "search-type"),
-                        "updateCreate": False,
+                        **VERSIONED,
                         "searchParam": _params(TASK_PARAMS),
                     },
                     {

@@ -3,18 +3,29 @@ federated, and the author's status change (entered-in-error)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import federation, lifecycle, retrieval
+from hie_hub import federation, lifecycle, repository, retrieval
 from hie_hub.disclosure import Access, release
+from hie_hub.models import Document, DocumentStatus
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
-from hie_hub.params import DEFAULT_COUNT, SearchParams, document_types, json_body
-from hie_hub.resources import searchset
+from hie_hub.params import DEFAULT_COUNT, SUMMARY, SearchParams, document_types, json_body
+from hie_hub.resources import count_only, searchset
+from hie_hub.rest import (
+    canonical,
+    check_if_match,
+    negotiate,
+    size_and_hash,
+    version_headers,
+    versioned,
+    with_meta,
+)
 from hie_hub.retrieval import DocumentQuery
 from hie_platform.errors import (
     BadRequest,
@@ -28,26 +39,32 @@ from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
 from hie_schemas.events import HubRetrieveReply
+from hie_schemas.fhir import FHIR_JSON
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["documents"])
+router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
 
-DOCUMENT_SEARCH = frozenset(
-    {
-        "patient.identifier",
-        "type",
-        "status",
-        "date",
-        "author",
-        "author:identifier",
-        "author.identifier",
-        "_count",
-        "_cursor",
-        "_federated",
-        "purpose",
-        "justification",
-    }
+DOCUMENT_SEARCH = (
+    frozenset(
+        {
+            "patient.identifier",
+            "type",
+            "status",
+            "date",
+            "author",
+            "author:identifier",
+            "author.identifier",
+            "_count",
+            "_cursor",
+            "_federated",
+            "purpose",
+            "justification",
+        }
+    )
+    | SUMMARY
 )
+# Without a status parameter ITI-67 finds what is not entered-in-error (such a document stays readable).
+DEFAULT_STATUSES = (DocumentStatus.CURRENT.value, DocumentStatus.SUPERSEDED.value)
 JUSTIFICATION_HEADER = "x-hie-justification"
 MAX_JUSTIFICATION = 500
 
@@ -69,7 +86,7 @@ def _query(params: SearchParams, node: HubNode) -> DocumentQuery:
     return DocumentQuery(
         patient_key=params.patient_key("patient.identifier", node.settings.patient_key_bytes),
         types=document_types(types) if types is not None else None,
-        statuses=params.any_of("status"),
+        statuses=params.any_of("status") or list(DEFAULT_STATUSES),
         authors=[author] if author is not None else None,
         dates=params.dates("date"),
         count=count if count is not None else DEFAULT_COUNT,
@@ -112,6 +129,7 @@ async def find_document_references(
     request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
 ) -> JSONResponse:
     params = SearchParams(request, DOCUMENT_SEARCH)
+    params.check_total()
     query = _query(params, node)
     access = _access(request, params, actor)
     if not params.flag("_federated"):
@@ -122,9 +140,9 @@ async def find_document_references(
         found = await retrieval.search(node, read, session, actor, query)
         links = _links(params, node, query, found.next_cursor)
         bundle = searchset(
-            node.settings.fhir_base, [d.docref for d in found.documents], found.total, links=links
+            node.settings.fhir_base, [presented(d) for d in found.documents], found.total, links=links
         )
-        return fhir_response(200, bundle)
+        return fhir_response(200, count_only(bundle) if params.count_only() else bundle)
     if actor.hub != node.hub:
         raise Forbidden("a federated search is made by an institution of this hub")
     result = await federation.search(node, session, actor, query, access)
@@ -137,7 +155,7 @@ async def find_document_references(
         links=links,
         outcomes=result.outcomes,
     )
-    return fhir_response(200, bundle)
+    return fhir_response(200, count_only(bundle) if params.count_only() else bundle)
 
 
 async def _federated(
@@ -173,32 +191,73 @@ async def _federated(
     return reply
 
 
+def served_document(row: Document) -> bytes:
+    """The document as ITI-68 serves it (canonical JSON; its first version's meta if it was stored
+    without one): what attachment.size and hash describe."""
+    bundle = (
+        row.bundle
+        if (row.bundle.get("meta") or {}).get("versionId")
+        else with_meta(row.bundle, 1, row.published_at)
+    )
+    return canonical(bundle)
+
+
+def _described(docref: dict[str, Any], document: bytes) -> dict[str, Any]:
+    """``docref`` with attachment.size and hash of ``document`` (MHD: both on every DocumentReference)."""
+    contents = [dict(c) for c in docref.get("content") or [{}]]
+    contents[0]["attachment"] = {**(contents[0].get("attachment") or {}), **size_and_hash(document)}
+    return {**docref, "content": contents}
+
+
+def last_change(row: Document) -> datetime:
+    return row.updated_at or row.published_at
+
+
+def presented(row: Document) -> dict[str, Any]:
+    """The DocumentReference as every read and search returns it: version, last change, size, hash."""
+    return with_meta(_described(row.docref, served_document(row)), row.version or 1, last_change(row))
+
+
 @router.get("/DocumentReference/{document_id}", summary="Read one DocumentReference")
+@router.head("/DocumentReference/{document_id}", include_in_schema=False)
 async def read_document_reference(
-    document_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
-) -> JSONResponse:
+    document_id: str,
+    request: Request,
+    node: NodeDep,
+    actor: ReaderActor,
+    read: ReadSessionDep,
+    session: SessionDep,
+) -> Response:
     try:
         result = await retrieval.read_document(node, read, session, actor, document_id, "document.read")
     except NotFound:
         reply = await _federated(node, read, session, actor, document_id)
-        return fhir_response(200, reply.document_reference or {})
+        docref = _described(reply.document_reference or {}, canonical(reply.document or {}))
+        return fhir_response(200, docref)
     if isinstance(result, FhirError):
         return _refusal(result)
-    return fhir_response(200, result.docref)
+    return versioned(request, presented(result), result.version or 1, last_change(result))
 
 
 @router.get("/Bundle/{document_id}", summary="ITI-68 Retrieve Document")
+@router.head("/Bundle/{document_id}", include_in_schema=False)
 async def retrieve_document(
-    document_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
-) -> JSONResponse:
+    document_id: str,
+    request: Request,
+    node: NodeDep,
+    actor: ReaderActor,
+    read: ReadSessionDep,
+    session: SessionDep,
+) -> Response:
     try:
         result = await retrieval.read_document(node, read, session, actor, document_id, "document.retrieve")
     except NotFound:
         reply = await _federated(node, read, session, actor, document_id)
-        return fhir_response(200, reply.document or {})
+        return Response(canonical(reply.document or {}), media_type=FHIR_JSON)
     if isinstance(result, FhirError):
         return _refusal(result)
-    return fhir_response(200, result.bundle)
+    # The document never changes: version 1 (a status change is the DocumentReference's).
+    return versioned(request, {}, 1, result.published_at, body=served_document(result))
 
 
 @router.put("/DocumentReference/{document_id}", summary="The author marks its document entered-in-error")
@@ -206,4 +265,30 @@ async def update_document_reference(
     document_id: str, request: Request, node: NodeDep, actor: HubActor, session: SessionDep
 ) -> JSONResponse:
     body = await json_body(request)
-    return fhir_response(200, await lifecycle.mark_entered_in_error(node, session, actor, document_id, body))
+    row = await repository.document(session, document_id)
+    if row is not None and row.author_institution == actor.inst:
+        check_if_match(request, row.version or 1, f"DocumentReference/{document_id}")
+        body = _as_stored(body, row)
+    await lifecycle.mark_entered_in_error(node, session, actor, document_id, body)
+    row = await repository.document(session, document_id)
+    if row is None:  # mark_entered_in_error answered NotFound already
+        raise NotFound(f"no document {document_id}")
+    await session.flush()  # the version moves when the change is written
+    headers = version_headers(row.version or 1, last_change(row))
+    return fhir_response(200, presented(row), headers)
+
+
+def _as_stored(body: Any, row: Document) -> Any:
+    """A DocumentReference PUT back as it was read carries the size and hash the hub adds on read:
+    compare the rest with what is stored."""
+    if not isinstance(body, dict) or not isinstance(body.get("content"), list) or not body["content"]:
+        return body
+    first = body["content"][0]
+    attachment = first.get("attachment") if isinstance(first, dict) else None
+    if not isinstance(attachment, dict):
+        return body
+    stored = ((row.docref.get("content") or [{}])[0].get("attachment")) or {}
+    served = size_and_hash(served_document(row))
+    kept = {k: v for k, v in attachment.items() if k not in served or v != served[k]}
+    kept |= {k: stored[k] for k in served if k in stored and attachment.get(k) == served[k]}
+    return {**body, "content": [{**first, "attachment": kept}, *body["content"][1:]]}

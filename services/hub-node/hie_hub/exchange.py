@@ -337,15 +337,23 @@ def _document_row(
 def _response(
     submission: Submission, list_id: str | None, rows: list[Document], tasks: list[Task]
 ) -> dict[str, Any]:
-    """The transaction-response: one entry per request entry in request order, then the Tasks made."""
+    """The transaction-response: one entry per request entry in request order (FHIR R4); the Tasks
+    made are named on the entry of the DocumentReference they are about (Task.focus)."""
     at = rows[0].published_at
+    versions = {row.document_id: row.version or 1 for row in rows}
+    about: dict[str, list[str]] = {}
+    for task in sorted(tasks, key=lambda t: (t.owner, t.id)):
+        lead = str((task.task.get("focus") or {}).get("reference", "")).rpartition("/")[2]
+        focus = lead if lead in versions else rows[0].document_id
+        about.setdefault(focus, []).append(task.id)
     created: list[Created] = []
     for resource_type, stored_id in submission.entry_order:
         if resource_type == "List":
             if list_id is not None:
                 created.append(Created("List", list_id, at))
+        elif resource_type == "DocumentReference":
+            version = versions.get(stored_id, 1)
+            created.append(Created(resource_type, stored_id, at, version, tuple(about.get(stored_id, ()))))
         else:
             created.append(Created(resource_type, stored_id, at))
-    for task in sorted(tasks, key=lambda t: (t.owner, t.id)):
-        created.append(Created("Task", task.id, datetime.fromisoformat(task.task["authoredOn"])))
     return transaction_response([row.document_id for row in rows], created)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from hie_hub import exchange
 from hie_hub.capability import capability_statement
 from hie_hub.node import HubActor, NodeDep
 from hie_hub.params import json_body
+from hie_hub.rest import negotiate
 from hie_platform.errors import FhirError, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
 
 
 @router.get("/metadata", summary="CapabilityStatement (no token needed)")
+@router.head("/metadata", include_in_schema=False)
 async def metadata(request: Request, node: NodeDep) -> JSONResponse:
     return fhir_response(200, capability_statement(node.settings, request.app.version))
 

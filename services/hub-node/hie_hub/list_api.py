@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,13 +19,14 @@ from hie_hub.models import SubmissionSet
 from hie_hub.node import HubNode, NodeDep, ReaderActor
 from hie_hub.params import DEFAULT_COUNT, Cursor, SearchParams
 from hie_hub.resources import searchset
+from hie_hub.rest import negotiate
 from hie_platform.errors import NotFound, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims
 from hie_schemas.documents.profiles import MHD_LIST_TYPES
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["documents"])
+router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
 
 LIST_SEARCH = frozenset({"patient.identifier", "code", "date", "status", "identifier", "_count", "_cursor"})
 
@@ -133,6 +134,7 @@ def _entry_ids(listed: dict[str, Any]) -> list[str]:
 
 
 @router.get("/List/{list_id}", summary="Read one SubmissionSet")
+@router.head("/List/{list_id}", include_in_schema=False)
 async def read_list(
     list_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
 ) -> JSONResponse:

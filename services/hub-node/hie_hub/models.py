@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Index, Integer, String, UniqueConstraint, event, inspect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, InstanceState, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from hie_platform.db import platform_tables
@@ -71,6 +71,10 @@ class Document(Base):
     origin: Mapped[str] = mapped_column(String(16))
     exchange_id: Mapped[str | None] = mapped_column(String(64))
     published_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # The DocumentReference's meta.versionId (ETag), bumped on every change (bump_version below), and
+    # when it last changed (meta.lastUpdated; published_at until the first change).
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    updated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class Task(Base):
@@ -89,6 +93,7 @@ class Task(Base):
     focus: Mapped[list[str]] = mapped_column(JSON)
     task: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # meta.versionId (ETag)
 
 
 class DeliveredStudy(Base):
@@ -201,6 +206,21 @@ class ConsentReplicaVersion(Base):
     # The HIE_CONSENT sequence it came from: the replica's position, to rebuild after a lost database.
     stream_sequence: Mapped[int] = mapped_column(Integer, index=True)
     applied_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+@event.listens_for(Document, "before_update")
+@event.listens_for(Task, "before_update")
+def bump_version(mapper: Any, connection: Any, target: Document | Task) -> None:
+    """Every change of a document's DocumentReference or a Task, whoever makes it (status change,
+    status notice, Task update), is a new FHIR version: meta.versionId and the ETag follow this
+    counter. (A document addressed anew changes only its recipients: not a new version.)"""
+    state: InstanceState[Any] = inspect(target)
+    watched = ("status", "docref") if isinstance(target, Document) else ("status", "task")
+    if not any(state.attrs[name].history.has_changes() for name in watched):
+        return
+    target.version = (target.version or 1) + 1
+    if isinstance(target, Document):
+        target.updated_at = datetime.now(UTC)
 
 
 PLATFORM = platform_tables(Base.metadata)

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 
 from fastapi import Request
 
+from hie_hub.rest import negotiate
 from hie_platform.errors import BadRequest, UnsupportedMediaType
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType
@@ -26,6 +27,11 @@ from hie_schemas.identifiers import (
 
 MAX_COUNT = 1000
 DEFAULT_COUNT = 100
+# FHIR's general parameters (http.html#parameters) the hub honours on every search; never "unknown".
+GENERAL = frozenset({"_format", "_pretty"})
+# Searches that give Bundle.total also take _summary=count and _total (see the CapabilityStatement).
+SUMMARY = frozenset({"_summary", "_total"})
+_NOT_HERE = " (_summary=count and _total are supported on DocumentReference, Task and AuditEvent searches)"
 # A date or dateTime without a timezone is read in Korean time (the federation's local time).
 LOCAL_TIME = timezone(timedelta(hours=9), "KST")
 _DATE_PREFIXES = ("eq", "gt", "lt", "ge", "le")
@@ -49,22 +55,37 @@ async def json_body(request: Request) -> Any:
 
 
 class SearchParams:
-    """The query string of a FHIR search, checked against the parameters a resource supports."""
+    """The query string of a FHIR search, checked against the parameters a resource supports.
+
+    FHIR's general parameters ``_format`` and ``_pretty`` are accepted everywhere (JSON only: anything
+    else is 406); ``_summary`` (count only) and ``_total`` where the resource lists them."""
 
     def __init__(self, request: Request, supported: frozenset[str]) -> None:
+        negotiate(request)
         self.query = request.query_params
         self.supported = supported
         prefer = request.headers.get("prefer", "")
-        strict = any(p.strip().lower() == "handling=strict" for p in prefer.split(";"))
-        unknown = sorted({_RRN_SHAPE.sub("<redacted>", n)[:60] for n in self.query if n not in supported})
-        if unknown and strict:
+        self.strict = any(p.strip().lower() == "handling=strict" for p in prefer.split(";"))
+        unknown = sorted(
+            {
+                _RRN_SHAPE.sub("<redacted>", n)[:60]
+                for n in self.query
+                if n not in supported and n not in GENERAL
+            }
+        )
+        if unknown and self.strict:
             raise BadRequest(
-                f"unsupported search parameter(s): {', '.join(unknown)}", expression=tuple(unknown[:5])
+                f"unsupported search parameter(s): {', '.join(unknown)}"
+                + (_NOT_HERE if {"_summary", "_total"} & set(unknown) else ""),
+                expression=tuple(unknown[:5]),
             )
 
     def link(self, base: str, replace: dict[str, str], drop: frozenset[str] = frozenset()) -> str:
         """This search as a URL under ``base`` with parameters replaced (e.g. the RRN by the patient key)
         or dropped; used for self and next links, so it must never carry an RRN."""
+        clamped = self.count()
+        if clamped is not None and "_count" not in replace:
+            replace = {**replace, "_count": str(clamped)}  # the page size served, not the one asked
         pairs = [
             (k, v)
             for k, v in self.query.multi_items()
@@ -93,6 +114,24 @@ class SearchParams:
         if not value.isdigit():
             raise BadRequest("_count must be a non-negative integer", expression=("_count",))
         return min(int(value), MAX_COUNT)
+
+    def count_only(self) -> bool:
+        """``_summary=count``: only Bundle.total. Other _summary values are ignored (400 under
+        strict handling, which names what is supported)."""
+        if "_summary" not in self.supported:
+            return False
+        value = self.one("_summary")
+        if value is None or value == "count":
+            return value == "count"
+        if self.strict:
+            raise BadRequest("_summary: only _summary=count is supported", expression=("_summary",))
+        return False
+
+    def check_total(self) -> None:
+        """``_total``: none | estimate | accurate; Bundle.total is always the accurate count."""
+        value = self.one("_total") if "_total" in self.supported else None
+        if value is not None and value not in ("none", "estimate", "accurate"):
+            raise BadRequest("_total must be none, estimate or accurate", expression=("_total",))
 
     def dates(self, name: str) -> list[DateBound]:
         """Every ``name`` parameter (repeats are ANDed) as bounds on an instant (FHIR date search)."""

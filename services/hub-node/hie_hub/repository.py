@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.models import DeliveredStudy, Document, SubmissionSet, Subscription, Task
@@ -103,6 +103,27 @@ async def tasks(
             query = query.where(or_(Task.updated_at > at, and_(Task.updated_at == at, Task.id > key)))
         query = query.order_by(Task.updated_at, Task.id)
     return list((await session.scalars(query.limit(limit))).all())
+
+
+async def count_tasks(
+    session: AsyncSession,
+    *,
+    owner: str | None,
+    requester: str | None,
+    statuses: Collection[str] | None,
+    since: datetime | None,
+) -> int:
+    """How many Tasks ``tasks`` finds in all pages (Bundle.total)."""
+    query = select(func.count()).select_from(Task)
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    if requester is not None:
+        query = query.where(Task.requester == requester)
+    if statuses is not None:
+        query = query.where(Task.status.in_(list(statuses)))
+    if since is not None:
+        query = query.where(Task.updated_at > since)
+    return int(await session.scalar(query) or 0)
 
 
 async def tasks_of_submission(

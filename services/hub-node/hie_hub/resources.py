@@ -143,34 +143,56 @@ def output_document_ids(task: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+# The Tasks an ITI-65 created, on the response entry of the DocumentReference they are about (FHIR R4
+# wants exactly one response entry per request entry): one extension per Task, valueReference Task/id.
+CREATED_TASK_EXTENSION = "https://hie-federation.kr/fhir/StructureDefinition/created-task"
+
+
 @dataclass(frozen=True)
 class Created:
-    """One created resource in a transaction response."""
+    """One created resource in a transaction response, at its version; ``tasks``: the ids of the
+    Tasks made about it (a DocumentReference that leads an exchange)."""
 
     resource_type: str
     id: str
     at: datetime
+    version: int = 1
+    tasks: tuple[str, ...] = ()
 
 
 def transaction_response(document_ids: Sequence[str], created: Sequence[Created]) -> dict[str, Any]:
     """ITI-65 answer; its id derives from the documents so that a replayed publish answers the same."""
     bundle_id = uuid.uuid5(_RESPONSE_NS, "|".join(document_ids))
+    entries = []
+    for c in created:
+        response: dict[str, Any] = {
+            "status": "201 Created",
+            "location": f"{c.resource_type}/{c.id}/_history/{c.version}",
+            "etag": f'W/"{c.version}"',
+            "lastModified": c.at.isoformat(),
+        }
+        if c.tasks:
+            response["extension"] = [
+                {"url": CREATED_TASK_EXTENSION, "valueReference": {"reference": f"Task/{task_id}"}}
+                for task_id in c.tasks
+            ]
+        entries.append({"response": response})
     return {
         "resourceType": "Bundle",
         "id": str(bundle_id),
         "type": "transaction-response",
-        "entry": [
-            {
-                "response": {
-                    "status": "201 Created",
-                    "location": f"{c.resource_type}/{c.id}",
-                    "etag": 'W/"1"',
-                    "lastModified": c.at.isoformat(),
-                }
-            }
-            for c in created
-        ],
+        "entry": entries,
     }
+
+
+def created_tasks(response: dict[str, Any]) -> list[str]:
+    """The ids of the Tasks a transaction-response names (CREATED_TASK_EXTENSION)."""
+    return [
+        ext["valueReference"]["reference"].split("/")[1]
+        for entry in response.get("entry") or []
+        for ext in (entry.get("response") or {}).get("extension") or []
+        if ext.get("url") == CREATED_TASK_EXTENSION
+    ]
 
 
 def searchset(
@@ -205,6 +227,14 @@ def searchset(
     ]
     bundle["entry"] = entries
     return bundle
+
+
+def count_only(bundle: dict[str, Any]) -> dict[str, Any]:
+    """``_summary=count``: the searchset's total and self link, no entries."""
+    links = [link for link in bundle.get("link") or [] if link["relation"] == "self"]
+    return {k: v for k, v in bundle.items() if k not in ("entry", "link")} | (
+        {"link": links} if links else {}
+    )
 
 
 def scrub_rrn(value: Any, patient_key: str) -> Any:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from hie_hub import repository
@@ -25,13 +25,14 @@ from hie_hub.node import NodeDep, ReaderActor
 from hie_hub.notifications import ACTIVE, BACKPORT, OFF, TOPIC, status_parameters
 from hie_hub.params import SearchParams, json_body
 from hie_hub.resources import searchset
+from hie_hub.rest import negotiate
 from hie_platform.errors import BadRequest, NotFound, Unprocessable, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims
 from hie_schemas.fhir import FHIR_JSON, FhirParseError, parse_resource
 from hie_schemas.identifiers import KRNPI_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["notifications"])
+router = APIRouter(prefix="/fhir", tags=["notifications"], dependencies=[Depends(negotiate)])
 
 SECRET_URL = "https://hie-federation.kr/fhir/StructureDefinition/subscription-hmac-secret"
 FILTER_URL = f"{BACKPORT}/backport-filter-criteria"
@@ -157,12 +158,18 @@ async def create_subscription(
 async def search_subscriptions(
     request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep
 ) -> JSONResponse:
-    SearchParams(request, frozenset())
+    params = SearchParams(request, frozenset())
     rows = await repository.subscriptions_of(read, actor.inst)
-    return fhir_response(200, searchset(node.settings.fhir_base, [_resource(r) for r in rows], len(rows)))
+    links = [("self", params.link(f"{node.settings.fhir_base}/Subscription", {}))]
+    bundle = searchset(node.settings.fhir_base, [_resource(r) for r in rows], len(rows), links=links)
+    return fhir_response(200, bundle)
 
 
-@router.get("/Subscription/{subscription_id}", summary="Read one of the caller's Subscriptions")
+@router.get(
+    "/Subscription/{subscription_id}",
+    summary="Read one of the caller's Subscriptions",
+)
+@router.head("/Subscription/{subscription_id}", include_in_schema=False)
 async def read_subscription(subscription_id: str, actor: ReaderActor, read: ReadSessionDep) -> JSONResponse:
     return fhir_response(200, _resource(await _own(read, actor, subscription_id)))
 

@@ -5,30 +5,36 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from hie_hub import tasks
+from hie_hub import repository, tasks
+from hie_hub.models import Task
 from hie_hub.node import NodeDep, ReaderActor
-from hie_hub.params import Cursor, SearchParams, json_body
-from hie_hub.resources import searchset
+from hie_hub.params import SUMMARY, Cursor, SearchParams, json_body
+from hie_hub.resources import count_only, searchset
+from hie_hub.rest import check_if_match, negotiate, version_headers, versioned, with_meta
 from hie_platform.errors import fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 
-router = APIRouter(prefix="/fhir", tags=["fhir"])
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
 
-TASK_SEARCH = frozenset(
-    {
-        "owner",
-        "owner:identifier",
-        "requester",
-        "requester:identifier",
-        "status",
-        "_count",
-        "_since",
-        "_cursor",
-    }
+TASK_SEARCH = (
+    frozenset(
+        {
+            "owner",
+            "owner:identifier",
+            "requester",
+            "requester:identifier",
+            "status",
+            "_count",
+            "_since",
+            "_cursor",
+        }
+    )
+    | SUMMARY
 )
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 # How often a waiting poll looks at the database itself (a Task written by another replica of the
@@ -50,6 +56,7 @@ async def search_tasks(
     request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep
 ) -> JSONResponse:
     params = SearchParams(request, TASK_SEARCH)
+    params.check_total()
     count = params.count()
     limit = count if count is not None else 100
     cursor = params.cursor()
@@ -82,13 +89,27 @@ async def search_tasks(
     if len(rows) > limit and page:
         last = page[-1]
         links.append(("next", params.link(base, {"_cursor": Cursor(last.updated_at, last.id).encode()})))
-    bundle = searchset(node.settings.fhir_base, [row.task for row in page], None, links=links)
-    return fhir_response(200, bundle, headers)
+    total = await repository.count_tasks(
+        read,
+        owner=owner if owner is not None or requester is not None else actor.inst,
+        requester=requester,
+        statuses=statuses,
+        since=since,
+    )
+    bundle = searchset(node.settings.fhir_base, [presented(row) for row in page], total, links=links)
+    return fhir_response(200, count_only(bundle) if params.count_only() else bundle, headers)
+
+
+def presented(row: Task) -> dict[str, Any]:
+    """The Task as reads and searches return it: meta.versionId and meta.lastUpdated from the row."""
+    return with_meta(row.task, row.version or 1, row.updated_at)
 
 
 @router.get("/Task/{task_id}", summary="Read a Task (requester or owner)")
-async def read_task(task_id: str, actor: ReaderActor, read: ReadSessionDep) -> JSONResponse:
-    return fhir_response(200, (await tasks.get_task(read, actor, task_id)).task)
+@router.head("/Task/{task_id}", include_in_schema=False)
+async def read_task(task_id: str, request: Request, actor: ReaderActor, read: ReadSessionDep) -> Response:
+    row = await tasks.get_task(read, actor, task_id)
+    return versioned(request, presented(row), row.version or 1, row.updated_at)
 
 
 @router.put("/Task/{task_id}", summary="The owner moves its Task (accepted, rejected, completed)")
@@ -96,4 +117,10 @@ async def update_task(
     task_id: str, request: Request, node: NodeDep, actor: ReaderActor, session: SessionDep
 ) -> JSONResponse:
     body = await json_body(request)
-    return fhir_response(200, await tasks.update_task(node, session, actor, task_id, body))
+    row = await repository.task(session, task_id)
+    if row is not None and actor.inst == row.owner:
+        check_if_match(request, row.version or 1, f"Task/{task_id}")
+    await tasks.update_task(node, session, actor, task_id, body)
+    row = await tasks.get_task(session, actor, task_id)
+    await session.flush()  # the version moves when the change is written
+    return fhir_response(200, presented(row), version_headers(row.version or 1, row.updated_at))

@@ -18,6 +18,7 @@ from typing import Any
 
 from hie_hub.documents.metadata import purpose_of, recipients_of, replaced_by
 from hie_hub.documents.pseudonym import pseudonymise, redact, rrn_forms, rrn_strings
+from hie_hub.rest import canonical, size_and_hash, with_meta
 from hie_platform.errors import BadRequest, Issue, Unprocessable
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType
@@ -95,6 +96,7 @@ def parse_submission(
         raise _bad("a resident registration number appears outside a Patient identifier (e.g. in narrative)")
     index = BundleIndex(bundle, base_url)
     submission_set, pairs = _structure(index)
+    _check_attachments(body, pairs)
     patient_key, issues = _patient_key(submission_set, pairs)
     recipients, recipient_issues = recipients_of(submission_set)
     issues += recipient_issues
@@ -116,7 +118,7 @@ def parse_submission(
     if issues or patient_key is None or len(documents) != len(pairs):
         issues = list(dict.fromkeys(issues)) or [_issue("the submission could not be read", "Bundle")]
         raise Unprocessable(f"{len(issues)} profile issue(s) in the submission", issues=issues)
-    _rewrite(bundle, index, submission_set, pairs, ids, patient_key)
+    _rewrite(bundle, index, submission_set, pairs, ids, patient_key, clock)
     stored_as = {submission_set.index: ("List", ids[submission_set.index])}
     for reference, document in pairs:
         stored_as[reference.index] = ("DocumentReference", ids[document.index])
@@ -165,7 +167,35 @@ def _transaction(body: Any) -> Json:
     for i, entry in enumerate(entries):
         if not isinstance(obj(entry).get("resource"), dict):
             raise _bad("every entry needs a resource", f"Bundle.entry[{i}].resource")
+        if obj(obj(entry).get("request")).get("ifNoneExist") is not None:
+            raise _bad(
+                "conditional create (ifNoneExist) is not supported: a document is stored once per "
+                "Bundle.identifier, and re-sending the transaction answers as the first time",
+                f"Bundle.entry[{i}].request.ifNoneExist",
+            )
     return body
+
+
+def _check_attachments(sent: Json, pairs: list[tuple[Located, Located]]) -> None:
+    """attachment.size / hash, when given, must describe the document as sent: its canonical JSON
+    (keys sorted, no whitespace, UTF-8), SHA-1 in base64 (FHIR R4). A mismatch is 422, nothing stored."""
+    issues: list[Issue] = []
+    for reference, document in pairs:
+        attachment = obj(obj(dicts(reference.resource.get("content"))[0]).get("attachment"))
+        actual = size_and_hash(canonical(sent["entry"][document.index]["resource"]))
+        for element in ("size", "hash"):
+            if element in attachment and attachment[element] != actual[element]:
+                issues.append(
+                    _issue(
+                        f"DocumentReference.content.attachment.{element} {str(attachment[element])[:40]!r} "
+                        f"does not match the document at {document.path} ({element} of its canonical "
+                        f"JSON: {actual[element]})",
+                        f"{reference.path}.content[0].attachment.{element}",
+                        "value",
+                    )
+                )
+    if issues:
+        raise Unprocessable(issues[0].diagnostics, issues=issues)
 
 
 def _validate(resource: Json, path: str, secrets: list[str], *, nested: bool) -> None:
@@ -397,8 +427,11 @@ def _rewrite(
     pairs: list[tuple[Located, Located]],
     ids: dict[int, str],
     patient_key: str,
+    at: datetime,
 ) -> None:
-    """Give the stored resources their ids, relative references and the patient key as subject."""
+    """Give the stored resources their ids, relative references and the patient key as subject; a
+    document its first version (meta), and its DocumentReference the size and hash of the document
+    as stored and served (ITI-68 answers exactly its canonical JSON)."""
     targets = {r.index: f"DocumentReference/{ids[r.index]}" for r, _ in pairs}
     targets |= {d.index: f"Bundle/{ids[d.index]}" for _, d in pairs}
     subject = {"type": "Patient", "identifier": {"system": PATIENT_KEY_SYSTEM, "value": patient_key}}
@@ -407,10 +440,11 @@ def _rewrite(
         reference.resource["id"] = ids[reference.index]
         reference.resource["subject"] = copy.deepcopy(subject)
         attachment = reference.resource["content"][0]["attachment"]
-        # What is stored is not what was sent (pseudonymised): inline data, size and hash no longer hold.
-        for stale in ("data", "size", "hash"):
-            attachment.pop(stale, None)
+        attachment.pop("data", None)
         attachment.update(contentType=FHIR_JSON, url=targets[document.index])
+        document.resource["meta"] = with_meta(document.resource, 1, at)["meta"]
+        # What is stored is not what was sent (pseudonymised): size and hash of the stored document.
+        attachment.update(size_and_hash(canonical(document.resource)))
     listed = submission_set.resource
     listed["id"] = ids[submission_set.index]
     if "subject" in listed:
