@@ -22,7 +22,7 @@ from sqlalchemy import MetaData, select, text
 from hie_platform.bus import Bus
 from hie_platform.db import Database, PlatformTables, platform_tables
 from hie_platform.natsd import find_nats_server, free_port, wait_for_port
-from hie_platform.outbox import EventTooLarge, Outbox, OutboxCollector, OutboxRelay, RetryPolicy
+from hie_platform.outbox import EventTooLarge, Outbox, OutboxCollector, OutboxRelay, RetryPolicy, stream_of
 from hie_schemas import streams, subjects
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import ConsentRecorded
@@ -48,7 +48,10 @@ class AuthorizedNats:
         return f"nats://relay:relay-pw@127.0.0.1:{self.port}"
 
     def write_config(self, deny: bool) -> None:
-        denied = f', deny: ["{subjects.hub_imaging_jobs(DENIED_HUB)}"]' if deny else ""
+        # Like a hub's account: no STREAM.INFO or STREAM.NAMES, so the relay judges by what it sees.
+        refused = ["$JS.API.STREAM.INFO.>", "$JS.API.STREAM.NAMES"]
+        refused += [subjects.hub_imaging_jobs(DENIED_HUB)] if deny else []
+        denied = ", deny: [" + ", ".join(f'"{r}"' for r in refused) + "]"
         self.config.write_text(
             f"max_payload: {MAX_PAYLOAD}\n"
             f'jetstream {{ store_dir: "{self.root / "js"}" }}\n'
@@ -302,3 +305,12 @@ async def test_while_nats_is_down_no_attempt_is_counted(
 
     await until(sent, "the row published once NATS is back")
     assert (await rows(db, tables))[env.id].attempts == 0
+
+
+def test_the_stream_of_a_subject_is_known_without_asking_jetstream() -> None:
+    assert stream_of(subjects.CONSENT_RECORDED) == streams.CONSENT.name
+    assert stream_of(subjects.hub_imaging_jobs("snubh")) == streams.IMAGING_JOBS.name
+    assert stream_of(subjects.hub_inbox_wildcard("snubh").replace(">", "delivery.severance")) == (
+        streams.HUB_INBOX.name
+    )
+    assert stream_of("hie.nowhere") is None

@@ -28,6 +28,7 @@ from hie_platform.bus import Bus
 from hie_platform.db import Database
 from hie_platform.errors import PayloadTooLarge
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
+from hie_schemas import streams
 from hie_schemas.envelope import Envelope, EventPayload, Source
 
 log = get_logger(__name__)
@@ -116,7 +117,25 @@ class _Pass:
     too_large: set[int] = field(default_factory=set)  # failed for certain, whatever the bus's state
     subjects: dict[int, str] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)  # before this pass
+    acked_streams: set[str] = field(default_factory=set)  # streams that took a publish of this pass
+    waiting: dict[int, str] = field(default_factory=dict)  # failed, not the row's fault: uncounted
     bus_down: bool = False
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def stream_of(subject: str) -> str | None:
+    """The federation stream that takes ``subject`` (hie_schemas.streams), if any."""
+    return next((s.name for s in streams.ALL if any(_matches(p, subject) for p in s.subjects)), None)
 
 
 def _headers(event_id: str, cid: str | None) -> dict[str, str]:
@@ -154,6 +173,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self._bus_down_logged = False
+        self._can_probe = True
         self._task: asyncio.Task[None] | None = None
 
     def kick(self) -> None:
@@ -205,7 +225,7 @@ class OutboxRelay:
             outcome.failed.clear()
         else:
             await self._keep_only_row_faults(outcome)
-        if outcome.bus_down:
+        if outcome.bus_down or outcome.waiting:
             if not self._bus_down_logged:
                 log.warning("outbox relay: NATS or a stream unavailable; its rows wait, no attempt counted")
             self._bus_down_logged = True
@@ -266,6 +286,7 @@ class OutboxRelay:
             for ack in done:
                 if (refusal := ack.exception()) is None:
                     outcome.sent.append(acks[ack])
+                    outcome.acked_streams.add(ack.result().stream)
                 else:
                     outcome.failed[acks[ack]] = f"{type(refusal).__name__}: {refusal}"
         if outcome.failed and not self.bus.connected:
@@ -274,8 +295,9 @@ class OutboxRelay:
 
     async def _keep_only_row_faults(self, outcome: _Pass) -> None:
         """A failure counts against a row when it is the row's for certain (too large, or the server
-        refused the subject to this user), or when the stream that should take it answers. During a
-        stream leader election or a JetStream outage the rows wait, uncounted, and are tried again."""
+        refused the subject to this user) or when its stream is up: it took another publish of the
+        same pass, or answers STREAM.INFO. Otherwise (a stream leader election, JetStream down) the
+        row waits a little, uncounted."""
         answers: dict[str, bool] = {}
         refused = str(self.bus.nc.last_error or "").lower()
         for row_id in [r for r in outcome.failed if r not in outcome.too_large]:
@@ -283,15 +305,20 @@ class OutboxRelay:
             if f'permissions violation for publish to "{subject.lower()}"' in refused:
                 outcome.failed[row_id] = f"NATS refused the subject to this user: {outcome.failed[row_id]}"
                 continue
+            stream = stream_of(subject)
+            if stream is not None and stream in outcome.acked_streams:
+                continue
             if subject not in answers:
                 answers[subject] = await self._stream_answers(subject)
             if not answers[subject]:
-                del outcome.failed[row_id]
-                outcome.bus_down = True
+                outcome.waiting[row_id] = outcome.failed.pop(row_id)
 
     async def _stream_answers(self, subject: str) -> bool:
+        """Ask JetStream whether the stream of ``subject`` is up (where this NATS user may ask)."""
+        if not self._can_probe:
+            return False
         try:
-            async with asyncio.timeout(self.policy.publish_timeout):
+            async with asyncio.timeout(min(2.0, self.policy.publish_timeout)):
                 stream = await self.bus.js.find_stream_name_by_subject(subject)
                 await self.bus.js.stream_info(stream)
         except NotFoundError:
@@ -299,11 +326,14 @@ class OutboxRelay:
         except asyncio.CancelledError:
             raise
         except Exception:
+            refused = str(self.bus.nc.last_error or "").lower()
+            if "permissions violation" in refused and "js.api.stream" in refused:
+                self._can_probe = False  # this user may not ask (a hub's account): witnesses only
             return False
         return True
 
     async def _settle(self, outcome: _Pass) -> None:
-        if not outcome.sent and not outcome.failed:
+        if not outcome.sent and not outcome.failed and not outcome.waiting:
             return
         t = self.table
         now = datetime.now(UTC)
@@ -311,6 +341,12 @@ class OutboxRelay:
         async with self.db.transaction() as session:
             if outcome.sent:
                 await session.execute(update(t).where(t.c.id.in_(outcome.sent)).values(sent_at=now))
+            if outcome.waiting:
+                await session.execute(
+                    update(t)
+                    .where(t.c.id.in_(list(outcome.waiting)))
+                    .values(next_attempt_at=now + timedelta(seconds=self.policy.base_seconds))
+                )
             for row_id, error in outcome.failed.items():
                 attempts = outcome.attempts[row_id] + 1
                 is_dead = attempts >= self.policy.max_attempts
