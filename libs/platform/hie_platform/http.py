@@ -98,6 +98,20 @@ def _checked_json(scope: Scope, body: bytes) -> FhirError | None:
     return None
 
 
+async def _admitted(
+    scope: Scope, headers: dict[bytes, bytes], receive: Receive
+) -> tuple[Receive, FhirError | None]:
+    """The ``receive`` the app gets, or the refusal of a JSON body beyond the limits. A JSON body is
+    read whole and checked first; so is a chunked one, up to the size limit: parsers that catch every
+    error (FastAPI's form and body readers) would otherwise turn 413 into 400."""
+    json_body = _may_be_json(headers)
+    if not json_body and not (b"content-length" not in headers and b"transfer-encoding" in headers):
+        return receive, None
+    replay, body = await _buffered(receive)
+    refusal = _checked_json(scope, body) if json_body and body is not None else None
+    return replay, refusal
+
+
 class PlatformMiddleware:
     """Pure ASGI: correlation id in and out, body size limit, metrics, access log without query strings."""
 
@@ -140,17 +154,11 @@ class PlatformMiddleware:
         try:
             if declared is not None and declared.isdigit() and int(declared) > self.max_body:
                 raise _BodyTooLarge
-            app_receive: Receive = limited_receive
-            json_body = _may_be_json(headers)
-            if json_body or (declared is None and b"transfer-encoding" in headers):
-                # A chunked body is read up to the limit before the app sees it: parsers that catch
-                # every error (FastAPI's form and body readers) would otherwise turn 413 into 400.
-                app_receive, body = await _buffered(limited_receive)
-                refusal = _checked_json(scope, body) if json_body and body is not None else None
-                if refusal is not None:
-                    status = refusal.status
-                    await self._refuse(send, cid, scope, refusal)
-                    return
+            app_receive, refusal = await _admitted(scope, headers, limited_receive)
+            if refusal is not None:
+                status = refusal.status
+                await self._refuse(send, cid, scope, refusal)
+                return
             await self.app(scope, app_receive, send_with_headers)
         except _BodyTooLarge:
             status = 413
