@@ -237,9 +237,8 @@ async def serve(node: HubNode) -> None:
     async def asker(sender: str | None, request: HubSearchRequest | HubRetrieveRequest) -> None:
         await node.runtime.registry.check_asker(sender, request.requester, request.requester_hub)
 
-    for operation, request_type, answer in (
-        (Operation.HUB_SEARCH, HubSearchRequest, search),
-        (Operation.HUB_RETRIEVE, HubRetrieveRequest, retrieve),
-    ):
-        subject = RPCS[operation].pattern(to=node.hub)  # any asking hub; checked by asker()
-        await bus.serve(subject, QUEUE, request_type, answer, verify=asker)  # type: ignore[arg-type]
+    # Any asking hub (the subject's last token), checked by asker() against the institution it names.
+    search_subject = RPCS[Operation.HUB_SEARCH].pattern(to=node.hub)
+    retrieve_subject = RPCS[Operation.HUB_RETRIEVE].pattern(to=node.hub)
+    await bus.serve(search_subject, QUEUE, HubSearchRequest, search, verify=asker)
+    await bus.serve(retrieve_subject, QUEUE, HubRetrieveRequest, retrieve, verify=asker)

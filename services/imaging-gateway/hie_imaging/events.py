@@ -110,8 +110,7 @@ def follow_exchanges(runtime: Runtime, hub: str, durable: str, reporter: Progres
         # The Bus refused an ExchangeSent whose subject's hub is not the sending institution's hub
         # (a hub cannot make this gateway relay a study on another hub's word).
         sent = incoming.payload
-        assert isinstance(sent, ExchangeSent)
-        if hub not in (sent.from_hub, sent.to_hub) or not sent.studies:
+        if not isinstance(sent, ExchangeSent) or hub not in (sent.from_hub, sent.to_hub) or not sent.studies:
             return
         async with runtime.db.transaction() as session:
             if not await first_time(session, runtime.tables.processed, durable, incoming.envelope.id):
