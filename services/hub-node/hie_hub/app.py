@@ -11,6 +11,7 @@ from prometheus_client import Gauge
 
 from hie_hub import (
     audit_api,
+    cda_api,
     crs_api,
     documents_api,
     fhir_api,
@@ -78,6 +79,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         ),
         lifespan=lifespan,
         routers=[
+            cda_api.router,  # before fhir_api/documents_api: K-CDA first, the rest handed on
             fhir_api.router,
             documents_api.router,
             imaging_api.router,
