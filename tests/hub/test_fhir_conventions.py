@@ -176,6 +176,14 @@ async def test_json_only_and_the_general_parameters(federation: Federation, rrn:
         ),
         406,
     )
+    xml = {"Accept": "application/fhir+xml"}
+    for method, path, as_ in (
+        ("GET", "/ImagingStudy/any", SEVERANCE_CLINIC),
+        ("GET", "/Task", SEVERANCE_CLINIC),
+        ("POST", "/$generate-crs", SEVERANCE_CLINIC),
+        ("GET", "/AuditEvent", AGENCY_CLIENT),
+    ):
+        refused(await fed.call(method, "severance", path, as_=as_, headers=xml), 406)
     general = {"_format": "json", "_pretty": "true"}
     for path, params in (
         ("/DocumentReference", search | general),
@@ -354,6 +362,10 @@ async def test_head_on_reads_a_subscription_self_link_and_no_conditional_create(
         assert head.content == b""
         assert head.headers["content-type"].startswith("application/fhir+json")
     assert (await fed.call("HEAD", "severance", f"/Task/{task_id}", as_=SEVERANCE_CLINIC)).headers["etag"]
+
+    assert (
+        await fed.call("HEAD", "severance", "/Subscription/none", as_=SEVERANCE_CLINIC)
+    ).status_code == 404
 
     conditional = submit(CRS, SEVERANCE_CLINIC, rrn)
     conditional["entry"][1]["request"]["ifNoneExist"] = "identifier=urn:ietf:rfc:3986|urn:uuid:x"

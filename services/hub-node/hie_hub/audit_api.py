@@ -19,13 +19,14 @@ from hie_hub.models import PLATFORM, as_utc
 from hie_hub.node import NodeDep
 from hie_hub.params import DEFAULT_COUNT, SUMMARY, Cursor, SearchParams
 from hie_hub.resources import count_only, searchset
+from hie_hub.rest import negotiate
 from hie_platform.auth import require_scope
 from hie_platform.errors import BadRequest, fhir_response
 from hie_platform.http import ReadSessionDep
 from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["audit"])
+router = APIRouter(prefix="/fhir", tags=["audit"], dependencies=[Depends(negotiate)])
 AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
 AUDIT_SEARCH = frozenset({"patient.identifier", "date", "_count", "_cursor"}) | SUMMARY
 _BATCH = 500

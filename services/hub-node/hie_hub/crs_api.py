@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from hie_hub import repository
@@ -22,6 +22,7 @@ from hie_hub.documents.pseudonym import rrn_strings
 from hie_hub.models import DocumentStatus
 from hie_hub.node import HubActor, NodeDep
 from hie_hub.params import json_body
+from hie_hub.rest import negotiate
 from hie_platform.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.consent import Purpose
@@ -29,7 +30,7 @@ from hie_schemas.documents.summary import SourceDocument, build_summary, newest_
 from hie_schemas.fhir import FhirParseError, parse_resource
 from hie_schemas.identifiers import InvalidIdentifierError, patient_key_from_identifier
 
-router = APIRouter(prefix="/fhir", tags=["documents"])
+router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
 
 
 def _parameters(body: Any, secret: bytes) -> tuple[str, Purpose, str | None]:

@@ -3,6 +3,7 @@ federated, and the author's status change (entered-in-error)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -131,6 +132,8 @@ async def find_document_references(
     params = SearchParams(request, DOCUMENT_SEARCH)
     params.check_total()
     query = _query(params, node)
+    if params.count_only():  # only the total: no document is disclosed (nor audited as such)
+        query = replace(query, count=0)
     access = _access(request, params, actor)
     if not params.flag("_federated"):
         if access.purpose is not Purpose.TREATMENT:

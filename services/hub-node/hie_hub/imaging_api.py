@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from hie_hub import studies
 from hie_hub.node import NodeDep, ReaderActor
 from hie_hub.params import DEFAULT_COUNT, SearchParams
 from hie_hub.resources import searchset
+from hie_hub.rest import negotiate
 from hie_platform.errors import FhirError, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["imaging"])
+router = APIRouter(prefix="/fhir", tags=["imaging"], dependencies=[Depends(negotiate)])
 
 STUDY_SEARCH = frozenset({"patient.identifier", "identifier", "_count", "_cursor"})
 

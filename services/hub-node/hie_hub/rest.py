@@ -13,13 +13,10 @@ from email.utils import format_datetime
 from typing import Any
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse
 
 from hie_platform.errors import FhirError, PreconditionFailed, fhir_response
 from hie_schemas.fhir import FHIR_JSON
 
-# FHIR's general parameters (http.html#parameters): accepted on every interaction, never "unknown".
-GENERAL_PARAMETERS = frozenset({"_format", "_pretty", "_summary", "_elements"})
 _JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json"})
 _JSON_RANGES = frozenset({"*/*", "application/*", "application/json", "application/fhir+json"})
 
@@ -106,8 +103,4 @@ def versioned(
         return Response(status_code=304, headers=headers)
     if body is not None:
         return Response(body, status_code=200, media_type=FHIR_JSON, headers=headers)
-    return fhir_response(200, resource, headers)
-
-
-def response_of(resource: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
     return fhir_response(200, resource, headers)
