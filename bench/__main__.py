@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from bench import consent_bench, hub_bench, imaging_bench, registry_bench
+from bench import cda_bench, consent_bench, hub_bench, imaging_bench, registry_bench
 from bench.common import Report
 
 BENCHMARKS = {
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "consent": consent_bench.run,
     "hub": hub_bench.run,
     "imaging": imaging_bench.run,
+    "cda": cda_bench.run,
 }
 
 
