@@ -127,3 +127,28 @@ async def test_a_redelivered_event_is_stored_once(consent_service: ConsentServic
     assert entries[0]["from_institution"] == SEVERANCE_HUB
     rows = [r for r in await consent_service.rows("exchange_history") if r["exchange_id"] == exchange_id]
     assert len(rows) == 2
+
+
+async def test_an_exchange_another_hub_publishes_for_severance_is_not_in_the_history(
+    consent_service: ConsentService,
+) -> None:
+    """Issue 12 point 5: the history believes the sending hub of the subject, not the payload."""
+    rrn = new_rrn()
+    key = consent_service.patient_key(rrn)
+    now = datetime.now(UTC)
+    forged, honest = sent(key, now), sent(key, now + timedelta(seconds=1))
+    nc = await nats.connect(consent_service.nats_url)
+    try:
+        bus = Bus(nc)
+        await bus.publish(subject(Kind.EXCHANGE_SENT, sender="cnuh"), Envelope.wrap(forged, HUB))
+        await bus.publish(SENT, Envelope.wrap(honest, HUB))  # behind it on the stream
+    finally:
+        await nc.close()
+
+    async def shown() -> list[dict[str, Any]] | None:
+        response = await history(consent_service, f"{RRN_SYSTEM}|{rrn}")
+        entries: list[dict[str, Any]] = response.json()
+        return entries or None
+
+    entries = await eventually(shown, "the honest exchange in the patient's history")
+    assert [e["exchange_id"] for e in entries] == [honest.exchange_id]

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from hie_platform.bus import Bus
+from hie_platform.bus import BUS_METRICS, Bus
 from hie_schemas import subjects
 from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source
@@ -106,3 +106,58 @@ async def test_locator_learns_hubs_from_events_and_counts_exchanges_once(
     assert "9001011234567" not in bad.text
     assert anonymous.status_code == 401
     assert refused_stats.status_code == 403
+
+
+async def test_the_locator_refuses_facts_a_hub_publishes_for_another_hubs_institution(
+    registry: Any, nats_url: str, unique: str
+) -> None:
+    """Issue 12 point 5: the sending hub is the subject's last token; a fact naming an institution
+    of another hub (or another hub in its own fields) is refused, counted, and never located."""
+    key = hashlib.sha256(f"forged-{unique}".encode()).hexdigest()
+    now = datetime.now(UTC)
+
+    def published(hub: str, author: str) -> Envelope:
+        return Envelope.wrap(
+            DocumentPublished(
+                hub=hub,
+                patient_key=key,
+                author_institution=author,
+                document_ids=["d1"],
+                document_types=["care-record-summary"],
+                published_at=now,
+            ),
+            HUB,
+        )
+
+    before = BUS_METRICS.get_sample_value(
+        "hie_bus_refused_messages_total", {"kind": "document-published", "reason": "sender-mismatch"}
+    )
+    bus = await Bus.connect(nats_url, "locator-forger")
+    clinic = {"Authorization": f"Bearer {await registry.token('11301001')}"}
+    try:
+        # cnuh claims a document by a severance clinic; then claims to be severance in the payload.
+        await publish(bus, subject(Kind.DOCUMENT_PUBLISHED, sender="cnuh"), published("cnuh", "11301001"))
+        await publish(
+            bus, subject(Kind.DOCUMENT_PUBLISHED, sender="cnuh"), published("severance", "11301001")
+        )
+        # The honest fact, behind them on the stream: once it is located, the forged ones were handled.
+        await publish(
+            bus, subject(Kind.DOCUMENT_PUBLISHED, sender="severance"), published("severance", "11301001")
+        )
+        deadline = asyncio.get_running_loop().time() + 10
+        async with httpx.AsyncClient() as http:
+            while True:
+                found = (
+                    await http.get(f"{registry.url}/locator", params={"patient_key": key}, headers=clinic)
+                ).json()
+                if found["hubs"]:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, found
+                await asyncio.sleep(0.05)
+    finally:
+        await bus.close()
+    assert found["hubs"] == ["severance"]
+    after = BUS_METRICS.get_sample_value(
+        "hie_bus_refused_messages_total", {"kind": "document-published", "reason": "sender-mismatch"}
+    )
+    assert (after or 0) - (before or 0) == 2
