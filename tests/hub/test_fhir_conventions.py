@@ -20,6 +20,7 @@ from hub_support import (
     SEVERANCE_CLINIC_2,
     SNUBH,
     Federation,
+    eventually,
     krnpi,
     located,
     matches,
@@ -429,3 +430,36 @@ async def test_a_walk_in_search_sees_what_was_just_published_at_its_hub(
             params={"patient.identifier": f"{RRN_SYSTEM}|{rrn}", "_federated": "true"},
         )
         assert doc_id in [r["id"] for r in matches(walk_in)], outcomes(walk_in)
+
+
+async def test_a_walk_in_result_read_through_the_hub_has_the_size_and_hash_of_what_it_serves(
+    federation: Federation, rrn: str
+) -> None:
+    """Point 3 across hubs: a document held at Severance, found by a walk-in search at SNUBH and read
+    through SNUBH, has the size and hash of the bytes SNUBH serves for it."""
+    fed = federation
+    fed.desk.grant(rrn)
+    [doc_id] = located(
+        await fed.publish("severance", SEVERANCE_CLINIC, submit(CRS, SEVERANCE_CLINIC, rrn)),
+        "DocumentReference",
+    )
+
+    async def found() -> list[dict[str, Any]] | None:
+        walk_in = await fed.call(
+            "GET",
+            "snubh",
+            "/DocumentReference",
+            as_=SNUBH,
+            params={"patient.identifier": f"{RRN_SYSTEM}|{rrn}", "_federated": "true"},
+        )
+        return [r for r in matches(walk_in) if r["id"] == doc_id] or None
+
+    await eventually(found, "the record locator to name severance")
+    served = await fed.call("GET", "snubh", f"/Bundle/{doc_id}", as_=SNUBH)
+    assert served.status_code == 200, served.text
+    reference = (await fed.call("GET", "snubh", f"/DocumentReference/{doc_id}", as_=SNUBH)).json()
+    stated = reference["content"][0]["attachment"]
+    assert (stated["size"], stated["hash"]) == (
+        len(served.content),
+        base64.b64encode(hashlib.sha1(served.content).digest()).decode(),
+    )
