@@ -34,6 +34,8 @@ from nats.aio.client import Client as NatsClient
 from pydicom import dcmread
 
 from hie_imaging.dicom import DicomEndpoint
+from hie_schemas.contract import Kind, subject
+from hie_schemas.envelope import Envelope, Source
 
 if TYPE_CHECKING:
     from conftest import Dcmtk, DcmtkPeer, MakeSeries, StartGatewayApp, StartStorescp
@@ -252,6 +254,38 @@ async def test_study_without_exchange_is_held_and_purged_after_the_hold_period(
     purged = await hub1.status(study_of(orphan))
     assert counts(purged, "held", "purged", "state") == {"held": 0, "purged": 4, "state": "purged"}
     assert counts(await hub1.status(study_of(referred)), "relayed") == {"relayed": 3}
+
+
+async def test_an_exchange_another_hub_publishes_for_the_clinic_relays_nothing(
+    dcmtk: Dcmtk,
+    imaging_federation: Federation,
+    gateway_apps: StartGatewayApp,
+    start_storescp: StartStorescp,
+    consent_desk: ConsentDesk,
+    nats_client: NatsClient,
+    make_series: MakeSeries,
+) -> None:
+    """Issue 12 point 5: snubh publishes an ExchangeSent that claims the severance clinic sent a
+    study; the gateway believes the subject's sending hub, refuses it, and keeps the study held."""
+    pacs = await hospital_pacs(start_storescp, imaging_federation)
+    hub1, hub2 = await gateway_apps(SEVERANCE), await gateway_apps(SNUBH)
+    held, honest = make_series(3), make_series(2)
+    patient = new_patient_key()
+    consent_desk.consent(patient)
+    assert (await storescu(dcmtk, imaging_federation, held)).returncode == 0
+    forged = Envelope.wrap(referral(study_of(held), patient), Source(service="hub-node", node="hub-snubh"))
+    await nats_client.jetstream().publish(
+        subject(Kind.EXCHANGE_SENT, sender=SNUBH), forged.to_bytes(), headers={"Nats-Msg-Id": forged.id}
+    )
+    await publish_exchange(nats_client, referral(study_of(honest), patient))  # behind it on the stream
+    assert (await storescu(dcmtk, imaging_federation, honest)).returncode == 0
+    await until_count(hub2, study_of(honest), "delivered", 2)
+    assert_same_pixels(pacs, honest)
+    assert counts(await hub1.status(study_of(held)), "held", "relayed", "state") == {
+        "held": 3,
+        "relayed": 0,
+        "state": "held",
+    }
 
 
 # --- (4) consent withdrawn or never given: blocked ----------------------------------------------
