@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hie_schemas.cda import CdaError, cda_to_fhir, fhir_to_cda, parse_xml
+from hie_schemas.cda.examples import example_xml
 from hie_schemas.cda.vocabulary import institution_code
 from hie_schemas.codes import DOCUMENT_KINDS, DocumentType
 from hie_schemas.documents import profiles
@@ -340,3 +342,14 @@ def test_an_imaging_report_needs_the_reading() -> None:
     with pytest.raises(CdaError, match="empty") as caught:
         cda_to_fhir(_edit(fhir_to_cda(document), empty_reading))
     assert caught.value.location == "/ClinicalDocument/component/structuredBody/component/section"
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "kcda.md"
+GENERATED = re.compile(r"<!-- generated: cda (?P<kind>[\w-]+) -->\n```xml\n(?P<xml>.*?)\n```\n", re.DOTALL)
+
+
+def test_the_documented_examples_are_what_the_code_writes_and_reads() -> None:
+    found = {m["kind"]: m["xml"] for m in GENERATED.finditer(DOC.read_text())}
+    assert found == {kind.value: example_xml(kind) for kind in DocumentType}
+    for xml in found.values():
+        assert profiles.composition_of(cda_to_fhir(xml.encode())) is not None
