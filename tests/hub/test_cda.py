@@ -11,6 +11,7 @@ import pytest
 from hub_support import SEVERANCE_CLINIC, SNUBH, Federation, located, refused
 
 from hie_schemas.cda import CDA_MEDIA_TYPE, cda_to_fhir, fhir_to_cda, parse_xml
+from hie_schemas.cda.pseudonym import pseudonymise_xml
 from hie_schemas.codes import DocumentType
 from hie_schemas.documents.builders import build_document, build_submission
 
@@ -82,6 +83,9 @@ async def test_convert_answers_the_fhir_document_and_stores_nothing(federation: 
     assert composition["type"]["coding"][0]["code"] == "1"  # 진료의뢰서 template
     conditions = [e["resource"] for e in document["entry"] if e["resource"]["resourceType"] == "Condition"]
     assert [c["code"]["coding"][0]["code"] for c in conditions] == ["E11.9"]
+    [patient] = [e["resource"] for e in document["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert patient["identifier"][0]["value"] == fed.desk.key(rrn)  # as the hub would store it
+    assert rrn not in answer.text
     same = await post_xml(fed, "severance", "/Bundle/$convert", SEVERANCE_CLINIC, xml)
     assert same.status_code == 200
     assert await fed.patient_rows("severance", fed.desk.key(rrn)) == []
@@ -164,12 +168,16 @@ async def test_a_cda_clinic_refers_a_patient_to_a_fhir_hospital_across_hubs(
     )
     [doc_id], [task_id] = located(published, "DocumentReference"), located(published, "Task")
 
-    # Stored as the FHIR document, the original XML kept as the DocumentReference's second content.
+    # Stored as the FHIR document, the original XML kept as the DocumentReference's second content,
+    # its RRN replaced by the patient key as everywhere the hub stores (design.md §5).
     own = await fed.call("GET", "severance", f"/DocumentReference/{doc_id}", as_=SEVERANCE_CLINIC)
     contents = own.json()["content"]
     assert [c["attachment"]["contentType"] for c in contents] == ["application/fhir+json", CDA_MEDIA_TYPE]
-    assert base64.b64decode(contents[1]["attachment"]["data"]) == xml
-    assert (await get_cda(fed, "severance", doc_id, SEVERANCE_CLINIC)).content == xml
+    kept, [sent_rrn] = pseudonymise_xml(xml, lambda _: key)
+    assert sent_rrn == rrn
+    assert base64.b64decode(contents[1]["attachment"]["data"]) == kept
+    assert (await get_cda(fed, "severance", doc_id, SEVERANCE_CLINIC)).content == kept
+    assert rrn.encode() not in kept
 
     # SNUBH (FHIR-speaking) receives the task at its own hub and reads the referral as FHIR.
     await fed.task_arrives("snubh", SNUBH, task_id, "received")
@@ -238,6 +246,23 @@ async def test_a_fhir_hospital_sends_a_patient_to_a_cda_clinic_across_hubs(
     denied = await get_cda(fed, "severance", note_id, SEVERANCE_CLINIC)
     assert denied.status_code == 403, denied.text
     assert denied.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_an_rrn_outside_the_patient_id_is_refused_and_nothing_stored(
+    federation: Federation, rrn: str
+) -> None:
+    fed = federation
+    fed.desk.grant(rrn)
+    # setId is not mapped to FHIR: only the check of the XML the hub would keep can find it there.
+    xml = clinic_referral(rrn).replace(
+        b"<title>", f'<setId root="1.2.3" extension="{rrn}" /><title>'.encode(), 1
+    )
+    answer = await fed.publish(
+        "severance", SEVERANCE_CLINIC, cda_submission(xml, SEVERANCE_CLINIC, rrn, [SNUBH])
+    )
+    assert "resident registration number" in refused(answer, 400)
+    assert rrn not in answer.text
+    assert await fed.patient_rows("severance", fed.desk.key(rrn)) == []
 
 
 async def test_without_consent_a_cda_referral_is_not_stored(federation: Federation, rrn: str) -> None:

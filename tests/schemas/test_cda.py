@@ -19,12 +19,14 @@ from hypothesis import strategies as st
 
 from hie_schemas.cda import CdaError, cda_to_fhir, fhir_to_cda, parse_xml
 from hie_schemas.cda.examples import example_xml
+from hie_schemas.cda.pseudonym import pseudonymise_xml
 from hie_schemas.cda.vocabulary import institution_code
 from hie_schemas.codes import DOCUMENT_KINDS, DocumentType
 from hie_schemas.documents import profiles
 from hie_schemas.documents.builders import KST, build_document
 from hie_schemas.documents.bundle import BundleIndex, codings, dicts, obj
 from hie_schemas.events import StudyRef
+from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 V3 = "{urn:hl7-org:v3}"
 Json = dict[str, Any]
@@ -353,3 +355,14 @@ def test_the_documented_examples_are_what_the_code_writes_and_reads() -> None:
     assert found == {kind.value: example_xml(kind) for kind in DocumentType}
     for xml in found.values():
         assert profiles.composition_of(cda_to_fhir(xml.encode())) is not None
+
+
+def test_the_kept_xml_names_the_patient_by_key_only() -> None:
+    xml = _referral_xml()
+    kept, found = pseudonymise_xml(xml, lambda raw: "k" * 64)
+    assert found == ["600315-1520418"]
+    assert b"600315-1520418" not in kept
+    assert b"1520418" not in kept
+    back = cda_to_fhir(kept)
+    [patient] = [e["resource"] for e in back["entry"] if e["resource"]["resourceType"] == "Patient"]
+    assert patient["identifier"] == [{"use": "official", "system": PATIENT_KEY_SYSTEM, "value": "k" * 64}]

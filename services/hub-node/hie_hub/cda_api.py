@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import documents_api, exchange, fhir_api, repository
-from hie_hub.node import HubActor, NodeDep, ReaderActor
+from hie_hub.documents.pseudonym import pseudonymise, rrn_forms
+from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
 from hie_hub.params import json_body
 from hie_hub.rest import negotiate, size_and_hash
 from hie_platform.errors import (
@@ -38,11 +39,12 @@ from hie_platform.errors import (
 )
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.cda import CDA_MEDIA_TYPE, CdaError, cda_to_fhir, fhir_to_cda
+from hie_schemas.cda.pseudonym import pseudonymise_xml
 from hie_schemas.codes import DOCUMENT_KINDS, DocumentType
 from hie_schemas.documents import profiles
 from hie_schemas.documents.bundle import BundleIndex, Json, dicts, obj, text
 from hie_schemas.fhir import FHIR_JSON
-from hie_schemas.identifiers import KRNPI_SYSTEM
+from hie_schemas.identifiers import KRNPI_SYSTEM, patient_key_from_rrn
 
 router = APIRouter(prefix="/fhir", tags=["k-cda"])
 _XML_TYPES = (CDA_MEDIA_TYPE, "application/xml", "text/xml")
@@ -86,11 +88,29 @@ def _recipients(document: Json) -> list[str]:
 
 @router.post("/$convert", summary="K-CDA -> FHIR document (checked, nothing stored)")
 @router.post("/Bundle/$convert", include_in_schema=False)
-async def convert_document(request: Request, actor: ReaderActor) -> JSONResponse:
+async def convert_document(request: Request, node: NodeDep, actor: ReaderActor) -> JSONResponse:
+    """The document as the hub would store it: the RRN already replaced by the patient key."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in _XML_TYPES:
         raise UnsupportedMediaType(f"$convert takes {CDA_MEDIA_TYPE} (got {content_type[:80] or 'nothing'})")
-    return fhir_response(200, convert(await request.body()))
+    document = convert(await request.body())
+    pseudonymise(document, node.settings.patient_key_bytes)
+    return fhir_response(200, document)
+
+
+def kept_original(node: HubNode, xml: bytes) -> bytes:
+    """The XML the hub keeps: RRN ids rewritten to the patient key, and no RRN left anywhere else."""
+    secret = node.settings.patient_key_bytes
+    try:
+        kept, rrns = pseudonymise_xml(xml, lambda raw: patient_key_from_rrn(raw, secret))
+    except CdaError as exc:
+        raise problem(exc) from None
+    if any(form.encode() in kept for form in rrn_forms(rrns)):
+        message = (
+            "a resident registration number appears in the CDA outside the patient id (e.g. in narrative)"
+        )
+        raise BadRequest(message, expression=("/ClinicalDocument",))
+    return kept
 
 
 # --- ITI-65 with a CDA document --------------------------------------------------------------------
@@ -178,9 +198,10 @@ async def publish(
     """ITI-65: a transaction carrying CDA is converted first; any other goes to fhir_api.publish as is."""
     negotiate(request)
     body = await json_body(request)
-    converted, originals = unwrap(body)
-    if not originals:
+    converted, sent = unwrap(body)
+    if not sent:
         return await fhir_api.publish(request, node, actor, read, session)
+    originals = {index: kept_original(node, xml) for index, xml in sent.items()}
     result = await exchange.publish(node, read, session, actor, converted)
     if isinstance(result, FhirError):
         return fhir_response(result.status, result.operation_outcome(), result.headers())
