@@ -25,6 +25,8 @@ import pytest
 
 from hie_cli.federation import Federation
 from hie_cli.local_secrets import GENERATED, local_secrets
+from hie_platform import nats_accounts
+from hie_platform.natsd import NatsServer
 from hie_platform.settings import DEV_PATIENT_KEY_SECRET
 from hie_schemas.contract import Kind, subject
 
@@ -158,3 +160,19 @@ def _children_named(module: str) -> list[int]:
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+async def test_any_generated_password_is_taken_as_it_is(tmp_path: Path) -> None:
+    """nats-server parses a variable's value as configuration: a password that starts with a digit
+    or holds a '-' (token_urlsafe makes both) must still be one string, or the server does not start."""
+    users = nats_accounts.users(["snubh"])
+    tricky = {user: f"9{index}-e5_{user}" for index, user in enumerate(users)}
+    server = NatsServer(
+        tmp_path / "nats",
+        accounts=nats_accounts.render(["snubh"]),
+        passwords={nats_accounts.password_var(u): p for u, p in tricky.items()},
+    ).start()
+    try:
+        assert await server_answer(server.user_url("hub-snubh", tricky["hub-snubh"])) == "PONG"
+    finally:
+        server.stop()

@@ -122,7 +122,9 @@ class NatsServer:
             args,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self.passwords},
+            # nats-server parses a variable's value as configuration: quoted, a random password that
+            # starts with a digit or holds a '-' stays one string.
+            env={**os.environ, **{name: json.dumps(value) for name, value in self.passwords.items()}},
             umask=0o077,  # JetStream's files: the owner's only
         )
         if self.log_file:
