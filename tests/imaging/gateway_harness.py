@@ -74,9 +74,11 @@ class Federation:
     credentials: dict[str, str]
     dicom_ports: dict[str, int]
     _tokens: dict[str, str] = field(default_factory=dict)
+    _fetched: dict[str, float] = field(default_factory=dict)
 
     async def token(self, client_id: str = "agency") -> str:
-        if client_id not in self._tokens:
+        # Fetched again well before the registry's 300 s lifetime: the federation lives the session.
+        if client_id not in self._tokens or time.monotonic() - self._fetched[client_id] > 120:
             async with httpx.AsyncClient() as http:
                 response = await http.post(
                     f"{self.registry_url}/oauth2/token",
@@ -88,6 +90,7 @@ class Federation:
                 )
             response.raise_for_status()
             self._tokens[client_id] = response.json()["access_token"]
+            self._fetched[client_id] = time.monotonic()
         return self._tokens[client_id]
 
     async def set_dicom(self, code: str, endpoint: DicomEndpoint) -> None:

@@ -9,6 +9,7 @@ from typing import Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from hie_platform.consent_replica import ReplicaSettings
 from hie_platform.settings import ConfigError, Environment, ServiceSettings
 from hie_schemas import subjects
 
@@ -16,8 +17,13 @@ from hie_schemas import subjects
 _AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")
 
 
-class ImagingSettings(ServiceSettings):
-    """One hub's gateway: its DICOM listener, spool, database, and how hard it tries to relay."""
+class ImagingSettings(ServiceSettings, ReplicaSettings):
+    """One hub's gateway: its DICOM listener, spool, database, and how hard it tries to relay.
+
+    The consent replica's settings (``CONSENT_STALENESS_SECONDS``, ``CONSENT_SOURCE``,
+    ``CONSENT_CONFIRM_DENIALS``, ``CONSENT_REPLICA_BATCH``, ``CONSENT_REPLICA_ACK_WAIT_SECONDS``) are
+    the hubs' (hie_platform.consent_replica), read with this prefix.
+    """
 
     model_config = SettingsConfigDict(env_prefix="HIE_IMAGING_", extra="ignore")
 
@@ -31,8 +37,7 @@ class ImagingSettings(ServiceSettings):
     hold_seconds: float = 86400.0  # unmatched (held) studies are purged after this
     spool_min_free_bytes: int = 256 * 1024 * 1024
     relay_max_attempts: int = 20  # with the default backoff, about 15 minutes of trying
-    consent_cache_seconds: float = 5.0
-    consent_timeout_seconds: float = 2.0
+    consent_timeout_seconds: float = 2.0  # the central decision point, while starting or to confirm
     # Tuning; the defaults suit a hub. The backoff doubles per failed attempt up to its maximum.
     relay_batch: int = 64
     relay_linger_seconds: float = 0.05  # a pause this long in the jobs ends a batch
@@ -83,3 +88,8 @@ class ImagingSettings(ServiceSettings):
     @property
     def relay_consumer(self) -> str:
         return f"imaging-{self.hub}-relay"
+
+    @property
+    def consent_consumer(self) -> str:
+        """The durable consumer of the consent feed (HIE_CONSENT) this gateway's replica applies."""
+        return f"imaging-{self.hub}-consent"

@@ -50,3 +50,9 @@ class GatewayMetrics:
             "Instances the consent decision kept back",
             registry=registry,
         )
+        self.withheld = Counter(
+            "hie_imaging_instances_withheld_total",
+            "Instances held back in the middle of an association because the patient's consent "
+            "changed since the batch was decided (decided again before anything more is sent)",
+            registry=registry,
+        )

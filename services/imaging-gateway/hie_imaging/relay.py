@@ -3,6 +3,10 @@
 A fetch of jobs is grouped by (study, destination) and each group goes over one association, so a
 series travels as a series, not one association per instance. Every hop is idempotent by SOP
 Instance UID: a job whose instance is no longer queued is acknowledged without sending.
+
+Consent (의료법 §21-2) is decided per batch over the gateway's own consent replica (the hubs' code, in
+``hie_imaging.consent``), at both gateways; between two C-STOREs the replica's watch says whether
+the patient's consent changed since, and if so the rest is decided again before it goes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_imaging import repository
+from hie_imaging import consent, repository
 from hie_imaging.config import ImagingSettings
 from hie_imaging.dicom import (
     AssociationFailedError,
@@ -34,20 +38,21 @@ from hie_imaging.dicom.scu import SendResult
 from hie_imaging.events import ProgressReporter
 from hie_imaging.metrics import GatewayMetrics
 from hie_imaging.models import Instance, Role, State, StudyLink
-from hie_platform.bus import RpcError
+from hie_platform.consent_replica import ConsentWatch
 from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
 from hie_schemas import streams, subjects
-from hie_schemas.consent import Decision, FlowQuery, Purpose
+from hie_schemas.consent import Rule
 from hie_schemas.envelope import Envelope
-from hie_schemas.events import DecisionReply, DecisionRequest, RelayJob
+from hie_schemas.events import RelayJob
 
 log = get_logger(__name__)
 
 _MAX_LINGER_SECONDS = 1.0  # a steady stream of jobs still goes out at least this often
 _IN_FLIGHT_RETRY_SECONDS = 1.0
 _MIN_PER_ASSOCIATION = 16  # below this, another association costs more than it saves
+_CONSENT_ROUNDS = 3  # a batch whose consent changes mid-transfer is decided again at most this often
 
 Item = tuple[Instance, StudyLink]
 Route = tuple[str, DicomEndpoint, State]  # study, next hop, the state reached when it stores
@@ -91,13 +96,16 @@ class RelayWorker:
         self.spool = spool
         self.reporter = reporter
         self.metrics = metrics
-        self._decisions: dict[tuple[str, str], tuple[float, Decision]] = {}
+        self.replica = consent.consent_replica(settings, runtime)
+        self.gate = consent.consent_gate(settings, runtime, self.replica)
         self._slots = asyncio.Semaphore(settings.relay_concurrency)
         self._task: asyncio.Task[None] | None = None
+        self._replica_task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._in_flight: set[str] = set()
 
     def start(self) -> None:
+        self._replica_task = asyncio.create_task(consent.start_replica(self.replica))
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -105,6 +113,11 @@ class RelayWorker:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await self._task
+        if self._replica_task is not None:
+            self._replica_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replica_task
+        await self.replica.stop()
         if self._sub is not None:
             # The durable consumer stays on the server; only this connection's interest ends.
             with contextlib.suppress(Exception):
@@ -216,18 +229,35 @@ class RelayWorker:
         try:
             async with self.runtime.db.read_sessions() as session:
                 items = await repository.queued_with_links(session, list(batch.jobs))
-            groups = await self._route(items, batch)
-            await asyncio.gather(
-                *(
-                    self._send(endpoint, state, chunk, batch)
-                    for (_, endpoint, state), group in groups.items()
-                    for chunk in self._chunks(group)
+            for _ in range(_CONSENT_ROUNDS):
+                items = await self._relay(items, batch)
+                if not items:
+                    break
+            for row, link in items:  # consent kept changing under this batch: the jobs come back
+                batch.outcomes.append(
+                    Outcome(row, link, State.QUEUED, "consent changed during the transfer", attempted=False)
                 )
-            )
             await self._record(batch)
         finally:
             self._in_flight -= mine
         await self._settle(batch)
+
+    async def _relay(self, items: list[Item], batch: Batch) -> list[Item]:
+        """Decide, route and send; return the items held back because consent changed meanwhile."""
+        watch = self.replica.watch()  # before the decision reads the replica
+        decisions = await consent.decide_links(self.gate, [link for _, link in items])
+        unanswered = [d for d in (decisions or {}).values() if d.rule is Rule.DENY_CONSENT_FEED_STALE]
+        self.metrics.consent_unavailable.inc(1 if decisions is None else len(unanswered))
+        groups = await self._route(items, batch, decisions)
+        withheld: list[Item] = []
+        await asyncio.gather(
+            *(
+                self._send(endpoint, state, chunk, batch, watch, withheld)
+                for (_, endpoint, state), group in groups.items()
+                for chunk in self._chunks(group)
+            )
+        )
+        return withheld
 
     def _chunks(self, group: list[Item]) -> list[list[Item]]:
         """Split a large group over several associations to the same peer (at most relay_concurrency).
@@ -242,24 +272,28 @@ class RelayWorker:
         size = -(-len(rows) // parts)
         return [[item for same in rows[i : i + size] for item in same] for i in range(0, len(rows), size)]
 
-    async def _route(self, items: list[Item], batch: Batch) -> dict[Route, list[Item]]:
-        """Consent (origin role) and destination of each queued row, grouped by study and next hop."""
+    async def _route(
+        self, items: list[Item], batch: Batch, decisions: consent.Decisions | None
+    ) -> dict[Route, list[Item]]:
+        """Consent and destination of each queued row, grouped by study and next hop.
+
+        Both gateways decide: the destination's withdrawal check stops what already left the origin.
+        """
         groups: dict[Route, list[Item]] = {}
         for row, link in sorted(
             items, key=lambda item: (item[0].study_instance_uid, item[0].sop_instance_uid)
         ):
-            if row.role == Role.ORIGIN:
-                decision = await self._decide(link)
-                if decision is None:
-                    batch.outcomes.append(
-                        Outcome(row, link, State.QUEUED, "consent unavailable", attempted=False)
-                    )
-                    continue
-                if not decision.permit:
-                    blocked = Outcome(row, link, State.BLOCKED, f"consent: {decision.rule.value}")
-                    blocked.rule, blocked.consent_version = decision.rule.value, decision.consent_version
-                    batch.outcomes.append(blocked)
-                    continue
+            decision = None if decisions is None else decisions.get(consent.decision_key(link))
+            if decision is None or decision.rule is Rule.DENY_CONSENT_FEED_STALE:
+                # Not a refusal of this flow: no answer yet. The instance waits, no attempt used.
+                why = "consent unavailable" if decision is None else "consent: the replica is stale"
+                batch.outcomes.append(Outcome(row, link, State.QUEUED, why, attempted=False))
+                continue
+            if not decision.permit:
+                blocked = Outcome(row, link, State.BLOCKED, f"consent: {decision.rule.value}")
+                blocked.rule, blocked.consent_version = decision.rule.value, decision.consent_version
+                batch.outcomes.append(blocked)
+                continue
             try:
                 endpoint, final = await self._destination(row, link)
             except RouteError as exc:
@@ -285,38 +319,21 @@ class RelayWorker:
             raise RouteError(f"institution {link.to_institution} has no DICOM endpoint in the registry")
         return DicomEndpoint(inst.dicom.ae_title, inst.dicom.host, inst.dicom.port), State.DELIVERED
 
-    async def _decide(self, link: StudyLink) -> Decision | None:
-        """The consent decision for this exchange now (의료법 §21-2), cached briefly; None if unanswered."""
-        key = (link.exchange_id, link.study_instance_uid)
-        cached = self._decisions.get(key)
-        if cached is not None and time.monotonic() - cached[0] < self.settings.consent_cache_seconds:
-            return cached[1]
-        query = FlowQuery(
-            patient_key=link.patient_key,
-            holder=link.from_institution,
-            recipient=link.to_institution,
-            purpose=Purpose(link.purpose),
-            document_created_at=link.document_created_at,
-            at=datetime.now(UTC),
-        )
-        try:
-            reply = await self.runtime.bus.request(
-                subjects.CONSENT_DECIDE,
-                DecisionRequest(query=query),
-                DecisionReply,
-                timeout=self.settings.consent_timeout_seconds,
-            )
-        except (RpcError, ValidationError) as exc:
-            log.warning("consent decision unavailable; relay waits", error=str(exc))
-            self.metrics.consent_unavailable.inc()
-            return None
-        if len(self._decisions) > 10_000:
-            self._decisions.clear()
-        self._decisions[key] = (time.monotonic(), reply.decision)
-        return reply.decision
+    async def _send(
+        self,
+        endpoint: DicomEndpoint,
+        final: State,
+        group: list[Item],
+        batch: Batch,
+        watch: ConsentWatch,
+        withheld: list[Item],
+    ) -> None:
+        """Send one group's distinct instances over one association (several, past 128 contexts).
 
-    async def _send(self, endpoint: DicomEndpoint, final: State, group: list[Item], batch: Batch) -> None:
-        """Send one group's distinct instances over one association (several, past 128 contexts)."""
+        Before each C-STORE the watch is asked whether the consent of that instance's patient changed
+        since the batch was decided; from the first that did, the rest is held back (`withheld`) and
+        decided again. At most the C-STORE already on the wire completes after a withdrawal applies.
+        """
         files, missing = [], set()
         for sop_uid in dict.fromkeys(row.sop_instance_uid for row, _ in group):
             path = self.spool.path(sop_uid)
@@ -326,11 +343,19 @@ class RelayWorker:
                 missing.add(sop_uid)
         statuses = SendResult()
         error: str | None = None
+        started = time.perf_counter()
+        proceed = consent.unchanged(watch, ((row.sop_instance_uid, link.patient_key) for row, link in group))
         if files:
             async with self._slots:
                 started = time.perf_counter()
                 try:
-                    statuses = await asyncio.to_thread(send_files, endpoint, self.settings.ae_title, files)
+                    statuses = await asyncio.to_thread(
+                        send_files,
+                        endpoint,
+                        self.settings.ae_title,
+                        files,
+                        proceed=proceed,
+                    )
                     self.metrics.associations.labels("ok").inc()
                 except AssociationFailedError as exc:
                     statuses, error = exc.completed, exc.reason
@@ -338,38 +363,34 @@ class RelayWorker:
                 except UnreadableFileError as exc:
                     error = str(exc)
         for row, link in group:
-            sop_uid = row.sop_instance_uid
-            status = statuses.get(sop_uid)
-            if sop_uid in missing:
-                batch.outcomes.append(Outcome(row, link, State.FAILED, "the spooled file is missing"))
-            elif status is not None and is_stored(status):
-                batch.outcomes.append(Outcome(row, link, final))
-            elif sop_uid in statuses.untranscodable:
-                why = statuses.untranscodable[sop_uid]
-                reason = f"{endpoint} refused its transfer syntax and it cannot be decoded: {why}"
-                batch.outcomes.append(Outcome(row, link, State.QUEUED, reason[:300]))  # last_error's size
+            if row.sop_instance_uid in statuses.withheld:
+                withheld.append((row, link))
             else:
-                reason = (
-                    f"{endpoint} answered 0x{status:04X}" if status is not None else f"{endpoint}: {error}"
-                )
-                batch.outcomes.append(Outcome(row, link, State.QUEUED, reason))
+                batch.outcomes.append(_outcome(row, link, endpoint, final, statuses, missing, error))
+        self._count(endpoint, len(files), statuses, error, time.perf_counter() - started)
+
+    def _count(
+        self, endpoint: DicomEndpoint, files: int, statuses: SendResult, error: str | None, seconds: float
+    ) -> None:
         stored = sum(1 for sop_uid in statuses if is_stored(statuses[sop_uid]))
+        held_back = len(statuses.withheld)
         self.metrics.sent.labels("stored").inc(stored)
-        self.metrics.sent.labels("failed").inc(len(files) - stored)
+        self.metrics.sent.labels("failed").inc(files - stored - held_back)
+        self.metrics.withheld.inc(held_back)
         # Each association that transcoded has logged a line of its own (hie_imaging.dicom.scu).
         self.metrics.transcoded.labels("sent").inc(len(statuses.transcoded))
         self.metrics.transcoded.labels("failed").inc(len(statuses.untranscodable))
         if error:
-            log.warning("relay failed", endpoint=str(endpoint), error=error, instances=len(files))
+            log.warning("relay failed", endpoint=str(endpoint), error=error, instances=files)
         elif files:
-            ms = round((time.perf_counter() - started) * 1000, 1)
             log.info(
                 "sent",
                 endpoint=str(endpoint),
-                instances=len(files),
+                instances=files,
                 stored=stored,
                 transcoded=len(statuses.transcoded),
-                ms=ms,
+                withheld=held_back,
+                ms=round(seconds * 1000, 1),
             )
 
     async def _record(self, batch: Batch) -> None:
@@ -433,6 +454,30 @@ class RelayWorker:
             first, *duplicates = msgs
             await _finish(duplicates, nak_delay=None)
             await _finish([first], nak_delay=retry.get(sop_uid))
+
+
+def _outcome(
+    row: Instance,
+    link: StudyLink,
+    endpoint: DicomEndpoint,
+    final: State,
+    statuses: SendResult,
+    missing: set[str],
+    error: str | None,
+) -> Outcome:
+    """What one row's send came to: stored, missing, or to be tried again with the reason."""
+    sop_uid = row.sop_instance_uid
+    status = statuses.get(sop_uid)
+    if sop_uid in missing:
+        return Outcome(row, link, State.FAILED, "the spooled file is missing")
+    if status is not None and is_stored(status):
+        return Outcome(row, link, final)
+    if sop_uid in statuses.untranscodable:
+        why = statuses.untranscodable[sop_uid]
+        reason = f"{endpoint} refused its transfer syntax and it cannot be decoded: {why}"
+        return Outcome(row, link, State.QUEUED, reason[:300])  # last_error's size
+    reason = f"{endpoint} answered 0x{status:04X}" if status is not None else f"{endpoint}: {error}"
+    return Outcome(row, link, State.QUEUED, reason)
 
 
 def _deliveries(batch: Batch, outcome: Outcome) -> int:

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -92,16 +92,19 @@ class SendResult(dict[str, int]):
 
     `transcoded`: instances sent (and answered) in an uncompressed syntax because the peer refused
     their own, as (original syntax, syntax sent). `untranscodable`: instances whose own syntax was
-    refused and that could not be decoded (their status is 0x0122), with the reason.
+    refused and that could not be decoded (their status is 0x0122), with the reason. `withheld`:
+    instances not sent because the caller's `proceed` said stop (they have no status).
     """
 
     def __init__(self, statuses: Mapping[str, int] | None = None) -> None:
         super().__init__(statuses or {})
         self.transcoded: dict[str, tuple[UID, UID]] = {}
         self.untranscodable: dict[str, str] = {}
+        self.withheld: list[str] = []
         if isinstance(statuses, SendResult):
             self.transcoded.update(statuses.transcoded)
             self.untranscodable.update(statuses.untranscodable)
+            self.withheld.extend(statuses.withheld)
 
 
 class AssociationFailedError(Exception):
@@ -212,6 +215,7 @@ def send_files(
     calling_ae: str,
     files: Sequence[Path],
     timeout: float = 30,
+    proceed: Callable[[str], bool] | None = None,
 ) -> SendResult:
     """C-STORE each Part 10 file; return SOP Instance UID -> DIMSE status (a `SendResult`).
 
@@ -225,7 +229,10 @@ def send_files(
     Use `sop.is_stored(status)` to judge the result. Raises UnreadableFileError before connecting if
     any file lacks file meta, and AssociationFailedError if an association is refused, rejected or
     aborted (its `completed` says which instances were already answered; resending is safe because
-    stores are idempotent by SOP Instance UID).
+    stores are idempotent by SOP Instance UID). `proceed(sop_instance_uid)`, when given, is asked
+    before each C-STORE (in this thread: it must be quick and thread-safe); once it says no, that
+    instance and every later one are left unsent (`SendResult.withheld`) and the association is
+    released, so that a consent withdrawal stops a transfer between two instances.
     """
     outgoing = [_read_meta(path) for path in files]
     # Only with this switch does pynetdicom's send_c_store(path) stream the file's dataset bytes as
@@ -234,7 +241,11 @@ def send_files(
     _config.STORE_SEND_CHUNKED_DATASET = True
 
     statuses = SendResult()
-    for batch in _batches(outgoing):
+    batches = list(_batches(outgoing))
+    for index, batch in enumerate(batches):
+        if proceed is not None and not proceed(batch[0].sop_instance_uid):
+            statuses.withheld.extend(item.sop_instance_uid for rest in batches[index:] for item in rest)
+            break
         # The files' own contexts first, then the fallbacks; pynetdicom numbers them in this order.
         keys = dict.fromkeys(item.context_key for item in batch)
         keys.update(dict.fromkeys(key for item in batch for key in item.fallback_keys))
@@ -244,19 +255,29 @@ def send_files(
         except AssociationFailedError as exc:
             raise AssociationFailedError(endpoint, exc.reason, statuses) from None
         try:
-            _send_batch(assoc, endpoint, batch, statuses)
+            _send_batch(assoc, endpoint, batch, statuses, proceed)
         finally:
             _close(assoc)
+        if statuses.withheld:
+            statuses.withheld.extend(item.sop_instance_uid for rest in batches[index + 1 :] for item in rest)
+            break
     return statuses
 
 
 def _send_batch(
-    assoc: Association, endpoint: DicomEndpoint, batch: list[_Outgoing], statuses: SendResult
+    assoc: Association,
+    endpoint: DicomEndpoint,
+    batch: list[_Outgoing],
+    statuses: SendResult,
+    proceed: Callable[[str], bool] | None = None,
 ) -> None:
     accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
     transcoded: Counter[tuple[UID, UID]] = Counter()
     try:
-        for item in batch:
+        for position, item in enumerate(batch):
+            if proceed is not None and not proceed(item.sop_instance_uid):
+                statuses.withheld.extend(rest.sop_instance_uid for rest in batch[position:])
+                return
             if item.context_key in accepted:
                 _store(assoc, endpoint, item, item.path, statuses)
                 continue
