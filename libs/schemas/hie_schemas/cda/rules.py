@@ -10,6 +10,7 @@ or ATC coded, as in the FHIR profile (hie_schemas.documents.profiles.SECTION_RUL
 from __future__ import annotations
 
 from collections.abc import Iterator
+from xml.etree.ElementTree import Element
 
 from hie_schemas import codes
 from hie_schemas.cda.vocabulary import (
@@ -35,12 +36,11 @@ _CODED = {
 _CODED[Section.DISCHARGE_MEDICATIONS] = _CODED[Section.MEDICATIONS]
 
 
-def document_node(root_element: object) -> Node:
-    from xml.etree.ElementTree import Element
-
-    if not isinstance(root_element, Element) or root_element.tag != tag("ClinicalDocument"):
-        name = getattr(root_element, "tag", "?")
-        message = f"the root element must be ClinicalDocument in namespace urn:hl7-org:v3 (got {name})"
+def document_node(root_element: Element) -> Node:
+    """The document's root as a Node; 400 when it is not a CDA ClinicalDocument."""
+    if root_element.tag != tag("ClinicalDocument"):
+        found = root_element.tag[:80]
+        message = f"the root element must be ClinicalDocument in namespace urn:hl7-org:v3 (got {found})"
         raise CdaError(message, "/", code="structure", status=400)
     return Node(root_element, ROOT)
 
