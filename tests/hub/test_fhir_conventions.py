@@ -463,3 +463,20 @@ async def test_a_walk_in_result_read_through_the_hub_has_the_size_and_hash_of_wh
         len(served.content),
         base64.b64encode(hashlib.sha1(served.content).digest()).decode(),
     )
+
+
+async def test_a_kcda_publish_is_version_one_as_its_response_says(federation: Federation, rrn: str) -> None:
+    """Point 1: what the hub adds to a document it has just stored (the K-CDA original as a second
+    content) is not a new version: the read answers the version the transaction-response named."""
+    from test_cda import cda_submission, clinic_referral
+
+    fed = federation
+    fed.desk.grant(rrn)
+    body = cda_submission(clinic_referral(rrn), SEVERANCE_CLINIC, rrn, [SNUBH])
+    published = await fed.publish("severance", SEVERANCE_CLINIC, body)
+    [doc_id] = located(published, "DocumentReference")
+    [entry] = [e for e in published.json()["entry"] if e["response"]["location"].startswith("DocumentRef")]
+    assert entry["response"]["location"] == f"DocumentReference/{doc_id}/_history/1"
+    read = await fed.call("GET", "severance", f"/DocumentReference/{doc_id}", as_=SEVERANCE_CLINIC)
+    assert (read.headers["etag"], read.json()["meta"]["versionId"]) == ('W/"1"', "1")
+    assert len(read.json()["content"]) == 2  # the FHIR document and the K-CDA original

@@ -211,11 +211,12 @@ class ConsentReplicaVersion(Base):
 @event.listens_for(Document, "before_update")
 @event.listens_for(Task, "before_update")
 def bump_version(mapper: Any, connection: Any, target: Document | Task) -> None:
-    """Every change of a document's DocumentReference or a Task, whoever makes it (status change,
-    status notice, Task update), is a new FHIR version: meta.versionId and the ETag follow this
-    counter. (A document addressed anew changes only its recipients: not a new version.)"""
+    """Every change of a document's status or of a Task, whoever makes it (entered-in-error,
+    superseded, a status notice, a Task update), is a new FHIR version: meta.versionId and the ETag
+    follow this counter. What the hub adds to a document it has just stored in the same transaction
+    (its K-CDA original, its exchange, its recipients) is not a new version."""
     state: InstanceState[Any] = inspect(target)
-    watched = ("status", "docref") if isinstance(target, Document) else ("status", "task")
+    watched = ("status",) if isinstance(target, Document) else ("status", "task")
     if not any(state.attrs[name].history.has_changes() for name in watched):
         return
     target.version = (target.version or 1) + 1
