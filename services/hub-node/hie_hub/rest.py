@@ -1,7 +1,8 @@
 """FHIR REST conventions a generic FHIR client expects (HAPI, fhir.js, Medplum, Firely): versions
 (meta.versionId / meta.lastUpdated, ETag, Last-Modified, If-Match, If-None-Match), the one format the
 hub speaks (JSON; XML is answered 406), and a document's size and hash (attachment.size / hash).
-docs/fhir-profiles.md §4 "FHIR client conventions" says the same for clients."""
+docs/fhir-profiles.md (§1, §3 and §4 "Versions, conditional requests and searches") says the same
+for clients."""
 
 from __future__ import annotations
 
