@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hie_platform import json_limits
+from hie_platform.bus import bus_collector
 from hie_platform.errors import (
     FhirError,
     PayloadTooLarge,
@@ -234,6 +235,7 @@ def create_service_app(
     app = FastAPI(title=title, version=version, description=description, lifespan=lifespan)
     app.state.metrics = Metrics(service)
     app.state.metrics.registry.register(outbox_collector(service, app))
+    app.state.metrics.registry.register(bus_collector())  # hie_bus_refused_messages_total
     install_error_handlers(app)
     app.add_middleware(PlatformMiddleware, metrics=app.state.metrics, max_body_bytes=max_body_bytes)
     app.include_router(health_router())
