@@ -127,8 +127,13 @@ class AcrossHosts(Scenario):
     """The demo scenario (hie_cli.demo) from a clinic of hub 1 to a clinic of hub 2, with that
     clinic's PACS on hub 2's host (its loopback), not in the test process's network."""
 
-    def __init__(self, federation: Federation, api: Api, instances: int, pacs_netns: str) -> None:
+    def __init__(
+        self, federation: Federation, api: Api, instances: int, pacs_netns: str, sender_host: str
+    ) -> None:
         super().__init__(federation, api, instances)
+        # The sending clinic's PACS is this test process, whose connections reach hub 1's host from
+        # the bridge's address: the gateway serves a registered AE title only from its registered host.
+        self.sender_host = sender_host
         # The demo refers to hub 2's hospital; here the recipient is one of hub 2's clinics.
         self.hospital = next(
             i for i in federation.institutions if i.kind == "clinic" and i.hub == self.hub2.slug
@@ -137,6 +142,13 @@ class AcrossHosts(Scenario):
         self.pacs: Any = None
 
     async def run(self) -> DemoResult:
+        registered = await self.api.call(
+            "PUT",
+            f"{self.f.registry_url}/institutions/{self.clinic.code}/dicom",
+            self.agency,
+            json={"ae_title": self.clinic.dicom_ae, "host": self.sender_host, "port": 104},
+        )
+        assert registered.status_code == 200, registered.text
         self.pacs = await asyncio.to_thread(start_pacs_in, self.pacs_netns, "DEMO_PACS")
         try:
             await self._run(self.pacs)
@@ -157,7 +169,9 @@ async def test_referral_with_ct_from_hub1_reaches_the_pacs_behind_hub2(multihost
     seed = uuid.uuid4().int
     async with httpx.AsyncClient(timeout=60.0, trust_env=False) as http:
         api = Api(federation, http)
-        scenario = AcrossHosts(federation, api, 12, multihost.network.namespaces["hub2"])
+        scenario = AcrossHosts(
+            federation, api, 12, multihost.network.namespaces["hub2"], multihost.network.gateway_ip
+        )
         scenario.rng = random.Random(seed)  # its first draw is the patient's RRN
         try:
             result = await scenario.run()
