@@ -346,7 +346,7 @@ async def measure_scale(
 
 
 async def at_scale(fed: Federation, data: Path, report: Report, rng: random.Random) -> None:
-    nats_url, registry_url = fed.launched.nats_url, fed.launched.registry_url
+    nats_url, registry_url = fed.launched.nats_url_for("hub-knuh"), fed.launched.registry_url
     for total in SCALES:
         url = f"sqlite+aiosqlite:///{data / f'knuh-{total}.db'}"
         started = time.perf_counter()

@@ -138,7 +138,9 @@ class Launcher:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         host = self.options.host
         hubs = seed.HUBS[: self.options.hubs]
-        secrets = self._start_nats([h.hub for h in hubs if h.hub is not None])
+        # Users for every demo hub, running or not: a hub started beside the launcher (bench/hub_bench.py's
+        # knuh at scale) connects as its own hub, never as another's.
+        secrets = self._start_nats([h.hub for h in seed.HUBS if h.hub is not None])
         assert self.nats is not None
         common = {"HOST": host, "ENVIRONMENT": "development"}
 

@@ -43,7 +43,7 @@ COMPOSITION_PATH = "Bundle.entry[0].resource"
 FINAL_STATUSES = frozenset({"final", "amended"})
 CLOCK_SKEW = timedelta(minutes=5)  # how far in the future a Composition.date may be (clock drift)
 _DICOM_UID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))*$")
-_INSTITUTION_CODE = re.compile(r"^\d{8}$")
+_INSTITUTION_CODE = re.compile(r"^[0-9]{8}$")
 
 
 @dataclass(frozen=True)

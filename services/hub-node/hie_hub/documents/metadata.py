@@ -10,7 +10,7 @@ from hie_schemas.documents import profiles
 from hie_schemas.documents.profiles import Located, dicts, obj, text
 from hie_schemas.identifiers import KRNPI_SYSTEM
 
-_INSTITUTION_CODE = re.compile(r"^\d{8}$")
+_INSTITUTION_CODE = re.compile(r"^[0-9]{8}$")
 
 
 def _issue(message: str, expression: str, code: str = "invalid") -> Issue:

@@ -45,7 +45,7 @@ from hie_schemas.identifiers import (
 
 # Document ids derived from Bundle.identifier (system|value) so that a resubmission gets the same id.
 _DOCUMENT_ID_NAMESPACE = uuid.UUID("6f1c1f64-3b8e-5a4e-9c43-8f0d2a6c9e21")
-_INSTITUTION_CODE = re.compile(r"^\d{8}$")
+_INSTITUTION_CODE = re.compile(r"^[0-9]{8}$")
 
 
 @dataclass(frozen=True)
