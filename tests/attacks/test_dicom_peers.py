@@ -28,7 +28,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 OTHER_PACS = f"PACS{SEVERANCE_CLINIC_2}"  # the second severance clinic's PACS, moved to OTHER_HOST
 OTHER_HOST = "127.0.0.2"
 ANONYMOUS = [f"127.0.0.{n}" for n in range(3, 8)]  # registered for no one
-REJECTED_CALLING_AE = (0x01, 0x01, 0x03)  # PS3.8 §9.3.4: permanent, service user, calling AE unknown
+REJECTED_CALLING_AE = "rejected (1, 1, 3)"  # PS3.8 §9.3.4: permanent, service user, calling AE unknown
 LIMIT_EXCEEDED_RJ = b"\x03\x00\x00\x00\x00\x04\x00\x02\x03\x02"  # transient, provider, local limit
 
 
@@ -55,15 +55,18 @@ def associate(gateway: tuple[str, int], calling: str, source: str, called: str =
     return ae.associate(*gateway, ae_title=called, bind_address=(source, 0))
 
 
-def echo_from(gateway: tuple[str, int], calling: str, source: str) -> tuple[bool, tuple[int, ...]]:
-    """(C-ECHO answered with Success, the A-ASSOCIATE-RJ's (result, source, reason) if rejected)."""
+def echo_from(gateway: tuple[str, int], calling: str, source: str) -> str:
+    """ "served" (C-ECHO answered with Success), "rejected (result, source, reason)" with the
+    A-ASSOCIATE-RJ's fields, or what else happened ("aborted", "echo failed")."""
     assoc = associate(gateway, calling, source)
     try:
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
             assert rj is not None
-            return False, (int(rj.result), int(rj.result_source), int(rj.diagnostic))
-        return bool(assoc.is_established and assoc.send_c_echo().Status == 0x0000), ()
+            return f"rejected {(int(rj.result), int(rj.result_source), int(rj.diagnostic))}"
+        if not assoc.is_established:
+            return "aborted" if assoc.is_aborted else "not established"
+        return "served" if assoc.send_c_echo().Status == 0x0000 else "echo failed"
     finally:
         if assoc.is_established:
             assoc.release()
@@ -75,7 +78,7 @@ def other_pacs(attack_federation: AttackFederation, gateway: tuple[str, int]) ->
     registration (127.0.0.1, port 104) again afterwards."""
     _register(attack_federation, OTHER_HOST, 11112)
     deadline = time.monotonic() + 60
-    while not echo_from(gateway, OTHER_PACS, OTHER_HOST)[0]:
+    while echo_from(gateway, OTHER_PACS, OTHER_HOST) != "served":
         assert time.monotonic() < deadline, "the gateway never took OTHER_PACS's new host in"
         time.sleep(0.2)
     yield OTHER_PACS
@@ -111,7 +114,7 @@ def test_a_registered_ae_from_another_host_is_rejected(
     before = metric(attack_federation, "hie_imaging_dicom_refusals_total", reason="wrong-host")
 
     # The seeded clinic's PACS is registered at 127.0.0.1: its title from 127.0.0.2 is refused ...
-    assert echo_from(gateway, CLINIC_AE, OTHER_HOST) == (False, REJECTED_CALLING_AE)
+    assert echo_from(gateway, CLINIC_AE, OTHER_HOST) == REJECTED_CALLING_AE
     log_tap.wait_for(
         "the wrong-host refusal",
         lambda e: (
@@ -121,13 +124,13 @@ def test_a_registered_ae_from_another_host_is_rejected(
         ),
     )
     # ... and OTHER_PACS, now registered at 127.0.0.2, is refused from 127.0.0.1 and 127.0.0.3.
-    assert echo_from(gateway, other_pacs, "127.0.0.1") == (False, REJECTED_CALLING_AE)
-    assert echo_from(gateway, other_pacs, ANONYMOUS[0]) == (False, REJECTED_CALLING_AE)
+    assert echo_from(gateway, other_pacs, "127.0.0.1") == REJECTED_CALLING_AE
+    assert echo_from(gateway, other_pacs, ANONYMOUS[0]) == REJECTED_CALLING_AE
     assert metric(attack_federation, "hie_imaging_dicom_refusals_total", reason="wrong-host") >= before + 3
 
     # From their registered hosts both are served: OTHER_PACS with pynetdicom, the seeded one with
     # DCMTK's echoscu.
-    assert echo_from(gateway, other_pacs, OTHER_HOST) == (True, ())
+    assert echo_from(gateway, other_pacs, OTHER_HOST) == "served"
     result = dcmtk_echo(gateway, CLINIC_AE)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -148,6 +148,10 @@ class ConnectionGate:
 class GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, asking a ConnectionGate before it starts any thread."""
 
+    # socketserver listens with a backlog of 5: a burst of connections (a flood, or many senders at
+    # once) overflows it and the kernel drops SYNs, so a real peer's connect waits 1 s, 3 s... to retry.
+    request_queue_size = 128
+
     def __init__(self, *args: Any, gate: ConnectionGate, socket_timeout: float | None, **kwargs: Any) -> None:
         self.gate = gate
         self._socket_timeout = socket_timeout
@@ -170,6 +174,9 @@ class GatedAssociationServer(ThreadedAssociationServer):
         # hold pynetdicom's DUL thread in recv() for ever. With one, that recv fails and the DUL aborts.
         sock.settimeout(self._socket_timeout)
         with self._held_lock:
+            # Slots the gate took back itself (a dead association thread): forget their sockets.
+            for stale in [s for s, t in self._held.items() if t.released]:
+                del self._held[stale]
             self._held[sock] = ticket
         return True
 
