@@ -241,7 +241,16 @@ def capability_statement(settings: HubSettings, software_version: str) -> dict[s
                             "POST Parameters(patient, purpose, justification): a care record summary from "
                             "the documents this hub holds that consent lets flow to the caller"
                         ),
-                    }
+                    },
+                    {
+                        "name": "convert",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-convert",
+                        "documentation": (
+                            "POST a K-CDA document (application/hl7-cda+xml): the FHIR document it becomes, "
+                            "nothing stored. ITI-65 also takes a K-CDA Binary, and ITI-68 answers "
+                            "Accept: application/hl7-cda+xml (docs/kcda.md)"
+                        ),
+                    },
                 ],
             }
         ],
