@@ -125,19 +125,19 @@ class CallerDirectory:
             future.result(timeout=15)
             verdict = self._verdict(calling_ae, address)
         if verdict == "wrong-host":
-            entry = self._callers[calling_ae]
+            entry = self._callers.get(calling_ae)  # a refresh may have replaced the list since
             log.warning(
                 "association refused: calling AE not registered for this address",
                 calling_ae=calling_ae,
                 address=address,
-                registered_host=entry.host,
+                registered_host=entry.host if entry is not None else None,
             )
         if verdict and self._on_refused is not None:
             self._on_refused(verdict)
         return not verdict
 
     def _verdict(self, calling_ae: str, address: str) -> str:
-        """ "" if allowed, else why not: "unknown-caller" or "wrong-host"."""
+        """Empty if allowed, else why not: "unknown-caller" or "wrong-host"."""
         entry = self._callers.get(calling_ae)
         if entry is None:
             return "unknown-caller"
