@@ -1,5 +1,6 @@
 """Consent tables: append-only consent versions with their exclusions and signatures, one-time-code
-challenges, and the patient's history of exchanges and accesses (+ the platform tables)."""
+challenges, ended portal sessions, and the patient's history of exchanges and accesses (+ the
+platform tables)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,18 @@ class IdentityChallenge(Base):
     agent_institution: Mapped[str | None] = mapped_column(String(8), default=None)
     request: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     consent_version: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class EndedPortalSession(Base):
+    """A patient session ended (signed out) before its token expires: every replica refuses its ``jti``
+    until then. Rows are pruned once the token could no longer pass anyway."""
+
+    __tablename__ = "ended_portal_sessions"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The token's exp plus the verifier's leeway and a margin for replicas' clocks: kept until then.
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    ended_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ExchangeEntry(Base):

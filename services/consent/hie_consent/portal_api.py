@@ -1,8 +1,9 @@
 """The patient's HTTP API (portal) and the call centre's.
 
 Portal: prove identity with a one-time code, get a short-lived session, then read and change one's
-own consent and see one's own history. Nothing here takes a patient identifier once signed in: the
-session names the patient, so a patient can only ever see their own records.
+own consent and see one's own history, and sign out (``DELETE /portal/session``: the token is refused
+by every replica from then on). Nothing here takes a patient identifier once signed in: the session
+names the patient, so a patient can only ever see their own records.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from hie_consent import history, portal
+from hie_consent import history, portal, sessions
 from hie_consent.endpoints import RuntimeDep, SettingsDep
 from hie_consent.identity import IdentityProvider, SmsSender
 from hie_consent.schemas import (
@@ -87,6 +88,19 @@ async def verify_identity(
     result = await portal.sign_in(session, settings, challenge_id, body.code)
     # A wrong code is returned, not raised, so that the counted attempt commits.
     return _refusal(result) if isinstance(result, FhirError) else result
+
+
+@router.delete(
+    "/portal/session",
+    tags=["portal"],
+    status_code=204,
+    response_class=Response,
+    responses={401: {"description": "no session, or one already ended or expired; OperationOutcome"}},
+    summary="Sign out: the session's token (and the portal cookie holding it) opens nothing from now on",
+)
+async def sign_out(patient: CurrentPatient, runtime: RuntimeDep) -> Response:
+    await sessions.end(runtime.db, patient)
+    return Response(status_code=204)
 
 
 @router.get(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -15,6 +15,7 @@ from hie_consent.models import (
     ConsentSignature,
     ConsentVersion,
     DocumentIndex,
+    EndedPortalSession,
     ExchangeEntry,
     IdentityChallenge,
 )
@@ -135,6 +136,31 @@ async def close_open_challenges(session: AsyncSession, patient_key: str, now: da
         # No in-Python evaluation: SQLite hands back naive datetimes that do not compare with ``now``.
         .execution_options(synchronize_session=False)
     )
+
+
+# --- ended portal sessions --------------------------------------------------------------------------
+
+
+async def session_ended(session: AsyncSession, jti: str) -> bool:
+    """Whether the patient session ``jti`` was signed out (by any replica: the row is in the database)."""
+    query = select(EndedPortalSession.jti).where(EndedPortalSession.jti == jti)
+    return await session.scalar(query) is not None
+
+
+async def end_session(session: AsyncSession, jti: str, keep_until: datetime, now: datetime) -> None:
+    """Record the session as ended (once) and prune the rows whose tokens can no longer pass anyway.
+
+    A concurrent sign-out of the same session raises IntegrityError on commit: it is ended either way.
+    """
+    await session.execute(
+        delete(EndedPortalSession)
+        .where(EndedPortalSession.expires_at < now)
+        .execution_options(synchronize_session=False)
+    )
+    if await session_ended(session, jti):
+        return
+    session.add(EndedPortalSession(jti=jti, expires_at=keep_until, ended_at=now))
+    await session.flush()
 
 
 # --- the patient's history --------------------------------------------------------------------------

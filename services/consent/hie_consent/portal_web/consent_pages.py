@@ -113,7 +113,7 @@ async def consent_page(
 
 @router.get("/consent", include_in_schema=False)
 async def show(request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
-    signed = web.signed(request)
+    signed = await web.signed(request)
     if signed.patient is None:
         return web.sign_in_page(request, error=signed.problem)
     try:
@@ -127,7 +127,7 @@ async def show(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respons
 
 @router.post("/consent", include_in_schema=False)
 async def change(request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
-    signed = web.signed(request)
+    signed = await web.signed(request)
     if signed.patient is None:
         return web.sign_in_page(request, error=signed.problem)
     key = signed.patient.patient_key

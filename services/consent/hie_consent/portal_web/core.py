@@ -3,7 +3,8 @@
 The session cookie holds the patient session token the portal API issues (HS256, audience
 ``hie-patient-portal``, 10 minutes, signed with a key derived from ``portal_session_secret``), so the
 pages and the API share one notion of a signed-in patient. It is HttpOnly, SameSite=Strict, Secure
-over HTTPS, limited to /portal and expires with the token.
+over HTTPS, limited to /portal and expires with the token. Signing out (the page or the API) ends the
+session server-side (``sessions.end``), so a copy of the cookie opens nothing afterwards.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ class Portal:
             derive_key(secret, "hie-portal-web-form"), BROWSER_COOKIE, PATH, consumer="portal-web-form"
         )
 
-    def signed(self, request: Request) -> Signed:
+    async def signed(self, request: Request) -> Signed:
+        """The cookie's session, if its token is valid and the session has not been ended (signed out
+        at any replica: the consent database says so)."""
         token = request.cookies.get(SESSION_COOKIE)
         if not token:
             return Signed(None, Unauthorized("please sign in with a one-time code first"))
         try:
-            return Signed(sessions.verify(self.settings, token))
+            return Signed(await sessions.open_session(request.app.state.runtime.db, self.settings, token))
         except Unauthorized as exc:
             return Signed(None, exc)
 

@@ -58,7 +58,7 @@ def _codes(found: PatientHistory) -> set[str]:
 
 @router.get("/history", include_in_schema=False)
 async def show(request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
-    signed = web.signed(request)
+    signed = await web.signed(request)
     if signed.patient is None:
         return web.sign_in_page(request, error=signed.problem)
     try:
@@ -74,7 +74,7 @@ async def show(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respons
 @router.get("/history/{exchange_id}", include_in_schema=False)
 async def exchange(exchange_id: str, request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
     """One exchange's lines; another patient's exchange id is simply not found in this patient's history."""
-    signed = web.signed(request)
+    signed = await web.signed(request)
     if signed.patient is None:
         return web.sign_in_page(request, error=signed.problem)
     try:
@@ -139,7 +139,7 @@ async def institutions(request: Request, web: PortalDep, runtime: RuntimeDep) ->
         "prev_url": None,
         "next_url": None,
     }
-    signed_in = web.signed(request).patient is not None
+    signed_in = (await web.signed(request)).patient is not None
     try:
         if not page_raw.isdigit() or int(page_raw) < 1:
             raise BadRequest("page must be a positive whole number", expression=["page"])

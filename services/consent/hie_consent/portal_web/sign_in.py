@@ -1,4 +1,5 @@
-"""Signing in with a one-time code (RRN + mobile → code → session), and signing out.
+"""Signing in with a one-time code (RRN + mobile → code → session), and signing out (which ends the
+session server-side, not only the cookie).
 
 The same functions as the portal API (``portal.start_sign_in``, ``portal.sign_in``), so the same
 rules hold: codes live five minutes, a new code replaces the old, wrong codes count towards a lockout,
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import SecretStr, ValidationError
 
-from hie_consent import portal
+from hie_consent import portal, sessions
 from hie_consent.identity import IdentityProvider
 from hie_consent.models import PLATFORM
 from hie_consent.portal_web.core import PATH, PortalDep, RuntimeDep, form_fields
@@ -24,13 +25,13 @@ router = APIRouter()
 
 @router.get("/", include_in_schema=False)
 async def home(request: Request, web: PortalDep) -> Response:
-    target = "consent" if web.signed(request).patient is not None else "sign-in"
+    target = "consent" if (await web.signed(request)).patient is not None else "sign-in"
     return RedirectResponse(f"{PATH}/{target}", status_code=303)
 
 
 @router.get("/sign-in", include_in_schema=False)
 async def sign_in_page(request: Request, web: PortalDep) -> Response:
-    if web.signed(request).patient is not None:
+    if (await web.signed(request)).patient is not None:
         return RedirectResponse(f"{PATH}/consent", status_code=303)
     return web.sign_in_page(request)
 
@@ -93,7 +94,7 @@ async def verify(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respo
             result = await portal.sign_in(session, web.settings, challenge_id, code)
             # A wrong code is returned, not raised: the counted attempt (and a lockout) commits.
     except FhirError as exc:
-        if isinstance(exc, FormAlreadyUsed) and web.signed(request).patient is not None:
+        if isinstance(exc, FormAlreadyUsed) and (await web.signed(request)).patient is not None:
             return RedirectResponse(f"{PATH}/consent", status_code=303)  # the first submission signed in
         if exc.status in (400, 403):
             return _code_page(request, web, challenge_id, shown_left, error=exc)
@@ -109,12 +110,17 @@ async def verify(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respo
 
 
 @router.post("/sign-out", include_in_schema=False)
-async def sign_out(request: Request, web: PortalDep) -> Response:
+async def sign_out(request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
+    """Ends the session server-side (as ``DELETE /portal/session``), then drops the cookie: a copy of
+    the cookie taken before opens nothing at any replica."""
     form = await form_fields(request)
     try:
         web.forms.check(request, form.get("form_token"), "sign-out")
     except FhirError as exc:
         return web.sign_in_page(request, error=exc)
+    signed = await web.signed(request)
+    if signed.patient is not None:
+        await sessions.end(runtime.db, signed.patient)
     response = RedirectResponse(f"{PATH}/sign-in", status_code=303)
     web.end_session(response, request)
     return response
