@@ -56,6 +56,7 @@ class DemoResult:
     refused_found_at_hub2: int = -1
     refused_instances_at_pacs: int = -1
     refused_study_relayed: int = -1
+    rrn: str = ""  # the demo patient's (made up), to sign in to the portal and see the history
 
     def print_timeline(self) -> None:
         total = sum(s.seconds for s in self.steps)
@@ -220,7 +221,7 @@ class Scenario:
 
     async def _run(self, pacs: DemoPacs) -> None:
         r = self.result
-        rrn = demo_rrn(self.rng)
+        rrn = r.rrn = demo_rrn(self.rng)
         series = make_ct_series(self.instances)
         sent_pixels = pixel_bytes(series)
         study_uid = str(series[0].StudyInstanceUID)

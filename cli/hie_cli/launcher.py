@@ -21,7 +21,16 @@ from types import FrameType
 import httpx
 
 from hie_cli.federation import Federation, Gateway, HubEntry, InstitutionEntry
-from hie_cli.local_secrets import UMASK, local_secrets, lock_down, open_log, write_private
+from hie_cli.local_secrets import (
+    UMASK,
+    DataDirBusy,
+    local_secrets,
+    lock_data_dir,
+    lock_down,
+    open_log,
+    unlock_data_dir,
+    write_private,
+)
 from hie_platform import nats_accounts
 from hie_platform.natsd import NatsServer, free_port
 from hie_registry import seed
@@ -61,6 +70,7 @@ class Launcher:
         self.logs = self.data / "logs"
         self.children: list[Child] = []
         self.nats: NatsServer | None = None
+        self._lock: int | None = None
 
     # --- databases ---------------------------------------------------------------------------
 
@@ -133,6 +143,10 @@ class Launcher:
         return self.nats.user_url(user, secrets[f"nats:{user}"])
 
     def start(self) -> Federation:
+        try:
+            self._lock = lock_data_dir(self.data)  # before anything in the directory is touched
+        except DataDirBusy as exc:
+            raise LaunchError(str(exc)) from None
         lock_down(self.data)
         for folder in (self.logs, self.data / "db", self.data / "spool"):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -236,6 +250,9 @@ class Launcher:
                         DICOM_PORT=str(gw_dicom),
                         AE_TITLE=seed.hub_gateway_ae(hub.hub),
                         SPOOL_DIR=str(self.data / "spool" / hub.hub),
+                        # A developer's own PACS (a container, another machine) may call from anywhere
+                        # in the local run; outside it a registered AE is bound to its registered host.
+                        BIND_CALLERS_TO_HOST="false",
                     ),
                     gw_url,
                 )
@@ -301,6 +318,12 @@ class Launcher:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        if self._lock is not None:
+            # A stopped federation leaves no address book behind: `hie demo` and `hie registry` then say
+            # that nothing runs instead of trying addresses nobody answers on.
+            (self.data / "federation.json").unlink(missing_ok=True)
+            unlock_data_dir(self.data, self._lock)
+            self._lock = None
 
 
 def _last_line(log: Path) -> str:
@@ -321,11 +344,16 @@ def print_summary(federation: Federation, started_in: float) -> None:
         print(f"  {'hub ' + hub.slug:<22} {hub.fhir_base:<38} {hub.name} ({hub.code})")
         gateway = f"dicom://{hub.gateway.host}:{hub.gateway.port}"
         print(f"  {'imaging ' + hub.slug:<22} {gateway:<38} AE {hub.gateway.ae_title}")
-    print(
-        f"  {len(federation.institutions)} demo institutions with credentials in "
-        f"{Path(federation.data_dir) / 'federation.json'}"
-    )
-    print("Ctrl-C stops everything; `hie demo` runs the referral scenario against it.")
+    for hub in federation.hubs:
+        print(f"  {'gateway status ' + hub.slug:<22} {hub.gateway.status_url + '/studies/<study uid>':<38}")
+    book = Path(federation.data_dir) / "federation.json"
+    print(f"  {len(federation.institutions)} demo institutions with credentials in {book}")
+    agency = federation.agency
+    print(f"Agency console:  {federation.registry_url}/console/ — sign in as client `{agency.client_id}`,")
+    print(f"                 its secret is `client_secret` of the agency entry in {book}")
+    print(f"Patient portal:  {federation.consent_url}/portal/ — `hie demo` prints its patient's RRN; sign in")
+    print("                 with it and any mobile number (the development code is shown on the page)")
+    print("Ctrl-C stops everything; `make demo` (hie demo) runs the referral scenario against it.")
 
 
 def run_until_interrupted(options: LaunchOptions) -> int:

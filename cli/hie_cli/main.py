@@ -63,12 +63,31 @@ def demo(
             file=sys.stderr,
         )
         raise typer.Exit(1)
+    import httpx
+
+    federation = Federation.read(path)
     try:
-        result = asyncio.run(run_demo(Federation.read(path), instances=instances))
+        result = asyncio.run(run_demo(federation, instances=instances))
     except DemoError as exc:
         print(f"hie demo: {exc}", file=sys.stderr)
         raise typer.Exit(1) from None
+    except httpx.TransportError as exc:
+        # A federation killed without a clean stop leaves its address book: say so in one line.
+        try:
+            where = str(exc.request.url.copy_with(path="/", query=None))
+        except RuntimeError:  # httpx raises when the error has no request
+            where = federation.registry_url
+        print(
+            f"hie demo: nothing answers at {where} ({type(exc).__name__}); "
+            f"is `hie up` running on {data_dir}?",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1) from None
     result.print_timeline()
+    print(
+        f"See it as the patient: {federation.consent_url}/portal/ — sign in with RRN {result.rrn} "
+        "and any mobile number (the development code is shown on the page)."
+    )
 
 
 @audit_app.command("verify")
