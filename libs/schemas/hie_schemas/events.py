@@ -139,6 +139,9 @@ class ExchangeSent(EventPayload):
     studies: list[StudyRef] = []
     document_created_at: datetime
     purpose: Purpose = Purpose.TREATMENT
+    # An emergency's justification (의료법 §21-2): the gateways decide its images with it. Optional, so
+    # events published before it travelled still parse.
+    justification: str | None = None
     consent_version: int | None = None
     sent_at: datetime
 
@@ -227,6 +230,8 @@ class AuditRecorded(EventPayload):
     event_type: ClassVar[str] = subjects.AUDIT_RECORDED
 
     node: str
+    # The hub (or central service) whose trail holds the record: its subject's sender token.
+    hub: str | None = None
     sequence: int
     hash: str
     action: str

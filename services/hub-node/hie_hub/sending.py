@@ -143,6 +143,7 @@ async def send(
         studies=studies,
         document_created_at=lead_document.created_at,
         purpose=submission.purpose,
+        justification=submission.justification,
         consent_version=consent_version,
         sent_at=now,
     )

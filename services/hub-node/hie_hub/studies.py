@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
-from hie_hub.disclosure import Access, decisions, newest_version, release
+from hie_hub.disclosure import Access, decisions, exchange_access, newest_version, release
 from hie_hub.models import DeliveredStudy, Document, Task, as_utc
 from hie_hub.node import HubNode
 from hie_hub.params import DEFAULT_COUNT, Cursor
@@ -31,7 +31,7 @@ from hie_platform.logging import get_logger
 from hie_schemas import contract, streams
 from hie_schemas.auth import TokenClaims
 from hie_schemas.codes import DICOM_UID
-from hie_schemas.consent import Purpose
+from hie_schemas.consent import Decision
 from hie_schemas.directory import InstitutionView
 from hie_schemas.documents import profiles
 from hie_schemas.envelope import Envelope
@@ -244,30 +244,83 @@ def _disclosed(rows: Sequence[DeliveredStudy]) -> dict[str, Any]:
 async def search(
     node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, query: StudyQuery
 ) -> FoundStudies:
-    """The patient's delivered studies the caller may see now; refused ones are left out silently."""
+    """The patient's delivered studies the caller may see now; refused ones are left out silently.
+    Each study is decided for the purpose of the exchange that delivered it (as its documents are)."""
     rows = [
         row
         for row in await repository.delivered_studies_of_patient(read, query.patient_key)
         if party(row, actor.inst) and identified(row, query.identifiers)
     ]
     documents = await repository.documents_by_id(read, {row.document_id for row in rows})
-    await release(read)
     rows = [row for row in rows if row.document_id in documents]
-    decided = await decisions(node, Access(actor.inst), [documents[row.document_id] for row in rows])
-    visible = [row for row, d in zip(rows, decided, strict=True) if d is None or d.permit]
+    accesses = [await _access(node, read, row, actor) for row in rows]
+    await release(read)
+    groups: dict[Access, list[int]] = {}
+    for i, access in enumerate(accesses):
+        groups.setdefault(access, []).append(i)
+    decided: list[Decision | None] = [None] * len(rows)
+    for access, indexes in groups.items():
+        answers = await decisions(node, access, [documents[rows[i].document_id] for i in indexes])
+        for i, answer in zip(indexes, answers, strict=True):
+            decided[i] = answer
+    shown = [i for i, d in enumerate(decided) if d is None or d.permit]
+    visible = [rows[i] for i in shown]
     returned, next_cursor = _page(visible, query)
-    await node.runtime.audit.record(
-        session,
-        action="imaging.search",
-        actor=actor,
-        outcome="success",
-        patient_key=query.patient_key,
-        purpose=Purpose.TREATMENT.value,
-        consent_version=newest_version(decided),
-        detail={"matched": len(visible), "withheld_by_consent": len(rows) - len(visible)}
-        | _disclosed(returned),
-    )
+    counts = {"matched": len(visible), "withheld_by_consent": len(rows) - len(visible)}
+    disclosed = Disclosed(returned, visible, [accesses[i] for i in shown], newest_version(decided))
+    await _audit_search(node, session, actor, query, disclosed, counts)
     return FoundStudies(returned, len(visible), next_cursor)
+
+
+@dataclass(frozen=True)
+class Disclosed:
+    """What a search returned, what it found visible and for which access each, the newest consent
+    version its decisions read."""
+
+    returned: list[DeliveredStudy]
+    visible: list[DeliveredStudy]
+    accesses: list[Access]
+    consent_version: int | None
+
+
+async def _audit_search(
+    node: HubNode,
+    session: AsyncSession,
+    actor: TokenClaims,
+    query: StudyQuery,
+    disclosed: Disclosed,
+    counts: dict[str, int],
+) -> None:
+    """One record per purpose the returned studies were disclosed for, the search's own first
+    (written even when it returned nothing)."""
+    shown = {row.id for row in disclosed.returned}
+    groups: dict[Access, list[DeliveredStudy]] = {Access(actor.inst): []}
+    for row, access in zip(disclosed.visible, disclosed.accesses, strict=True):
+        if row.id in shown:
+            groups.setdefault(access, []).append(row)
+    for n, (access, group) in enumerate(groups.items()):
+        await node.runtime.audit.record(
+            session,
+            action="imaging.search",
+            actor=actor,
+            outcome="success",
+            patient_key=query.patient_key,
+            purpose=access.purpose.value,
+            consent_version=disclosed.consent_version,
+            detail=(counts if n == 0 else {}) | access.audit_detail() | _disclosed(group),
+        )
+
+
+async def _access(node: HubNode, read: AsyncSession, row: DeliveredStudy, actor: TokenClaims) -> Access:
+    """The recipient reads a delivered study for the purpose of the exchange that delivered it
+    (its Task's purpose and justification); the sender, and a Task this hub does not hold, as
+    treatment."""
+    if actor.inst != row.to_institution:
+        return Access(actor.inst)
+    task = await repository.task_of_exchange(read, row.exchange_id, node.hub)
+    if task is None or task.owner != actor.inst:
+        return Access(actor.inst)
+    return exchange_access(task)
 
 
 async def read_study(
@@ -280,8 +333,9 @@ async def read_study(
         document = await repository.document(read, row.document_id)
     if row is None or document is None:
         raise NotFound(f"no ImagingStudy {study} visible to institution {actor.inst}")
+    access = await _access(node, read, row, actor)
     await release(read)
-    decision = (await decisions(node, Access(actor.inst), [document]))[0]
+    decision = (await decisions(node, access, [document]))[0]
     permitted = decision is None or decision.permit
     await node.runtime.audit.record(
         session,
@@ -289,10 +343,10 @@ async def read_study(
         actor=actor,
         outcome="success" if permitted else "denied",
         patient_key=row.patient_key,
-        purpose=Purpose.TREATMENT.value,
+        purpose=access.purpose.value,
         rule=decision.rule.value if decision else None,
         consent_version=decision.consent_version if decision else None,
-        detail=_disclosed([row]),
+        detail=access.audit_detail() | _disclosed([row]),
     )
     if decision is not None and not decision.permit:
         return Forbidden(f"consent refuses ImagingStudy {study} to {actor.inst}: rule {decision.rule.value}")
