@@ -45,7 +45,9 @@ async def start_replica(replica: ConsentReplica, retry_seconds: float = 1.0) -> 
 
 def consent_gate(settings: ImagingSettings, runtime: Runtime, replica: ConsentReplica) -> ConsentGate:
     # The hub announced an emergency exchange when it sent it; the relay decides again per batch.
-    return ConsentGate(runtime.bus, settings.consent_timeout_seconds, replica, announce_emergency=False)
+    return ConsentGate(
+        runtime.bus, settings.consent_timeout_seconds, replica, announce_emergency=False, hub=settings.hub
+    )
 
 
 def decision_key(link: StudyLink) -> tuple[str, str]:
@@ -67,6 +69,7 @@ async def decide_links(gate: ConsentGate, links: Sequence[StudyLink]) -> Decisio
             purpose=Purpose(link.purpose),
             document_created_at=link.document_created_at,
             at=now,
+            justification=link.justification,
         )
         for link in distinct.values()
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, String
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -100,6 +100,8 @@ class StudyLink(Base):
     patient_key: Mapped[str] = mapped_column(String(128))
     document_created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     purpose: Mapped[str] = mapped_column(String(20))
+    # An emergency's justification as the hub sent it (ExchangeSent): decided with it at each batch.
+    justification: Mapped[str | None] = mapped_column(Text, nullable=True)
     linked_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 

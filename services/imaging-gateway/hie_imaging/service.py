@@ -209,6 +209,7 @@ async def link_exchange(
                 patient_key=sent.patient_key,
                 document_created_at=sent.document_created_at,
                 purpose=sent.purpose.value,
+                justification=sent.justification,
                 linked_at=now,
             )
             session.add(link)
