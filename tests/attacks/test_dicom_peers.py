@@ -10,12 +10,15 @@ plays the registered peer on 127.0.0.1, where the seeded clinic's PACS is regist
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -94,9 +97,16 @@ def metric(fed: AttackFederation, name: str, **labels: str) -> float:
     return 0.0
 
 
+def dcmtk_tool(name: str) -> str | None:
+    """DCMTK's ``name``, never pynetdicom's same-named app in this virtualenv's bin (other options)."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != venv_bin]
+    return shutil.which(name, path=os.pathsep.join(dirs))
+
+
 def dcmtk_echo(gateway: tuple[str, int], calling: str) -> subprocess.CompletedProcess[str]:
     """DCMTK's echoscu as `calling`, from 127.0.0.1, with its own short timeouts and no retry."""
-    echoscu = shutil.which("echoscu")
+    echoscu = dcmtk_tool("echoscu")
     if echoscu is None:
         pytest.skip("DCMTK not installed (echoscu); apt-get install dcmtk")
     args = [echoscu, "-to", "10", "-ta", "10", "-td", "10", "-aet", calling, "-aec", GATEWAY_AE]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,7 +18,7 @@ import nats
 import pytest
 from gateway_harness import HUB_GATEWAY_AE, SEVERANCE, SNUBH, ConsentDesk, Federation, GatewayApp, topology
 from nats.aio.client import Client as NatsClient
-from peers import GatewayProcess, Orthanc, orthanc_binary
+from peers import GatewayProcess, Orthanc, dcmtk_tool, orthanc_binary
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -177,7 +176,7 @@ class Dcmtk:
 
 @pytest.fixture(scope="session")
 def dcmtk() -> Dcmtk:
-    tools = {name: shutil.which(name) for name in ("storescu", "echoscu", "storescp")}
+    tools = {name: dcmtk_tool(name) for name in ("storescu", "echoscu", "storescp")}
     missing = sorted(name for name, path in tools.items() if path is None)
     if missing:
         pytest.skip(f"DCMTK not installed (missing {', '.join(missing)}); apt-get install dcmtk")

@@ -289,3 +289,11 @@ class GatewayProcess:
         finally:
             await db.dispose()
         return {**counts, "links": int(links or 0)}
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """DCMTK's ``name`` on PATH, never the same-named pynetdicom app in this virtualenv's bin (pynetdicom
+    installs ``storescu``, ``storescp``, ``echoscu`` … scripts there, with other options)."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != venv_bin]
+    return shutil.which(name, path=os.pathsep.join(dirs))
