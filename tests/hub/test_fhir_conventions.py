@@ -468,7 +468,7 @@ async def test_a_walk_in_result_read_through_the_hub_has_the_size_and_hash_of_wh
 async def test_a_kcda_publish_is_version_one_as_its_response_says(federation: Federation, rrn: str) -> None:
     """Point 1: what the hub adds to a document it has just stored (the K-CDA original as a second
     content) is not a new version: the read answers the version the transaction-response named."""
-    from test_cda import cda_submission, clinic_referral
+    from test_hub_cda import cda_submission, clinic_referral
 
     fed = federation
     fed.desk.grant(rrn)
