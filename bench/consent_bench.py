@@ -140,7 +140,7 @@ async def hub_replicas(data: Path, nats_url: str, registry_url: str) -> AsyncIte
             replica = ConsentReplica(runtime, settings.hub, ReplicaSettings(consent_confirm_denials=False))
             await replica.start()
             stack.push_async_callback(replica.stop)
-            gates.append(ConsentGate(runtime.bus, 2.0, replica))
+            gates.append(ConsentGate(runtime.bus, 2.0, replica, hub=settings.hub))
         yield gates
 
 
@@ -182,7 +182,7 @@ async def measure(report: Report, desk: Desk, gates: list[ConsentGate]) -> None:
     created = datetime.now(UTC)
     await _until_all(gates, keys[-1], created, "permit-consent", 30.0)
 
-    local, central = gates[0], ConsentGate(gates[0].bus, 2.0)  # no replica: every question by RPC
+    local, central = gates[0], ConsentGate(gates[0].bus, 2.0, hub=gates[0].hub)  # no replica: by RPC
 
     async def ask_local(_: int) -> None:
         decision = await local.decide(_query(rng.choice(keys), created))

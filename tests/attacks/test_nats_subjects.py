@@ -19,7 +19,7 @@ import nats
 import pytest
 
 from hie_platform.natsd import find_nats_server, free_port, wait_for_port
-from hie_schemas.contract import RPCS, Kind, Operation, subject
+from hie_schemas.contract import RPCS, Kind, Operation, rpc_subject, subject
 
 ACCOUNTS = (
     Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "overlays" / "central" / "nats" / "accounts.conf"
@@ -85,9 +85,28 @@ ATTEMPTS: dict[str, tuple[Attempt, str, str]] = {
     "a document-published fact as the victim hub (the record locator)": _forge(Kind.DOCUMENT_PUBLISHED),
     "a study-progress report as the victim's gateway": _forge(Kind.STUDY_PROGRESS),
     "an audit checkpoint as the victim hub": _forge(Kind.AUDIT_CHECKPOINT),
+    # A false access in a patient's history (the consent service keeps what hubs audit).
+    "an audit record as the victim hub": _forge(Kind.AUDIT_RECORDED),
+    # ...and on the subject every service shared before it named its sender (a record any hub wrote).
+    "an audit record that names no hub": (
+        lambda nc: nc.publish("hie.audit.record.appended", b"{}"),
+        "hie.audit.record.appended",
+        "Publish",
+    ),
+    # An emergency decision the consent service would record as the victim hub's disclosure.
+    "a consent decision request as the victim hub": (
+        lambda nc: nc.publish(rpc_subject(Operation.CONSENT_DECIDE, sender=VICTIM), b"{}"),
+        rpc_subject(Operation.CONSENT_DECIDE, sender=VICTIM),
+        "Publish",
+    ),
     "a job on another hub's imaging relay queue": (
         lambda nc: nc.publish(subject(Kind.RELAY_JOB, to=VICTIM), b"{}"),
         subject(Kind.RELAY_JOB, to=VICTIM),
+        "Publish",
+    ),
+    "a consent decision request that names no hub": (
+        lambda nc: nc.publish("hie.rpc.consent.decide", b"{}"),
+        "hie.rpc.consent.decide",
         "Publish",
     ),
     "answering another hub's federated search": (

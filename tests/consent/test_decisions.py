@@ -44,11 +44,11 @@ async def test_consented_patient_is_permitted_over_nats_and_the_decision_is_audi
             key, SEVERANCE_HUB, SNUBH_HUB, holder_in_good_standing=False, recipient_in_good_standing=False
         )
         reply = await bus.request(
-            subjects.CONSENT_DECIDE, DecisionRequest(query=query), DecisionReply, timeout=5
+            subjects.consent_decide("severance"), DecisionRequest(query=query), DecisionReply, timeout=5
         )
         # ...and an institution the registry does not know is not a participant, whatever the caller says.
         stranger = await bus.request(
-            subjects.CONSENT_DECIDE,
+            subjects.consent_decide("severance"),
             DecisionRequest(query=flow(key, SEVERANCE_HUB, "12345678")),
             DecisionReply,
             timeout=5,

@@ -40,7 +40,6 @@ from hie_consent.config import ConsentSettings
 from hie_platform.bus import Bus
 from hie_platform.natsd import free_port
 from hie_platform.settings import Environment
-from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
 from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source
@@ -332,10 +331,11 @@ async def test_patient_sees_only_their_own_exchanges_and_accesses(consent_servic
                 ),
             )
             await bus.publish(
-                subjects.AUDIT_RECORDED,
+                subject(Kind.AUDIT_RECORDED, sender="snubh"),
                 Envelope.wrap(
                     AuditRecorded(
                         node="test-snubh",
+                        hub="snubh",
                         sequence=1,
                         hash="0" * 64,
                         action="document.retrieve",

@@ -235,7 +235,7 @@ async def _serve_rpcs(buses: dict[str, Bus]) -> None:
         if rpc.server in HUB_ROLES:  # hub A answers its own, asked by any hub
             await buses[f"hub-{HUB_A}"].serve(rpc.pattern(to=HUB_A), "hub", Ping, answer)
         else:
-            await buses[USERS[rpc.server]].serve(rpc.template, rpc.server.value, Ping, answer)
+            await buses[USERS[rpc.server]].serve(rpc.pattern(), rpc.server.value, Ping, answer)
     for bus in buses.values():
         await bus.nc.flush()  # the responders' interest has reached the server
 
@@ -247,8 +247,8 @@ async def test_services_do_their_work_under_their_permissions(buses: dict[str, B
     for rpc in RPCS.values():
         for role in rpc.callers:
             user, subject = (f"hub-{HUB_B}", rpc.subject(to=HUB_A, sender=HUB_B))
-            if rpc.server not in HUB_ROLES:
-                user, subject = USERS[role], rpc.template
+            if rpc.server not in HUB_ROLES:  # a central operation, asked as the hub itself
+                user, subject = USERS[role], rpc.subject(sender=HUB_A)
             assert (await buses[user].request(subject, Ping(n=1), Ping)).n == 2, (rpc.operation, role)
 
     heard: dict[str, asyncio.Queue[str]] = {}
@@ -330,12 +330,17 @@ def _consumer(stream: str, name: str, filter_subject: str) -> Attempt:
 
 
 SEARCH = RPCS[contract.Operation.HUB_SEARCH]
+DECIDE = RPCS[contract.Operation.CONSENT_DECIDE]
 DENIED: dict[str, Attempt] = {
     **forged(),
     "another hub's relay queue": _publish(MESSAGES[Kind.RELAY_JOB], f"hie.hub.{HUB_B}.imaging.relay"),
     "an undeclared inbox kind": _publish(MESSAGES[Kind.DELIVERY], f"hie.hub.{HUB_B}.inbox.other.{HUB_A}"),
     "another hub's other rpc": lambda nc: nc.request(f"hie.hub.{HUB_B}.rpc.purge.{HUB_A}", b"", timeout=1),
     "asking as another hub": lambda nc: nc.request(SEARCH.subject(to=HUB_B, sender=HUB_C), b"", timeout=1),
+    "asking the consent decision as another hub": lambda nc: nc.request(
+        DECIDE.subject(sender=HUB_B), b"", timeout=1
+    ),
+    "asking the consent decision as no hub": lambda nc: nc.request("hie.rpc.consent.decide", b"", timeout=1),
     "answering another hub's search": lambda nc: nc.subscribe(SEARCH.pattern(to=HUB_B)),
     "answering as another hub for itself": lambda nc: nc.subscribe(SEARCH.subject(to=HUB_B, sender=HUB_A)),
     "another hub's inbox consumer": lambda nc: nc.jetstream(timeout=1).consumer_info(

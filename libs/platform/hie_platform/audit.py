@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.audit_anchor import utc_text
 from hie_platform.outbox import Outbox
-from hie_schemas import subjects
+from hie_schemas import contract
 from hie_schemas.auth import TokenClaims
 from hie_schemas.events import AuditRecorded
 
@@ -89,10 +89,11 @@ class Anchor(Protocol):
 RowSeen = Callable[[int, str], None]
 
 
-def _recorded(record: dict[str, Any], digest: str, recorded_at: datetime) -> AuditRecorded:
+def _recorded(record: dict[str, Any], digest: str, recorded_at: datetime, hub: str) -> AuditRecorded:
     """The fact published for one appended record (no client id, no detail)."""
     return AuditRecorded(
         node=record["node"],
+        hub=hub,
         sequence=record["sequence"],
         hash=digest,
         action=record["action"],
@@ -108,13 +109,26 @@ def _recorded(record: dict[str, Any], digest: str, recorded_at: datetime) -> Aud
 
 
 class AuditTrail:
-    """Appends audit records in the caller's transaction and emits them through the outbox."""
+    """Appends audit records in the caller's transaction and emits them through the outbox.
 
-    def __init__(self, table: Table, outbox: Outbox, node: str, anchor: Anchor | None = None) -> None:
+    ``sender``: the hub (node and gateway) or central service whose NATS user publishes the records,
+    the last token of their subject (hie_schemas.contract): the consent service keeps a record in the
+    patient's history only from the hub it names. By default the node's name."""
+
+    def __init__(
+        self,
+        table: Table,
+        outbox: Outbox,
+        node: str,
+        anchor: Anchor | None = None,
+        *,
+        sender: str | None = None,
+    ) -> None:
         self.table = table
         self.outbox = outbox
         self.node = node
         self.anchor = anchor  # set by a service that checkpoints its chain (the hub)
+        self.sender = sender or node
 
     async def record(
         self,
@@ -161,7 +175,11 @@ class AuditTrail:
                 sequence=sequence, recorded_at=now, record=record, prev_hash=prev_hash, hash=digest
             )
         )
-        await self.outbox.add(session, subjects.AUDIT_RECORDED, _recorded(record, digest, now))
+        await self.outbox.add(
+            session,
+            contract.subject(contract.Kind.AUDIT_RECORDED, sender=self.sender),
+            _recorded(record, digest, now, self.sender),
+        )
         if self.anchor is not None and sequence % self.anchor.every == 0:
             # Under the same lock and in the same transaction: one signature and one outbox row.
             await self.anchor.checkpoint(session, sequence, digest)

@@ -82,7 +82,9 @@ class ConsentGate:
         self.timeout = timeout
         self.replica = replica
         self.announce_emergency = announce_emergency
-        self.hub = hub  # the announcing hub: the sender token of its emergency permits (contract)
+        # The hub it decides for: the sender token of its emergency permits and of its central
+        # decision requests (contract).
+        self.hub = hub
 
     async def decide(self, query: FlowQuery) -> Decision:
         return (await self.decide_all([query]))[0]
@@ -186,9 +188,15 @@ class ConsentGate:
             log.warning("emergency access notice not published", error=type(exc).__name__)
 
     async def _ask(self, query: FlowQuery) -> Decision:
+        if self.hub is None:
+            log.warning("consent decision not asked: this gate names no hub to ask as")
+            raise ConsentUnavailable
         try:
             reply = await self.bus.request(
-                subjects.CONSENT_DECIDE, DecisionRequest(query=query), DecisionReply, timeout=self.timeout
+                subjects.consent_decide(self.hub),
+                DecisionRequest(query=query),
+                DecisionReply,
+                timeout=self.timeout,
             )
         except (RpcError, ValidationError) as exc:
             log.warning("consent decision unavailable", error=type(exc).__name__)

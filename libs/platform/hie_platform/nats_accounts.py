@@ -75,6 +75,16 @@ def asked(roles: frozenset[Role]) -> list[contract.Rpc]:
     return [rpc for rpc in RPCS.values() if rpc.callers & roles]
 
 
+def hub_to_hub(rpc: contract.Rpc) -> bool:
+    return rpc.template.startswith("hie.hub.")
+
+
+def central_asked(slug: str) -> list[str]:
+    """The central operations a hub may ask, as it must ask them: with its own slug as the asker's
+    token where the operation has one (the consent decision), else the operation's one subject."""
+    return [rpc.subject(sender=slug) for rpc in asked(HUB_ROLES) if not hub_to_hub(rpc)]
+
+
 def served(roles: frozenset[Role]) -> list[contract.Rpc]:
     return [rpc for rpc in RPCS.values() if rpc.server in roles]
 
@@ -115,8 +125,8 @@ def local(subject: str) -> str:
 def hub_publish(slug: str) -> list[str]:
     """The hub user's publish allow-list (node and gateway); checked after the $JS.API mapping."""
     out = published(HUB_ROLES, slug)
-    for rpc in asked(HUB_ROLES):
-        out.append(rpc.pattern(to="*", sender=slug) if rpc.template.startswith("hie.hub.") else rpc.template)
+    out += [rpc.pattern(to="*", sender=slug) for rpc in asked(HUB_ROLES) if hub_to_hub(rpc)]
+    out += central_asked(slug)
     out += [f"$JS.API.STREAM.CREATE.{s}" for s in STREAMS]
     for d in durables(HUB_ROLES):
         out += [s for s, _ in consumer_api(d, slug)]
@@ -130,8 +140,7 @@ def hub_subscribe(slug: str) -> list[str]:
 
 def hub_imports(slug: str, slugs: list[str]) -> list[str]:
     """Everything a hub may do in HIE (where the streams live) and at the other hubs, as imports."""
-    central = [*published(HUB_ROLES, slug)]
-    central += [rpc.template for rpc in asked(HUB_ROLES) if not rpc.template.startswith("hie.hub.")]
+    central = [*published(HUB_ROLES, slug), *central_asked(slug)]
     lines = [f"      {{service: {{account: HIE, subject: {q(s)}}}}}" for s in central]
     api = [f"$JS.API.STREAM.CREATE.{s}" for s in STREAMS]
     for d in durables(HUB_ROLES):
@@ -205,29 +214,31 @@ def central_user(role: Role) -> list[str]:
     and UPDATE), its own durable consumers, and replies to the requests it serves."""
     roles = frozenset({role})
     allowed = [*published(roles, role.value), *CENTRAL_EXTRA[role]]
-    allowed += [rpc.template for rpc in asked(roles)]
+    allowed += [rpc.pattern() for rpc in asked(roles)]
     for stream in STREAMS:
         allowed += [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}"]
     for d in durables(roles):
         allowed += [s for s, _ in consumer_api(d, None)]
-    subscribe = ["_INBOX.>", *core_subscriptions(roles), *(r.template for r in served(roles))]
-    answers = ", ".join(r.template for r in served(roles))
+    subscribe = ["_INBOX.>", *core_subscriptions(roles), *(r.pattern() for r in served(roles))]
+    answers = ", ".join(r.pattern() for r in served(roles))
     return user_block(role.value, allowed, subscribe, f"answers {answers}")
 
 
 def central_exports(slugs: list[str]) -> list[str]:
-    out = ["      # Central request/reply, for every hub."]
+    out = ["      # Central request/reply, for every hub (one that names its asker: below, per hub)."]
     out += [
         f"      {{service: {q(rpc.template)}}}"
         for rpc in asked(HUB_ROLES)
-        if not rpc.template.startswith("hie.hub.")
+        if not hub_to_hub(rpc) and contract.SENDER not in rpc.template.split(".")
     ]
     out += [f'      {{service: "$JS.API.STREAM.CREATE.{s}"}}' for s in STREAMS]
     out += [f"      {{stream: {q(s)}}}" for s in core_subscriptions(HUB_ROLES)]
+    central_rpcs = {rpc.template for rpc in asked(HUB_ROLES) if not hub_to_hub(rpc)}
     for slug in slugs:
         account = account_name(slug)
         out.append(f"      # {slug}: the facts and inbox messages it sends, its durable consumers.")
-        out += [f"      {{service: {q(s)}, accounts: [{account}]}}" for s in published(HUB_ROLES, slug)]
+        own = [*published(HUB_ROLES, slug), *(s for s in central_asked(slug) if s not in central_rpcs)]
+        out += [f"      {{service: {q(s)}, accounts: [{account}]}}" for s in own]
         for d in durables(HUB_ROLES):
             for subject, response in consumer_api(d, slug):
                 out.append(f"      {{service: {q(subject)}, response: {response}, accounts: [{account}]}}")
@@ -246,15 +257,17 @@ HEADER = """\
 # streams live, is an explicit import below. The imports ARE the permissions; the user permissions
 # repeat them as a second lock.
 #
-# The sender is in the subject: a hub's facts end with its slug (hie.exchange.exchange.sent.<hub>),
-# what it addresses to another hub ends with its slug (hie.hub.<to>.inbox.delivery.<hub>), and so
-# do its federated requests (hie.hub.<to>.rpc.search.<hub>). A hub may publish only subjects that
-# end with its own slug, so consumers know who sent a message and check it against the institution
-# the message claims (hie_platform.bus.check_sender). A hub answers only its own rpc subjects; it
-# cannot publish hie.registry.> or hie.consent.> (central facts), another hub's relay queue, or any
-# inbox kind the contract does not declare. Streams: a hub may only CREATE them (an idempotent
-# create of the same config); UPDATE, DELETE, PURGE and message reads are the central services' and
-# the operators'. Durable consumers: only its own, CREATE pinned to its own filter subject.
+# The sender is in the subject: a hub's facts end with its slug (hie.exchange.exchange.sent.<hub>,
+# its audit records hie.audit.record.appended.<hub>), what it addresses to another hub ends with
+# its slug (hie.hub.<to>.inbox.delivery.<hub>), and so do its federated requests
+# (hie.hub.<to>.rpc.search.<hub>) and its consent decision requests (hie.rpc.consent.decide.<hub>).
+# A hub may publish only subjects that end with its own slug, so consumers know who sent a message
+# and check it against the institution the message claims (hie_platform.bus.check_sender). A hub
+# answers only its own rpc subjects; it cannot publish hie.registry.> or hie.consent.> (central
+# facts), another hub's relay queue, or any inbox kind the contract does not declare. Streams: a hub
+# may only CREATE them (an idempotent create of the same config); UPDATE, DELETE, PURGE and message
+# reads are the central services' and the operators'. Durable consumers: only its own, CREATE
+# pinned to its own filter subject.
 """
 
 

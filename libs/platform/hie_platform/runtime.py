@@ -140,7 +140,7 @@ async def start_runtime(
             tables=tables,
             outbox=outbox,
             relay=relay,
-            audit=AuditTrail(tables.audit, outbox, settings.node),
+            audit=AuditTrail(tables.audit, outbox, settings.node, sender=getattr(settings, "hub", service)),
             http=http,
             registry=registry,
             verifier=verifier,

@@ -268,8 +268,8 @@ MESSAGES: dict[Kind, Message] = {
         _m(
             Kind.AUDIT_RECORDED,
             events.AuditRecorded.event_type,
-            "hie.audit.record.appended",
-            {R, C, H, G},  # every service appends (hie_platform.audit); not bound to a sender yet
+            "hie.audit.record.appended.{sender}",
+            {R, C, H, G},  # every service appends (hie_platform.audit): a hub as itself, central by name
             {C},
             streams.AUDIT,
             events.AuditRecorded,
@@ -327,7 +327,8 @@ MESSAGES: dict[Kind, Message] = {
 RPCS: dict[Operation, Rpc] = {
     r.operation: r
     for r in (
-        Rpc(Operation.CONSENT_DECIDE, "hie.rpc.consent.decide", C, frozenset({H, G})),
+        # The asking hub is the last token: an emergency is recorded only for the holder's hub.
+        Rpc(Operation.CONSENT_DECIDE, "hie.rpc.consent.decide.{sender}", C, frozenset({H, G})),
         Rpc(Operation.REGISTRY_LOCATE, "hie.rpc.registry.locate", R, frozenset({H})),
         # Hub to hub: the asking hub is the last token, so the holder knows who asks.
         Rpc(Operation.HUB_SEARCH, "hie.hub.{to}.rpc.search.{sender}", H, frozenset({H})),
@@ -396,7 +397,11 @@ DURABLES: tuple[Durable, ...] = (
         frozenset({Kind.EXCHANGE_SENT, Kind.TASK_UPDATED, Kind.DOCUMENT_PUBLISHED, Kind.EMERGENCY_PERMITTED}),
     ),
     Durable(
-        C, streams.AUDIT, "consent-access", "hie.audit.record.appended", frozenset({Kind.AUDIT_RECORDED})
+        C,
+        streams.AUDIT,
+        "consent-access",
+        "hie.audit.record.appended.*",
+        frozenset({Kind.AUDIT_RECORDED}),
     ),
 )
 
@@ -474,6 +479,9 @@ def claim(payload: EventPayload) -> Claim:
             return Claim((payload.hub,), (payload.author_institution,))
         case events.StudyProgress() | events.AuditCheckpoint():
             return Claim((payload.hub,))
+        case events.AuditRecorded():
+            # The hub that wrote the record (its node's hub); None, from before it was stated: refused.
+            return Claim((str(payload.hub),))
         case events.EmergencyAccessPermitted():
             # Decided by the data holder's hub, or by the hub a delivered copy is read at.
             return Claim((), (payload.holder, payload.recipient), any_institution=True)

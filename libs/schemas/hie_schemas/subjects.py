@@ -3,7 +3,8 @@
 Facts are ``hie.<domain>.<entity>.<event>`` (past tense), followed by the publishing hub when a hub
 publishes them. What is addressed to one hub lives under ``hie.hub.<hub>.…``; request/reply operations
 under ``hie.hub.<hub>.rpc.<op>.<asking hub>`` for a hub and ``hie.rpc.<service>.<op>`` for a central
-service (outside every stream, so a request is never captured by JetStream). Which kind travels on
+service, followed by the asking hub where the answer depends on who asks (the consent decision),
+outside every stream, so a request is never captured by JetStream. Which kind travels on
 which subject, and who may publish it, is declared in ``hie_schemas.contract``.
 """
 
@@ -46,6 +47,11 @@ def central_rpc(service: str, operation: str) -> str:
     return f"hie.rpc.{_token(service, 'service')}.{_token(operation, 'operation')}"
 
 
+def consent_decide(hub: str) -> str:
+    """The consent decision asked by one hub (node or gateway): ``hie.rpc.consent.decide.<hub>``."""
+    return f"{CONSENT_DECIDE_BASE}.{_token(hub, 'hub')}"
+
+
 def audit_checkpoint(hub: str) -> str:
     """One hub's signed audit-chain checkpoints (stream HIE_AUDIT): ``hie.audit.checkpoint.<hub>``."""
     return f"hie.audit.checkpoint.{_token(hub, 'hub')}"
@@ -56,6 +62,10 @@ def audit_checkpoint(hub: str) -> str:
 REGISTRY_INSTITUTION_CHANGED = fact("registry", "institution", "changed")
 REGISTRY_KEY_RETIRED = fact("registry", "key", "retired")
 CONSENT_RECORDED = fact("consent", "consent", "recorded")
+# An appended audit record's envelope type; its subject ends with the publishing hub or service
+# (hie_schemas.contract.subject(Kind.AUDIT_RECORDED, sender=...)).
 AUDIT_RECORDED = fact("audit", "record", "appended")
-CONSENT_DECIDE = central_rpc("consent", "decide")
+CONSENT_DECIDE_BASE = central_rpc("consent", "decide")
+# What the consent service answers: every hub's decision subject (the last token is the asker).
+CONSENT_DECIDE = f"{CONSENT_DECIDE_BASE}.*"
 REGISTRY_LOCATE = central_rpc("registry", "locate")

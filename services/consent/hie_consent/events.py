@@ -41,11 +41,21 @@ async def start(runtime: Runtime, settings: ConsentSettings) -> None:
             )
 
     async def on_audit(incoming: Incoming) -> None:
+        sender = incoming.address.sender
         async with runtime.db.transaction() as session:
-            await history.record_audit_event(session, runtime, settings.access_consumer, incoming.envelope)
+            await history.record_audit_event(
+                session, runtime, settings.access_consumer, incoming.envelope, sender
+            )
+
+    async def verify_decide(asker: str | None, request: DecisionRequest) -> None:
+        await service.check_asker(runtime, asker, request.query)
 
     await runtime.bus.serve(
-        subjects.CONSENT_DECIDE, queue=QUEUE, request_type=DecisionRequest, handler=on_decide
+        subjects.CONSENT_DECIDE,
+        queue=QUEUE,
+        request_type=DecisionRequest,
+        handler=on_decide,
+        verify=verify_decide,
     )
     exchanges = contract.durable(contract.Role.CONSENT, streams.EXCHANGE)
     runtime.bus.consume_kinds(

@@ -12,10 +12,11 @@ from hie_consent import repository
 from hie_consent.models import AccessEntry, ExchangeEntry
 from hie_consent.repository import as_utc
 from hie_consent.schemas import AccessHistoryEntry, ExchangeHistoryEntry, PatientHistory
-from hie_platform.bus import PermanentEventError, first_time
+from hie_platform.bus import PermanentEventError, RefusedMessage, first_time
 from hie_platform.runtime import Runtime
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose, Rule
+from hie_schemas.contract import Role
 from hie_schemas.envelope import Envelope, EventPayload
 from hie_schemas.events import (
     EXCHANGE_EMERGENCY_PERMITTED,
@@ -30,6 +31,9 @@ P = TypeVar("P", bound=EventPayload)
 # Audit actions that are not accesses to the patient's records: a decision discloses nothing, and a
 # consent being recorded is already in the patient's consent history.
 NOT_ACCESSES = frozenset({"decide", "consent-record"})
+# What a holder's hub records for another hub's institution that asked it over the bus.
+ANSWERED_FOR_OTHER_HUBS = frozenset({"federated.search", "federated.retrieve"})
+CENTRAL_SENDERS = frozenset({Role.CONSENT.value, Role.REGISTRY.value})
 
 
 def _payload(envelope: Envelope, model: type[P]) -> P:
@@ -107,12 +111,14 @@ async def record_exchange_event(
 
 
 async def record_audit_event(
-    session: AsyncSession, runtime: Runtime, consumer: str, envelope: Envelope
+    session: AsyncSession, runtime: Runtime, consumer: str, envelope: Envelope, sender: str | None
 ) -> None:
-    """Keep one node's audit record as an access in the patient's history, when it is one."""
+    """Keep one node's audit record as an access in the patient's history, when it is one, and when
+    the hub that sent it (its subject's last token) may have recorded that access."""
     record = _payload(envelope, AuditRecorded)
     if record.patient_key is None or record.actor_institution is None or record.action in NOT_ACCESSES:
         return  # no patient, the patient's own action, or not an access
+    await _check_recorder(runtime, record, sender)
     if not await first_time(session, runtime.tables.processed, consumer, envelope.id):
         return
     emergency = record.purpose == Purpose.EMERGENCY.value or record.rule == Rule.PERMIT_EMERGENCY.value
@@ -133,6 +139,22 @@ async def record_audit_event(
             occurred_at=as_utc(record.recorded_at),
         ),
     )
+
+
+async def _check_recorder(runtime: Runtime, record: AuditRecorded, sender: str | None) -> None:
+    """A hub records what its own institutions did at it, and what it disclosed to another hub's
+    institution that asked it (federated search and retrieve): a record that names another hub as its
+    writer, or an access by another hub's institution outside those, is refused (the Bus counts and
+    logs it; it never reaches the history). The central services' records are theirs by name."""
+    if sender in CENTRAL_SENDERS:
+        return
+    if sender is None or record.hub != sender:
+        raise RefusedMessage("sender-mismatch", "the record names another hub as its writer")
+    if record.action in ANSWERED_FOR_OTHER_HUBS:
+        return
+    actor_hub = await runtime.registry.hub_of(str(record.actor_institution))
+    if actor_hub is not None and actor_hub != sender:
+        raise RefusedMessage("sender-mismatch", "an access by another hub's institution")
 
 
 def _exchange_lines(rows: list[ExchangeEntry]) -> list[ExchangeHistoryEntry]:

@@ -28,6 +28,7 @@ from hie_consent.schemas import (
     SignerRelationship,
 )
 from hie_consent.signature import SignatureImage
+from hie_platform.bus import RefusedMessage
 from hie_platform.errors import Conflict, Forbidden, Unprocessable
 from hie_platform.runtime import Runtime
 from hie_schemas import codes, contract, subjects
@@ -360,6 +361,22 @@ async def _in_good_standing(runtime: Runtime, code: str) -> bool:
 def _aware(value: datetime) -> datetime:
     # decide() compares with stored (aware) times; a caller's naive time is taken as UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+async def check_asker(runtime: Runtime, asker: str | None, query: FlowQuery) -> None:
+    """Who may ask for an emergency decision: only the data holder's hub (the request subject's last
+    token, which a hub's NATS user can only set to its own slug). An emergency permit is recorded in
+    the patient's history as the holder's disclosure; any other hub asking is refused, and nothing is
+    recorded. Other purposes record nothing and are answered to any hub (the receiving gateway and
+    hub ask about documents another hub holds)."""
+    if query.purpose is not Purpose.EMERGENCY:
+        return
+    try:
+        holder_hub = await runtime.registry.hub_of(validate_institution_code(query.holder))
+    except InvalidIdentifierError:
+        holder_hub = None
+    if asker is None or holder_hub != asker:
+        raise RefusedMessage("sender-mismatch", "an emergency decision asked by a hub not the holder's")
 
 
 async def decide_flow(
