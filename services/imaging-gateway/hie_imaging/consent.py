@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from hie_imaging.config import ImagingSettings
 from hie_imaging.models import Base, StudyLink
@@ -92,3 +93,10 @@ def unchanged(watch: ConsentWatch, instances: Iterable[tuple[str, str]]) -> Call
         return not any(watch.changed(key) for key in patients.get(sop_uid, ()))
 
     return proceed
+
+
+def emergency_detail(link: StudyLink) -> dict[str, Any]:
+    """An emergency's relay is audited flagged, with its justification, as the hubs audit its reads."""
+    if link.purpose != Purpose.EMERGENCY.value:
+        return {}
+    return {"flagged": True, "justification": link.justification}

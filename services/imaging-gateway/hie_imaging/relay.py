@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig
@@ -44,7 +43,7 @@ from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
 from hie_schemas import streams, subjects
-from hie_schemas.consent import Purpose, Rule
+from hie_schemas.consent import Rule
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import RelayJob
 
@@ -442,7 +441,7 @@ class RelayWorker:
                 "studies": sorted({o.row.study_instance_uid for o in outcomes}),
                 "instances": len(outcomes),
             }
-            | _emergency(link),
+            | consent.emergency_detail(link),
         )
 
     async def _settle(self, batch: Batch) -> None:
@@ -496,10 +495,3 @@ async def _finish(msgs: Sequence[Msg], nak_delay: float | None) -> None:
                 await msg.ack()
             else:
                 await msg.nak(delay=nak_delay if nak_delay > 0 else None)
-
-
-def _emergency(link: StudyLink) -> dict[str, Any]:
-    """An emergency's relay is flagged with its justification, as the hubs audit its reads."""
-    if link.purpose != Purpose.EMERGENCY.value:
-        return {}
-    return {"flagged": True, "justification": link.justification}
