@@ -7,6 +7,7 @@ test_gateway.py); the peers are DCMTK tools; the full disk is a real tmpfs that 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -54,6 +55,29 @@ OUT_OF_RESOURCES = 0xA700
 # --- the destination PACS is down for two minutes ------------------------------------------------------
 
 
+class _Kept(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record)
+
+
+@pytest.fixture
+def gateway_log() -> Iterator[list[logging.LogRecord]]:
+    """What the in-process gateways and pynetdicom log (a service's start replaces the root's handlers,
+    pytest's caplog among them, so the records are taken where they are made)."""
+    records: list[logging.LogRecord] = []
+    handler = _Kept(records)
+    loggers = [logging.getLogger(name) for name in ("hie_imaging", "pynetdicom")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield records
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
 async def test_destination_pacs_down_for_two_minutes_then_back_gets_everything_once(
     dcmtk: Dcmtk,
     imaging_federation: Federation,
@@ -62,11 +86,12 @@ async def test_destination_pacs_down_for_two_minutes_then_back_gets_everything_o
     consent_desk: ConsentDesk,
     nats_client: NatsClient,
     tmp_path: Path,
+    gateway_log: list[logging.LogRecord],
 ) -> None:
     pacs = start_storescp("+uf")
     await imaging_federation.set_dicom(HOSPITAL, pacs.endpoint)
     pacs.stop()
-    went_down = time.monotonic()
+    went_down, outage_began = time.monotonic(), time.time()
     # The retry settings a hub runs with, except that the backoff stops growing at 10 s instead of
     # 60 s, so that the test ends soon after the PACS is back. The dead-letter limit is the default:
     # two minutes of refusals must not use it up.
@@ -102,6 +127,27 @@ async def test_destination_pacs_down_for_two_minutes_then_back_gets_everything_o
     assert len(files) == len(by_uid) == 40, "every instance exactly once"
     for path in series:
         assert dataset_bytes(by_uid[sop_uid(path)]) == dataset_bytes(path.read_bytes())
+
+    # What an operator's log shows for the outage: one warning when the PACS stopped answering and one
+    # when it answered again, no error line per retry; the retries are counted.
+    destination = (
+        f"{pacs.endpoint.ae_title}@{pacs.endpoint.host}:{pacs.endpoint.port}"  # as the relay logs it
+    )
+    during = [r for r in gateway_log if r.created >= outage_began]
+    errors = [
+        r for r in during if r.levelno >= logging.ERROR and r.name.startswith(("pynetdicom", "hie_imaging"))
+    ]
+    assert errors == [], [r.getMessage()[:200] for r in errors]
+    warned = [
+        r.msg["event"]
+        for r in during
+        if r.levelno == logging.WARNING and isinstance(r.msg, dict) and r.msg.get("endpoint") == destination
+    ]
+    assert warned == ["destination unreachable; relaying again with backoff", "destination reachable again"]
+    assert (
+        await hub2.metric("hie_imaging_relay_retries_total", destination=destination) >= waiting["attempts"]
+    )
+    assert await hub2.metric("hie_imaging_destinations_unreachable") == 0
 
 
 # --- the spool disk is full --------------------------------------------------------------------------

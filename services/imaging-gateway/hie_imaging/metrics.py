@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class GatewayMetrics:
@@ -48,6 +48,17 @@ class GatewayMetrics:
         self.blocked = Counter(
             "hie_imaging_instances_blocked_total",
             "Instances the consent decision kept back",
+            registry=registry,
+        )
+        self.retries = Counter(
+            "hie_imaging_relay_retries_total",
+            "Relay attempts that could not reach their destination (retried with backoff), by destination",
+            ["destination"],
+            registry=registry,
+        )
+        self.unreachable = Gauge(
+            "hie_imaging_destinations_unreachable",
+            "Destinations (PACS or gateways) whose last relay attempt could not reach them",
             registry=registry,
         )
         self.withheld = Counter(

@@ -103,6 +103,7 @@ class RelayWorker:
         self._replica_task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._in_flight: set[str] = set()
+        self._unreachable: set[str] = set()  # destinations whose last attempt could not reach them
 
     def start(self) -> None:
         self._replica_task = asyncio.create_task(consent.start_replica(self.replica))
@@ -357,9 +358,11 @@ class RelayWorker:
                         proceed=proceed,
                     )
                     self.metrics.associations.labels("ok").inc()
+                    self._reached(endpoint, None)
                 except AssociationFailedError as exc:
                     statuses, error = exc.completed, exc.reason
                     self.metrics.associations.labels("failed").inc()
+                    self._reached(endpoint, exc.reason)
                 except UnreadableFileError as exc:
                     error = str(exc)
         for row, link in group:
@@ -381,7 +384,7 @@ class RelayWorker:
         self.metrics.transcoded.labels("sent").inc(len(statuses.transcoded))
         self.metrics.transcoded.labels("failed").inc(len(statuses.untranscodable))
         if error:
-            log.warning("relay failed", endpoint=str(endpoint), error=error, instances=files)
+            log.info("relay attempt failed", endpoint=str(endpoint), error=error, instances=files)
         elif files:
             log.info(
                 "sent",
@@ -392,6 +395,20 @@ class RelayWorker:
                 withheld=held_back,
                 ms=round(seconds * 1000, 1),
             )
+
+    def _reached(self, endpoint: DicomEndpoint, error: str | None) -> None:
+        """One WARNING when a destination stops answering and one when it answers again; the attempts
+        in between are counted (hie_imaging_relay_retries_total), not logged as errors each time."""
+        key = str(endpoint)
+        if error is not None:
+            self.metrics.retries.labels(key).inc()
+            if key not in self._unreachable:
+                self._unreachable.add(key)
+                log.warning("destination unreachable; relaying again with backoff", endpoint=key, error=error)
+        elif key in self._unreachable:
+            self._unreachable.discard(key)
+            log.warning("destination reachable again", endpoint=key)
+        self.metrics.unreachable.set(len(self._unreachable))
 
     async def _record(self, batch: Batch) -> None:
         """Write every outcome, and one audit record per exchange and result, in one transaction."""
