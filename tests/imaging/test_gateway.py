@@ -321,6 +321,8 @@ async def test_denied_consent_blocks_the_study_at_the_origin(
     # The clinic that sent the study may see where it stands; an unrelated clinic may not.
     assert await hub1.status(study, client_id="11301001") is not None
     assert await hub1.status(study, client_id="11301002") is None
+    # It was answered Success when it stored them; the operator sees, per sender, what it cannot.
+    assert await hub1.metric("hie_imaging_instances_blocked_by_sender_total", sender="11301001") == 3
 
 
 @sqlite_only

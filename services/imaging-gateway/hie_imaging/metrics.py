@@ -50,6 +50,13 @@ class GatewayMetrics:
             "Instances the consent decision kept back",
             registry=registry,
         )
+        self.blocked_by_sender = Counter(
+            "hie_imaging_instances_blocked_by_sender_total",
+            "Instances the consent decision kept back, by the institution (or calling AE) that sent them; "
+            "that sender was answered Success when it stored them",
+            ["sender"],
+            registry=registry,
+        )
         self.retries = Counter(
             "hie_imaging_relay_retries_total",
             "Relay attempts that could not reach their destination (retried with backoff), by destination",

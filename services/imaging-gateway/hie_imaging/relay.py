@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -438,7 +439,11 @@ class RelayWorker:
                 await self._audit(session, result, outcomes)
         self.runtime.relay.kick()
         self.reporter.touch(*{o.row.study_instance_uid for o in batch.outcomes})
-        self.metrics.blocked.inc(sum(1 for o in batch.outcomes if o.state is State.BLOCKED))
+        blocked = [o for o in batch.outcomes if o.state is State.BLOCKED]
+        self.metrics.blocked.inc(len(blocked))
+        # The sending PACS was answered Success (store-and-forward): per sender, what it cannot see.
+        for sender, count in Counter(o.row.sender_institution or o.row.calling_ae for o in blocked).items():
+            self.metrics.blocked_by_sender.labels(sender).inc(count)
 
     async def _audit(self, session: AsyncSession, state: str, outcomes: list[Outcome]) -> None:
         link = outcomes[0].link
