@@ -345,7 +345,8 @@ def print_summary(federation: Federation, started_in: float) -> None:
         gateway = f"dicom://{hub.gateway.host}:{hub.gateway.port}"
         print(f"  {'imaging ' + hub.slug:<22} {gateway:<38} AE {hub.gateway.ae_title}")
     for hub in federation.hubs:
-        print(f"  {'gateway status ' + hub.slug:<22} {hub.gateway.status_url + '/studies/<study uid>':<38}")
+        status = f"{hub.gateway.status_url}/studies/<study uid>"
+        print(f"  {'status ' + hub.slug:<22} {status:<38} imaging status")
     book = Path(federation.data_dir) / "federation.json"
     print(f"  {len(federation.institutions)} demo institutions with credentials in {book}")
     agency = federation.agency
