@@ -18,6 +18,7 @@ from hie_hub import (
     holder,
     imaging_api,
     list_api,
+    study_status,
     subscription_api,
     task_api,
 )
@@ -83,6 +84,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             fhir_api.router,
             documents_api.router,
             imaging_api.router,
+            study_status.router,
             list_api.router,
             task_api.router,
             subscription_api.router,

@@ -96,6 +96,26 @@ class Task(Base):
     version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # meta.versionId (ETag)
 
 
+class StudyStatus(Base):
+    """Where a study of an exchange stands at this hub's imaging gateway, as it last reported
+    (StudyProgress). The gateway answers the sending PACS Success once an instance is safe on disk
+    (store-and-forward), so this is where the sending institution sees whether its study went on,
+    waits, or was kept back by consent (GET {hub}/imaging/studies/{uid})."""
+
+    __tablename__ = "study_status"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    exchange_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requester: Mapped[str] = mapped_column(String(8))
+    owner: Mapped[str] = mapped_column(String(8))
+    received: Mapped[int] = mapped_column(Integer)
+    relayed: Mapped[int] = mapped_column(Integer)
+    delivered: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)  # the gateway's clock, of the newest report
+
+
 class DeliveredStudy(Base):
     """An imaging study delivered to the PACS of one of this hub's institutions in an exchange, as the
     hub's imaging gateway reported it (StudyProgress): what makes it findable here (IHE XDS-I.b)."""

@@ -20,7 +20,7 @@ from urllib.parse import quote
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
+from hie_hub import repository, study_status
 from hie_hub.disclosure import Access, decisions, exchange_access, newest_version, release
 from hie_hub.models import DeliveredStudy, Document, Task, as_utc
 from hie_hub.node import HubNode
@@ -93,8 +93,8 @@ class StudyFeed:
 
     async def handle(self, envelope: Envelope) -> None:
         progress = _payload(envelope)
-        # Every gateway reports on the one subject; most events are other hubs' or not yet deliveries.
-        if progress.hub != self.node.hub or progress.delivered <= 0 or progress.exchange_id is None:
+        # Reports of studies no exchange has claimed yet (held) name no exchange: nothing to keep.
+        if progress.hub != self.node.hub or progress.exchange_id is None:
             return
         if not _storable(progress.study_instance_uid, progress.exchange_id):
             raise PermanentEventError("study progress with an invalid study or exchange id")
@@ -103,6 +103,10 @@ class StudyFeed:
             if not await first_time(session, runtime.tables.processed, self.durable, envelope.id):
                 return
             task = await repository.task_of_exchange(session, progress.exchange_id, self.node.hub)
+            if task is not None:
+                await study_status.record(session, task, progress)  # what its parties read
+            if progress.delivered <= 0:
+                return
             if task is None and self._waiting(envelope):
                 raise ExchangeNotReceivedYet(f"exchange {progress.exchange_id} is not at this hub yet")
             if task is None or task.owner_hub != self.node.hub:
