@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 from typing import Any
 
 import pytest
-from hub_support import SEVERANCE_CLINIC, SNUBH, Federation, located, refused
+from hub_support import SEVERANCE_CLINIC, SNUBH, Federation, located, matches, refused
 
 from hie_schemas.cda import CDA_MEDIA_TYPE, cda_to_fhir, fhir_to_cda, parse_xml
 from hie_schemas.cda.pseudonym import pseudonymise_xml
@@ -300,3 +301,83 @@ async def test_a_fhir_document_is_retrieved_as_generated_kcda_with_a_stable_shap
     assert sorted(k for k in kinds if k not in ("Organization",)) == sorted(
         k for k in original if k != "Organization"
     )
+
+
+def kcda_content(docref: dict[str, Any]) -> dict[str, Any]:
+    """The DocumentReference's K-CDA content (its second), checked for what a K-CDA reader needs."""
+    contents = docref["content"]
+    assert [c["attachment"]["contentType"] for c in contents] == ["application/fhir+json", CDA_MEDIA_TYPE]
+    second = contents[1]
+    assert second["attachment"]["url"] == f"Bundle/{docref['id']}"
+    assert second["attachment"]["language"] == "ko-KR"
+    assert "data" not in second["attachment"]  # generated on demand
+    return second
+
+
+async def test_a_fhir_document_offers_its_kcda_rendition_at_both_hubs(
+    federation: Federation, rrn: str
+) -> None:
+    """Issue 17 point 2: a document published as FHIR shows a K-CDA second content on every
+    DocumentReference the hubs return (read, ITI-67, the walk-in search), and its url with Accept
+    application/hl7-cda+xml serves exactly the bytes its size and hash describe, the same at the
+    author's hub and at the recipient's."""
+    fed = federation
+    fed.desk.grant(rrn)
+    note = build_document(
+        DocumentType.RETURN,
+        author_code=SNUBH,
+        author_name=SNUBH_NAME,
+        patient_rrn=rrn,
+        recipient_code=SEVERANCE_CLINIC,
+        recipient_name=CLINIC_NAME,
+    )
+    returned = await fed.publish(
+        "snubh",
+        SNUBH,
+        build_submission([note], author_code=SNUBH, patient_rrn=rrn, recipients=[SEVERANCE_CLINIC]),
+    )
+    [note_id], [task_id] = located(returned, "DocumentReference"), located(returned, "Task")
+    await fed.task_arrives("severance", SEVERANCE_CLINIC, task_id, "received")
+
+    served: list[bytes] = []
+    for hub, reader in (("snubh", SNUBH), ("severance", SEVERANCE_CLINIC)):
+        read = await fed.call("GET", hub, f"/DocumentReference/{note_id}", as_=reader)
+        assert read.status_code == 200, read.text
+        second = kcda_content(read.json())
+        assert second["format"] == {"system": "urn:ietf:rfc:3986", "code": "urn:oid:1.2.410.100110.40.2.1.2"}
+        [found] = [d for d in matches(await fed.search(hub, reader, rrn)) if d["id"] == note_id]
+        assert kcda_content(found) == second
+        url = second["attachment"]["url"]
+        as_cda = await fed.call("GET", hub, f"/{url}", as_=reader, headers={"Accept": CDA_MEDIA_TYPE})
+        assert as_cda.status_code == 200, as_cda.text
+        assert as_cda.headers["content-type"].startswith(CDA_MEDIA_TYPE)
+        root = parse_xml(as_cda.content)
+        assert root.find(f"{V3}templateId").get("root") == "1.2.410.100110.40.2.1.2"  # type: ignore[union-attr]
+        assert second["attachment"]["size"] == len(as_cda.content)
+        assert (
+            second["attachment"]["hash"] == base64.b64encode(hashlib.sha1(as_cda.content).digest()).decode()
+        )
+        again = await fed.call("GET", hub, f"/{url}", as_=reader, headers={"Accept": CDA_MEDIA_TYPE})
+        assert again.content == as_cda.content
+        served.append(as_cda.content)
+    assert served[0] == served[1]  # the recipient's hub serves the same K-CDA as the author's
+
+    # The walk-in search through the clinic's hub finds the same rendition on what each hub holds.
+    walk_in = matches(await fed.search("severance", SEVERANCE_CLINIC, rrn, _federated="true"))
+    found = [d for d in walk_in if d["id"] == note_id]
+    assert found
+    for docref in found:
+        assert kcda_content(docref)["attachment"]["size"] == len(served[0])
+
+    # A DocumentReference PUT back as read (with the rendition) changes only its status.
+    read = (await fed.call("GET", "snubh", f"/DocumentReference/{note_id}", as_=SNUBH)).json()
+    put = await fed.call(
+        "PUT",
+        "snubh",
+        f"/DocumentReference/{note_id}",
+        as_=SNUBH,
+        json={**read, "status": "entered-in-error"},
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    assert put.status_code == 200, put.text
+    assert kcda_content(put.json()) == kcda_content(read)

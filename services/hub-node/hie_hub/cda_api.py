@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -25,6 +24,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import documents_api, exchange, fhir_api, repository
+from hie_hub.cda_rendition import rendition, template_format
 from hie_hub.documents.pseudonym import pseudonymise, rrn_forms
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
 from hie_hub.params import json_body
@@ -38,7 +38,7 @@ from hie_platform.errors import (
     fhir_response,
 )
 from hie_platform.http import ReadSessionDep, SessionDep
-from hie_schemas.cda import CDA_MEDIA_TYPE, CdaError, cda_to_fhir, fhir_to_cda
+from hie_schemas.cda import CDA_MEDIA_TYPE, CdaError, cda_to_fhir
 from hie_schemas.cda.pseudonym import pseudonymise_xml
 from hie_schemas.codes import DOCUMENT_KINDS, DocumentType
 from hie_schemas.documents import profiles
@@ -48,7 +48,6 @@ from hie_schemas.identifiers import KRNPI_SYSTEM, patient_key_from_rrn
 
 router = APIRouter(prefix="/fhir", tags=["k-cda"])
 _XML_TYPES = (CDA_MEDIA_TYPE, "application/xml", "text/xml")
-FORMAT_SYSTEM = "urn:ietf:rfc:3986"  # DocumentReference.content.format: the K-CDA template as urn:oid
 
 
 def problem(error: CdaError) -> FhirError:
@@ -184,8 +183,7 @@ async def _keep_originals(session: AsyncSession, response: Json, originals: dict
             "data": base64.b64encode(xml).decode(),
             **size_and_hash(xml),
         }
-        template = {"system": FORMAT_SYSTEM, "code": f"urn:oid:{kind.template_oid}"}
-        second = {"attachment": attachment, "format": template}
+        second = {"attachment": attachment, "format": template_format(kind)}
         row.docref = {**row.docref, "content": [*row.docref["content"], second]}
     await session.flush()
 
@@ -246,12 +244,7 @@ async def retrieve_document(
     original = stored_original(row.docref) if row is not None else None
     if original is None:
         try:
-            original = fhir_to_cda(_json(answer.body))
+            original = rendition(document_id, bytes(answer.body))
         except CdaError as exc:
             raise problem(exc) from None
     return Response(b"" if request.method == "HEAD" else original, media_type=CDA_MEDIA_TYPE)
-
-
-def _json(body: bytes | memoryview) -> Json:
-    loaded = json.loads(bytes(body))
-    return loaded if isinstance(loaded, dict) else {}

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import federation, lifecycle, repository, retrieval
+from hie_hub.cda_rendition import with_rendition
 from hie_hub.disclosure import Access, release
 from hie_hub.models import Document, DocumentStatus
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
@@ -206,10 +207,11 @@ def served_document(row: Document) -> bytes:
 
 
 def _described(docref: dict[str, Any], document: bytes) -> dict[str, Any]:
-    """``docref`` with attachment.size and hash of ``document`` (MHD: both on every DocumentReference)."""
+    """``docref`` with attachment.size and hash of ``document`` (MHD: both on every DocumentReference),
+    and the K-CDA rendition as its second content when it has none (cda_rendition)."""
     contents = [dict(c) for c in docref.get("content") or [{}]]
     contents[0]["attachment"] = {**(contents[0].get("attachment") or {}), **size_and_hash(document)}
-    return {**docref, "content": contents}
+    return with_rendition({**docref, "content": contents}, document)
 
 
 def last_change(row: Document) -> datetime:
@@ -282,8 +284,8 @@ async def update_document_reference(
 
 
 def _as_stored(body: Any, row: Document) -> Any:
-    """A DocumentReference PUT back as it was read carries the size and hash the hub adds on read:
-    compare the rest with what is stored."""
+    """A DocumentReference PUT back as it was read carries the size and hash and the K-CDA rendition
+    the hub adds on read: compare the rest with what is stored."""
     if not isinstance(body, dict) or not isinstance(body.get("content"), list) or not body["content"]:
         return body
     first = body["content"][0]
@@ -294,4 +296,8 @@ def _as_stored(body: Any, row: Document) -> Any:
     served = size_and_hash(served_document(row))
     kept = {k: v for k, v in attachment.items() if k not in served or v != served[k]}
     kept |= {k: stored[k] for k in served if k in stored and attachment.get(k) == served[k]}
-    return {**body, "content": [{**first, "attachment": kept}, *body["content"][1:]]}
+    rest = body["content"][1:]
+    offered = (_described(row.docref, served_document(row)).get("content") or [])[1:]
+    if len(row.docref.get("content") or []) == 1 and rest == offered:
+        rest = []  # the K-CDA rendition the hub adds on read, not stored
+    return {**body, "content": [{**first, "attachment": kept}, *rest]}

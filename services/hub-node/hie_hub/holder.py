@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
+from hie_hub.cda_rendition import with_rendition
 from hie_hub.disclosure import (
     Access,
     Disclosure,
@@ -26,6 +27,7 @@ from hie_hub.disclosure import (
 )
 from hie_hub.models import Document
 from hie_hub.node import HubNode
+from hie_hub.rest import canonical
 from hie_platform.logging import get_logger
 from hie_schemas.auth import AUDIENCE, TokenClaims
 from hie_schemas.consent import Purpose
@@ -107,7 +109,10 @@ def _access_detail(request: HubSearchRequest | HubRetrieveRequest, shown: list[D
 
 
 def disclosed(row: Document, hub: str) -> dict[str, Any]:
-    return {**row.docref, "meta": {**(row.docref.get("meta") or {}), "source": hub_source(hub)}}
+    """The DocumentReference another hub shows its reader: with the K-CDA rendition of the document as
+    that hub's ITI-68 serves it (row.bundle, canonical) when it has no K-CDA content of its own."""
+    docref = with_rendition(row.docref, canonical(row.bundle))
+    return {**docref, "meta": {**(row.docref.get("meta") or {}), "source": hub_source(hub)}}
 
 
 async def answer_search(node: HubNode, request: HubSearchRequest) -> HubSearchReply:
