@@ -8,10 +8,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 
-from hie_platform.bus import BUS_METRICS, Bus
+from hie_platform.bus import BUS_METRICS, Bus, RpcError
 from hie_schemas import subjects
-from hie_schemas.contract import Kind, subject
+from hie_schemas.contract import Kind, Operation, rpc_subject, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import DocumentPublished, ExchangeKind, ExchangeSent, LocateReply, LocateRequest
 
@@ -161,3 +162,45 @@ async def test_the_locator_refuses_facts_a_hub_publishes_for_another_hubs_instit
         "hie_bus_refused_messages_total", {"kind": "document-published", "reason": "sender-mismatch"}
     )
     assert (after or 0) - (before or 0) == 2
+
+
+async def test_locate_add_takes_the_authors_hub_at_once_and_refuses_any_other(
+    registry: Any, nats_url: str, unique: str
+) -> None:
+    """Issue 14 point 7: hie.rpc.registry.locate-add.<hub> (asked by a publishing hub before it answers
+    ITI-65) is located at once, with the event consumer's check: the asking hub (the subject's last
+    token) must be the hub the fact names and the hub of the author institution."""
+    key = hashlib.sha256(f"locate-add-{unique}".encode()).hexdigest()
+
+    def fact(hub: str, author: str) -> DocumentPublished:
+        return DocumentPublished(
+            hub=hub,
+            patient_key=key,
+            author_institution=author,
+            document_ids=["d1"],
+            document_types=["care-record-summary"],
+            published_at=datetime.now(UTC),
+        )
+
+    def add(asker: str) -> str:
+        return rpc_subject(Operation.REGISTRY_LOCATE_ADD, sender=asker)
+
+    bus = await Bus.connect(nats_url, "locate-add-test")
+    try:
+        forged = [
+            (add("cnuh"), fact("cnuh", "11301001")),  # a severance clinic's document, told by cnuh
+            (add("cnuh"), fact("severance", "11301001")),  # cnuh names severance in the payload
+            (add("severance"), fact("severance", "not-a-code")),
+        ]
+        for subject_, body in forged:
+            with pytest.raises(RpcError, match="refused"):
+                await bus.request(subject_, body, LocateReply)
+        nobody = await bus.request(subjects.REGISTRY_LOCATE, LocateRequest(patient_key=key), LocateReply)
+        told = await bus.request(add("severance"), fact("severance", "11301001"), LocateReply)
+        again = await bus.request(add("severance"), fact("severance", "11301001"), LocateReply)  # idempotent
+        located = await bus.request(subjects.REGISTRY_LOCATE, LocateRequest(patient_key=key), LocateReply)
+    finally:
+        await bus.close()
+    assert nobody.hubs == []
+    assert told.hubs == again.hubs == ["severance"]
+    assert located.hubs == ["severance"]  # no wait: the answer came after the upsert committed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -247,12 +247,23 @@ def create_service_app(
 # --- request-scoped unit of work ------------------------------------------------------------------
 
 
+AFTER_COMMIT = "hie.after_commit"
+
+
 async def _write_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """The request scope commits (before the response is sent), then wakes the outbox relay."""
+    """The request scope commits (before the response is sent), then wakes the outbox relay and awaits
+    the steps queued in ``session.info[AFTER_COMMIT]`` (each must not raise; see after_commit)."""
     runtime = request.app.state.runtime
     async with runtime.db.transaction() as session:
         yield session
     runtime.relay.kick()
+    for step in session.info.pop(AFTER_COMMIT, []):
+        await step()
+
+
+def after_commit(session: AsyncSession, step: Callable[[], Awaitable[None]]) -> None:
+    """Run ``step`` once the request's transaction has committed, before the response is sent."""
+    session.info.setdefault(AFTER_COMMIT, []).append(step)
 
 
 async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -63,6 +63,7 @@ class Operation(StrEnum):
 
     CONSENT_DECIDE = "decide"
     REGISTRY_LOCATE = "locate"
+    REGISTRY_LOCATE_ADD = "locate-add"
     HUB_SEARCH = "search"
     HUB_RETRIEVE = "retrieve"
 
@@ -330,6 +331,9 @@ RPCS: dict[Operation, Rpc] = {
         # The asking hub is the last token: an emergency is recorded only for the holder's hub.
         Rpc(Operation.CONSENT_DECIDE, "hie.rpc.consent.decide.{sender}", C, frozenset({H, G})),
         Rpc(Operation.REGISTRY_LOCATE, "hie.rpc.registry.locate", R, frozenset({H})),
+        # A hub tells the locator at once that it now holds documents for a patient (the same fact
+        # as DocumentPublished, which follows through the outbox); the asking hub is the last token.
+        Rpc(Operation.REGISTRY_LOCATE_ADD, "hie.rpc.registry.locate-add.{sender}", R, frozenset({H})),
         # Hub to hub: the asking hub is the last token, so the holder knows who asks.
         Rpc(Operation.HUB_SEARCH, "hie.hub.{to}.rpc.search.{sender}", H, frozenset({H})),
         Rpc(Operation.HUB_RETRIEVE, "hie.hub.{to}.rpc.retrieve.{sender}", H, frozenset({H})),

@@ -289,6 +289,8 @@ class LocateReply(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     hubs: list[str]
+    # The locator's event feed had facts not yet taken in: a hub may hold documents not named here.
+    behind: bool = False
 
 
 # --- hub node: document status, federated search and retrieval (hie.hub.<hub>.…) -------------------

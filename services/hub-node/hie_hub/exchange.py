@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import lifecycle, repository, sending
+from hie_hub import federation, lifecycle, repository, sending
 from hie_hub.disclosure import release
 from hie_hub.documents import Submission, SubmittedDocument, parse_submission
 from hie_hub.models import Document, DocumentStatus, Origin, SubmissionSet, Task
@@ -29,6 +29,7 @@ from hie_hub.resources import (
 )
 from hie_hub.sending import Recipient
 from hie_platform.errors import Conflict, Forbidden, Issue, Unprocessable
+from hie_platform.http import after_commit
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Decision, FlowQuery, Purpose
 from hie_schemas.contract import Kind, subject
@@ -130,19 +131,20 @@ async def publish(
             created_tasks.append(
                 await sending.send(node, session, actor, submission, rows, recipient, lead, version, now)
             )
-    # Feeds the registry's record locator: this hub now holds documents for the patient.
-    await node.runtime.outbox.add(
-        session,
-        subject(Kind.DOCUMENT_PUBLISHED, sender=node.hub),
-        DocumentPublished(
-            hub=node.hub,
-            patient_key=submission.patient_key,
-            author_institution=actor.inst,
-            document_ids=ids,
-            document_types=[doc.document_type for doc in submission.documents],
-            published_at=now,
-        ),
+    # Feeds the registry's record locator: this hub now holds documents for the patient. The event
+    # (outbox) is the durable path; once the transaction commits, the locator is also told at once
+    # (federation.declare, awaited before the response), so a walk-in search finds the documents.
+    published = DocumentPublished(
+        hub=node.hub,
+        patient_key=submission.patient_key,
+        author_institution=actor.inst,
+        document_ids=ids,
+        document_types=[doc.document_type for doc in submission.documents],
+        published_at=now,
     )
+    fact = subject(Kind.DOCUMENT_PUBLISHED, sender=node.hub)
+    envelope = await node.runtime.outbox.add(session, fact, published)
+    after_commit(session, lambda: federation.declare(node, fact, envelope, published))
     await node.runtime.audit.record(
         session,
         action="document.publish",

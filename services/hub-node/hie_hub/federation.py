@@ -33,8 +33,10 @@ from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
 from hie_schemas.contract import Operation, rpc_subject
+from hie_schemas.envelope import Envelope
 from hie_schemas.events import (
     DocumentFilter,
+    DocumentPublished,
     HubRetrieveReply,
     HubRetrieveRequest,
     HubSearchReply,
@@ -45,6 +47,9 @@ from hie_schemas.events import (
 
 log = get_logger(__name__)
 LOCATOR_TIMEOUT = 1.0
+# How long ITI-65 waits, after its commit, for the locator to take this hub's new entry; past it the
+# DocumentPublished event (outbox, then JetStream) catches up and ITI-65 answers all the same.
+LOCATE_ADD_TIMEOUT = 0.5
 # Names the hub an OperationOutcome is about (issue.details), so that a client can tell them apart.
 HUB_SYSTEM = "https://hie-federation.kr/fhir/CodeSystem/hub"
 
@@ -88,7 +93,34 @@ async def _locate(node: HubNode, patient_key: str, result: FederatedResult) -> l
         message = "the record locator did not answer: only this hub was searched"
         result.outcomes.append(_outcome("warning", "incomplete", message, None))
         return [node.hub]
+    if reply.behind:
+        message = (
+            "the record locator had not yet taken in every hub's latest publications: a hub that "
+            "published for this patient within the last seconds may be missing"
+        )
+        result.outcomes.append(_outcome("warning", "incomplete", message, None))
     return [node.hub, *(h for h in dict.fromkeys(reply.hubs) if h != node.hub)]
+
+
+async def declare(node: HubNode, fact: str, envelope: Envelope, published: DocumentPublished) -> None:
+    """Tell the record locator that this hub now holds documents for the patient, so that a walk-in
+    search from any hub finds them as soon as ITI-65 returns. When the registry does not take it in
+    time, the DocumentPublished event (``envelope`` on subject ``fact``) is put in the stream now, not
+    at the relay's next pass (its relay publish is then a duplicate JetStream drops): the locator
+    reports itself behind until it has taken the fact in, so searches say they may be incomplete
+    rather than miss silently. Never raises: ITI-65 has committed and answers whatever happens."""
+    subject = rpc_subject(Operation.REGISTRY_LOCATE_ADD, sender=node.hub)
+    try:
+        await node.runtime.bus.request(subject, published, LocateReply, LOCATE_ADD_TIMEOUT)
+        return
+    except (RpcError, ValidationError) as exc:
+        log.warning("record locator did not take the new entry in time", error=type(exc).__name__)
+    try:
+        body, cid = envelope.to_bytes(), envelope.correlation_id
+        publish = node.runtime.bus.publish_raw(fact, body, envelope.id, cid)
+        await asyncio.wait_for(publish, LOCATE_ADD_TIMEOUT)
+    except Exception as exc:  # the outbox relay still has it: only the early publish failed
+        log.warning("document-published event left to the outbox relay", error=type(exc).__name__)
 
 
 async def _ask(node: HubNode, hub: str, request: HubSearchRequest, deadline: float) -> HubSearchReply | str:

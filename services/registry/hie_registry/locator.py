@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_platform.bus import Incoming, first_time
+from hie_platform.bus import Incoming, RefusedMessage, first_time
 from hie_platform.runtime import Runtime
 from hie_registry.models import PLATFORM, ExchangeCount, Institution, LocatorEntry
 from hie_schemas import contract, streams, subjects
@@ -41,6 +43,36 @@ async def hubs_for(session: AsyncSession, patient_key: str) -> list[str]:
     return list(rows.all())
 
 
+async def _serve_adds(runtime: Runtime, hub_of: Callable[[str], Awaitable[str | None]]) -> None:
+    """hie.rpc.registry.locate-add.<hub>: the publishing hub's word, before it answers ITI-65, that it
+    now holds documents for a patient; the same upsert as the DocumentPublished event that follows,
+    so either may come first."""
+
+    async def add(published: DocumentPublished) -> LocateReply:
+        for attempt in (1, 2):
+            try:
+                async with runtime.db.transaction() as session:
+                    await _seen(session, published.patient_key, published.hub, published.published_at)
+                break
+            except IntegrityError:
+                if attempt == 2:  # the event (or another publish) inserted the same row meanwhile
+                    raise
+        return LocateReply(hubs=[published.hub])
+
+    async def verify_add(asker: str | None, published: DocumentPublished) -> None:
+        # As the event consumer checks a fact: the asking hub is the hub it names and the hub of the
+        # author institution (a hub's NATS user can set the subject's last token only to its own slug).
+        try:
+            validate_patient_key(published.patient_key)
+        except InvalidIdentifierError as exc:
+            raise RefusedMessage("invalid", "not a patient key") from exc
+        if asker is None or published.hub != asker or await hub_of(published.author_institution) != asker:
+            raise RefusedMessage("sender-mismatch", "a locator entry declared by a hub not the author's")
+
+    adds = contract.RPCS[contract.Operation.REGISTRY_LOCATE_ADD].pattern()
+    await runtime.bus.serve(adds, "registry", DocumentPublished, add, verify=verify_add)
+
+
 async def start(runtime: Runtime) -> None:
     async def on_event(incoming: Incoming) -> None:
         # Chosen by subject; the Bus checked that the publishing hub is the hub the fact names.
@@ -60,7 +92,16 @@ async def start(runtime: Runtime) -> None:
         except InvalidIdentifierError:
             return LocateReply(hubs=[])
         async with runtime.db.read_sessions() as session:
-            return LocateReply(hubs=await hubs_for(session, key))
+            hubs = await hubs_for(session, key)
+        return LocateReply(hubs=hubs, behind=not await caught_up())
+
+    async def caught_up() -> bool:
+        """Whether the locator's consumer has taken in every fact in the stream (else: say so)."""
+        try:
+            info = await runtime.bus.js.consumer_info(consumer.stream.name, consumer.name())
+        except Exception:  # unknown is reported as behind, never as complete
+            return False
+        return not (info.num_pending or info.num_ack_pending)
 
     async def hub_of(code: str) -> str | None:
         """The registry is the directory: it asks its own database, not itself over HTTP."""
@@ -77,6 +118,7 @@ async def start(runtime: Runtime) -> None:
         hub_of,
     )
     await runtime.bus.serve(subjects.REGISTRY_LOCATE, "registry", LocateRequest, locate)
+    await _serve_adds(runtime, hub_of)
 
 
 async def statistics(session: AsyncSession) -> dict[str, object]:
