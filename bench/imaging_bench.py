@@ -1,4 +1,4 @@
-"""Imaging relay: one CT series through three routers, measured in the same run.
+"""Imaging relay: CT series through three routers, measured in the same run, interleaved.
 
 (a) DCMTK ``storescu`` → ``storescp`` direct: the native limit of the machine.
 (b) Orthanc with a Lua auto-routing script (OnStoredInstance → SendToModality, then Delete): the
@@ -6,15 +6,19 @@
 (c) Our federation (``hie up``'s launcher, two hubs, each gateway its own process on SQLite):
     ``storescu`` → hub 1 gateway → hub 2 gateway → ``storescp``, for a referral with consent on file.
 
+Two series sizes (issue 13): realistic CT, 512×512×16 bit (512 KB of pixels per instance, explicit
+VR little endian), and pydicom's CT_small size, 128×128×16 bit (39 KB). For each size the three legs
+take turns for ``HIE_BENCH_IMAGING_ROUNDS`` rounds (default 3; Orthanc and ours swap places every
+round) and the MEDIAN of the rounds is reported, each round printed with the load average at its
+start (/proc/loadavg). CPU per instance is each router's process CPU time (user + system, from
+/proc/<pid>/stat) from the start of its leg to the start of the next leg, divided by the instances.
+
 Every leg has TCP_NODELAY: DCMTK tools and Orthanc take ``TCP_NODELAY=1`` from the environment, the
 gateways set it on every association socket. A leg ends when ``storescp`` has written the last
 instance (one file per C-STORE, so a duplicate would show). Each router first relays a 50-instance
-warm-up study; then the three legs take turns for ``HIE_BENCH_IMAGING_ROUNDS`` rounds (default 2) and
-the best round of each is reported, so that a busy moment on a shared machine does not decide the
-ratio. Before each leg the bench waits, untimed, until the sink takes an association again (Orthanc
-keeps its Lua association to the sink open for 5 s, and storescp serves one at a time). The
-gateways' peak RSS (VmHWM) is read after the warm-up and again at the end, and their CPU time
-(user + system) over the measured rounds is reported per relayed instance.
+warm-up study. Before each leg the bench waits, untimed, until the sink takes an association again
+(Orthanc keeps its Lua association to the sink open for 5 s, and storescp serves one at a time). The
+gateways' peak RSS (VmHWM) is read after the warm-up and again at the end.
 
 ``HIE_BENCH_IMAGING_INSTANCES`` sets the size of the measured series (default 300);
 ``HIE_BENCH_IMAGING_VERBOSE=1`` also prints, per leg, when ``storescu`` finished and when the sink
@@ -28,11 +32,13 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,7 +61,8 @@ from hie_schemas.events import StudyRef
 NAME = "imaging"
 INSTANCES = int(os.environ.get("HIE_BENCH_IMAGING_INSTANCES", "300"))
 WARM_UP = 50
-ROUNDS = int(os.environ.get("HIE_BENCH_IMAGING_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("HIE_BENCH_IMAGING_ROUNDS", "3"))
+SIZES = {"CT 512 KB": 512, "CT 39 KB": 128}  # label -> rows = columns of 16-bit pixels
 CLINIC, HOSPITAL = "11301001", "31100002"  # a severance clinic refers to the snubh hub hospital
 SINK_AE, ORTHANC_AE, SCU_AE = "SINK", "ORTHANC", "BENCH_SCU"
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
@@ -72,8 +79,9 @@ class Series:
         return sum(path.stat().st_size for path in self.files)
 
 
-def make_series(out_dir: Path, count: int, seed: int) -> Series:
-    """`count` CT instances of 128×128×16 bit (pydicom's CT_small with fresh pixels and UIDs)."""
+def make_series(out_dir: Path, count: int, seed: int, side: int = 128) -> Series:
+    """`count` CT instances of side×side×16 bit, explicit VR little endian (pydicom's CT_small with
+    fresh pixels, size and UIDs)."""
     source = get_testdata_file("CT_small.dcm")
     assert source is not None, "pydicom's CT_small.dcm test file is missing"
     template = dcmread(source)
@@ -89,7 +97,8 @@ def make_series(out_dir: Path, count: int, seed: int) -> Series:
         template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
         template.InstanceNumber = number
         template.AccessionNumber = f"BENCH{seed:04d}"
-        template.PixelData = rng.randbytes(len(template.PixelData))
+        template.Rows = template.Columns = side
+        template.PixelData = rng.randbytes(side * side * 2)
         path = out_dir / f"{number:04d}.dcm"
         template.save_as(path)
         files.append(path)
@@ -305,18 +314,81 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+Leg = Callable[[Series], Awaitable[float]]
+
+
+@dataclass
+class Rounds:
+    """Seconds per leg and CPU seconds per router process, one entry per round."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    loads: list[str] = field(default_factory=list)
+
+
+async def run_round(
+    legs: dict[str, Leg], pids: dict[str, dict[str, int]], series: Series, out: Rounds
+) -> None:
+    """Each leg once; a router's CPU is counted from the start of its leg to the start of the next."""
+    names = list(legs)
+    every = {proc: pid for procs in pids.values() for proc, pid in procs.items()}
+    snaps = [{proc: cpu_seconds(pid) for proc, pid in every.items()}]
+    for name in names:
+        out.seconds.setdefault(name, []).append(await legs[name](series))
+        snaps.append({proc: cpu_seconds(pid) for proc, pid in every.items()})
+    for index, name in enumerate(names):
+        for proc in pids.get(name, {}):
+            out.cpu.setdefault(proc, []).append(snaps[index + 1][proc] - snaps[index][proc])
+
+
+async def measure_size(
+    report: Report, label: str, legs: dict[str, Leg], pids: dict[str, dict[str, int]], rounds: list[Series]
+) -> None:
+    """Interleaved rounds of one series size (Orthanc and ours swap order each round); medians."""
+    out = Rounds()
+    for number, series in enumerate(rounds, 1):
+        order = ["direct", "hie", "orthanc"] if number % 2 else ["direct", "orthanc", "hie"]
+        out.loads.append(load_average())
+        await run_round({name: legs[name] for name in order}, pids, series, out)
+        n = len(series.files)
+        rates = ", ".join(f"{leg} {n / out.seconds[leg][-1]:.1f}/s" for leg in order)
+        cpu = ", ".join(f"{proc} {out.cpu[proc][-1] / n * 1000:.1f}" for proc in sorted(out.cpu))
+        print(f"imaging: {label} round {number} (load {out.loads[-1]}): {rates}; CPU ms/instance {cpu}")
+    report_size(report, label, rounds[0], out)
+
+
+def report_size(report: Report, label: str, series: Series, out: Rounds) -> None:
+    median = {leg: statistics.median(values) for leg, values in out.seconds.items()}
+    n = len(series.files)
+    throughput(report, f"{label}: DCMTK storescu → storescp direct", series, median["direct"])
+    throughput(report, f"{label}: Orthanc 1.10 Lua auto-routing → storescp", series, median["orthanc"])
+    throughput(report, f"{label}: HIE storescu → gw 1 → gw 2 → storescp", series, median["hie"])
+    throughput(
+        report, f"{label}: HIE relay vs Orthanc", series, median["hie"], ("Orthanc", median["orthanc"])
+    )
+    throughput(report, f"{label}: HIE relay vs direct", series, median["hie"], ("direct", median["direct"]))
+    for proc, values in sorted(out.cpu.items()):
+        per_instance = statistics.median(values) / n * 1000
+        report.add(Figure(NAME, f"{label}: {proc} CPU per instance (median)", per_instance, "ms"))
+    for number, load in enumerate(out.loads, 1):
+        report.add(Figure(NAME, f"{label}: round {number} load average (1 min)", float(load.split()[0]), ""))
+
+
 def throughput(
     report: Report, label: str, series: Series, seconds: float, baseline: tuple[str, float] | None = None
 ) -> None:
-    """instances/s and MB/s of one leg; with a baseline (its name and seconds), the ratios too."""
+    """instances/s and MB/s of one leg (median seconds); with a baseline, the ratios too."""
     rate, mbs = len(series.files) / seconds, series.bytes / seconds / 1e6
     if baseline is None:
-        report.add(Figure(NAME, f"{label}: instances/s", rate, "inst/s"))
-        report.add(Figure(NAME, f"{label}: MB/s", mbs, "MB/s"))
+        report.add(Figure(NAME, f"{label}: instances/s (median)", rate, "inst/s"))
+        report.add(Figure(NAME, f"{label}: MB/s (median)", mbs, "MB/s"))
         return
     name, base = baseline
     report.add(Figure(NAME, f"{label}: instances/s", rate, "inst/s", name, len(series.files) / base))
-    report.add(Figure(NAME, f"{label}: MB/s", mbs, "MB/s", name, series.bytes / base / 1e6))
 
 
 async def run(report: Report) -> None:
@@ -329,9 +401,14 @@ async def run(report: Report) -> None:
         ours_warm = make_series(root / "warm-up-hie", WARM_UP, 2)
         # Our gateways keep what they relayed (idempotent by SOP Instance UID), so every round sends
         # them a series of its own; the other legs take the same files again.
-        rounds = [make_series(root / f"round-{i}", INSTANCES, 10 + i) for i in range(ROUNDS)]
-        size = rounds[0].bytes
-        print(f"imaging: {INSTANCES} CT instances of 128×128×16 bit, {size / 1e6:.1f} MB, best of {ROUNDS}")
+        sizes = {
+            label: [make_series(root / f"{side}-{i}", INSTANCES, side * 100 + i, side) for i in range(ROUNDS)]
+            for label, side in SIZES.items()
+        }
+        for label, rounds in sizes.items():
+            print(
+                f"imaging: {label}: {INSTANCES} instances, {rounds[0].bytes / 1e6:.1f} MB, median of {ROUNDS}"
+            )
         sink = Sink(root)
         orthanc = Orthanc(root, sink)
         launcher = Launcher(
@@ -346,7 +423,7 @@ async def run(report: Report) -> None:
         try:
             async with httpx.AsyncClient(timeout=30.0) as http:
                 hie = Hie(launched, http)
-                await measure(report, hie, launcher, sink, orthanc, warm, ours_warm, rounds)
+                await measure(report, hie, launcher, sink, orthanc, (warm, ours_warm), sizes)
         finally:
             await asyncio.to_thread(launcher.stop)
             orthanc.stop()
@@ -359,18 +436,17 @@ async def measure(
     launcher: Launcher,
     sink: Sink,
     orthanc: Orthanc,
-    warm: Series,
-    ours_warm: Series,
-    rounds: list[Series],
+    warm_up: tuple[Series, Series],
+    sizes: dict[str, list[Series]],
 ) -> None:
-    launched = hie.f
     gateways = {c.name: c.process.pid for c in launcher.children if c.name.startswith("imaging-")}
-    hub1 = launched.hubs[0].gateway
-    clinic_ae = next(i.dicom_ae for i in launched.institutions if i.code == CLINIC)
+    hub1 = hie.f.hubs[0].gateway
+    clinic_ae = next(i.dicom_ae for i in hie.f.institutions if i.code == CLINIC)
     assert clinic_ae is not None
+    warm, ours_warm = warm_up
     # One referral names every study; once the warm-up is delivered, all of them are linked at both
     # gateways (one event, one transaction each), so no measured series waits for its referral.
-    await hie.refer([ours_warm, *rounds], sink)
+    await hie.refer([ours_warm, *(s for rounds in sizes.values() for s in rounds)], sink)
 
     async def direct(series: Series) -> float:
         return await relay(sink, series, "127.0.0.1", sink.port, SINK_AE, SCU_AE)
@@ -385,39 +461,17 @@ async def measure(
     await routed(warm)
     await ours(ours_warm)
     after_warm = {name: vm_hwm_kib(pid) for name, pid in gateways.items()}
-    cpu_before = {name: cpu_seconds(pid) for name, pid in gateways.items()}
-    times: dict[str, list[float]] = {"direct": [], "orthanc": [], "hie": []}
-    for series in rounds:  # interleaved, so that a busy moment on the machine hits every leg alike
-        times["direct"].append(await direct(series))
-        times["orthanc"].append(await routed(series))
-        times["hie"].append(await ours(series))
-        print(
-            "imaging: round " + ", ".join(f"{k} {len(series.files) / v[-1]:.1f}/s" for k, v in times.items())
-        )
-    after = {name: vm_hwm_kib(pid) for name, pid in gateways.items()}
-    cpu_used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in gateways.items()}
-
-    best = {leg: min(values) for leg, values in times.items()}
-    series = rounds[0]
-    throughput(report, "DCMTK storescu → storescp direct", series, best["direct"])
-    throughput(report, "Orthanc 1.10 Lua auto-routing → storescp", series, best["orthanc"])
-    throughput(report, "HIE storescu → gw 1 → gw 2 → storescp", series, best["hie"])
-    throughput(report, "HIE relay vs Orthanc", series, best["hie"], ("Orthanc", best["orthanc"]))
-    throughput(report, "HIE relay vs direct", series, best["hie"], ("direct", best["direct"]))
-    relayed = len(rounds) * INSTANCES
+    legs: dict[str, Leg] = {"direct": direct, "orthanc": routed, "hie": ours}
+    pids = {"orthanc": {"orthanc": orthanc.process.pid}, "hie": gateways}
+    for label, rounds in sizes.items():
+        await measure_size(report, label, legs, pids, rounds)
+    relayed = sum(len(s.files) for rounds in sizes.values() for s in rounds)
     for name in sorted(gateways):
-        # Includes the seconds between rounds (idle associations and timers), not only the relay.
-        report.add(Figure(NAME, f"{name} CPU per relayed instance", cpu_used[name] / relayed * 1000, "ms"))
+        peak = vm_hwm_kib(gateways[name]) / 1024
         report.add(Figure(NAME, f"{name} peak RSS after {WARM_UP} instances", after_warm[name] / 1024, "MiB"))
+        baseline = after_warm[name] / 1024
         report.add(
-            Figure(
-                NAME,
-                f"{name} peak RSS after {len(rounds) * INSTANCES} more",
-                after[name] / 1024,
-                "MiB",
-                f"after {WARM_UP}",
-                after_warm[name] / 1024,
-            )
+            Figure(NAME, f"{name} peak RSS after {relayed} more", peak, "MiB", f"after {WARM_UP}", baseline)
         )
 
 
