@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import asyncpg
+import nats.errors
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,7 +19,7 @@ from hie_schemas.issues import Issue
 
 log = get_logger(__name__)
 
-__all__ = ["FhirError", "Issue", "operation_outcome"]
+__all__ = ["FhirError", "Issue", "RpcError", "operation_outcome"]
 
 
 def operation_outcome(issues: Sequence[Issue]) -> dict[str, Any]:
@@ -26,10 +27,18 @@ def operation_outcome(issues: Sequence[Issue]) -> dict[str, Any]:
 
 
 class FhirError(Exception):
-    """Base of every expected failure; subclasses fix the HTTP status and issue type."""
+    """Base of every expected failure; a subclass declares its HTTP status and FHIR issue type as
+    class keywords, e.g. ``class Gone(FhirError, status=410, code="expired")``."""
 
     status: ClassVar[int] = 400
     code: ClassVar[str] = "invalid"
+
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+        if code is not None:
+            cls.code = code
 
     def __init__(
         self, diagnostics: str, *, issues: Sequence[Issue] | None = None, expression: Sequence[str] = ()
@@ -47,57 +56,47 @@ class FhirError(Exception):
         return {}
 
 
-class BadRequest(FhirError):
-    status = 400
-    code = "invalid"
+class BadRequest(FhirError, status=400, code="invalid"):
+    """The request is malformed or names something the FHIR API does not take."""
 
 
-class Unauthorized(FhirError):
-    status = 401
-    code = "login"
+class Unauthorized(FhirError, status=401, code="login"):
+    """No valid bearer token."""
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="hie"'}
 
 
-class Forbidden(FhirError):
-    status = 403
-    code = "forbidden"
+class Forbidden(FhirError, status=403, code="forbidden"):
+    """The caller is known but may not do this (its role, its standing, the patient's consent)."""
 
 
-class NotFound(FhirError):
-    status = 404
-    code = "not-found"
+class NotFound(FhirError, status=404, code="not-found"):
+    """No such resource, or none the caller may know of."""
 
 
-class Conflict(FhirError):
-    status = 409
-    code = "conflict"
+class Conflict(FhirError, status=409, code="conflict"):
+    """The request contradicts what is stored."""
 
 
-class PreconditionFailed(FhirError):
-    status = 412
-    code = "conflict"
+class PreconditionFailed(FhirError, status=412, code="conflict"):
+    """If-Match names a version that is no longer current."""
 
 
-class PayloadTooLarge(FhirError):
-    status = 413
-    code = "too-long"
+class PayloadTooLarge(FhirError, status=413, code="too-long"):
+    """The body is bigger than the route accepts."""
 
 
-class UnsupportedMediaType(FhirError):
-    status = 415
-    code = "not-supported"
+class UnsupportedMediaType(FhirError, status=415, code="not-supported"):
+    """The body's content type is not one the route reads."""
 
 
-class Unprocessable(FhirError):
-    status = 422
-    code = "processing"
+class Unprocessable(FhirError, status=422, code="processing"):
+    """Well-formed, but breaks a business rule or a profile."""
 
 
-class ServiceUnavailable(FhirError):
-    status = 503
-    code = "transient"
+class ServiceUnavailable(FhirError, status=503, code="transient"):
+    """Something the request needs is away; retrying later may succeed."""
 
 
 class DatabaseUnavailable(ServiceUnavailable):
@@ -108,6 +107,37 @@ class DatabaseUnavailable(ServiceUnavailable):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
+
+
+class RpcError(Exception):
+    """A NATS request/reply call that got no usable reply; caught by type, like nats.py's errors.
+    ``str()`` keeps the form "<subject>: <reason>" that callers logged before the subclasses."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        super().__init__(f"{subject}: {reason}")
+        self.subject = subject
+        self.reason = reason
+
+    @classmethod
+    def from_nats(cls, subject: str, exc: BaseException) -> RpcError:
+        """The typed error for what nats.py raised from ``nc.request``."""
+        if isinstance(exc, nats.errors.NoRespondersError):
+            return RpcNoResponders(subject, type(exc).__name__)
+        if isinstance(exc, nats.errors.TimeoutError | TimeoutError):
+            return RpcTimeout(subject, type(exc).__name__)
+        return cls(subject, type(exc).__name__)
+
+
+class RpcTimeout(RpcError):
+    """Nobody answered within the timeout (the responder is slow or the reply was lost)."""
+
+
+class RpcNoResponders(RpcError):
+    """No service listens on the subject now (its hub or service is down or not permitted)."""
+
+
+class RpcRemoteError(RpcError):
+    """The responder answered with an error (header ``Hie-Error``): it refused or failed the request."""
 
 
 # asyncpg's errors that mean the server is away, not that the request was wrong: the connection

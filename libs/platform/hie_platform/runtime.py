@@ -76,6 +76,46 @@ def http_jwks_fetcher(http: httpx.AsyncClient, registry_url: str) -> JwksFetcher
     return fetch
 
 
+async def open_database(
+    stack: AsyncExitStack, settings: ServiceSettings, service: str, migrations: Path
+) -> Database:
+    """The service's database, migrated when configured to, refused at start if it does not answer."""
+    db = Database(settings.database_url, settings.database_schema)
+    stack.push_async_callback(db.dispose)
+    if settings.migrate_on_start:
+        try:
+            await asyncio.to_thread(upgrade, migrations, settings.database_url, settings.database_schema)
+        except Exception as exc:
+            raise StartupError(f"{service}: database migration failed: {type(exc).__name__}: {exc}") from exc
+    if not await db.ping():
+        raise StartupError(f"{service}: database unreachable")
+    return db
+
+
+async def connect_bus(stack: AsyncExitStack, settings: ServiceSettings, service: str) -> Bus:
+    """The NATS connection with the federation's streams in place."""
+    try:
+        bus = await Bus.connect(settings.nats_url, name=f"{service}-{settings.node}")
+    except Exception as exc:
+        raise StartupError(
+            f"{service}: NATS unreachable at {settings.nats_url}: {type(exc).__name__}"
+        ) from exc
+    stack.push_async_callback(bus.close)
+    await bus.ensure_streams(replicas=settings.nats_stream_replicas)
+    return bus
+
+
+def in_good_standing(registry: RegistryClient) -> ClaimsCheck:
+    """The default check of a token's institution: a participant in good standing at the registry."""
+
+    async def check(claims: TokenClaims) -> None:
+        # Suspension or revocation takes effect as soon as the registry's event arrives.
+        if not await registry.in_good_standing(claims.inst):
+            raise Forbidden("the institution is not a participant in good standing")
+
+    return check
+
+
 @asynccontextmanager
 async def start_runtime(
     settings: ServiceSettings,
@@ -90,48 +130,23 @@ async def start_runtime(
     configure_logging(service, settings.log_level, settings.log_json)
     source = Source(service=service, node=settings.node)
     async with AsyncExitStack() as stack:
-        db = Database(settings.database_url, settings.database_schema)
-        stack.push_async_callback(db.dispose)
-        if settings.migrate_on_start:
-            try:
-                await asyncio.to_thread(upgrade, migrations, settings.database_url, settings.database_schema)
-            except Exception as exc:
-                raise StartupError(
-                    f"{service}: database migration failed: {type(exc).__name__}: {exc}"
-                ) from exc
-        if not await db.ping():
-            raise StartupError(f"{service}: database unreachable")
-        try:
-            bus = await Bus.connect(settings.nats_url, name=f"{service}-{settings.node}")
-        except Exception as exc:
-            raise StartupError(
-                f"{service}: NATS unreachable at {settings.nats_url}: {type(exc).__name__}"
-            ) from exc
-        stack.push_async_callback(bus.close)
-        await bus.ensure_streams(replicas=settings.nats_stream_replicas)
-        http = httpx.AsyncClient()
-        stack.push_async_callback(http.aclose)
+        db = await open_database(stack, settings, service, migrations)
+        bus = await connect_bus(stack, settings, service)
+        http = await stack.enter_async_context(httpx.AsyncClient())
         registry = RegistryClient(settings.registry_url, http)
         await registry.follow(bus)
         outbox = Outbox(tables.outbox, source, max_payload=lambda: int(bus.nc.max_payload))
         relay = OutboxRelay(db, tables.outbox, bus, policy=outbox_policy(settings))
         relay.start()
         stack.push_async_callback(relay.stop)
-        if check_claims is None:
-
-            async def in_good_standing(claims: TokenClaims) -> None:
-                # Suspension or revocation takes effect as soon as the registry's event arrives.
-                if not await registry.in_good_standing(claims.inst):
-                    raise Forbidden("the institution is not a participant in good standing")
-
-            check_claims = in_good_standing
         verifier = TokenVerifier(
             jwks or http_jwks_fetcher(http, settings.registry_url),
             settings.issuer,
-            check=check_claims,
+            check=check_claims or in_good_standing(registry),
             max_lifetime_seconds=settings.token_max_lifetime_seconds,
         )
         await verifier.follow(bus)
+        audit = AuditTrail(tables.audit, outbox, settings.node, sender=getattr(settings, "hub", service))
         runtime = Runtime(
             settings=settings,
             source=source,
@@ -140,7 +155,7 @@ async def start_runtime(
             tables=tables,
             outbox=outbox,
             relay=relay,
-            audit=AuditTrail(tables.audit, outbox, settings.node, sender=getattr(settings, "hub", service)),
+            audit=audit,
             http=http,
             registry=registry,
             verifier=verifier,
