@@ -12,10 +12,10 @@ from fastapi import FastAPI
 from hie_platform.errors import Forbidden
 from hie_platform.http import create_service_app
 from hie_platform.runtime import start_runtime
-from hie_registry import console, directory_api, endpoints, lifecycle_api, locator
+from hie_registry import console, directory_endpoints, endpoints, events, lifecycle_endpoints, repository
 from hie_registry.config import RegistrySettings
 from hie_registry.keys import load_key_ring
-from hie_registry.models import PLATFORM, Institution
+from hie_registry.models import PLATFORM
 from hie_registry.service import apply_topology, seed_demo
 from hie_schemas.auth import TokenClaims
 from hie_schemas.directory import InstitutionState
@@ -34,7 +34,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
 
         async def in_good_standing(claims: TokenClaims) -> None:
             async with app.state.runtime.db.read_sessions() as session:
-                inst = await session.get(Institution, claims.inst)
+                inst = await repository.institution(session, claims.inst)
             if inst is None or not InstitutionState(inst.state).in_good_standing:
                 raise Forbidden("the institution is not a participant in good standing")
 
@@ -48,7 +48,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                 if settings.topology_file is not None and settings.topology_file.exists():
                     await apply_topology(session, runtime.outbox, settings.topology_file)
             runtime.relay.kick()
-            await locator.start(runtime)
+            await events.start(runtime)
             app.state.runtime = runtime
             yield
 
@@ -58,6 +58,11 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
         version="0.1.0",
         description="Institution directory, participation lifecycle and credentials of the federation.",
         lifespan=lifespan,
-        routers=[endpoints.router, lifecycle_api.router, directory_api.router, console.router(settings)],
+        routers=[
+            endpoints.router,
+            lifecycle_endpoints.router,
+            directory_endpoints.router,
+            console.router(settings),
+        ],
         max_body_bytes=settings.max_body_bytes,
     )

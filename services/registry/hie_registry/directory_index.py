@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from hie_platform.db import Database
+from hie_registry import repository
 from hie_registry.models import Hub, Institution
 from hie_schemas.directory import InstitutionKind, InstitutionState
 
@@ -32,7 +33,7 @@ from hie_schemas.directory import InstitutionKind, InstitutionState
 MAX_CACHED_SEARCHES = 4096
 
 Filter = tuple[tuple[str, str], ...]
-Render = Callable[[Institution, dict[str, str], bool], dict[str, Any]]  # directory_api.organization
+Render = Callable[[Institution, dict[str, str], bool], dict[str, Any]]  # directory_endpoints.organization
 
 
 @dataclass(frozen=True)
@@ -110,13 +111,10 @@ class DirectoryIndex:
 
     async def _load(self) -> Snapshot:
         async with self._db.read_sessions() as session:
-            institutions = tuple(
-                (await session.scalars(select(Institution).order_by(Institution.code))).all()
-            )
-            hubs = (await session.execute(select(Hub.slug, Hub.institution_code))).all()
+            institutions, hub_codes = await repository.directory(session)
         return Snapshot(
             institutions=institutions,
-            hub_codes={row.slug: row.institution_code for row in hubs},
+            hub_codes=hub_codes,
             by_code={inst.code: inst for inst in institutions},
         )
 

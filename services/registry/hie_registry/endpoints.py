@@ -10,25 +10,22 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
 from hie_platform.auth import require_scope
-from hie_platform.errors import NotFound
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_platform.logging import get_logger
-from hie_registry import keys
-from hie_registry.models import Hub, Institution
+from hie_registry import keys, repository
 from hie_registry.service import (
     InvalidClientError,
     authenticate_client,
     hub_view,
     institution_view,
     issue_token,
+    known_institution,
     publish_change,
 )
 from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
 from hie_schemas.directory import HubView, InstitutionView
-from hie_schemas.identifiers import InvalidIdentifierError, validate_institution_code
 
 log = get_logger(__name__)
 router = APIRouter()
@@ -166,45 +163,22 @@ async def retire_key(
     return await _key_change(request, session, actor, ring, [kid], body.reason)
 
 
-def _code(code: str) -> str:
-    try:
-        return validate_institution_code(code)
-    except InvalidIdentifierError as exc:
-        raise NotFound(f"no institution {code!r}: {exc.reason}") from None
-
-
 @router.get("/institutions/{code}", tags=["directory"], response_model=InstitutionView)
 async def get_institution(code: str, session: ReadSessionDep) -> InstitutionView:
-    inst = await session.get(Institution, _code(code))
-    if inst is None:
-        raise NotFound(f"no institution {code}")
-    return institution_view(inst)
+    return institution_view(await known_institution(session, code))
 
 
 @router.get("/institutions", tags=["directory"], response_model=list[InstitutionView])
 async def list_institutions(
     session: ReadSessionDep, hub: str | None = None, kind: str | None = None, state: str | None = None
 ) -> list[InstitutionView]:
-    query = select(Institution).order_by(Institution.code)
-    if hub is not None:
-        query = query.where(Institution.hub == hub)
-    if kind is not None:
-        query = query.where(Institution.kind == kind)
-    if state is not None:
-        query = query.where(Institution.state == state)
-    return [institution_view(i) for i in (await session.scalars(query)).all()]
+    rows = await repository.institutions(session, hub=hub, kind=kind, state=state)
+    return [institution_view(i) for i in rows]
 
 
 @router.get("/hubs", tags=["directory"], response_model=list[HubView])
 async def list_hubs(session: ReadSessionDep) -> list[HubView]:
-    rows = (
-        await session.execute(
-            select(Hub, Institution)
-            .join(Institution, Hub.institution_code == Institution.code)
-            .order_by(Hub.slug)
-        )
-    ).all()
-    return [hub_view(hub, inst) for hub, inst in rows]
+    return [hub_view(hub, inst) for hub, inst in await repository.hubs(session)]
 
 
 class DicomEndpointBody(BaseModel):
@@ -222,9 +196,7 @@ class DicomEndpointBody(BaseModel):
 async def set_dicom_endpoint(
     code: str, body: DicomEndpointBody, session: SessionDep, request: Request, _actor: AgencyActor
 ) -> InstitutionView:
-    inst = await session.get(Institution, _code(code))
-    if inst is None:
-        raise NotFound(f"no institution {code}")
+    inst = await known_institution(session, code)
     inst.dicom_ae, inst.dicom_host, inst.dicom_port = body.ae_title.strip(), body.host, body.port
     inst.updated_at = datetime.now(UTC)
     await publish_change(session, request.app.state.runtime.outbox, inst, "dicom-endpoint")

@@ -13,11 +13,11 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.errors import NotFound
 from hie_platform.outbox import Outbox
+from hie_registry import repository
 from hie_registry.models import SigningKey
 from hie_schemas import subjects
 from hie_schemas.events import SigningKeyRetired
@@ -62,20 +62,19 @@ async def add_key(session: AsyncSession) -> LoadedKey:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     row = SigningKey(kid=uuid.uuid4().hex[:16], private_pem=pem, created_at=datetime.now(UTC))
-    session.add(row)
-    await session.flush()
+    await repository.add_signing_key(session, row)
     return _load(row)
 
 
 async def load_key_ring(session: AsyncSession) -> KeyRing:
     """All unretired keys; creates the first one on a fresh database."""
-    rows = (await session.scalars(select(SigningKey).where(SigningKey.retired_at.is_(None)))).all()
+    rows = await repository.signing_keys(session, unretired=True)
     keys = [_load(r) for r in rows] or [await add_key(session)]
     return KeyRing(keys)
 
 
 async def _active(session: AsyncSession) -> list[SigningKey]:
-    rows = (await session.scalars(select(SigningKey).where(SigningKey.retired_at.is_(None)))).all()
+    rows = await repository.signing_keys(session, unretired=True)
     return sorted(rows, key=lambda r: _aware(r.created_at))
 
 
@@ -85,7 +84,7 @@ async def _retire(session: AsyncSession, outbox: Outbox, rows: list[SigningKey])
     for row in rows:
         row.retired_at = now
         await outbox.add(session, subjects.REGISTRY_KEY_RETIRED, SigningKeyRetired(kid=row.kid))
-    await session.flush()
+    await repository.flush(session)
     return [row.kid for row in rows]
 
 
@@ -127,7 +126,7 @@ async def retire(session: AsyncSession, outbox: Outbox, kid: str) -> KeyRing:
 
 async def listing(session: AsyncSession) -> list[dict[str, Any]]:
     """Every key, newest first: kid, created, retired, and which one signs."""
-    rows = (await session.scalars(select(SigningKey))).all()
+    rows = await repository.signing_keys(session)
     ordered = sorted(rows, key=lambda r: _aware(r.created_at), reverse=True)
     signing = next((r.kid for r in ordered if r.retired_at is None), None)
     return [

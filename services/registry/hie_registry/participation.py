@@ -6,16 +6,16 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.errors import Conflict, Forbidden, NotFound, Unprocessable
 from hie_platform.outbox import Outbox
+from hie_registry import repository
 from hie_registry.conformance import review_evidence
 from hie_registry.lifecycle import Action, Role, TransitionError, transition
-from hie_registry.models import Client, Hub, Institution, InstitutionEvent
+from hie_registry.models import Hub, Institution, InstitutionEvent
 from hie_registry.schemas import Application, Credentials, HistoryEntry
-from hie_registry.service import hash_secret, publish_change
+from hie_registry.service import publish_change, set_client_secret
 from hie_schemas.auth import SCOPE_AGENCY, SCOPE_EXCHANGE, TokenClaims
 from hie_schemas.codes import DEPARTMENTS
 from hie_schemas.directory import InstitutionKind, InstitutionState
@@ -31,7 +31,7 @@ def roles_of(actor: TokenClaims, inst: Institution) -> set[Role]:
     return roles
 
 
-async def _record(
+def _record(
     session: AsyncSession,
     inst: Institution,
     action: str,
@@ -40,21 +40,36 @@ async def _record(
     reason: str,
     evidence: dict[str, Any] | None = None,
 ) -> None:
-    session.add(
-        InstitutionEvent(
-            code=inst.code,
-            action=action,
-            from_state=from_state,
-            to_state=inst.state,
-            actor=actor.sub,
-            reason=reason,
-            evidence=evidence or {},
-            at=datetime.now(UTC),
-        )
+    row = InstitutionEvent(
+        code=inst.code,
+        action=action,
+        from_state=from_state,
+        to_state=inst.state,
+        actor=actor.sub,
+        reason=reason,
+        evidence=evidence or {},
+        at=datetime.now(UTC),
     )
+    repository.add_event(session, row)
 
 
-async def apply(session: AsyncSession, outbox: Outbox, body: Application, actor: TokenClaims) -> Institution:
+async def _check_hub(session: AsyncSession, body: Application) -> None:
+    """A clinic joins through a hub in good standing; a hub brings a new, unused slug."""
+    if body.kind is InstitutionKind.CLINIC:
+        hub = await repository.hub(session, body.hub) if body.hub else None
+        hub_inst = await repository.institution(session, hub.institution_code) if hub else None
+        if hub_inst is None or hub_inst.kind != InstitutionKind.HUB:
+            raise Unprocessable(
+                f"{body.hub!r} is not a hub; a clinic joins through its regional hub", expression=["hub"]
+            )
+        if not InstitutionState(hub_inst.state).in_good_standing:
+            raise Unprocessable(f"hub {body.hub} is not in good standing", expression=["hub"])
+    elif body.kind is InstitutionKind.HUB and (not body.hub or await repository.hub(session, body.hub)):
+        raise Unprocessable("a hub needs a new, unused slug in 'hub'", expression=["hub"])
+
+
+async def _checked_code(session: AsyncSession, body: Application) -> str:
+    """The applicant's code once the application is one the registry may accept."""
     try:
         code = validate_institution_code(body.code)
     except InvalidIdentifierError as exc:
@@ -66,21 +81,16 @@ async def apply(session: AsyncSession, outbox: Outbox, body: Application, actor:
         raise Unprocessable(
             f"unknown HIRA department codes: {', '.join(unknown)}", expression=["departments"]
         )
-    if await session.get(Institution, code) is not None:
+    if await repository.institution(session, code) is not None:
         raise Conflict(f"institution {code} has already applied")
-    if body.kind is InstitutionKind.CLINIC:
-        hub = await session.get(Hub, body.hub) if body.hub else None
-        hub_inst = await session.get(Institution, hub.institution_code) if hub else None
-        if hub_inst is None or hub_inst.kind != InstitutionKind.HUB:
-            raise Unprocessable(
-                f"{body.hub!r} is not a hub; a clinic joins through its regional hub", expression=["hub"]
-            )
-        if not InstitutionState(hub_inst.state).in_good_standing:
-            raise Unprocessable(f"hub {body.hub} is not in good standing", expression=["hub"])
-    elif body.kind is InstitutionKind.HUB and (not body.hub or await session.get(Hub, body.hub) is not None):
-        raise Unprocessable("a hub needs a new, unused slug in 'hub'", expression=["hub"])
+    await _check_hub(session, body)
+    return code
+
+
+def _applicant(code: str, body: Application) -> Institution:
     now = datetime.now(UTC)
-    inst = Institution(
+    dicom = body.dicom
+    return Institution(
         code=code,
         name=body.name,
         name_en=body.name_en,
@@ -90,26 +100,23 @@ async def apply(session: AsyncSession, outbox: Outbox, body: Application, actor:
         hub=body.hub if body.kind is not InstitutionKind.PUBLIC_AGENCY else None,
         departments=body.departments,
         fhir_base=body.fhir_base,
-        dicom_ae=body.dicom.ae_title if body.dicom else None,
-        dicom_host=body.dicom.host if body.dicom else None,
-        dicom_port=body.dicom.port if body.dicom else None,
+        dicom_ae=dicom.ae_title if dicom else None,
+        dicom_host=dicom.host if dicom else None,
+        dicom_port=dicom.port if dicom else None,
         contacts=body.contacts.model_dump(exclude_none=True),
         created_at=now,
         updated_at=now,
     )
-    session.add(inst)
-    await session.flush()
+
+
+async def apply(session: AsyncSession, outbox: Outbox, body: Application, actor: TokenClaims) -> Institution:
+    code = await _checked_code(session, body)
+    inst = _applicant(code, body)
+    await repository.add_institution(session, inst)
     if body.kind is InstitutionKind.HUB and body.hub:
-        session.add(Hub(slug=body.hub, institution_code=code, fhir_base=body.fhir_base))
-    await _record(
-        session,
-        inst,
-        "apply",
-        None,
-        actor,
-        "application received",
-        {"samples": len(body.samples), "samples_json": body.samples},
-    )
+        repository.add_hub(session, Hub(slug=body.hub, institution_code=code, fhir_base=body.fhir_base))
+    samples = {"samples": len(body.samples), "samples_json": body.samples}
+    _record(session, inst, "apply", None, actor, "application received", samples)
     await publish_change(session, outbox, inst, "applied")
     return inst
 
@@ -122,7 +129,7 @@ async def take_step(
     actor: TokenClaims,
     reason: str,
 ) -> tuple[Institution, dict[str, Any], Credentials | None]:
-    inst = await session.get(Institution, code, with_for_update=True)
+    inst = await repository.institution(session, code, for_update=True)
     if inst is None:
         raise NotFound(f"no institution {code}")
     before = InstitutionState(inst.state)
@@ -134,48 +141,29 @@ async def take_step(
     if action is Action.REVIEW:
         evidence = await review_evidence(inst, await _samples(session, code))
     credentials: Credentials | None = None
-    client = await session.get(Client, code)
-    now = datetime.now(UTC)
     if action is Action.APPROVE:
         secret = secrets.token_urlsafe(32)
-        if client is None:
-            session.add(
-                Client(
-                    client_id=code,
-                    institution_code=code,
-                    secret_hash=hash_secret(secret),
-                    scopes=SCOPE_EXCHANGE,
-                    created_at=now,
-                )
-            )
-        else:
-            client.secret_hash, client.revoked_at = hash_secret(secret), None
+        await set_client_secret(session, code, code, secret, SCOPE_EXCHANGE, reinstate=True)
         credentials = Credentials(client_id=code, client_secret=secret)
-    if action is Action.REVOKE and client is not None:
+    now = datetime.now(UTC)
+    if action is Action.REVOKE and (client := await repository.client(session, code)) is not None:
         client.revoked_at = now
     inst.state = after.value
     inst.updated_at = now
-    await _record(session, inst, action.value, before.value, actor, reason, evidence)
+    _record(session, inst, action.value, before.value, actor, reason, evidence)
     await publish_change(session, outbox, inst, action.value)
     return inst, evidence, credentials
 
 
 async def _samples(session: AsyncSession, code: str) -> list[dict[str, Any]]:
-    applied = await session.scalar(
-        select(InstitutionEvent).where(InstitutionEvent.code == code, InstitutionEvent.action == "apply")
-    )
+    applied = await repository.application(session, code)
     samples: list[dict[str, Any]] = applied.evidence.get("samples_json", []) if applied else []
     return samples
 
 
 async def history(session: AsyncSession, code: str) -> list[HistoryEntry]:
-    if await session.get(Institution, code) is None:
+    if await repository.institution(session, code) is None:
         raise NotFound(f"no institution {code}")
-    rows = (
-        await session.scalars(
-            select(InstitutionEvent).where(InstitutionEvent.code == code).order_by(InstitutionEvent.id)
-        )
-    ).all()
     return [
         HistoryEntry(
             action=r.action,
@@ -186,5 +174,5 @@ async def history(session: AsyncSession, code: str) -> list[HistoryEntry]:
             evidence={k: v for k, v in r.evidence.items() if k != "samples_json"},
             at=r.at,
         )
-        for r in rows
+        for r in await repository.events(session, code)
     ]

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_platform.errors import NotFound
 from hie_platform.outbox import Outbox
-from hie_registry import seed
+from hie_registry import repository, seed
 from hie_registry.keys import KeyRing
 from hie_registry.models import Client, Hub, Institution
 from hie_schemas import subjects
@@ -31,7 +31,7 @@ from hie_schemas.directory import (
     InstitutionView,
 )
 from hie_schemas.events import InstitutionChanged
-from hie_schemas.identifiers import institution_oid
+from hie_schemas.identifiers import InvalidIdentifierError, institution_oid, validate_institution_code
 
 
 class InvalidClientError(Exception):
@@ -72,6 +72,18 @@ def institution_view(inst: Institution) -> InstitutionView:
     )
 
 
+async def known_institution(session: AsyncSession, code: str) -> Institution:
+    """The institution with this code, or 404 (a malformed code names none)."""
+    try:
+        valid = validate_institution_code(code)
+    except InvalidIdentifierError as exc:
+        raise NotFound(f"no institution {code!r}: {exc.reason}") from None
+    inst = await repository.institution(session, valid)
+    if inst is None:
+        raise NotFound(f"no institution {code}")
+    return inst
+
+
 def hub_view(hub: Hub, inst: Institution) -> HubView:
     gateway = None
     if hub.gateway_ae and hub.gateway_host and hub.gateway_port:
@@ -82,14 +94,14 @@ def hub_view(hub: Hub, inst: Institution) -> HubView:
 async def authenticate_client(
     session: AsyncSession, client_id: str, client_secret: str
 ) -> tuple[Client, Institution]:
-    client = await session.get(Client, client_id)
+    client = await repository.client(session, client_id)
     if (
         client is None
         or client.revoked_at is not None
         or not secret_matches(client_secret, client.secret_hash)
     ):
         raise InvalidClientError("client authentication failed")
-    inst = await session.get(Institution, client.institution_code)
+    inst = await repository.institution(session, client.institution_code)
     if inst is None or not InstitutionState(inst.state).in_good_standing:
         raise InvalidClientError("the institution is not a participant in good standing")
     return client, inst
@@ -129,54 +141,68 @@ async def publish_change(session: AsyncSession, outbox: Outbox, inst: Institutio
     )
 
 
+async def set_client_secret(
+    session: AsyncSession, client_id: str, code: str, secret: str, scopes: str, *, reinstate: bool
+) -> None:
+    """Give a client this secret (creating the client when new); ``reinstate`` lifts a revocation."""
+    client = await repository.client(session, client_id)
+    if client is None:
+        row = Client(
+            client_id=client_id,
+            institution_code=code,
+            secret_hash=hash_secret(secret),
+            scopes=scopes,
+            created_at=datetime.now(UTC),
+        )
+        repository.add_client(session, row)
+        return
+    if not secret_matches(secret, client.secret_hash):
+        client.secret_hash = hash_secret(secret)
+    if reinstate:
+        client.revoked_at = None
+
+
+async def _seed_institution(session: AsyncSession, outbox: Outbox, s: seed.SeedInstitution) -> None:
+    now = datetime.now(UTC)
+    inst = Institution(
+        code=s.code,
+        name=s.name,
+        name_en=s.name_en,
+        kind=s.kind.value,
+        region=s.region,
+        state=InstitutionState.ACTIVE.value,
+        hub=s.hub,
+        departments=list(s.departments),
+        dicom_ae=s.dicom_ae,
+        dicom_host="127.0.0.1" if s.dicom_ae else None,
+        dicom_port=104 if s.dicom_ae else None,
+        contacts={},
+        created_at=now,
+        updated_at=now,
+    )
+    await repository.add_institution(session, inst)
+    await publish_change(session, outbox, inst, "seeded")
+    if s.kind is InstitutionKind.HUB and s.hub:
+        repository.add_hub(
+            session, Hub(slug=s.hub, institution_code=s.code, gateway_ae=seed.hub_gateway_ae(s.hub))
+        )
+
+
 async def seed_demo(session: AsyncSession, outbox: Outbox, credentials_file: Path | None) -> dict[str, str]:
     """Insert the demo institutions once; returns client id → secret (kept in ``credentials_file``)."""
     stored: dict[str, str] = {}
     if credentials_file is not None and credentials_file.exists():
         stored = json.loads(credentials_file.read_text())
-    now = datetime.now(UTC)
-    existing = set((await session.scalars(select(Institution.code))).all())
+    existing = await repository.institution_codes(session)
     for s in seed.ALL:
         if s.code not in existing:
-            inst = Institution(
-                code=s.code,
-                name=s.name,
-                name_en=s.name_en,
-                kind=s.kind.value,
-                region=s.region,
-                state=InstitutionState.ACTIVE.value,
-                hub=s.hub,
-                departments=list(s.departments),
-                dicom_ae=s.dicom_ae,
-                dicom_host="127.0.0.1" if s.dicom_ae else None,
-                dicom_port=104 if s.dicom_ae else None,
-                contacts={},
-                created_at=now,
-                updated_at=now,
-            )
-            session.add(inst)
-            await session.flush()
-            await publish_change(session, outbox, inst, "seeded")
-            if s.kind is InstitutionKind.HUB and s.hub:
-                session.add(Hub(slug=s.hub, institution_code=s.code, gateway_ae=seed.hub_gateway_ae(s.hub)))
-        client_id = seed.AGENCY_CLIENT_ID if s.kind is InstitutionKind.AGENCY else s.code
-        secret = stored.get(client_id) or secrets.token_urlsafe(32)
-        stored[client_id] = secret
-        client = await session.get(Client, client_id)
-        scopes = SCOPE_AGENCY if s.kind is InstitutionKind.AGENCY else SCOPE_EXCHANGE
-        if client is None:
-            session.add(
-                Client(
-                    client_id=client_id,
-                    institution_code=s.code,
-                    secret_hash=hash_secret(secret),
-                    scopes=scopes,
-                    created_at=now,
-                )
-            )
-        elif not secret_matches(secret, client.secret_hash):
-            client.secret_hash = hash_secret(secret)
-    await session.flush()
+            await _seed_institution(session, outbox, s)
+        agency = s.kind is InstitutionKind.AGENCY
+        client_id = seed.AGENCY_CLIENT_ID if agency else s.code
+        secret = stored[client_id] = stored.get(client_id) or secrets.token_urlsafe(32)
+        scopes = SCOPE_AGENCY if agency else SCOPE_EXCHANGE
+        await set_client_secret(session, client_id, s.code, secret, scopes, reinstate=False)
+    await repository.flush(session)
     if credentials_file is not None:
         credentials_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = credentials_file.with_suffix(".tmp")
@@ -190,7 +216,7 @@ async def apply_topology(session: AsyncSession, outbox: Outbox, topology_file: P
     """Point hubs at their FHIR base and imaging gateway as `hie up` started them."""
     topology = json.loads(topology_file.read_text())
     for slug, entry in topology.get("hubs", {}).items():
-        hub = await session.get(Hub, slug)
+        hub = await repository.hub(session, slug)
         if hub is None:
             continue
         gateway = entry.get("gateway") or {}
@@ -198,8 +224,8 @@ async def apply_topology(session: AsyncSession, outbox: Outbox, topology_file: P
         hub.gateway_ae = gateway.get("ae_title", hub.gateway_ae)
         hub.gateway_host = gateway.get("host")
         hub.gateway_port = gateway.get("port")
-        inst = await session.get(Institution, hub.institution_code)
+        inst = await repository.institution(session, hub.institution_code)
         if inst is not None:
             inst.fhir_base = hub.fhir_base
             await publish_change(session, outbox, inst, "endpoint")
-    await session.flush()
+    await repository.flush(session)

@@ -30,11 +30,11 @@ from hie_platform.web import (
     set_cookie,
     template_environment,
 )
+from hie_registry import repository
 from hie_registry.config import RegistrySettings
 from hie_registry.console.i18n import STRINGS
 from hie_registry.console.sessions import SessionStore
 from hie_registry.console.settings import ConsoleSettings
-from hie_registry.models import Client, Institution
 from hie_schemas.auth import AUDIENCE, SCOPE_AGENCY, TokenClaims
 from hie_schemas.directory import InstitutionKind, InstitutionState
 
@@ -101,8 +101,8 @@ class Console:
         if live is None:
             return None
         async with request.app.state.runtime.db.read_sessions() as session:
-            client = await session.get(Client, sub)
-            inst = await session.get(Institution, client.institution_code) if client else None
+            client = await repository.client(session, sub)
+            inst = await repository.institution(session, client.institution_code) if client else None
         if (
             client is None
             or inst is None

@@ -3,20 +3,16 @@ evidence and history, and the lifecycle steps (each with a required reason)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.errors import BadRequest, Conflict, FhirError, Forbidden, NotFound, Unauthorized
 from hie_platform.web import clear_cookie
-from hie_registry import participation
+from hie_registry import participation, repository
 from hie_registry.console.core import PATH, SESSION_COOKIE, AgencyDep, AgencySession, Console, ConsoleDep
 from hie_registry.lifecycle import Action, Role, TransitionError, transition
-from hie_registry.models import PLATFORM, Institution, InstitutionEvent
+from hie_registry.models import PLATFORM, Institution
 from hie_registry.schemas import Credentials, StepRequest
 from hie_registry.service import InvalidClientError, authenticate_client
 from hie_schemas.auth import SCOPE_AGENCY
@@ -86,31 +82,13 @@ async def sign_out(request: Request, console: ConsoleDep, agency: AgencyDep) -> 
 # --- applications ------------------------------------------------------------------------------------
 
 
-async def _review_evidence(session: AsyncSession, codes: list[str]) -> dict[str, dict[str, Any]]:
-    """The latest conformance review of each institution (the evidence kept in its history)."""
-    rows = await session.scalars(
-        select(InstitutionEvent)
-        .where(InstitutionEvent.code.in_(codes), InstitutionEvent.action == Action.REVIEW.value)
-        .order_by(InstitutionEvent.id)
-    )
-    return {r.code: dict(r.evidence) for r in rows}
-
-
 @router.get("/", include_in_schema=False)
 async def applications(request: Request, console: ConsoleDep, agency: AgencyDep) -> Response:
     if agency is None:
         return RedirectResponse(f"{PATH}/sign-in", status_code=303)
     async with request.app.state.runtime.db.read_sessions() as session:
-        rows = list(
-            (
-                await session.scalars(
-                    select(Institution)
-                    .where(Institution.state.in_([s.value for s in WAITING]))
-                    .order_by(Institution.created_at, Institution.code)
-                )
-            ).all()
-        )
-        evidence = await _review_evidence(session, [r.code for r in rows])
+        rows = await repository.institutions_in(session, [s.value for s in WAITING])
+        evidence = await repository.latest_evidence(session, [r.code for r in rows], Action.REVIEW.value)
     view = [
         {
             "code": r.code,
@@ -141,12 +119,6 @@ def agency_actions(inst: Institution) -> list[str]:
     return allowed
 
 
-async def _version(session: AsyncSession, code: str) -> int:
-    """How many steps the institution has been through: a form is valid only for the state it showed."""
-    count = await session.scalar(select(func.count()).where(InstitutionEvent.code == code))
-    return int(count or 0)
-
-
 async def institution_page(
     request: Request,
     console: Console,
@@ -159,7 +131,7 @@ async def institution_page(
     reasons: dict[str, str] | None = None,
 ) -> Response:
     async with request.app.state.runtime.db.read_sessions() as session:
-        inst = await session.get(Institution, code) if code.isdigit() and len(code) == 8 else None
+        inst = await repository.institution(session, code) if code.isdigit() and len(code) == 8 else None
         if inst is None:
             return console.page(
                 request, "error.html", {}, agency=agency, error=error or NotFound(f"no institution {code}")
@@ -214,9 +186,10 @@ async def take_step(
             raise BadRequest(f"reason: {problem}", expression=["reason"]) from None
         async with runtime.db.transaction() as session:
             await console.forms.claim(session, PLATFORM.processed, checked)
-            if await session.get(Institution, code, with_for_update=True) is None:
+            if await repository.institution(session, code, for_update=True) is None:
                 raise NotFound(f"no institution {code}")
-            if str(await _version(session, code)) != checked.context:
+            # The form is valid only for the state it showed: the count of steps taken since.
+            if str(await repository.event_count(session, code)) != checked.context:
                 raise Conflict("the institution changed since this page was opened; check its state below")
             _inst, _evidence, credentials = await participation.take_step(
                 session, runtime.outbox, code, step, agency.claims, body.reason

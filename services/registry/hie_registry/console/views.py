@@ -8,14 +8,12 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sqlalchemy import Select, func, select
 
 from hie_platform.errors import BadRequest
 from hie_platform.web import css, language
-from hie_registry import locator
+from hie_registry import repository
 from hie_registry.console.chart import bar_chart, series
 from hie_registry.console.core import CATALOG, PATH, AgencyDep, ConsoleDep
-from hie_registry.models import Hub, Institution
 from hie_schemas.directory import InstitutionKind, InstitutionState
 
 router = APIRouter()
@@ -36,23 +34,6 @@ def _page_number(raw: str | None) -> int:
     return int(raw)
 
 
-def _filtered(query: Select[Any], params: dict[str, str]) -> Select[Any]:
-    if params["name"]:
-        pattern = f"%{params['name'].lower()}%"
-        query = query.where(
-            func.lower(Institution.name).like(pattern) | func.lower(Institution.name_en).like(pattern)
-        )
-    for column, key in (
-        (Institution.region, "region"),
-        (Institution.kind, "kind"),
-        (Institution.hub, "hub"),
-        (Institution.state, "state"),
-    ):
-        if params[key]:
-            query = query.where(column == params[key])
-    return query
-
-
 @router.get("/directory", include_in_schema=False)
 async def directory(request: Request, console: ConsoleDep, agency: AgencyDep) -> Response:
     if agency is None:
@@ -60,12 +41,10 @@ async def directory(request: Request, console: ConsoleDep, agency: AgencyDep) ->
     params = {k: request.query_params.get(k, "").strip() for k in FILTERS}
     size = console.settings.page_size
     async with request.app.state.runtime.db.read_sessions() as session:
-        regions = [r for r in (await session.scalars(select(Institution.region).distinct())).all() if r]
-        hubs = list((await session.scalars(select(Hub.slug).order_by(Hub.slug))).all())
         context: dict[str, Any] = {
             "query": params,
-            "regions": sorted(regions),
-            "hubs": hubs,
+            "regions": await repository.regions(session),
+            "hubs": await repository.hub_slugs(session),
             "kinds": [k.value for k in InstitutionKind],
             "states": [s.value for s in InstitutionState],
             "rows": [],
@@ -79,15 +58,7 @@ async def directory(request: Request, console: ConsoleDep, agency: AgencyDep) ->
             page = _page_number(request.query_params.get("page"))
         except BadRequest as exc:
             return console.page(request, "directory.html", context, agency=agency, error=exc)
-        query = _filtered(select(Institution), params)
-        total = int(await session.scalar(select(func.count()).select_from(query.subquery())) or 0)
-        rows = list(
-            (
-                await session.scalars(
-                    query.order_by(Institution.name, Institution.code).limit(size).offset((page - 1) * size)
-                )
-            ).all()
-        )
+        total, rows = await repository.directory_page(session, params, size, page)
 
     def link(number: int) -> str:
         kept = [(k, v) for k, v in params.items() if v]
@@ -109,14 +80,8 @@ async def statistics(request: Request, console: ConsoleDep, agency: AgencyDep) -
     if agency is None:
         return console.sign_in_required(request)
     async with request.app.state.runtime.db.read_sessions() as session:
-        stats = await locator.statistics(session)
-        hubs = (
-            await session.execute(
-                select(Hub.slug, Institution.name)
-                .join(Institution, Hub.institution_code == Institution.code)
-                .order_by(Hub.slug)
-            )
-        ).all()
+        stats = await repository.statistics(session)
+        hubs = [(hub.slug, inst.name) for hub, inst in await repository.hubs(session)]
     rows = stats["exchanges_per_month"]
     data = series(rows if isinstance(rows, list) else [])
     t = CATALOG.translator(language(request))

@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from hie_platform.auth import CurrentActor, require_scope
-from hie_platform.errors import BadRequest, Forbidden, NotFound
+from hie_platform.errors import BadRequest, Forbidden
 from hie_platform.http import ReadSessionDep, SessionDep
-from hie_registry import locator, participation
+from hie_registry import participation, repository
 from hie_registry.lifecycle import Action
 from hie_registry.models import Institution
 from hie_registry.schemas import Application, HistoryEntry, InstitutionDetail, StepRequest, StepResult
-from hie_registry.service import institution_view
+from hie_registry.service import institution_view, known_institution
 from hie_schemas.auth import SCOPE_AGENCY, SCOPE_EXCHANGE, TokenClaims
 from hie_schemas.identifiers import InvalidIdentifierError, validate_patient_key
 
@@ -66,17 +66,14 @@ async def history(code: str, session: ReadSessionDep, actor: CurrentActor) -> li
     summary="The directory entry with contact details (agency)",
 )
 async def institution_detail(code: str, session: ReadSessionDep, _actor: AgencyActor) -> InstitutionDetail:
-    inst = await session.get(Institution, code)
-    if inst is None:
-        raise NotFound(f"no institution {code}")
-    return detail(inst)
+    return detail(await known_institution(session, code))
 
 
 @router.get(
     "/statistics", tags=["agency"], summary="Institutions by kind, region and state; exchanges per month"
 )
 async def statistics(session: ReadSessionDep, _actor: AgencyActor) -> dict[str, object]:
-    return await locator.statistics(session)
+    return await repository.statistics(session)
 
 
 @router.get("/locator", tags=["locator"], summary="Which hubs hold documents for a patient key")
@@ -87,4 +84,4 @@ async def locate(patient_key: str, session: ReadSessionDep, actor: CurrentActor)
         raise BadRequest(exc.reason, expression=["patient_key"]) from None
     if SCOPE_EXCHANGE not in actor.scopes:
         raise Forbidden("the 'exchange' scope is required")
-    return {"patient_key": key, "hubs": await locator.hubs_for(session, key)}
+    return {"patient_key": key, "hubs": await repository.hubs_for(session, key)}

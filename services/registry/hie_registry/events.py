@@ -1,17 +1,17 @@
-"""The record locator and exchange statistics, fed by hub events; and the locate RPC for hubs."""
+"""The registry's bus handlers: the record locator and exchange statistics fed by hub events, and the
+locate RPCs for hubs."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.bus import Incoming, RefusedMessage, first_time
 from hie_platform.runtime import Runtime
-from hie_registry.models import PLATFORM, ExchangeCount, Institution, LocatorEntry
+from hie_registry import repository
+from hie_registry.models import PLATFORM
 from hie_schemas import contract, streams, subjects
 from hie_schemas.events import DocumentPublished, ExchangeSent, LocateReply, LocateRequest
 from hie_schemas.identifiers import InvalidIdentifierError, validate_patient_key
@@ -19,28 +19,8 @@ from hie_schemas.identifiers import InvalidIdentifierError, validate_patient_key
 CONSUMER = "registry-locator"
 
 
-async def _seen(session: AsyncSession, patient_key: str, hub: str, at: datetime) -> None:
-    entry = await session.get(LocatorEntry, (patient_key, hub))
-    if entry is None:
-        session.add(LocatorEntry(patient_key=patient_key, hub=hub, first_seen=at, last_seen=at))
-    else:
-        entry.last_seen = max(entry.last_seen.replace(tzinfo=at.tzinfo), at)
-
-
-async def _count(session: AsyncSession, at: datetime, kind: str) -> None:
-    month = at.strftime("%Y-%m")
-    row = await session.get(ExchangeCount, (month, kind))
-    if row is None:
-        session.add(ExchangeCount(month=month, kind=kind, count=1))
-    else:
-        row.count += 1
-
-
-async def hubs_for(session: AsyncSession, patient_key: str) -> list[str]:
-    rows = await session.scalars(
-        select(LocatorEntry.hub).where(LocatorEntry.patient_key == patient_key).order_by(LocatorEntry.hub)
-    )
-    return list(rows.all())
+async def _seen(session: AsyncSession, published: DocumentPublished) -> None:
+    await repository.seen(session, published.patient_key, published.hub, published.published_at)
 
 
 async def _serve_adds(runtime: Runtime, hub_of: Callable[[str], Awaitable[str | None]]) -> None:
@@ -52,7 +32,9 @@ async def _serve_adds(runtime: Runtime, hub_of: Callable[[str], Awaitable[str | 
         for attempt in (1, 2):
             try:
                 async with runtime.db.transaction() as session:
-                    await _seen(session, published.patient_key, published.hub, published.published_at)
+                    await repository.seen(
+                        session, published.patient_key, published.hub, published.published_at
+                    )
                 break
             except IntegrityError:
                 if attempt == 2:  # the event (or another publish) inserted the same row meanwhile
@@ -81,10 +63,12 @@ async def start(runtime: Runtime) -> None:
                 return
             match incoming.payload:
                 case DocumentPublished() as published:
-                    await _seen(session, published.patient_key, published.hub, published.published_at)
+                    await repository.seen(
+                        session, published.patient_key, published.hub, published.published_at
+                    )
                 case ExchangeSent() as sent:
-                    await _seen(session, sent.patient_key, sent.to_hub, sent.sent_at)
-                    await _count(session, sent.sent_at, sent.kind.value)
+                    await repository.seen(session, sent.patient_key, sent.to_hub, sent.sent_at)
+                    await repository.count_exchange(session, sent.sent_at, sent.kind.value)
 
     async def locate(request: LocateRequest) -> LocateReply:
         try:
@@ -92,7 +76,7 @@ async def start(runtime: Runtime) -> None:
         except InvalidIdentifierError:
             return LocateReply(hubs=[])
         async with runtime.db.read_sessions() as session:
-            hubs = await hubs_for(session, key)
+            hubs = await repository.hubs_for(session, key)
         return LocateReply(hubs=hubs, behind=not await caught_up())
 
     async def caught_up() -> bool:
@@ -106,7 +90,7 @@ async def start(runtime: Runtime) -> None:
     async def hub_of(code: str) -> str | None:
         """The registry is the directory: it asks its own database, not itself over HTTP."""
         async with runtime.db.read_sessions() as session:
-            institution = await session.get(Institution, code)
+            institution = await repository.institution(session, code)
         return institution.hub if institution is not None else None
 
     consumer = contract.durable(contract.Role.REGISTRY, streams.EXCHANGE)
@@ -119,23 +103,3 @@ async def start(runtime: Runtime) -> None:
     )
     await runtime.bus.serve(subjects.REGISTRY_LOCATE, "registry", LocateRequest, locate)
     await _serve_adds(runtime, hub_of)
-
-
-async def statistics(session: AsyncSession) -> dict[str, object]:
-    async def grouped(column: object) -> dict[str, int]:
-        rows = (await session.execute(select(column, func.count()).group_by(column))).all()  # type: ignore[call-overload]
-        return {str(key): int(count) for key, count in rows}
-
-    exchanges = (
-        await session.execute(
-            select(ExchangeCount.month, ExchangeCount.kind, ExchangeCount.count).order_by(ExchangeCount.month)
-        )
-    ).all()
-    return {
-        "institutions": {
-            "by_kind": await grouped(Institution.kind),
-            "by_region": await grouped(Institution.region),
-            "by_state": await grouped(Institution.state),
-        },
-        "exchanges_per_month": [{"month": m, "kind": k, "count": c} for m, k, c in exchanges],
-    }
