@@ -157,12 +157,13 @@ def _locations(bundle: dict[str, Any], resource_type: str) -> list[str]:
 
 
 class Scenario:
+    """The scenario's steps in order; each returns the one-line detail printed in the timeline."""
+
     def __init__(self, federation: Federation, api: Api, instances: int) -> None:
         if len(federation.hubs) < 2:
             raise DemoError("the demo needs two hubs (hie up --hubs 2)")
         self.f = federation
         self.api = api
-        self.instances = instances
         self.hub1: HubEntry = federation.hubs[0]
         self.hub2: HubEntry = federation.hubs[1]
         self.clinic = next(
@@ -172,6 +173,15 @@ class Scenario:
         self.agency = federation.agency
         self.result = DemoResult()
         self.rng = random.Random()
+        self.instances = instances
+        self.pacs = DemoPacs("DEMO_PACS")
+        # The scenario's patient and CT series, drawn when it runs (a test seeds self.rng before).
+        self.rrn = ""
+        self.series: list[Dataset] = []
+        self.sent_pixels: dict[str, bytes] = {}
+        self.study_uid = ""
+        self.docrefs: list[str] = []
+        self.returned: list[str] = []
 
     async def step(self, name: str, action: Callable[[], Awaitable[str]]) -> None:
         started = time.perf_counter()
@@ -209,222 +219,213 @@ class Scenario:
         response = await self.api.call("GET", f"{hub.gateway.status_url}/studies/{study_uid}", self.agency)
         return response.json() if response.status_code == 200 else None
 
+    async def push(self, series: list[Dataset]) -> dict[str, int]:
+        """C-STORE a series from the clinic's PACS to hub 1's gateway; the status of each instance."""
+        gateway = self.hub1.gateway
+        ae_title = self.clinic.dicom_ae or "DEMO_SCU"
+        return await asyncio.to_thread(
+            send_series, series, gateway.host, gateway.port, gateway.ae_title, ae_title
+        )
+
+    async def documents_at_hub2(self, rrn: str) -> dict[str, Any]:
+        """ITI-67 at hub 2 as the hospital: the patient's DocumentReference search Bundle."""
+        response = await self.api.call(
+            "GET",
+            f"{self.hub2.fhir_base}/DocumentReference",
+            self.hospital,
+            params={"patient.identifier": f"{RRN_SYSTEM}|{rrn}"},
+        )
+        return _expect(response, 200, "searching hub 2 (ITI-67)")
+
     async def run(self) -> DemoResult:
-        r = self.result
-        pacs = DemoPacs("DEMO_PACS")
-        await asyncio.to_thread(pacs.start)
+        await asyncio.to_thread(self.pacs.start)
         try:
-            await self._run(pacs)
+            await self._run(self.pacs)
         finally:
-            await asyncio.to_thread(pacs.stop)
-        return r
+            await asyncio.to_thread(self.pacs.stop)
+        return self.result
 
     async def _run(self, pacs: DemoPacs) -> None:
+        """Every step in order, with `pacs` (started) as the hospital's PACS."""
+        self.pacs = pacs
+        self.rrn = self.result.rrn = demo_rrn(self.rng)
+        self.series = make_ct_series(self.instances)
+        self.sent_pixels = pixel_bytes(self.series)
+        self.study_uid = str(self.series[0].StudyInstanceUID)
+        for name, action in self.steps():
+            await self.step(name, action)
+
+    def steps(self) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
+        return [
+            ("agency registers the hospital's PACS", self.register_pacs),
+            ("patient consents at the clinic (hub 1)", self.consent),
+            ("clinic publishes referral + care record summary", self.refer),
+            ("clinic PACS pushes the CT series to its hub gateway", self.push_ct),
+            ("referral appears in the hospital's inbox (hub 2)", self.inbox),
+            ("hospital finds and retrieves the documents", self.read),
+            ("CT series arrives at the hospital's PACS", self.ct_arrives),
+            ("hospital accepts the referral", lambda: self.set_task("accepted")),
+            ("hospital sends the return note", self.give_return),
+            ("hospital completes the referral", lambda: self.set_task("completed", self.returned)),
+            ("patient's exchange history lists both", self.history),
+            ("referral without consent is refused, no image leaves", self.refused),
+        ]
+
+    # --- the steps -------------------------------------------------------------------------------
+
+    async def register_pacs(self) -> str:
+        response = await self.api.call(
+            "PUT",
+            f"{self.f.registry_url}/institutions/{self.hospital.code}/dicom",
+            self.agency,
+            json={"ae_title": self.pacs.ae_title, "host": "127.0.0.1", "port": self.pacs.port},
+        )
+        _expect(response, 200, "registering the hospital's PACS")
+        return f"{self.hospital.name} PACS at 127.0.0.1:{self.pacs.port}"
+
+    async def consent(self) -> str:
+        body = consent_resource(self.rrn, self.clinic.code, ConsentPolicy.ENTIRE_CONSENT)
+        response = await self.api.call("POST", f"{self.f.consent_url}/fhir/Consent", self.clinic, json=body)
+        _expect(response, 201, "recording consent")
+        return f"ENTIRE_CONSENT at {self.clinic.name}"
+
+    async def refer(self) -> str:
+        response = await self.referral(self.rrn, self.series)
+        bundle = _expect(response, 200, "publishing the referral (ITI-65)")
+        self.docrefs = _locations(bundle, "DocumentReference")
+        return f"{len(self.docrefs)} documents to {self.hospital.name}"
+
+    async def push_ct(self) -> str:
+        statuses = await self.push(self.series)
+        failed = [s for s in statuses.values() if s != 0]
+        if failed:
+            raise DemoError(f"C-STORE to the hub 1 gateway failed for {len(failed)} instances")
+        self.result.instances_sent = len(statuses)
+        return f"{len(statuses)} CT instances C-STOREd to {self.hub1.gateway.ae_title}"
+
+    async def inbox(self) -> str:
+        owner = f"{KRNPI_SYSTEM}|{self.hospital.code}"
+
+        async def probe() -> dict[str, Any] | None:
+            response = await self.api.call(
+                "GET",
+                f"{self.hub2.fhir_base}/Task",
+                self.hospital,
+                params={"owner": owner, "status": "received"},
+            )
+            for entry in response.json().get("entry", []) if response.status_code == 200 else []:
+                task: dict[str, Any] = entry["resource"]
+                if task.get("focus", {}).get("reference", "").split("/")[-1] in self.docrefs:
+                    return task
+            return None
+
+        task = await _until("the referral in the hospital's inbox", probe)
+        self.result.referral_task_id = task["id"]
+        return f"Task/{task['id']} status {task['status']}"
+
+    async def read(self) -> str:
         r = self.result
-        rrn = r.rrn = demo_rrn(self.rng)
-        series = make_ct_series(self.instances)
-        sent_pixels = pixel_bytes(series)
-        study_uid = str(series[0].StudyInstanceUID)
-        state: dict[str, Any] = {}
+        for entry in (await self.documents_at_hub2(self.rrn)).get("entry", []):
+            url = entry["resource"]["content"][0]["attachment"]["url"]
+            doc = await self.api.call("GET", f"{self.hub2.fhir_base}/{url}", self.hospital)
+            _expect(doc, 200, f"retrieving {url} (ITI-68)")
+            r.documents_read += 1
+        if r.documents_read < 2:
+            raise DemoError(f"expected the referral and the CRS at hub 2, found {r.documents_read}")
+        return f"{r.documents_read} documents found and retrieved"
 
-        async def register_pacs() -> str:
+    async def ct_arrives(self) -> str:
+        expected = len(self.sent_pixels)
+
+        async def probe() -> int | None:
+            got = self.pacs.received_for(self.study_uid)
+            return len(got) if len(got) >= expected else None
+
+        try:
+            await _until("the CT series at the hospital's PACS", probe)
+        except DemoError as exc:
+            # Say where the study stands at each gateway, and why it is stuck.
+            where = [
+                f"{h.slug}: {await self.gateway_status(h, self.study_uid)}" for h in (self.hub1, self.hub2)
+            ]
+            there = len(self.pacs.received_for(self.study_uid))
+            raise DemoError(f"{exc}; {there} there; {'; '.join(where)}") from None
+        received = self.pacs.received_for(self.study_uid)
+        identical = sum(1 for uid, px in received.items() if self.sent_pixels.get(uid) == px)
+        self.result.instances_identical = identical
+        if identical != expected:
+            raise DemoError(f"only {identical}/{expected} instances arrived identical")
+        return f"{identical}/{expected} instances, pixel data identical"
+
+    async def set_task(self, status: str, output: list[str] | None = None) -> str:
+        url = f"{self.hub2.fhir_base}/Task/{self.result.referral_task_id}"
+        task = _expect(await self.api.call("GET", url, self.hospital), 200, "reading the Task")
+        task["status"] = status
+        if output:
+            task["output"] = [
+                {
+                    "type": {"text": "return note"},
+                    "valueReference": {"reference": f"DocumentReference/{doc_id}"},
+                }
+                for doc_id in output
+            ]
+        _expect(await self.api.call("PUT", url, self.hospital, json=task), 200, f"setting the Task {status}")
+        return f"Task/{self.result.referral_task_id} {status}"
+
+    async def give_return(self) -> str:
+        doc = build_document(
+            DocumentType.RETURN,
+            author_code=self.hospital.code,
+            author_name=self.hospital.name,
+            patient_rrn=self.rrn,
+            recipient_code=self.clinic.code,
+        )
+        submission = build_submission(
+            [doc], author_code=self.hospital.code, patient_rrn=self.rrn, recipients=[self.clinic.code]
+        )
+        response = await self.api.call("POST", self.hub2.fhir_base, self.hospital, json=submission)
+        self.returned = _locations(_expect(response, 200, "publishing the return note"), "DocumentReference")
+        return f"return note to {self.clinic.name}"
+
+    async def history(self) -> str:
+        async def probe() -> list[str] | None:
             response = await self.api.call(
-                "PUT",
-                f"{self.f.registry_url}/institutions/{self.hospital.code}/dicom",
+                "GET",
+                f"{self.f.consent_url}/exchange-history",
                 self.agency,
-                json={"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port},
+                params={"patient.identifier": f"{RRN_SYSTEM}|{self.rrn}"},
             )
-            _expect(response, 200, "registering the hospital's PACS")
-            return f"{self.hospital.name} PACS at 127.0.0.1:{pacs.port}"
+            entries = response.json() if response.status_code == 200 else []
+            # One line per exchange (status updates of the same exchange repeat its kind).
+            kinds = list({e["exchange_id"]: e["kind"] for e in reversed(entries)}.values())
+            return kinds if {"referral", "return"} <= set(kinds) else None
 
-        async def consent() -> str:
-            body = consent_resource(rrn, self.clinic.code, ConsentPolicy.ENTIRE_CONSENT)
-            response = await self.api.call(
-                "POST", f"{self.f.consent_url}/fhir/Consent", self.clinic, json=body
-            )
-            _expect(response, 201, "recording consent")
-            return f"ENTIRE_CONSENT at {self.clinic.name}"
+        self.result.history_kinds = await _until("the exchange history", probe)
+        return ", ".join(self.result.history_kinds)
 
-        async def refer() -> str:
-            response = await self.referral(rrn, series)
-            bundle = _expect(response, 200, "publishing the referral (ITI-65)")
-            state["docrefs"] = _locations(bundle, "DocumentReference")
-            return f"{len(state['docrefs'])} documents to {self.hospital.name}"
-
-        async def push_ct() -> str:
-            statuses = await asyncio.to_thread(
-                send_series,
-                series,
-                self.hub1.gateway.host,
-                self.hub1.gateway.port,
-                self.hub1.gateway.ae_title,
-                self.clinic.dicom_ae or "DEMO_SCU",
-            )
-            failed = [s for s in statuses.values() if s != 0]
-            if failed:
-                raise DemoError(f"C-STORE to the hub 1 gateway failed for {len(failed)} instances")
-            r.instances_sent = len(statuses)
-            return f"{len(statuses)} CT instances C-STOREd to {self.hub1.gateway.ae_title}"
-
-        async def inbox() -> str:
-            owner = f"{KRNPI_SYSTEM}|{self.hospital.code}"
-
-            async def probe() -> dict[str, Any] | None:
-                response = await self.api.call(
-                    "GET",
-                    f"{self.hub2.fhir_base}/Task",
-                    self.hospital,
-                    params={"owner": owner, "status": "received"},
-                )
-                for entry in response.json().get("entry", []) if response.status_code == 200 else []:
-                    task: dict[str, Any] = entry["resource"]
-                    focus = task.get("focus", {}).get("reference", "")
-                    if focus.split("/")[-1] in state["docrefs"]:
-                        return task
-                return None
-
-            task = await _until("the referral in the hospital's inbox", probe)
-            r.referral_task_id = task["id"]
-            return f"Task/{task['id']} status {task['status']}"
-
-        async def read() -> str:
-            response = await self.api.call(
-                "GET",
-                f"{self.hub2.fhir_base}/DocumentReference",
-                self.hospital,
-                params={"patient.identifier": f"{RRN_SYSTEM}|{rrn}"},
-            )
-            bundle = _expect(response, 200, "finding the documents (ITI-67)")
-            for entry in bundle.get("entry", []):
-                url = entry["resource"]["content"][0]["attachment"]["url"]
-                doc = await self.api.call("GET", f"{self.hub2.fhir_base}/{url}", self.hospital)
-                _expect(doc, 200, f"retrieving {url} (ITI-68)")
-                r.documents_read += 1
-            if r.documents_read < 2:
-                raise DemoError(f"expected the referral and the CRS at hub 2, found {r.documents_read}")
-            return f"{r.documents_read} documents found and retrieved"
-
-        async def ct_arrives() -> str:
-            async def probe() -> int | None:
-                got = pacs.received_for(study_uid)
-                return len(got) if len(got) >= len(sent_pixels) else None
-
-            try:
-                await _until("the CT series at the hospital's PACS", probe)
-            except DemoError as exc:
-                # Say where the study stands at each gateway, and why it is stuck.
-                where = [
-                    f"{h.slug}: {await self.gateway_status(h, study_uid)}" for h in (self.hub1, self.hub2)
-                ]
-                raise DemoError(
-                    f"{exc}; {len(pacs.received_for(study_uid))} there; {'; '.join(where)}"
-                ) from None
-            received = pacs.received_for(study_uid)
-            r.instances_identical = sum(1 for uid, px in received.items() if sent_pixels.get(uid) == px)
-            if r.instances_identical != len(sent_pixels):
-                raise DemoError(
-                    f"only {r.instances_identical}/{len(sent_pixels)} instances arrived identical"
-                )
-            return f"{r.instances_identical}/{len(sent_pixels)} instances, pixel data identical"
-
-        async def set_task(status: str, output: list[str] | None = None) -> str:
-            url = f"{self.hub2.fhir_base}/Task/{r.referral_task_id}"
-            task = _expect(await self.api.call("GET", url, self.hospital), 200, "reading the Task")
-            task["status"] = status
-            if output:
-                task["output"] = [
-                    {
-                        "type": {"text": "return note"},
-                        "valueReference": {"reference": f"DocumentReference/{doc_id}"},
-                    }
-                    for doc_id in output
-                ]
-            _expect(
-                await self.api.call("PUT", url, self.hospital, json=task), 200, f"setting the Task {status}"
-            )
-            return f"Task/{r.referral_task_id} {status}"
-
-        async def give_return() -> str:
-            doc = build_document(
-                DocumentType.RETURN,
-                author_code=self.hospital.code,
-                author_name=self.hospital.name,
-                patient_rrn=rrn,
-                recipient_code=self.clinic.code,
-            )
-            submission = build_submission(
-                [doc], author_code=self.hospital.code, patient_rrn=rrn, recipients=[self.clinic.code]
-            )
-            response = await self.api.call("POST", self.hub2.fhir_base, self.hospital, json=submission)
-            state["return"] = _locations(
-                _expect(response, 200, "publishing the return note"), "DocumentReference"
-            )
-            return f"return note to {self.clinic.name}"
-
-        async def history() -> str:
-            async def probe() -> list[str] | None:
-                response = await self.api.call(
-                    "GET",
-                    f"{self.f.consent_url}/exchange-history",
-                    self.agency,
-                    params={"patient.identifier": f"{RRN_SYSTEM}|{rrn}"},
-                )
-                entries = response.json() if response.status_code == 200 else []
-                # One line per exchange (status updates of the same exchange repeat its kind).
-                kinds = list({e["exchange_id"]: e["kind"] for e in reversed(entries)}.values())
-                return kinds if {"referral", "return"} <= set(kinds) else None
-
-            r.history_kinds = await _until("the exchange history", probe)
-            return ", ".join(r.history_kinds)
-
-        async def refused() -> str:
-            rrn2 = demo_rrn(self.rng)
-            series2 = make_ct_series(3)
-            response = await self.referral(rrn2, series2)
-            r.refused_status = response.status_code
-            r.refused_outcome = response.json() if response.content else {}
-            if response.status_code != 403:
-                raise DemoError(f"a referral without consent was answered {response.status_code}, not 403")
-            await asyncio.to_thread(
-                send_series,
-                series2,
-                self.hub1.gateway.host,
-                self.hub1.gateway.port,
-                self.hub1.gateway.ae_title,
-                self.clinic.dicom_ae or "DEMO_SCU",
-            )
-            uid2 = str(series2[0].StudyInstanceUID)
-            status = await _until(
-                "the gateway to register the held study",
-                lambda: self.gateway_status(self.hub1, uid2),
-                timeout=30,
-            )
-            r.refused_study_relayed = int(status.get("relayed", 0))
-            search = await self.api.call(
-                "GET",
-                f"{self.hub2.fhir_base}/DocumentReference",
-                self.hospital,
-                params={"patient.identifier": f"{RRN_SYSTEM}|{rrn2}"},
-            )
-            r.refused_found_at_hub2 = len(_expect(search, 200, "searching hub 2").get("entry", []))
-            r.refused_instances_at_pacs = len(pacs.received_for(uid2))
-            return (
-                f"403 {r.refused_outcome.get('issue', [{}])[0].get('diagnostics', '')[:60]}; "
-                f"held at hub 1 ({status.get('state')}), 0 relayed"
-            )
-
-        await self.step("agency registers the hospital's PACS", register_pacs)
-        await self.step("patient consents at the clinic (hub 1)", consent)
-        await self.step("clinic publishes referral + care record summary", refer)
-        await self.step("clinic PACS pushes the CT series to its hub gateway", push_ct)
-        await self.step("referral appears in the hospital's inbox (hub 2)", inbox)
-        await self.step("hospital finds and retrieves the documents", read)
-        await self.step("CT series arrives at the hospital's PACS", ct_arrives)
-        await self.step("hospital accepts the referral", lambda: set_task("accepted"))
-        await self.step("hospital sends the return note", give_return)
-        await self.step("hospital completes the referral", lambda: set_task("completed", state["return"]))
-        await self.step("patient's exchange history lists both", history)
-        await self.step("referral without consent is refused, no image leaves", refused)
+    async def refused(self) -> str:
+        """A patient without consent: the referral is refused and their CT is held at hub 1."""
+        r = self.result
+        rrn, series = demo_rrn(self.rng), make_ct_series(3)
+        response = await self.referral(rrn, series)
+        r.refused_status = response.status_code
+        r.refused_outcome = response.json() if response.content else {}
+        if response.status_code != 403:
+            raise DemoError(f"a referral without consent was answered {response.status_code}, not 403")
+        await self.push(series)
+        study_uid = str(series[0].StudyInstanceUID)
+        status = await _until(
+            "the gateway to register the held study",
+            lambda: self.gateway_status(self.hub1, study_uid),
+            timeout=30,
+        )
+        r.refused_study_relayed = int(status.get("relayed", 0))
+        r.refused_found_at_hub2 = len((await self.documents_at_hub2(rrn)).get("entry", []))
+        r.refused_instances_at_pacs = len(self.pacs.received_for(study_uid))
+        return (
+            f"403 {r.refused_outcome.get('issue', [{}])[0].get('diagnostics', '')[:60]}; "
+            f"held at hub 1 ({status.get('state')}), 0 relayed"
+        )
 
 
 async def run_demo(federation: Federation, instances: int = 20) -> DemoResult:

@@ -50,6 +50,13 @@ class Child:
     url: str | None = None
 
 
+@dataclass(frozen=True)
+class HubPorts:
+    node: int
+    gateway: int
+    dicom: int
+
+
 @dataclass
 class LaunchOptions:
     data_dir: Path
@@ -71,6 +78,8 @@ class Launcher:
         self.children: list[Child] = []
         self.nats: NatsServer | None = None
         self._lock: int | None = None
+        self._secrets: dict[str, str] = {}
+        self._registry_port = 0
 
     # --- databases ---------------------------------------------------------------------------
 
@@ -143,6 +152,38 @@ class Launcher:
         return self.nats.user_url(user, secrets[f"nats:{user}"])
 
     def start(self) -> Federation:
+        """Lock the data directory, start nats-server, the registry, consent and each hub (node and
+        gateway), wait until all answer, and write the address book (federation.json)."""
+        self._prepare_data_dir()
+        host = self.options.host
+        hubs = [hub.hub for hub in seed.HUBS[: self.options.hubs] if hub.hub is not None]
+        # Users for every demo hub, running or not: a hub started beside the launcher (bench/hub_bench.py's
+        # knuh at scale) connects as its own hub, never as another's.
+        self._secrets = self._start_nats([h.hub for h in seed.HUBS if h.hub is not None])
+        self._registry_port = free_port(host)
+        ports = {slug: HubPorts(free_port(host), free_port(host), free_port(host)) for slug in hubs}
+        self._write_topology(ports)
+        self._wait_ready([self._spawn_registry()])
+        consent_port = free_port(host)
+        self._spawn_consent(consent_port)
+        entries = [self._spawn_hub(slug, ports[slug]) for slug in hubs]
+        self._wait_ready(self.children)  # consent and the hubs start together; the registry is ready
+        assert self.nats is not None
+        federation = Federation(
+            data_dir=str(self.data),
+            nats_url=self.nats.url,
+            registry_url=self._url(self._registry_port),
+            consent_url=self._url(consent_port),
+            hubs=entries,
+            institutions=self._institutions(set(hubs)),
+        )
+        federation.write(self.data / "federation.json")
+        return federation
+
+    def _url(self, port: int) -> str:
+        return f"http://{self.options.host}:{port}"
+
+    def _prepare_data_dir(self) -> None:
         try:
             self._lock = lock_data_dir(self.data)  # before anything in the directory is touched
         except DataDirBusy as exc:
@@ -150,154 +191,122 @@ class Launcher:
         lock_down(self.data)
         for folder in (self.logs, self.data / "db", self.data / "spool"):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _env(self, prefix: str, name: str, port: int, user: str, **extra: str) -> dict[str, str]:
+        """A service's environment: its NATS user, port, node name, the registry, its database."""
+        values = {
+            "HOST": self.options.host,
+            "ENVIRONMENT": "development",
+            "NATS_URL": self.nats_url(user, self._secrets),
+            "PORT": str(port),
+            "NODE": name,
+            "REGISTRY_URL": self._url(self._registry_port),
+            **extra,
+        }
+        return {f"{prefix}{k}": v for k, v in values.items()} | self._database_env(prefix, name)
+
+    def _write_topology(self, ports: dict[str, HubPorts]) -> None:
+        """Where each hub will listen, for the registry's seed (written before any hub starts)."""
         host = self.options.host
-        hubs = seed.HUBS[: self.options.hubs]
-        # Users for every demo hub, running or not: a hub started beside the launcher (bench/hub_bench.py's
-        # knuh at scale) connects as its own hub, never as another's.
-        secrets = self._start_nats([h.hub for h in seed.HUBS if h.hub is not None])
-        assert self.nats is not None
-        common = {"HOST": host, "ENVIRONMENT": "development"}
-
-        def env(prefix: str, name: str, port: int, user: str, **extra: str) -> dict[str, str]:
-            values = {
-                **common,
-                "NATS_URL": self.nats_url(user, secrets),
-                "PORT": str(port),
-                "NODE": name,
-                "REGISTRY_URL": registry_url,
-                **extra,
+        hubs = {
+            slug: {
+                "fhir_base": f"http://{host}:{hub.node}/fhir",
+                "gateway": {"ae_title": seed.hub_gateway_ae(slug), "host": host, "port": hub.dicom},
             }
-            return {f"{prefix}{k}": v for k, v in values.items()} | self._database_env(prefix, name)
+            for slug, hub in ports.items()
+        }
+        write_private(self.data / "topology.json", json.dumps({"hubs": hubs}, indent=2))
 
-        registry_port = free_port(host)
-        registry_url = f"http://{host}:{registry_port}"
-        topology: dict[str, dict[str, object]] = {"hubs": {}}
-        hub_ports: dict[str, tuple[int, int, int]] = {}
-        for hub in hubs:
-            assert hub.hub is not None
-            node_port, gw_http, gw_dicom = free_port(host), free_port(host), free_port(host)
-            hub_ports[hub.hub] = (node_port, gw_http, gw_dicom)
-            topology["hubs"][hub.hub] = {
-                "fhir_base": f"http://{host}:{node_port}/fhir",
-                "gateway": {"ae_title": seed.hub_gateway_ae(hub.hub), "host": host, "port": gw_dicom},
-            }
-        write_private(self.data / "topology.json", json.dumps(topology, indent=2))
-
-        registry = self._spawn(
+    def _spawn_registry(self) -> Child:
+        env = self._env(
+            "HIE_REGISTRY_",
             "registry",
-            "hie_registry",
-            env(
-                "HIE_REGISTRY_",
-                "registry",
-                registry_port,
-                "registry",
-                CONSOLE_SESSION_SECRET=secrets["console_session_secret"],
-                SEED_DEMO="true",
-                CREDENTIALS_FILE=str(self.data / "credentials.json"),
-                TOPOLOGY_FILE=str(self.data / "topology.json"),
-            ),
-            registry_url,
+            self._registry_port,
+            "registry",
+            CONSOLE_SESSION_SECRET=self._secrets["console_session_secret"],
+            SEED_DEMO="true",
+            CREDENTIALS_FILE=str(self.data / "credentials.json"),
+            TOPOLOGY_FILE=str(self.data / "topology.json"),
         )
-        self._wait_ready([registry])
+        return self._spawn("registry", "hie_registry", env, self._url(self._registry_port))
 
-        consent_port = free_port(host)
-        consent = self._spawn(
+    def _spawn_consent(self, port: int) -> Child:
+        env = self._env(
+            "HIE_CONSENT_",
             "consent",
-            "hie_consent",
-            env(
-                "HIE_CONSENT_",
-                "consent",
-                consent_port,
-                "consent",
-                PATIENT_KEY_SECRET=secrets["patient_key_secret"],
-                PORTAL_SESSION_SECRET=secrets["portal_session_secret"],
-            ),
-            f"http://{host}:{consent_port}",
+            port,
+            "consent",
+            PATIENT_KEY_SECRET=self._secrets["patient_key_secret"],
+            PORTAL_SESSION_SECRET=self._secrets["portal_session_secret"],
         )
-        hub_children: list[Child] = [consent]
-        entries: list[HubEntry] = []
-        for hub in hubs:
-            assert hub.hub is not None
-            node_port, gw_http, gw_dicom = hub_ports[hub.hub]
-            node_url = f"http://{host}:{node_port}"
-            gw_url = f"http://{host}:{gw_http}"
-            hub_children.append(
-                self._spawn(
-                    f"hub-{hub.hub}",
-                    "hie_hub",
-                    env(
-                        "HIE_HUB_",
-                        f"hub-{hub.hub}",
-                        node_port,
-                        nats_accounts.hub_user(hub.hub),
-                        HUB=hub.hub,
-                        PATIENT_KEY_SECRET=secrets["patient_key_secret"],
-                        AUDIT_CHECKPOINT_KEY_FILE=str(self.data / "keys" / f"audit-checkpoint-{hub.hub}.pem"),
-                    ),
-                    node_url,
-                )
-            )
-            hub_children.append(
-                self._spawn(
-                    f"imaging-{hub.hub}",
-                    "hie_imaging",
-                    env(
-                        "HIE_IMAGING_",
-                        f"imaging-{hub.hub}",
-                        gw_http,
-                        nats_accounts.hub_user(hub.hub),
-                        HUB=hub.hub,
-                        DICOM_PORT=str(gw_dicom),
-                        AE_TITLE=seed.hub_gateway_ae(hub.hub),
-                        SPOOL_DIR=str(self.data / "spool" / hub.hub),
-                        # A developer's own PACS (a container, another machine) may call from anywhere
-                        # in the local run; outside it a registered AE is bound to its registered host.
-                        BIND_CALLERS_TO_HOST="false",
-                    ),
-                    gw_url,
-                )
-            )
-            entries.append(
-                HubEntry(
-                    slug=hub.hub,
-                    code=hub.code,
-                    name=hub.name,
-                    node_url=node_url,
-                    fhir_base=f"{node_url}/fhir",
-                    gateway=Gateway(
-                        ae_title=seed.hub_gateway_ae(hub.hub), host=host, port=gw_dicom, status_url=gw_url
-                    ),
-                )
-            )
-        self._wait_ready(hub_children)
+        return self._spawn("consent", "hie_consent", env, self._url(port))
 
+    def _spawn_hub(self, slug: str, ports: HubPorts) -> HubEntry:
+        """A hub node and its imaging gateway, both connected to NATS as the hub's user."""
+        user, node_url, gateway_url = (
+            nats_accounts.hub_user(slug),
+            self._url(ports.node),
+            self._url(ports.gateway),
+        )
+        node_env = self._env(
+            "HIE_HUB_",
+            f"hub-{slug}",
+            ports.node,
+            user,
+            HUB=slug,
+            PATIENT_KEY_SECRET=self._secrets["patient_key_secret"],
+            AUDIT_CHECKPOINT_KEY_FILE=str(self.data / "keys" / f"audit-checkpoint-{slug}.pem"),
+        )
+        self._spawn(f"hub-{slug}", "hie_hub", node_env, node_url)
+        ae_title = seed.hub_gateway_ae(slug)
+        gateway_env = self._env(
+            "HIE_IMAGING_",
+            f"imaging-{slug}",
+            ports.gateway,
+            user,
+            HUB=slug,
+            DICOM_PORT=str(ports.dicom),
+            AE_TITLE=ae_title,
+            SPOOL_DIR=str(self.data / "spool" / slug),
+            # A developer's own PACS (a container, another machine) may call from anywhere
+            # in the local run; outside it a registered AE is bound to its registered host.
+            BIND_CALLERS_TO_HOST="false",
+        )
+        self._spawn(f"imaging-{slug}", "hie_imaging", gateway_env, gateway_url)
+        hub = next(h for h in seed.HUBS if h.hub == slug)
+        return HubEntry(
+            slug=slug,
+            code=hub.code,
+            name=hub.name,
+            node_url=node_url,
+            fhir_base=f"{node_url}/fhir",
+            gateway=Gateway(
+                ae_title=ae_title, host=self.options.host, port=ports.dicom, status_url=gateway_url
+            ),
+        )
+
+    def _institutions(self, served: set[str]) -> list[InstitutionEntry]:
+        """The seeded institutions of the running hubs (and the agency) with their client secrets."""
         credentials: dict[str, str] = json.loads((self.data / "credentials.json").read_text())
         with httpx.Client(timeout=5.0) as http:
-            directory = http.get(f"{registry_url}/institutions").json()
-        served = {h.hub for h in hubs}
-        institutions = [
-            InstitutionEntry(
-                code=i["code"],
-                name=i["name"],
-                kind=i["kind"],
-                hub=i["hub"],
-                client_id=seed.AGENCY_CLIENT_ID if i["kind"] == "agency" else i["code"],
-                client_secret=credentials[seed.AGENCY_CLIENT_ID if i["kind"] == "agency" else i["code"]],
-                dicom_ae=(i.get("dicom") or {}).get("ae_title"),
+            directory = http.get(f"{self._url(self._registry_port)}/institutions").json()
+        entries = []
+        for i in directory:
+            if i["kind"] != "agency" and i["hub"] not in served:
+                continue
+            client_id = seed.AGENCY_CLIENT_ID if i["kind"] == "agency" else i["code"]
+            entries.append(
+                InstitutionEntry(
+                    code=i["code"],
+                    name=i["name"],
+                    kind=i["kind"],
+                    hub=i["hub"],
+                    client_id=client_id,
+                    client_secret=credentials[client_id],
+                    dicom_ae=(i.get("dicom") or {}).get("ae_title"),
+                )
             )
-            for i in directory
-            if i["kind"] == "agency" or i["hub"] in served
-        ]
-        federation = Federation(
-            data_dir=str(self.data),
-            nats_url=self.nats.url,
-            registry_url=registry_url,
-            consent_url=f"http://{host}:{consent_port}",
-            hubs=entries,
-            institutions=institutions,
-        )
-        federation.write(self.data / "federation.json")
-        return federation
+        return entries
 
     def failed_child(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)

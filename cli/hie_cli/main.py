@@ -10,22 +10,15 @@ from typing import Annotated
 import typer
 
 from hie_cli import outbox_cli, registry_cli
+from hie_cli.commands import command_group
 from hie_cli.launcher import MAX_HUBS, LaunchOptions, run_until_interrupted
 from hie_platform.runtime import redact_url
 
-app = typer.Typer(
-    help="HIE federation: run it locally, demo it, operate it.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,  # plain click help: typer's rich panels print "--help <bool>"
-)
+app = command_group("HIE federation: run it locally, demo it, operate it.")
 
 app.add_typer(registry_cli.app, name="registry")
 app.add_typer(outbox_cli.app, name="outbox")
-audit_app = typer.Typer(
-    help="Check a hub's tamper-evident audit trail.", no_args_is_help=True, rich_markup_mode=None
-)
+audit_app = command_group("Check a hub's tamper-evident audit trail.")
 app.add_typer(audit_app, name="audit")
 
 DataDir = Annotated[Path, typer.Option("--data-dir", help="where databases, logs and federation.json live")]

@@ -10,17 +10,12 @@ from typing import Annotated, Any
 import typer
 from sqlalchemy import MetaData
 
+from hie_cli.commands import command_group
 from hie_platform.db import Database, platform_tables
 from hie_platform.outbox import dead_letters, retry_dead_letters
 from hie_platform.runtime import redact_url
 
-app = typer.Typer(
-    help="A service's outbox dead letters (events that could not be published).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+app = command_group("A service's outbox dead letters (events that could not be published).")
 
 DatabaseUrl = Annotated[
     str,

@@ -13,19 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hie_cli.commands import command_group
 from hie_schemas.directory import InstitutionKind, InstitutionState
 
-app = typer.Typer(
-    help="Agency operations on the registry (needs agency credentials).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-pacs_app = typer.Typer(
-    help="The DICOM endpoint (PACS) the registry lists for an institution; imaging gateways relay to it.",
-    no_args_is_help=True,
-    rich_markup_mode=None,
+app = command_group("Agency operations on the registry (needs agency credentials).")
+pacs_app = command_group(
+    "The DICOM endpoint (PACS) the registry lists for an institution; imaging gateways relay to it."
 )
 app.add_typer(pacs_app, name="pacs")
 
@@ -259,11 +252,7 @@ def pacs_show(
 
 # --- the registry's signing keys (docs/operations.md, "Signing keys") ------------------------------
 
-keys_app = typer.Typer(
-    help="The registry's token signing keys: list, rotate, retire a leaked key at once.",
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
+keys_app = command_group("The registry's token signing keys: list, rotate, retire a leaked key at once.")
 app.add_typer(keys_app, name="keys")
 KeyReason = Annotated[str, typer.Option("--reason", "-r", help="why; kept in the registry's audit trail")]
 
