@@ -124,32 +124,35 @@ def _exclusion(state: ConsentState, institutions: Sequence[str], department: str
 
 
 def decide(history: Sequence[ConsentState], query: FlowQuery) -> Decision:
-    """Apply the rule to a patient's consent history; pure and deterministic."""
+    """Apply the rule (this module's docstring) to a patient's consent history; pure and deterministic.
+
+    In order: both parties in good standing; an emergency with a justification, or the patient's own
+    request, flows without consent; otherwise the consent in force at ``at`` must be active and exclude
+    neither party nor the department, and the one in force when the record was created must have
+    covered it (consent is forward-only)."""
     now = state_at(history, query.at)
     version = now.version if now else None
     if not (query.holder_in_good_standing and query.recipient_in_good_standing):
-        return Decision(
-            permit=False,
-            rule=Rule.DENY_NOT_PARTICIPANT,
-            consent_version=version,
-            reason="a party is not in good standing",
-        )
+        return _deny(Rule.DENY_NOT_PARTICIPANT, version, "a party is not in good standing")
+    if query.purpose in (Purpose.EMERGENCY, Purpose.PATIENT_REQUEST):
+        return _without_consent(query, version)
+    if now is None:
+        return _deny(Rule.DENY_NO_CONSENT, None, "the patient has not consented")
+    refusal = _refused_now(now, query)
+    if refusal is None:
+        refusal = _refused_at_creation(history, query, now.version)
+    return refusal or Decision(
+        permit=True, rule=Rule.PERMIT_CONSENT, consent_version=version, reason="covered by consent"
+    )
 
-    if query.purpose is Purpose.EMERGENCY:
-        if not (query.justification and query.justification.strip()):
-            return Decision(
-                permit=False,
-                rule=Rule.DENY_EMERGENCY_WITHOUT_JUSTIFICATION,
-                consent_version=version,
-                reason="emergency access needs a recorded justification",
-            )
-        return Decision(
-            permit=True,
-            rule=Rule.PERMIT_EMERGENCY,
-            consent_version=version,
-            flagged=True,
-            reason="emergency access; the patient is told afterwards",
-        )
+
+def _deny(rule: Rule, version: int | None, reason: str) -> Decision:
+    return Decision(permit=False, rule=rule, consent_version=version, reason=reason)
+
+
+def _without_consent(query: FlowQuery, version: int | None) -> Decision:
+    """Emergency access (의료법 §21-2 exception, flagged to the patient) and patient-requested
+    transfers (§21-3) do not ask the consent; an emergency needs a recorded justification."""
     if query.purpose is Purpose.PATIENT_REQUEST:
         return Decision(
             permit=True,
@@ -157,41 +160,36 @@ def decide(history: Sequence[ConsentState], query: FlowQuery) -> Decision:
             consent_version=version,
             reason="transfer requested by the patient (의료법 §21-3)",
         )
+    if not (query.justification and query.justification.strip()):
+        reason = "emergency access needs a recorded justification"
+        return _deny(Rule.DENY_EMERGENCY_WITHOUT_JUSTIFICATION, version, reason)
+    return Decision(
+        permit=True,
+        rule=Rule.PERMIT_EMERGENCY,
+        consent_version=version,
+        flagged=True,
+        reason="emergency access; the patient is told afterwards",
+    )
 
-    if now is None:
-        return Decision(permit=False, rule=Rule.DENY_NO_CONSENT, reason="the patient has not consented")
+
+def _refused_now(now: ConsentState, query: FlowQuery) -> Decision | None:
+    """Point 2 of the rule: the consent in force now is active and excludes neither party nor d."""
     if not now.policy.is_active:
-        return Decision(
-            permit=False,
-            rule=Rule.DENY_WITHDRAWN,
-            consent_version=version,
-            reason="consent withdrawn",
-        )
-    excluded_now = _exclusion(now, (query.holder, query.recipient), query.holder_department)
-    if excluded_now is not None:
-        return Decision(
-            permit=False, rule=excluded_now, consent_version=version, reason="excluded by the patient"
-        )
+        return _deny(Rule.DENY_WITHDRAWN, now.version, "consent withdrawn")
+    excluded = _exclusion(now, (query.holder, query.recipient), query.holder_department)
+    return None if excluded is None else _deny(excluded, now.version, "excluded by the patient")
 
+
+def _refused_at_creation(history: Sequence[ConsentState], query: FlowQuery, version: int) -> Decision | None:
+    """Point 1 of the rule: the consent in force when the record was created covered it."""
     then = state_at(history, query.document_created_at)
     if then is None or not then.policy.is_active:
-        return Decision(
-            permit=False,
-            rule=Rule.DENY_NOT_COVERED_AT_CREATION,
-            consent_version=version,
-            reason="the record was created while no consent was in force (consent is forward-only)",
-        )
-    excluded_then = _exclusion(then, (query.holder,), query.holder_department)
-    if excluded_then is not None:
-        return Decision(
-            permit=False,
-            rule=Rule.DENY_NOT_COVERED_AT_CREATION,
-            consent_version=version,
-            reason="the holder or department was excluded when the record was created",
-        )
-    return Decision(
-        permit=True, rule=Rule.PERMIT_CONSENT, consent_version=version, reason="covered by consent"
-    )
+        reason = "the record was created while no consent was in force (consent is forward-only)"
+        return _deny(Rule.DENY_NOT_COVERED_AT_CREATION, version, reason)
+    if _exclusion(then, (query.holder,), query.holder_department) is not None:
+        reason = "the holder or department was excluded when the record was created"
+        return _deny(Rule.DENY_NOT_COVERED_AT_CREATION, version, reason)
+    return None
 
 
 def decide_replicated(history: Sequence[ConsentState], query: FlowQuery, *, feed_current: bool) -> Decision:
@@ -204,9 +202,5 @@ def decide_replicated(history: Sequence[ConsentState], query: FlowQuery, *, feed
     if feed_current or query.purpose is Purpose.EMERGENCY:
         return decide(history, query)
     now = state_at(history, query.at)
-    return Decision(
-        permit=False,
-        rule=Rule.DENY_CONSENT_FEED_STALE,
-        consent_version=now.version if now else None,
-        reason="this node has not heard the consent feed within its staleness bound (fail closed)",
-    )
+    reason = "this node has not heard the consent feed within its staleness bound (fail closed)"
+    return _deny(Rule.DENY_CONSENT_FEED_STALE, now.version if now else None, reason)

@@ -1,8 +1,7 @@
 """Complete, valid example documents and ITI-65 submissions of the Korean exchange.
 
 The demo, the tests and the docs build their FHIR JSON here so that there is one realistic shape of
-each document. The medication codes are illustrative values in the shape of HIRA EDI codes, not a
-reference list.
+each document; what the documents say by default is in ``content.py``.
 """
 
 from __future__ import annotations
@@ -12,11 +11,12 @@ import html
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Unpack
 
 from hie_schemas import codes
-from hie_schemas.codes import DOCUMENT_KINDS, DocumentType
+from hie_schemas.codes import DOCUMENT_KINDS, DocumentKind, DocumentType
 from hie_schemas.codes import Section as S
+from hie_schemas.documents.content import DEFAULT_DETAILS, SECTIONS_BY_KIND, DocumentDetails
 from hie_schemas.documents.profiles import INTENDED_RECIPIENT_URL, MHD_LIST_TYPES
 from hie_schemas.events import StudyRef
 from hie_schemas.fhir import FHIR_JSON
@@ -39,27 +39,6 @@ MHD_PROVIDE_BUNDLE = (
 INFORMATION_RECIPIENT_URL = "http://hl7.org/fhir/ccda/StructureDefinition/InformationRecipientExtension"
 _TERMINOLOGY = "http://terminology.hl7.org/CodeSystem"
 
-DEFAULT_PROBLEMS: tuple[tuple[str, str], ...] = (("I10", "본태성(원발성) 고혈압"),)
-DEFAULT_MEDICATIONS: tuple[tuple[str, str], ...] = (("645102950", "암로디핀베실산염 5mg 정"),)
-DEFAULT_RESULTS: tuple[tuple[str, str, float, str], ...] = (("4548-4", "당화혈색소(HbA1c)", 6.8, "%"),)
-
-# The sections each example document carries, in order (the required ones of codes.DOCUMENT_KINDS included).
-SECTIONS_BY_KIND: dict[DocumentType, tuple[S, ...]] = {
-    DocumentType.REFERRAL: (S.REASON_FOR_REFERRAL, S.PROBLEMS, S.MEDICATIONS, S.RESULTS),
-    DocumentType.RETURN: (S.PROBLEMS, S.MEDICATIONS, S.PROCEDURES, S.PLAN_OF_CARE),
-    DocumentType.CONSULT_REPLY: (S.PROBLEMS, S.PHYSICIAN_OPINION, S.PLAN_OF_CARE),
-    DocumentType.CARE_RECORD_SUMMARY: (
-        S.PROBLEMS,
-        S.MEDICATIONS,
-        S.ALLERGIES,
-        S.RESULTS,
-        S.PROCEDURES,
-        S.PLAN_OF_CARE,
-    ),
-    DocumentType.IMAGING_REPORT: (S.IMAGING_FINDINGS,),
-    DocumentType.TRANSFER_OPINION: (S.REASON_FOR_REFERRAL, S.PROBLEMS, S.MEDICATIONS, S.PHYSICIAN_OPINION),
-}
-
 
 def _concept(system: str, code: str, display: str) -> Json:
     return {"coding": [{"system": system, "code": code, "display": display}], "text": display}
@@ -69,9 +48,34 @@ def _status(system: str, code: str) -> Json:
     return {"coding": [{"system": f"{_TERMINOLOGY}/{system}", "code": code}]}
 
 
-def _narrative(lines: Sequence[str], status: str) -> Json:
+def narrative(lines: Sequence[str], status: str = "generated") -> Json:
+    """A section's text: the lines as an XHTML list."""
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     return {"status": status, "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><ul>{items}</ul></div>'}
+
+
+def section_code(section: S, title: str) -> Json:
+    return {"coding": [{"system": codes.section_system(section), "code": section.value}], "text": title}
+
+
+def document_type(kind: DocumentKind) -> Json:
+    """Composition.type: the K-CDA template code, and the LOINC document code where there is one."""
+    type_codings = [{"system": codes.TEMPLATE_SYSTEM, "code": kind.template_code, "display": kind.korean}]
+    if kind.loinc:
+        type_codings.append({"system": codes.LOINC, "code": kind.loinc, "display": kind.display})
+    return {"coding": type_codings, "text": kind.korean}
+
+
+def document_bundle(document_id: str, timestamp: str, entries: list[Json]) -> Json:
+    """The FHIR document Bundle around a Composition and its entries."""
+    return {
+        "resourceType": "Bundle",
+        "id": document_id,
+        "identifier": {"system": URI_SYSTEM, "value": f"urn:uuid:{document_id}"},
+        "type": "document",
+        "timestamp": timestamp,
+        "entry": entries,
+    }
 
 
 def _krnpi(code: str) -> list[Json]:
@@ -109,15 +113,97 @@ class _DocumentBuilder:
 
     def section(self, section: S) -> Json | None:
         title, writer = _SECTION_WRITERS[section]
-        narrative, entries = writer(self)
-        if not narrative and not entries:
+        lines, entries = writer(self)
+        if not lines and not entries:
             return None
-        code = {"coding": [{"system": codes.section_system(section), "code": section.value}], "text": title}
-        text = _narrative(narrative, "generated" if entries else "additional")
-        return {"title": title, "code": code, "text": text} | ({"entry": entries} if entries else {})
+        text = narrative(lines, "generated" if entries else "additional")
+        return {"title": title, "code": section_code(section, title), "text": text} | (
+            {"entry": entries} if entries else {}
+        )
 
     def study_refs(self) -> list[Json]:
         return [dict(ref) for ref, _ in self.studies]
+
+    def participants(self, patient_rrn: str, author_code: str, author_name: str) -> tuple[Json, Json]:
+        """Add the Patient and the author (Organization, Practitioner, PractitionerRole); returns
+        references to the Organization and the PractitionerRole."""
+        patient_name: str = self.options["patient_name"]
+        name = {
+            "use": "official",
+            "text": patient_name,
+            "family": patient_name[:1],
+            "given": [patient_name[1:]],
+        }
+        self.patient = self.add(
+            {
+                "resourceType": "Patient",
+                "identifier": [{"use": "official", "system": RRN_SYSTEM, "value": patient_rrn}],
+                "name": [name],
+                "gender": self.options["gender"],
+                "birthDate": self.options["birth_date"],
+            }
+        )
+        organization = self.add(
+            {
+                "resourceType": "Organization",
+                "identifier": _krnpi(author_code),
+                "active": True,
+                "name": author_name,
+            }
+        )
+        practitioner = self.add(
+            {"resourceType": "Practitioner", "name": [{"text": self.options["practitioner_name"]}]}
+        )
+        role: Json = {
+            "resourceType": "PractitionerRole",
+            "practitioner": practitioner,
+            "organization": organization,
+        }
+        department: str | None = self.options["department"]
+        if department is not None:
+            label = codes.DEPARTMENTS.get(department, department)
+            role["specialty"] = [_concept(codes.HIRA_DEPARTMENT, department, label)]
+        return organization, self.add(role)
+
+    def add_study(self, study: StudyRef) -> None:
+        """An ImagingStudy entry (a CT) identified by its Study Instance UID and accession number."""
+        identifiers: list[Json] = [
+            {"system": codes.DICOM_UID, "value": f"urn:oid:{study.study_instance_uid}"}
+        ]
+        label = "CT 촬영"
+        if study.accession_number:
+            acsn = {"coding": [{"system": V2_IDENTIFIER_TYPE, "code": "ACSN"}]}
+            identifiers.append({"type": acsn, "value": study.accession_number})
+            label += f" (검사번호 {study.accession_number})"
+        modality = [{"system": codes.DCM, "code": "CT"}]
+        ref = self.record(
+            "ImagingStudy", identifier=identifiers, status="available", modality=modality, started=self.when
+        )
+        self.studies.append((ref, label))
+
+    def composition(self, kind: DocumentType, author: Json, organization: Json) -> Json:
+        """The Composition's elements, with its sections (whose resources are added now)."""
+        wanted = list(SECTIONS_BY_KIND[kind])
+        if self.studies and S.RESULTS not in wanted and S.IMAGING_FINDINGS not in wanted:
+            wanted.append(S.RESULTS)
+        sections = [s for s in (self.section(section) for section in wanted) if s is not None]
+        return {
+            "status": "final",
+            "type": document_type(self.kind),
+            "subject": dict(self.patient),
+            "date": self.when,
+            "author": [author],
+            "title": self.kind.korean,
+            "confidentiality": "N",
+            "custodian": organization,
+            "section": sections,
+        }
+
+    def recipient(self, code: str, name: str | None) -> Json:
+        """The informationRecipient extension naming (and adding) the recipient Organization."""
+        organization = {"identifier": _krnpi(code), "name": name or f"요양기관 {code}"}
+        recipient = self.add({"resourceType": "Organization", **organization})
+        return {"url": INFORMATION_RECIPIENT_URL, "valueReference": recipient}
 
     # --- one writer per section ---
 
@@ -237,128 +323,34 @@ def build_document(
     author_code: str,
     author_name: str,
     patient_rrn: str,
-    patient_name: str = "홍길동",
-    birth_date: str = "1960-03-15",
-    gender: str = "male",
     created_at: datetime | None = None,
-    department: str | None = "0100",
-    practitioner_name: str = "김민준",
     studies: Sequence[StudyRef] = (),
     recipient_code: str | None = None,
     recipient_name: str | None = None,
-    problems: Sequence[tuple[str, str]] = DEFAULT_PROBLEMS,
-    medications: Sequence[tuple[str, str]] = DEFAULT_MEDICATIONS,
-    allergies: Sequence[str] = ("페니실린계 항생제",),
-    results: Sequence[tuple[str, str, float, str]] = DEFAULT_RESULTS,
-    procedures: Sequence[str] = ("24시간 활동혈압 측정",),
-    reason: str = "조절되지 않는 고혈압에 대한 정밀 검사 및 치료 의뢰드립니다.",
-    plan_of_care: str = "3개월 후 외래 추적 관찰, 가정 혈압 기록 지참.",
-    opinion: str = "저염식 및 규칙적인 운동을 권고합니다. 기립성 저혈압에 주의하십시오.",
-    findings: str = "흉부 CT: 급성 병변은 보이지 않음. 우하엽의 4mm 비석회화 결절, 12개월 후 추적 권고.",
     new_id: IdFactory = random_ids,
+    **details: Unpack[DocumentDetails],
 ) -> Json:
     """A complete FHIR document Bundle of the given kind, written by the institution ``author_code``.
 
     ``created_at`` must be timezone-aware (default: now in KST). ``studies`` become ImagingStudy
     entries (in the findings section of an imaging report, else in the results section). ``new_id``
-    makes every id (uuids by default; the docs pass a deterministic sequence).
+    makes every id (uuids by default; the docs pass a deterministic sequence). ``details`` override
+    DEFAULT_DETAILS.
     """
     # Not rounded down: a document must not appear older than a consent recorded a moment before it.
     when = created_at or datetime.now(KST)
     if when.tzinfo is None:
         raise ValueError("created_at must be timezone-aware")
-    options: Json = {
-        "problems": problems,
-        "medications": medications,
-        "allergies": allergies,
-        "results": results,
-        "procedures": procedures,
-        "reason": reason,
-        "plan_of_care": plan_of_care,
-        "opinion": opinion,
-        "findings": findings,
-    }
-    doc = _DocumentBuilder(kind, when, options, new_id)
+    doc = _DocumentBuilder(kind, when, {**DEFAULT_DETAILS, **details}, new_id)
     composition: Json = {"resourceType": "Composition"}
     doc.add(composition)  # the first entry; filled in below once the references exist
-    name = {"use": "official", "text": patient_name, "family": patient_name[:1], "given": [patient_name[1:]]}
-    doc.patient = doc.add(
-        {
-            "resourceType": "Patient",
-            "identifier": [{"use": "official", "system": RRN_SYSTEM, "value": patient_rrn}],
-            "name": [name],
-            "gender": gender,
-            "birthDate": birth_date,
-        }
-    )
-    organization = doc.add(
-        {
-            "resourceType": "Organization",
-            "identifier": _krnpi(author_code),
-            "active": True,
-            "name": author_name,
-        }
-    )
-    practitioner = doc.add({"resourceType": "Practitioner", "name": [{"text": practitioner_name}]})
-    role: Json = {
-        "resourceType": "PractitionerRole",
-        "practitioner": practitioner,
-        "organization": organization,
-    }
-    if department is not None:
-        label = codes.DEPARTMENTS.get(department, department)
-        role["specialty"] = [_concept(codes.HIRA_DEPARTMENT, department, label)]
-    author = doc.add(role)
+    organization, author = doc.participants(patient_rrn, author_code, author_name)
     for study in studies:
-        identifiers: list[Json] = [
-            {"system": codes.DICOM_UID, "value": f"urn:oid:{study.study_instance_uid}"}
-        ]
-        label = "CT 촬영"
-        if study.accession_number:
-            acsn = {"coding": [{"system": V2_IDENTIFIER_TYPE, "code": "ACSN"}]}
-            identifiers.append({"type": acsn, "value": study.accession_number})
-            label += f" (검사번호 {study.accession_number})"
-        modality = [{"system": codes.DCM, "code": "CT"}]
-        ref = doc.record(
-            "ImagingStudy", identifier=identifiers, status="available", modality=modality, started=doc.when
-        )
-        doc.studies.append((ref, label))
-    wanted = list(SECTIONS_BY_KIND[kind])
-    if studies and S.RESULTS not in wanted and S.IMAGING_FINDINGS not in wanted:
-        wanted.append(S.RESULTS)
-    sections = [s for s in (doc.section(section) for section in wanted) if s is not None]
-    type_codings = [
-        {"system": codes.TEMPLATE_SYSTEM, "code": doc.kind.template_code, "display": doc.kind.korean}
-    ]
-    if doc.kind.loinc:
-        type_codings.append({"system": codes.LOINC, "code": doc.kind.loinc, "display": doc.kind.display})
-    composition.update(
-        status="final",
-        type={"coding": type_codings, "text": doc.kind.korean},
-        subject=dict(doc.patient),
-        date=doc.when,
-        author=[author],
-        title=doc.kind.korean,
-        confidentiality="N",
-        custodian=organization,
-        section=sections,
-    )
+        doc.add_study(study)
+    composition.update(doc.composition(kind, author, organization))
     if recipient_code is not None:
-        recipient_org = {
-            "identifier": _krnpi(recipient_code),
-            "name": recipient_name or f"요양기관 {recipient_code}",
-        }
-        recipient = doc.add({"resourceType": "Organization", **recipient_org})
-        composition["extension"] = [{"url": INFORMATION_RECIPIENT_URL, "valueReference": recipient}]
-    document_id = new_id()
-    bundle = {
-        "resourceType": "Bundle",
-        "id": document_id,
-        "identifier": {"system": URI_SYSTEM, "value": f"urn:uuid:{document_id}"},
-        "type": "document",
-        "timestamp": doc.when,
-        "entry": doc.entries,
-    }
+        composition["extension"] = [doc.recipient(recipient_code, recipient_name)]
+    bundle = document_bundle(new_id(), doc.when, doc.entries)
     return copy.deepcopy(bundle)  # no shared sub-objects: callers may edit one element safely
 
 
@@ -383,40 +375,67 @@ def build_submission(
     references: list[Json] = []
     bundles: list[Json] = []
     for document in documents:
-        composition = document["entry"][0]["resource"]
         document_url = f"urn:uuid:{new_id()}"
         bundles.append(_transaction_entry(document_url, copy.deepcopy(document)))
-        title, date = composition["title"], composition["date"]
-        attachment = {"contentType": FHIR_JSON, "language": "ko-KR", "url": document_url, "title": title}
-        reference: Json = {
-            "resourceType": "DocumentReference",
-            "status": "current",
-            "type": copy.deepcopy(composition["type"]),
-            "subject": copy.deepcopy(subject),
-            "date": date,
-            "author": [copy.deepcopy(author)],
-            "description": title,
-            "content": [
-                {
-                    "attachment": attachment | {"creation": date},
-                    "format": {"system": IHE_FORMAT_CODES, "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient"},
-                }
-            ],
-        }
-        if "identifier" in document:
-            reference["masterIdentifier"] = copy.deepcopy(document["identifier"])
-        if relates_to:
-            reference["relatesTo"] = [
-                {"code": code, "target": {"reference": f"DocumentReference/{target}"}}
-                for code, target in relates_to
-            ]
+        reference = _document_reference(document, document_url, subject, author, relates_to)
         references.append(_transaction_entry(f"urn:uuid:{new_id()}", reference))
+    submission_set = _submission_set(author_code, recipients, subject, when, references, new_id)
+    entries = [_transaction_entry(f"urn:uuid:{new_id()}", submission_set), *references, *bundles]
+    return {
+        "resourceType": "Bundle",
+        "meta": {"profile": [MHD_PROVIDE_BUNDLE]},
+        "type": "transaction",
+        "entry": entries,
+    }
+
+
+def _document_reference(
+    document: Json, url: str, subject: Json, author: Json, relates_to: Sequence[tuple[str, str]]
+) -> Json:
+    """The DocumentReference of one document Bundle submitted at ``url``, from its Composition."""
+    composition = document["entry"][0]["resource"]
+    title, date = composition["title"], composition["date"]
+    attachment = {"contentType": FHIR_JSON, "language": "ko-KR", "url": url, "title": title}
+    reference: Json = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "type": copy.deepcopy(composition["type"]),
+        "subject": copy.deepcopy(subject),
+        "date": date,
+        "author": [copy.deepcopy(author)],
+        "description": title,
+        "content": [
+            {
+                "attachment": attachment | {"creation": date},
+                "format": {"system": IHE_FORMAT_CODES, "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient"},
+            }
+        ],
+    }
+    if "identifier" in document:
+        reference["masterIdentifier"] = copy.deepcopy(document["identifier"])
+    if relates_to:
+        reference["relatesTo"] = [
+            {"code": code, "target": {"reference": f"DocumentReference/{target}"}}
+            for code, target in relates_to
+        ]
+    return reference
+
+
+def _submission_set(
+    author_code: str,
+    recipients: Sequence[str],
+    subject: Json,
+    when: str,
+    references: list[Json],
+    new_id: IdFactory,
+) -> Json:
+    """The SubmissionSet (an MHD List): its source, its intended recipients and its DocumentReferences."""
     source = {"value": f"urn:oid:{institution_oid(author_code)}"}
     extensions: list[Json] = [{"url": IHE_SOURCE_ID_URL, "valueIdentifier": source}]
     for code in recipients:
         recipient = {"type": "Organization", "identifier": {"system": KRNPI_SYSTEM, "value": code}}
         extensions.append({"url": INTENDED_RECIPIENT_URL, "valueReference": recipient})
-    submission_set: Json = {
+    return {
         "resourceType": "List",
         "extension": extensions,
         "identifier": [
@@ -430,13 +449,6 @@ def build_submission(
         "subject": copy.deepcopy(subject),
         "date": when,
         "entry": [{"item": {"reference": entry["fullUrl"]}} for entry in references],
-    }
-    entries = [_transaction_entry(f"urn:uuid:{new_id()}", submission_set), *references, *bundles]
-    return {
-        "resourceType": "Bundle",
-        "meta": {"profile": [MHD_PROVIDE_BUNDLE]},
-        "type": "transaction",
-        "entry": entries,
     }
 
 

@@ -9,16 +9,15 @@ from in ``meta.source``. The result conforms to the CRS profile (``profiles.chec
 from __future__ import annotations
 
 import copy
-import html
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from hie_schemas import codes
 from hie_schemas.codes import DOCUMENT_KINDS, DocumentType
 from hie_schemas.codes import Section as S
+from hie_schemas.documents.builders import document_bundle, document_type, narrative, section_code
 from hie_schemas.documents.profiles import (
     SECTION_RULES,
     BundleIndex,
@@ -41,6 +40,9 @@ COLLECTED: tuple[tuple[S, str, tuple[str, ...]], ...] = (
     (S.PROCEDURES, "수술 및 처치", ("Procedure",)),
 )
 _PATIENT_ELEMENTS = ("subject", "patient")
+EMPTY_UNAVAILABLE = {
+    "coding": [{"system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "unavailable"}]
+}
 GENERATED_TAG = {
     "system": "https://hie-federation.kr/fhir/CodeSystem/document-origin",
     "code": "generated-on-request",
@@ -132,9 +134,18 @@ def _collected(sources: Iterable[SourceDocument]) -> Iterable[tuple[SourceDocume
             yield source, index, entry.resource
 
 
-def _narrative(lines: Sequence[str]) -> Json:
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><ul>{items}</ul></div>'}
+class _Entries:
+    """The entries of the summary Bundle; a resource keeps the id it has, else gets a new one."""
+
+    def __init__(self, new_id: Callable[[], str]) -> None:
+        self.new_id = new_id
+        self.entries: list[Json] = []
+
+    def add(self, resource: Json) -> Json:
+        resource_id = resource.get("id") or self.new_id()
+        resource["id"] = resource_id
+        self.entries.append({"fullUrl": f"urn:uuid:{resource_id}", "resource": resource})
+        return {"reference": f"urn:uuid:{resource_id}"}
 
 
 def build_summary(
@@ -155,80 +166,65 @@ def build_summary(
     hospital that generated it, the author the hub node (a Device named ``generator``).
     """
     kind = DOCUMENT_KINDS[DocumentType.CARE_RECORD_SUMMARY]
-    entries: list[Json] = []
-
-    def add(resource: Json) -> Json:
-        resource_id = resource.get("id") or new_id()
-        resource["id"] = resource_id
-        entries.append({"fullUrl": f"urn:uuid:{resource_id}", "resource": resource})
-        return {"reference": f"urn:uuid:{resource_id}"}
-
+    bundle = _Entries(new_id)
     composition: Json = {"resourceType": "Composition", "id": new_id()}
-    add(composition)
+    bundle.add(composition)
     patient_copy = {k: v for k, v in copy.deepcopy(patient).items() if k not in ("id", "meta")}
-    subject = add({"resourceType": "Patient", **patient_copy})
-    organization = add(
+    subject = bundle.add({"resourceType": "Patient", **patient_copy})
+    organization = bundle.add(
         {
             "resourceType": "Organization",
             "identifier": [{"use": "official", "system": KRNPI_SYSTEM, "value": custodian_code}],
             "name": custodian_name,
         }
     )
-    device = add(
+    device = bundle.add(
         {"resourceType": "Device", "deviceName": [{"name": generator, "type": "user-friendly-name"}]}
     )
     ordered = sorted(sources, key=lambda s: s.created_at, reverse=True)
-    sections: list[Json] = []
-    for section, title, resource_types in COLLECTED:
-        seen: set[str] = set()
-        refs: list[Json] = []
-        lines: list[str] = []
-        for source, index, resource in _collected(ordered):
-            if resource.get("resourceType") not in resource_types or _key(resource) in seen:
-                continue
-            if not _fits(section, resource, index):
-                continue
-            seen.add(_key(resource))
-            refs.append(add(_copy(resource, index, subject, new_id, source_url(source.document_id))))
-            lines.append(_label(resource))
-        code = {"coding": [{"system": codes.section_system(section), "code": section.value}], "text": title}
-        if refs:
-            sections.append({"title": title, "code": code, "text": _narrative(lines), "entry": refs})
-        else:
-            empty = {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/list-empty-reason",
-                        "code": "unavailable",
-                    }
-                ]
-            }
-            narrative = _narrative(["제공 가능한 기록 없음 (no record available to the requester)"])
-            sections.append({"title": title, "code": code, "text": narrative, "emptyReason": empty})
-    type_codings = [{"system": codes.TEMPLATE_SYSTEM, "code": kind.template_code, "display": kind.korean}]
-    if kind.loinc:
-        type_codings.append({"system": codes.LOINC, "code": kind.loinc, "display": kind.display})
     composition.update(
         meta={"tag": [GENERATED_TAG]},
         status="final",
-        type={"coding": type_codings, "text": kind.korean},
+        type=document_type(kind),
         subject=dict(subject),
         date=created_at.isoformat(),
         author=[device, organization],
         title=f"{kind.korean} (요청 시 생성)",
         confidentiality="N",
         custodian=organization,
-        section=sections,
+        section=[_section(collected, ordered, bundle, subject, source_url) for collected in COLLECTED],
     )
-    document_id = new_id()
-    return {
-        "resourceType": "Bundle",
-        "id": document_id,
-        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{document_id}"},
-        "type": "document",
-        "timestamp": created_at.isoformat(),
-        "entry": entries,
-    }
+    return document_bundle(new_id(), created_at.isoformat(), bundle.entries)
+
+
+def _section(
+    collected: tuple[S, str, tuple[str, ...]],
+    sources: Sequence[SourceDocument],
+    bundle: _Entries,
+    subject: Json,
+    source_url: Callable[[str], str],
+) -> Json:
+    """One section of the summary: the sources' resources of its types, once per code, newest first;
+    a section with none says why (emptyReason "unavailable")."""
+    section, title, resource_types = collected
+    seen: set[str] = set()
+    refs: list[Json] = []
+    lines: list[str] = []
+    for source, index, resource in _collected(sources):
+        if resource.get("resourceType") not in resource_types or _key(resource) in seen:
+            continue
+        if not _fits(section, resource, index):
+            continue
+        seen.add(_key(resource))
+        refs.append(
+            bundle.add(_copy(resource, index, subject, bundle.new_id, source_url(source.document_id)))
+        )
+        lines.append(_label(resource))
+    code = section_code(section, title)
+    if refs:
+        return {"title": title, "code": code, "text": narrative(lines), "entry": refs}
+    text = narrative(["제공 가능한 기록 없음 (no record available to the requester)"])
+    return {"title": title, "code": code, "text": text, "emptyReason": EMPTY_UNAVAILABLE}
 
 
 def newest_patient(sources: Sequence[SourceDocument]) -> Json | None:
