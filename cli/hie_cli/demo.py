@@ -22,8 +22,9 @@ from pydicom import Dataset
 from hie_cli.dicom_samples import make_ct_series, pixel_bytes
 from hie_cli.federation import Federation, HubEntry, InstitutionEntry
 from hie_cli.pacs import DemoPacs, send_series
-from hie_schemas.codes import CONSENT_POLICY_SYSTEM, DocumentType
+from hie_schemas.codes import DocumentType
 from hie_schemas.consent import ConsentPolicy
+from hie_schemas.consent_fhir import fhir_consent
 from hie_schemas.documents.builders import build_document, build_submission
 from hie_schemas.events import StudyRef
 from hie_schemas.fhir import FHIR_JSON
@@ -130,19 +131,10 @@ SIGNATURE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAA
 
 
 def consent_resource(rrn: str, institution: str, policy: ConsentPolicy) -> dict[str, Any]:
-    return {
-        "resourceType": "Consent",
-        "status": "active",
-        "scope": {
-            "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"identifier": {"system": RRN_SYSTEM, "value": rrn}},
+    """The Consent a clinic's EMR records at the desk, signed on the sign pad now."""
+    consent = fhir_consent({"system": RRN_SYSTEM, "value": rrn}, institution, policy.value)
+    return consent | {
         "dateTime": datetime.now(UTC).isoformat(),
-        "organization": [{"identifier": {"system": KRNPI_SYSTEM, "value": institution}}],
-        "policyRule": {"coding": [{"system": CONSENT_POLICY_SYSTEM, "code": policy.value}]},
         "sourceAttachment": {"contentType": "image/png", "data": SIGNATURE_PNG},
     }
 
