@@ -22,8 +22,9 @@ import pytest
 from sqlalchemy import select
 
 from hie_consent.config import ConsentSettings
-from hie_consent.fhir import CHANNEL_EXTENSION, EXCLUSION_REASON_EXTENSION
+from hie_consent.fhir import CHANNEL_EXTENSION
 from hie_consent.models import Base
+from hie_consent.provisions import EXCLUSION_REASON_EXTENSION
 from hie_platform.db import Database
 from hie_schemas import codes
 from hie_schemas.consent import FlowQuery

@@ -21,7 +21,7 @@ from consent_helpers import (
     new_rrn,
 )
 
-from hie_consent.fhir import EXCLUSION_REASON_EXTENSION
+from hie_consent.provisions import EXCLUSION_REASON_EXTENSION
 from hie_schemas.identifiers import RRN_SYSTEM
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00\xff\xd9"

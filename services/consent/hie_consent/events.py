@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from datetime import UTC, datetime
 
 from nats.js.errors import NotFoundError
-from sqlalchemy import func, select
 
-from hie_consent import history, service
+from hie_consent import history, repository, service
 from hie_consent.config import ConsentSettings
 from hie_consent.repository import as_utc
 from hie_platform.bus import Incoming
-from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.workers import PeriodicWorker
 from hie_schemas import contract, streams, subjects
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import CONSENT_FEED_HEARTBEAT, ConsentFeedHeartbeat, DecisionReply, DecisionRequest
 
 QUEUE = "consent"
-log = get_logger(__name__)
 
 
 async def start(runtime: Runtime, settings: ConsentSettings) -> None:
@@ -89,26 +85,23 @@ class FeedHeartbeat:
     def __init__(self, runtime: Runtime, interval: float) -> None:
         self.runtime = runtime
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        # A failing beat is logged once while it keeps failing and once when it recovers.
+        self._worker = PeriodicWorker("consent-feed-heartbeat", self._step, interval)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._worker.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._worker.stop()
+
+    async def _step(self) -> None:
+        await self.beat()
 
     async def beat(self) -> ConsentFeedHeartbeat:
         now = datetime.now(UTC)
         outbox = self.runtime.tables.outbox
         async with self.runtime.db.read_sessions() as session:
-            oldest = await session.scalar(
-                select(func.min(outbox.c.created_at)).where(
-                    outbox.c.sent_at.is_(None), outbox.c.subject == subjects.CONSENT_RECORDED
-                )
-            )
+            oldest = await repository.oldest_unsent(session, outbox, subjects.CONSENT_RECORDED)
         try:
             last = await self.runtime.bus.js.get_last_msg(streams.CONSENT.name, subjects.CONSENT_RECORDED)
             sequence = int(last.seq or 0)
@@ -121,19 +114,3 @@ class FeedHeartbeat:
         envelope = Envelope.wrap(beat, self.runtime.source)
         await self.runtime.bus.nc.publish(CONSENT_FEED_HEARTBEAT, envelope.to_bytes())
         return beat
-
-    async def _run(self) -> None:
-        failing = False
-        while True:
-            try:
-                await self.beat()
-                if failing:
-                    log.info("consent feed heartbeat resumed")
-                failing = False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not failing:
-                    log.warning("consent feed heartbeat skipped", error=f"{type(exc).__name__}: {exc}")
-                failing = True
-            await asyncio.sleep(self.interval)

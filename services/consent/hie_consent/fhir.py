@@ -42,6 +42,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hie_consent import provisions
 from hie_consent.schemas import ConsentChannel, Exclusion, ExclusionKind, Signer, SignerRelationship
 from hie_consent.signature import SignatureImage, signature_image
 from hie_platform.errors import BadRequest, Unprocessable
@@ -60,12 +61,9 @@ from hie_schemas.identifiers import (
 
 CHANNEL_EXTENSION = "https://hie-federation.kr/fhir/StructureDefinition/consent-channel"
 SIGNER_EXTENSION = "https://hie-federation.kr/fhir/StructureDefinition/consent-signer-relationship"
-EXCLUSION_REASON_EXTENSION = "https://hie-federation.kr/fhir/StructureDefinition/consent-exclusion-reason"
-PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
 ROLE_CODE = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 PARTIAL_POLICIES = frozenset({ConsentPolicy.PARTIAL_CONSENT, ConsentPolicy.PARTIAL_WITHDRAWAL})
 _RRN_SHAPE = re.compile(r"\d{6}-?\d{7}")
-_EXCLUSION_KEYS = frozenset({"type", "actor", "code", "extension", "id"})
 
 
 @dataclass(frozen=True)
@@ -188,81 +186,6 @@ def _organization(resource: dict[str, Any]) -> str:
         raise BadRequest(f"Consent.organization: {exc.reason}", expression=["Consent.organization"]) from None
 
 
-def _reason(sub: dict[str, Any], where: str) -> str:
-    reasons = [e for e in sub.get("extension", []) if e.get("url") == EXCLUSION_REASON_EXTENSION]
-    text = reasons[0].get("valueString") if len(reasons) == 1 else None
-    if not isinstance(text, str) or not text.strip():
-        raise Unprocessable(
-            f"{where}: each exclusion needs the patient's reason "
-            f"(one extension {EXCLUSION_REASON_EXTENSION} with valueString)",
-            expression=[f"{where}.extension"],
-        )
-    if len(text.strip()) > 500:
-        raise Unprocessable(f"{where}: the reason exceeds 500 characters", expression=[f"{where}.extension"])
-    return text.strip()
-
-
-def _exclusions(resource: dict[str, Any]) -> tuple[Exclusion, ...]:
-    provision = resource.get("provision")
-    if provision is None:
-        return ()
-    extra = set(provision) - {"type", "provision", "extension", "id"}
-    if extra or provision.get("type", "permit") != "permit":
-        raise BadRequest(
-            "Consent.provision must be a permit whose exclusions are deny sub-provisions",
-            expression=["Consent.provision"],
-        )
-    found: dict[tuple[ExclusionKind, str], Exclusion] = {}
-
-    def add(kind: ExclusionKind, code: str, reason: str, where: str) -> None:
-        if (kind, code) in found:
-            raise Unprocessable(f"{where}: {kind.value} {code} is excluded twice", expression=[where])
-        found[(kind, code)] = Exclusion(kind=kind, code=code, reason=reason)
-
-    for i, sub in enumerate(provision.get("provision", [])):
-        where = f"Consent.provision.provision[{i}]"
-        unsupported = sorted(set(sub) - _EXCLUSION_KEYS)
-        if sub.get("type") != "deny" or unsupported:
-            detail = f"unsupported elements {unsupported}" if unsupported else "type must be deny"
-            raise BadRequest(f"{where}: {detail}", expression=[where])
-        if sub.get("actor") and sub.get("code"):
-            raise Unprocessable(
-                f"{where}: exclude institutions or departments in one sub-provision, not both",
-                expression=[where],
-            )
-        reason = _reason(sub, where)
-        for actor in sub.get("actor", []):
-            identifier = (actor.get("reference") or {}).get("identifier") or {}
-            if identifier.get("system") != KRNPI_SYSTEM:
-                raise BadRequest(
-                    f"{where}.actor: an institution identifier ({KRNPI_SYSTEM}) is required",
-                    expression=[f"{where}.actor"],
-                )
-            try:
-                code = validate_institution_code(str(identifier.get("value")))
-            except InvalidIdentifierError as exc:
-                raise BadRequest(f"{where}.actor: {exc.reason}", expression=[f"{where}.actor"]) from None
-            add(ExclusionKind.INSTITUTION, code, reason, f"{where}.actor")
-        for concept in sub.get("code", []):
-            for coding in concept.get("coding", []):
-                if coding.get("system") != codes.HIRA_DEPARTMENT:
-                    raise BadRequest(
-                        f"{where}.code: only {codes.HIRA_DEPARTMENT} codes are understood",
-                        expression=[f"{where}.code"],
-                    )
-                if coding.get("code") not in codes.DEPARTMENTS:
-                    raise Unprocessable(
-                        f"{where}.code: unknown department {coding.get('code')!r}",
-                        expression=[f"{where}.code"],
-                    )
-                add(ExclusionKind.DEPARTMENT, coding["code"], reason, f"{where}.code")
-        if not sub.get("actor") and not sub.get("code"):
-            raise BadRequest(
-                f"{where}: name an institution (actor) or a department (code)", expression=[where]
-            )
-    return tuple(found.values())
-
-
 def _contained_signer(resource: dict[str, Any]) -> dict[str, Any] | None:
     performers = resource.get("performer") or []
     reference = str((performers[0] if performers else {}).get("reference", ""))
@@ -356,7 +279,7 @@ def parse_consent(raw: Any, secret: bytes, max_signature_bytes: int) -> ConsentS
         )
     patient_key = _patient_key(resource, secret)
     policy = _policy(resource)
-    exclusions = _exclusions(resource)
+    exclusions = provisions.parse(resource)
     check_exclusions(policy, exclusions)
     channel = _channel(resource)
     signature = (
@@ -461,22 +384,8 @@ def build_consent(
         resource["contained"] = [person]
         resource["performer"] = [{"reference": "#signer"}]
     if exclusions:
-        resource["provision"] = {"type": "permit", "provision": [_deny(e) for e in exclusions]}
+        resource["provision"] = {"type": "permit", "provision": [provisions.deny(e) for e in exclusions]}
     return resource
-
-
-def _deny(exclusion: Exclusion) -> dict[str, Any]:
-    sub: dict[str, Any] = {
-        "type": "deny",
-        "extension": [{"url": EXCLUSION_REASON_EXTENSION, "valueString": exclusion.reason}],
-    }
-    if exclusion.kind is ExclusionKind.INSTITUTION:
-        identifier = {"system": KRNPI_SYSTEM, "value": exclusion.code}
-        role = {"coding": [{"system": PARTICIPATION_TYPE, "code": "IRCP"}]}
-        sub["actor"] = [{"role": role, "reference": {"identifier": identifier}}]
-    else:
-        sub["code"] = [{"coding": [{"system": codes.HIRA_DEPARTMENT, "code": exclusion.code}]}]
-    return sub
 
 
 def searchset(base_url: str, resources: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,6 +3,7 @@ records), each event stored once however often it is delivered."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -43,70 +44,88 @@ def _payload(envelope: Envelope, model: type[P]) -> P:
         raise PermanentEventError(f"{envelope.type}: malformed payload") from exc
 
 
+Entry = ExchangeEntry | AccessEntry
+
+
+async def _sent(session: AsyncSession, envelope: Envelope) -> Entry | None:
+    sent = _payload(envelope, ExchangeSent)
+    types = [t.value for t in sent.document_types]
+    await repository.index_documents(session, dict(zip(sent.document_ids, types, strict=False)))
+    return ExchangeEntry(
+        event_id=envelope.id,
+        patient_key=sent.patient_key,
+        exchange_id=sent.exchange_id,
+        kind=sent.kind.value,
+        from_institution=sent.from_institution,
+        to_institution=sent.to_institution,
+        document_types=types,
+        occurred_at=as_utc(sent.sent_at),
+        status="sent",
+        purpose=sent.purpose.value,
+    )
+
+
+async def _task_updated(session: AsyncSession, envelope: Envelope) -> Entry | None:
+    update = _payload(envelope, TaskUpdated)
+    # A status line repeats what the exchange was, when its 'sent' line is known.
+    origin = await repository.sent_entry(session, update.exchange_id)
+    return ExchangeEntry(
+        event_id=envelope.id,
+        patient_key=update.patient_key,
+        exchange_id=update.exchange_id,
+        kind=origin.kind if origin else None,
+        from_institution=origin.from_institution if origin else update.by_institution,
+        to_institution=origin.to_institution if origin else None,
+        document_types=list(origin.document_types) if origin else [],
+        occurred_at=as_utc(update.updated_at),
+        status=update.status,
+        purpose=origin.purpose if origin else None,
+    )
+
+
+async def _published(session: AsyncSession, envelope: Envelope) -> Entry | None:
+    published = _payload(envelope, DocumentPublished)
+    # Audit records name documents by id only; this is how the patient later sees their types.
+    types = [t.value for t in published.document_types]
+    await repository.index_documents(session, dict(zip(published.document_ids, types, strict=False)))
+    return None
+
+
+async def _emergency_permitted(_session: AsyncSession, envelope: Envelope) -> Entry | None:
+    permitted = _payload(envelope, EmergencyAccessPermitted)
+    return AccessEntry(
+        event_id=envelope.id,
+        patient_key=permitted.patient_key,
+        node=permitted.decided_by[:100],
+        action="emergency-access-permitted",
+        institution=permitted.recipient,
+        document_ids=[],
+        purpose=Purpose.EMERGENCY.value,
+        outcome="permit",
+        rule=Rule.PERMIT_EMERGENCY.value,
+        consent_version=permitted.consent_version,
+        flagged=True,
+        justification=permitted.justification,
+        occurred_at=as_utc(permitted.decided_at),
+    )
+
+
+# Other exchange facts (denied) reach the patient through the holder's audit record.
+_EXCHANGE_FACTS: dict[str, Callable[[AsyncSession, Envelope], Awaitable[Entry | None]]] = {
+    ExchangeSent.event_type: _sent,
+    TaskUpdated.event_type: _task_updated,
+    DocumentPublished.event_type: _published,
+    EXCHANGE_EMERGENCY_PERMITTED: _emergency_permitted,
+}
+
+
 async def record_exchange_event(
     session: AsyncSession, runtime: Runtime, consumer: str, envelope: Envelope
 ) -> None:
     """Store an exchange fact once: exchanges and their Task statuses, document types, emergency permits."""
-    entry: ExchangeEntry | AccessEntry
-    if envelope.type == ExchangeSent.event_type:
-        sent = _payload(envelope, ExchangeSent)
-        await repository.index_documents(
-            session, dict(zip(sent.document_ids, [t.value for t in sent.document_types], strict=False))
-        )
-        entry = ExchangeEntry(
-            event_id=envelope.id,
-            patient_key=sent.patient_key,
-            exchange_id=sent.exchange_id,
-            kind=sent.kind.value,
-            from_institution=sent.from_institution,
-            to_institution=sent.to_institution,
-            document_types=[t.value for t in sent.document_types],
-            occurred_at=as_utc(sent.sent_at),
-            status="sent",
-            purpose=sent.purpose.value,
-        )
-    elif envelope.type == TaskUpdated.event_type:
-        update = _payload(envelope, TaskUpdated)
-        # A status line repeats what the exchange was, when its 'sent' line is known.
-        origin = await repository.sent_entry(session, update.exchange_id)
-        entry = ExchangeEntry(
-            event_id=envelope.id,
-            patient_key=update.patient_key,
-            exchange_id=update.exchange_id,
-            kind=origin.kind if origin else None,
-            from_institution=origin.from_institution if origin else update.by_institution,
-            to_institution=origin.to_institution if origin else None,
-            document_types=list(origin.document_types) if origin else [],
-            occurred_at=as_utc(update.updated_at),
-            status=update.status,
-            purpose=origin.purpose if origin else None,
-        )
-    elif envelope.type == DocumentPublished.event_type:
-        published = _payload(envelope, DocumentPublished)
-        # Audit records name documents by id only; this is how the patient later sees their types.
-        types = [t.value for t in published.document_types]
-        await repository.index_documents(session, dict(zip(published.document_ids, types, strict=False)))
-        return
-    elif envelope.type == EXCHANGE_EMERGENCY_PERMITTED:
-        permitted = _payload(envelope, EmergencyAccessPermitted)
-        entry = AccessEntry(
-            event_id=envelope.id,
-            patient_key=permitted.patient_key,
-            node=permitted.decided_by[:100],
-            action="emergency-access-permitted",
-            institution=permitted.recipient,
-            document_ids=[],
-            purpose=Purpose.EMERGENCY.value,
-            outcome="permit",
-            rule=Rule.PERMIT_EMERGENCY.value,
-            consent_version=permitted.consent_version,
-            flagged=True,
-            justification=permitted.justification,
-            occurred_at=as_utc(permitted.decided_at),
-        )
-    else:
-        return  # other exchange facts (denied) reach the patient through the holder's audit record
-    if await first_time(session, runtime.tables.processed, consumer, envelope.id):
+    handler = _EXCHANGE_FACTS.get(envelope.type)
+    entry = await handler(session, envelope) if handler is not None else None
+    if entry is not None and await first_time(session, runtime.tables.processed, consumer, envelope.id):
         await repository.add_entry(session, entry)
 
 
@@ -198,6 +217,23 @@ async def exchange_history(
         detail={"entries": len(rows)},
     )
     return _exchange_lines(rows)
+
+
+async def patient_history_read(
+    session: AsyncSession, runtime: Runtime, patient_key: str, *, via: str | None = None
+) -> PatientHistory:
+    """The patient's own read of their history (portal API, or ``via`` the web portal), audited."""
+    found = await patient_history(session, patient_key)
+    counts = {"exchanges": len(found.exchanges), "accesses": len(found.accesses)}
+    await runtime.audit.record(
+        session,
+        action="portal.history-read",
+        actor=None,
+        outcome="success",
+        patient_key=patient_key,
+        detail=counts | ({"via": via} if via else {}),
+    )
+    return found
 
 
 async def patient_history(session: AsyncSession, patient_key: str) -> PatientHistory:

@@ -138,16 +138,7 @@ async def change_my_consent(
     summary="Every exchange of the patient's records and every access to them; emergencies flagged",
 )
 async def my_history(patient: CurrentPatient, session: SessionDep, runtime: RuntimeDep) -> PatientHistory:
-    found = await history.patient_history(session, patient.patient_key)
-    await runtime.audit.record(
-        session,
-        action="portal.history-read",
-        actor=None,
-        outcome="success",
-        patient_key=patient.patient_key,
-        detail={"exchanges": len(found.exchanges), "accesses": len(found.accesses)},
-    )
-    return found
+    return await history.patient_history_read(session, runtime, patient.patient_key)
 
 
 @router.post(

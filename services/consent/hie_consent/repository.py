@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -228,3 +228,12 @@ async def document_types(session: AsyncSession, document_ids: Iterable[str]) -> 
         )
     )
     return {row.document_id: row.document_type for row in rows}
+
+
+async def oldest_unsent(session: AsyncSession, outbox: Table, subject: str) -> datetime | None:
+    """When the oldest event on ``subject`` still waiting in the outbox was written."""
+    query = select(func.min(outbox.c.created_at)).where(
+        outbox.c.sent_at.is_(None), outbox.c.subject == subject
+    )
+    oldest: datetime | None = await session.scalar(query)
+    return oldest

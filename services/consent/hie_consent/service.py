@@ -119,25 +119,21 @@ async def check_version(
     return latest, effective_at
 
 
-async def append_version(
-    session: AsyncSession,
-    runtime: Runtime,
+def _version_row(
     settings: ConsentSettings,
     new: NewVersion,
-    *,
-    actor: TokenClaims | None,
-    audit_detail: dict[str, Any] | None = None,
+    latest: ConsentVersion | None,
+    effective_at: datetime,
+    now: datetime,
 ) -> ConsentVersion:
-    """Append a version, its exclusions, signature, event and audit record, in one transaction."""
-    now = datetime.now(UTC)
-    latest, effective_at = await check_version(session, settings, new, now)
+    """The next version of the patient's Consent (a new resource id for the first one)."""
     number = latest.version + 1 if latest else 1
     resource_id = latest.resource_id if latest else str(uuid.uuid4())
     base = new.resource or build_consent(
         new.patient_key, new.policy, new.recorded_by, new.channel, new.signer, new.exclusions
     )
     signature_url = f"{settings.base_url.rstrip('/')}/fhir/Consent/{resource_id}/_history/{number}/signature"
-    row = ConsentVersion(
+    return ConsentVersion(
         resource_id=resource_id,
         patient_key=new.patient_key,
         version=number,
@@ -153,46 +149,51 @@ async def append_version(
         resource=stored_resource(base, resource_id, number, effective_at, now, new.signature, signature_url),
         created_at=now,
     )
-    await repository.add_version(session, row)
-    repository.add_exclusions(
-        session,
-        [
-            ConsentExclusion(
-                consent_version_id=row.id,
-                patient_key=row.patient_key,
-                version=number,
-                kind=e.kind.value,
-                code=e.code,
-                reason=e.reason,
-            )
-            for e in new.exclusions
-        ],
-    )
-    if new.signature is not None:
-        repository.add_signature(
-            session,
-            ConsentSignature(
-                consent_version_id=row.id,
-                content_type=new.signature.content_type,
-                data=new.signature.data,
-                sha256=new.signature.sha256,
-                size=len(new.signature.data),
-            ),
-        )
-    await runtime.outbox.add(
-        session,
-        subjects.CONSENT_RECORDED,
-        ConsentRecorded(
+
+
+def _add_exclusions_and_signature(session: AsyncSession, row: ConsentVersion, new: NewVersion) -> None:
+    exclusions = [
+        ConsentExclusion(
+            consent_version_id=row.id,
             patient_key=row.patient_key,
-            version=number,
-            policy=new.policy,
-            effective_at=effective_at,
-            excluded_institutions=row.excluded_institutions,
-            excluded_departments=row.excluded_departments,
-            recorded_by=new.recorded_by,
-            channel=row.channel,
-        ),
+            version=row.version,
+            kind=e.kind.value,
+            code=e.code,
+            reason=e.reason,
+        )
+        for e in new.exclusions
+    ]
+    repository.add_exclusions(session, exclusions)
+    if (image := new.signature) is not None:
+        signature = ConsentSignature(
+            consent_version_id=row.id,
+            content_type=image.content_type,
+            data=image.data,
+            sha256=image.sha256,
+            size=len(image.data),
+        )
+        repository.add_signature(session, signature)
+
+
+async def _announce(
+    session: AsyncSession,
+    runtime: Runtime,
+    row: ConsentVersion,
+    actor: TokenClaims | None,
+    audit_detail: dict[str, Any] | None,
+) -> None:
+    """The ConsentRecorded event and the audit record, in the version's transaction."""
+    recorded = ConsentRecorded(
+        patient_key=row.patient_key,
+        version=row.version,
+        policy=ConsentPolicy(row.policy),
+        effective_at=row.effective_at,
+        excluded_institutions=row.excluded_institutions,
+        excluded_departments=row.excluded_departments,
+        recorded_by=row.recorded_by,
+        channel=row.channel,
     )
+    await runtime.outbox.add(session, subjects.CONSENT_RECORDED, recorded)
     # The signer's name and contact stay out of the audit record and the event.
     await runtime.audit.record(
         session,
@@ -200,10 +201,28 @@ async def append_version(
         actor=actor,
         outcome="success",
         patient_key=row.patient_key,
-        consent_version=number,
+        consent_version=row.version,
         detail={"policy": row.policy, "channel": row.channel, "signer": row.signer_relationship}
         | (audit_detail or {}),
     )
+
+
+async def append_version(
+    session: AsyncSession,
+    runtime: Runtime,
+    settings: ConsentSettings,
+    new: NewVersion,
+    *,
+    actor: TokenClaims | None,
+    audit_detail: dict[str, Any] | None = None,
+) -> ConsentVersion:
+    """Append a version, its exclusions, signature, event and audit record, in one transaction."""
+    now = datetime.now(UTC)
+    latest, effective_at = await check_version(session, settings, new, now)
+    row = _version_row(settings, new, latest, effective_at, now)
+    await repository.add_version(session, row)
+    _add_exclusions_and_signature(session, row, new)
+    await _announce(session, runtime, row, actor, audit_detail)
     return row
 
 

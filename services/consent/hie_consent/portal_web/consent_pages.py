@@ -21,7 +21,6 @@ from hie_consent.portal_web.core import (
     RuntimeDep,
     form_fields,
     institution_names,
-    refuse_patient_parameters,
 )
 from hie_consent.schemas import ConsentRequest, ConsentVersionView, ExclusionKind
 from hie_platform.errors import BadRequest, Conflict, FhirError
@@ -69,6 +68,18 @@ def _request(policy: ConsentPolicy, exclusions: list[dict[str, str]]) -> Consent
         raise BadRequest("; ".join(problems) or "invalid consent change") from None
 
 
+def _shown_rows(request: Request, in_force: ConsentVersionView | None) -> tuple[Rows, Rows]:
+    """The exclusions a new form starts with: those in force, and the institution a link asked to
+    exclude (``?exclude=<code>`` from the institution finder)."""
+    kept = in_force.exclusions if in_force is not None else []
+    institutions = [(e.code, e.reason) for e in kept if e.kind is ExclusionKind.INSTITUTION]
+    departments = [(e.code, e.reason) for e in kept if e.kind is ExclusionKind.DEPARTMENT]
+    asked = request.query_params.get("exclude", "")
+    if asked.isdigit() and len(asked) == 8 and asked not in {c for c, _ in institutions}:
+        institutions.append((asked, ""))
+    return institutions, departments
+
+
 async def consent_page(
     request: Request,
     web: PortalDep,
@@ -83,15 +94,7 @@ async def consent_page(
         versions: list[ConsentVersionView] = await portal.consent_views(session, patient_key)
     current = versions[0] if versions else None
     active = current is not None and current.policy.is_active
-    if submitted is not None:
-        institutions, departments = submitted
-    else:
-        kept = current.exclusions if active and current is not None else []
-        institutions = [(e.code, e.reason) for e in kept if e.kind is ExclusionKind.INSTITUTION]
-        departments = [(e.code, e.reason) for e in kept if e.kind is ExclusionKind.DEPARTMENT]
-        asked = request.query_params.get("exclude", "")
-        if asked.isdigit() and len(asked) == 8 and asked not in {c for c, _ in institutions}:
-            institutions.append((asked, ""))
+    institutions, departments = submitted or _shown_rows(request, current if active else None)
     institutions = institutions + [("", "")] * BLANK_INSTITUTIONS
     departments = departments + [("", "")] * BLANK_DEPARTMENTS
     codes_shown = {e.code for v in versions for e in v.exclusions if e.kind is ExclusionKind.INSTITUTION}
@@ -113,16 +116,12 @@ async def consent_page(
 
 @router.get("/consent", include_in_schema=False)
 async def show(request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
-    signed = await web.signed(request)
-    if signed.patient is None:
-        return web.sign_in_page(request, error=signed.problem)
-    try:
-        refuse_patient_parameters(request)
-    except FhirError as exc:
-        return web.page(request, "error.html", {}, signed_in=True, error=exc)
+    patient = await web.patient(request)
+    if isinstance(patient, Response):
+        return patient
     done = request.query_params.get("done", "")
     message = f"done.{done}" if done in set(ConsentPolicy) else None
-    return await consent_page(request, web, runtime, signed.patient.patient_key, message_key=message)
+    return await consent_page(request, web, runtime, patient.patient_key, message_key=message)
 
 
 @router.post("/consent", include_in_schema=False)

@@ -71,6 +71,18 @@ class Portal:
         except Unauthorized as exc:
             return Signed(None, exc)
 
+    async def patient(self, request: Request) -> sessions.PatientSession | Response:
+        """The signed-in patient of a page that shows their records, or the page to show instead: the
+        sign-in page, or the refusal of a URL that names a patient."""
+        signed = await self.signed(request)
+        if signed.patient is None:
+            return self.sign_in_page(request, error=signed.problem)
+        try:
+            refuse_patient_parameters(request)
+        except FhirError as exc:
+            return self.page(request, "error.html", {}, signed_in=True, error=exc)
+        return signed.patient
+
     def start_session(self, response: Response, request: Request, token: str, seconds: int) -> None:
         set_cookie(
             response,

@@ -17,7 +17,6 @@ from hie_consent.portal_web.core import (
     PortalDep,
     RuntimeDep,
     institution_names,
-    refuse_patient_parameters,
 )
 from hie_consent.portal_web.i18n import REGIONS
 from hie_consent.schemas import PatientHistory
@@ -35,18 +34,10 @@ async def stylesheet() -> Response:
     return css(STYLESHEET)
 
 
-async def _history(request: Request, runtime: RuntimeDep, patient_key: str) -> PatientHistory:
-    """The patient's history, read and audited exactly as ``GET /portal/me/history`` does."""
+async def _history(runtime: RuntimeDep, patient_key: str) -> PatientHistory:
+    """The patient's history, read and audited as ``GET /portal/me/history`` does."""
     async with runtime.db.transaction() as session:
-        found = await history.patient_history(session, patient_key)
-        await runtime.audit.record(
-            session,
-            action="portal.history-read",
-            actor=None,
-            outcome="success",
-            patient_key=patient_key,
-            detail={"exchanges": len(found.exchanges), "accesses": len(found.accesses), "via": "web"},
-        )
+        found = await history.patient_history_read(session, runtime, patient_key, via="web")
     runtime.relay.kick()
     return found
 
@@ -58,14 +49,10 @@ def _codes(found: PatientHistory) -> set[str]:
 
 @router.get("/history", include_in_schema=False)
 async def show(request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
-    signed = await web.signed(request)
-    if signed.patient is None:
-        return web.sign_in_page(request, error=signed.problem)
-    try:
-        refuse_patient_parameters(request)
-    except FhirError as exc:
-        return web.page(request, "error.html", {}, signed_in=True, error=exc)
-    found = await _history(request, runtime, signed.patient.patient_key)
+    patient = await web.patient(request)
+    if isinstance(patient, Response):
+        return patient
+    found = await _history(runtime, patient.patient_key)
     names = await institution_names(runtime, _codes(found), language(request))
     context = {"exchanges": found.exchanges, "accesses": found.accesses, "names": names}
     return web.page(request, "history.html", context, signed_in=True)
@@ -74,12 +61,11 @@ async def show(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respons
 @router.get("/history/{exchange_id}", include_in_schema=False)
 async def exchange(exchange_id: str, request: Request, web: PortalDep, runtime: RuntimeDep) -> Response:
     """One exchange's lines; another patient's exchange id is simply not found in this patient's history."""
-    signed = await web.signed(request)
-    if signed.patient is None:
-        return web.sign_in_page(request, error=signed.problem)
+    patient = await web.patient(request)
+    if isinstance(patient, Response):
+        return patient
     try:
-        refuse_patient_parameters(request)
-        found = await _history(request, runtime, signed.patient.patient_key)
+        found = await _history(runtime, patient.patient_key)
         lines = [e for e in found.exchanges if e.exchange_id == exchange_id]
         if not lines:
             raise NotFound("there is no such exchange in your history")
