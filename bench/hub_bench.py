@@ -30,8 +30,8 @@ from sqlalchemy import create_engine, insert
 from bench.common import Figure, Report, Timing, percentile, run_concurrently
 from hie_cli.demo import consent_resource
 from hie_cli.launcher import Launcher, LaunchOptions
+from hie_hub.core.bundles import created_tasks
 from hie_hub.models import Document
-from hie_hub.resources import created_tasks
 from hie_platform.migrations import upgrade
 from hie_platform.natsd import free_port, wait_for_port
 from hie_schemas.codes import DocumentType

@@ -104,7 +104,7 @@ def audit_verify(
 ) -> None:
     """Walk a hub's audit chain and check it against the hub's signed checkpoints; exit 1 on any finding
     (a broken link, truncation, a rewrite, a forged checkpoint), one line each."""
-    from hie_hub.audit_verify import verify
+    from hie_hub.audit.verify import verify
 
     where = redact_url(database_url)
     if nats_url is None and checkpoints_file is None:
@@ -139,7 +139,7 @@ def _verify_with_checkpoints(
     stream: str,
     checkpoints_file: Path | None,
 ) -> None:
-    from hie_hub.audit_verify import read_from_file, read_from_nats, verify_against
+    from hie_hub.audit.verify import read_from_file, read_from_nats, verify_against
     from hie_platform.audit_anchor import load_public_key
 
     if checkpoint_key is None or hub is None:
@@ -178,7 +178,7 @@ def audit_checkpoints(
     stream: Annotated[str, typer.Option(help="the stream that keeps the checkpoints")] = "HIE_AUDIT",
 ) -> None:
     """Print a hub's signed audit checkpoints as JSON lines (a copy for `verify --checkpoints-file`)."""
-    from hie_hub.audit_verify import read_from_nats
+    from hie_hub.audit.verify import read_from_nats
 
     try:
         checkpoints = asyncio.run(read_from_nats(nats_url, hub, stream))

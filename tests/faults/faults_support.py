@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from hie_hub.resources import created_tasks
+from hie_hub.core.bundles import created_tasks
 from hie_platform.natsd import free_port
 from hie_registry import seed
 from hie_schemas import codes

@@ -24,8 +24,8 @@ from sqlalchemy import select
 
 from hie_hub.app import create_app
 from hie_hub.config import HubSettings
+from hie_hub.core.bundles import created_tasks
 from hie_hub.models import Base
-from hie_hub.resources import created_tasks
 from hie_platform.bus import Bus
 from hie_platform.db import Database
 from hie_platform.natsd import free_port

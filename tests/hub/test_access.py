@@ -16,7 +16,7 @@ from hub_support import (
     krnpi,
 )
 
-from hie_hub.resources import created_tasks
+from hie_hub.core.bundles import created_tasks
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType
 from hie_schemas.documents.builders import build_document, build_submission

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from hie_cli.main import app as cli
 from hie_hub.app import MIGRATIONS
-from hie_hub.audit_events import CHAIN_URL
-from hie_hub.audit_verify import verify
+from hie_hub.audit.schemas import CHAIN_URL
+from hie_hub.audit.verify import verify
 from hie_hub.models import PLATFORM
 from hie_platform.audit import AuditTrail
 from hie_platform.db import Database

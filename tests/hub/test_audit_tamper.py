@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from hie_cli.main import app as cli
 from hie_hub.app import create_app
-from hie_hub.audit_verify import read_from_nats
+from hie_hub.audit.verify import read_from_nats
 from hie_hub.config import HubSettings
 from hie_hub.models import PLATFORM
 from hie_platform.audit import GENESIS, row_hash

@@ -17,7 +17,7 @@ from hub_support import (
     rrn_forms,
 )
 
-from hie_hub.resources import created_tasks
+from hie_hub.core.bundles import created_tasks
 from hie_platform.bus import Bus
 from hie_schemas.codes import DocumentType
 from hie_schemas.contract import Kind, subject

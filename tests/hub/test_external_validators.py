@@ -24,7 +24,7 @@ from hub_support import (
     submit,
 )
 
-from hie_hub.notifications import TOPIC
+from hie_hub.subscriptions.service import TOPIC
 from hie_schemas.codes import DocumentType
 from hie_schemas.identifiers import RRN_SYSTEM
 

@@ -29,7 +29,7 @@ from hub_support import (
     submit,
 )
 
-from hie_hub.resources import CREATED_TASK_EXTENSION
+from hie_hub.core.bundles import CREATED_TASK_EXTENSION
 from hie_schemas.codes import DocumentType
 from hie_schemas.fhir import parse_resource
 from hie_schemas.identifiers import RRN_SYSTEM

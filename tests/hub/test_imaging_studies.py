@@ -32,8 +32,8 @@ from hub_support import (
     submit,
 )
 
+from hie_hub.imaging.service import imaging_study, study_id
 from hie_hub.models import DeliveredStudy
-from hie_hub.studies import imaging_study, study_id
 from hie_platform.bus import Bus
 from hie_schemas.codes import DICOM_UID, DocumentType
 from hie_schemas.contract import Kind, subject
@@ -319,7 +319,7 @@ async def test_within_one_hub_the_sender_sees_the_study_too(
 
 
 def test_the_documented_example_is_what_the_hub_serves() -> None:
-    """docs/fhir-profiles.md shows an ImagingStudy exactly as hie_hub.studies builds it."""
+    """docs/fhir-profiles.md shows an ImagingStudy exactly as hie_hub.imaging.service builds it."""
     [example] = [
         body
         for body in (json.loads(b) for b in re.findall(r"```json\n(.*?)```", DOC.read_text(), re.DOTALL))

@@ -22,7 +22,7 @@ from hub_support import (
     submit,
 )
 
-from hie_hub.capability import ACCEPTED
+from hie_hub.core.capability import ACCEPTED
 from hie_schemas.codes import DocumentType
 from hie_schemas.documents.builders import KST
 from hie_schemas.fhir import parse_resource

@@ -35,8 +35,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from hie_hub.notifications import TOPIC
-from hie_hub.subscription_api import CONTENT_URL, FILTER_URL, SECRET_URL
+from hie_hub.subscriptions.endpoints import CONTENT_URL, FILTER_URL, SECRET_URL
+from hie_hub.subscriptions.service import TOPIC
 from hie_platform.natsd import NatsServer, free_port
 from hie_schemas.codes import DocumentType
 from hie_schemas.fhir import parse_resource

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from hie_hub.params import LOCAL_TIME, Cursor, parse_date
+from hie_hub.core.params import LOCAL_TIME, Cursor, parse_date
 from hie_platform.errors import BadRequest
 
 

@@ -9,7 +9,7 @@ import json
 
 from hub_support import SEVERANCE_CLINIC, SNUBH, Federation, refused, submit
 
-from hie_hub.resources import created_tasks
+from hie_hub.core.bundles import created_tasks
 from hie_platform.natsd import MAX_PAYLOAD
 from hie_schemas.codes import DocumentType
 

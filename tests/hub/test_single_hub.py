@@ -15,8 +15,8 @@ from sqlalchemy.exc import IntegrityError
 
 from hie_hub import repository
 from hie_hub.app import MIGRATIONS
+from hie_hub.core.bundles import created_tasks
 from hie_hub.models import PLATFORM, Document, Task
-from hie_hub.resources import created_tasks
 from hie_platform.audit import AuditTrail
 from hie_platform.db import Database
 from hie_platform.migrations import upgrade

@@ -78,7 +78,7 @@ class ChainCheck:
 
 
 class Anchor(Protocol):
-    """Something that checkpoints the chain's head outside the database (hie_hub.audit_checkpoints)."""
+    """Something that checkpoints the chain's head outside the database (hie_hub.audit.checkpoints)."""
 
     every: int
 

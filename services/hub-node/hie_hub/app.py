@@ -9,28 +9,26 @@ from pathlib import Path
 from fastapi import FastAPI
 from prometheus_client import Gauge
 
-from hie_hub import (
-    audit_api,
-    cda_api,
-    crs_api,
-    documents_api,
-    fhir_api,
-    holder,
-    imaging_api,
-    list_api,
-    study_status,
-    subscription_api,
-    task_api,
-)
-from hie_hub.audit_checkpoints import AuditCheckpoints
+from hie_hub.audit import endpoints as audit_api
+from hie_hub.audit.checkpoints import AuditCheckpoints
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
 from hie_hub.consent_replica import ConsentReplica, Freshness
+from hie_hub.core import endpoints as fhir_api
+from hie_hub.crs import endpoints as crs_api
+from hie_hub.documents import cda_endpoints as cda_api
+from hie_hub.documents import endpoints as documents_api
+from hie_hub.documents import holder
+from hie_hub.imaging import endpoints as imaging_api
+from hie_hub.imaging import status as study_status
+from hie_hub.imaging.service import StudyFeed
 from hie_hub.inbox import Inbox
+from hie_hub.lists import endpoints as list_api
 from hie_hub.models import PLATFORM
 from hie_hub.node import HubNode
-from hie_hub.studies import StudyFeed
-from hie_hub.webhooks import WebhookSender
+from hie_hub.subscriptions import endpoints as subscription_api
+from hie_hub.subscriptions.webhooks import WebhookSender
+from hie_hub.tasks import endpoints as task_api
 from hie_platform.http import create_service_app
 from hie_platform.runtime import start_runtime
 

@@ -33,7 +33,7 @@ class HubSettings(PatientKeySettings):
     webhook_max_backoff_seconds: float = 600.0
     webhook_max_attempts: int = 12
     webhook_retention_days: float = 7.0  # delivered or given-up deliveries are kept this long
-    # Signed audit checkpoints (hie_hub.audit_checkpoints): the chain's head published to HIE_AUDIT
+    # Signed audit checkpoints (hie_hub.audit.checkpoints): the chain's head published to HIE_AUDIT
     # every N records and every T seconds when it moved. The Ed25519 key file is created (0600) if
     # missing, its public key beside it as <file>.pub; unset, there are no checkpoints.
     audit_checkpoint_key_file: Path | None = None

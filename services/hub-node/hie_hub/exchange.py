@@ -15,18 +15,13 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import federation, lifecycle, repository, sending
-from hie_hub.disclosure import release
-from hie_hub.documents import Submission, SubmittedDocument, parse_submission
+from hie_hub import repository, sending
+from hie_hub.core.bundles import Created, transaction_response
+from hie_hub.core.disclosure import release
+from hie_hub.documents import Submission, SubmittedDocument, federation, lifecycle, parse_submission
+from hie_hub.documents.schemas import rename_references, scrub_rrn, stamp_metadata
 from hie_hub.models import Document, DocumentStatus, Origin, SubmissionSet, Task
 from hie_hub.node import HubNode
-from hie_hub.resources import (
-    Created,
-    rename_references,
-    scrub_rrn,
-    stamp_metadata,
-    transaction_response,
-)
 from hie_hub.sending import Recipient
 from hie_platform.errors import Conflict, Forbidden, Issue, Unprocessable
 from hie_platform.http import after_commit

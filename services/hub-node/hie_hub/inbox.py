@@ -14,11 +14,14 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import lifecycle, repository, tasks
+from hie_hub import repository
+from hie_hub.documents import lifecycle
+from hie_hub.documents.schemas import read_metadata, scrub_rrn
 from hie_hub.models import Document, DocumentStatus, Origin, Task
 from hie_hub.node import HubNode
-from hie_hub.notifications import task_changed
-from hie_hub.resources import TaskStatus, read_metadata, scrub_rrn, with_status
+from hie_hub.subscriptions.service import task_changed
+from hie_hub.tasks import service as tasks
+from hie_hub.tasks.schemas import TaskStatus, with_status
 from hie_platform.bus import Incoming, PermanentEventError, RefusedMessage, first_time
 from hie_platform.logging import get_logger
 from hie_schemas import contract, streams

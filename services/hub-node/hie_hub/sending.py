@@ -10,12 +10,12 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
-from hie_hub.disclosure import purpose_extensions
+from hie_hub.core.disclosure import purpose_extensions
 from hie_hub.documents import Submission, SubmittedDocument
 from hie_hub.models import Document, Task
 from hie_hub.node import HubNode
-from hie_hub.notifications import task_changed
-from hie_hub.resources import TaskStatus, build_task, exchange_kind
+from hie_hub.subscriptions.service import task_changed
+from hie_hub.tasks.schemas import TaskStatus, build_task, exchange_kind
 from hie_platform.errors import Issue, Unprocessable
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose

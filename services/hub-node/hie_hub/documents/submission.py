@@ -16,9 +16,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from hie_hub.core.rest import canonical, size_and_hash, with_meta
 from hie_hub.documents.metadata import purpose_of, recipients_of, replaced_by
 from hie_hub.documents.pseudonym import pseudonymise, redact, rrn_forms, rrn_strings
-from hie_hub.rest import canonical, size_and_hash, with_meta
 from hie_platform.errors import BadRequest, Issue, Unprocessable
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType

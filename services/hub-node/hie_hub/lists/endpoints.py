@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
-from hie_hub.disclosure import Access, decisions, release
+from hie_hub.core.bundles import searchset
+from hie_hub.core.disclosure import Access, decisions, release
+from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
+from hie_hub.core.rest import negotiate
 from hie_hub.models import SubmissionSet
 from hie_hub.node import HubNode, NodeDep, ReaderActor
-from hie_hub.params import DEFAULT_COUNT, Cursor, SearchParams
-from hie_hub.resources import searchset
-from hie_hub.rest import negotiate
 from hie_platform.errors import NotFound, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims

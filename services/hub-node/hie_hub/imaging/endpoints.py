@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from hie_hub import studies
+from hie_hub.core.bundles import searchset
+from hie_hub.core.params import DEFAULT_COUNT, SearchParams
+from hie_hub.core.rest import negotiate
+from hie_hub.imaging import service as studies
 from hie_hub.node import NodeDep, ReaderActor
-from hie_hub.params import DEFAULT_COUNT, SearchParams
-from hie_hub.resources import searchset
-from hie_hub.rest import negotiate
 from hie_platform.errors import FhirError, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM

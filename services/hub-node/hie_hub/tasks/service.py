@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_hub import repository
 from hie_hub.models import Task
 from hie_hub.node import HubNode
-from hie_hub.notifications import task_changed
-from hie_hub.resources import TaskStatus, output_document_ids, with_status
+from hie_hub.subscriptions.service import task_changed
+from hie_hub.tasks.schemas import TaskStatus, output_document_ids, with_status
 from hie_platform.bus import PermanentEventError, RefusedMessage
 from hie_platform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from hie_platform.logging import get_logger

@@ -16,10 +16,17 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
-from hie_hub.disclosure import Access, Disclosure, disclosures, exchange_accesses, newest_version, release
+from hie_hub.core.disclosure import (
+    Access,
+    Disclosure,
+    disclosures,
+    exchange_accesses,
+    newest_version,
+    release,
+)
+from hie_hub.core.params import DEFAULT_COUNT, Cursor, DateBound
 from hie_hub.models import Document
 from hie_hub.node import HubNode
-from hie_hub.params import DEFAULT_COUNT, Cursor, DateBound
 from hie_platform.errors import Forbidden, NotFound
 from hie_schemas.auth import TokenClaims
 

@@ -1,5 +1,5 @@
 """Telling institutions that a Task changed: webhook deliveries written in the Task's transaction
-(outbox-like, sent by hie_hub.webhooks) and a wake-up for long polls, both after commit.
+(outbox-like, sent by hie_hub.subscriptions.webhooks) and a wake-up for long polls, both after commit.
 
 Notifications follow the FHIR R4 Subscriptions Backport: a ``history`` Bundle whose first entry is
 the SubscriptionStatus (a Parameters resource in R4) and whose second is the Task (full-resource) or

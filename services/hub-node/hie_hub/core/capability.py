@@ -6,14 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from hie_hub.audit_api import AUDIT_SEARCH
+from hie_hub.audit.endpoints import AUDIT_SEARCH
 from hie_hub.config import HubSettings
-from hie_hub.documents_api import DOCUMENT_SEARCH
-from hie_hub.imaging_api import STUDY_SEARCH
-from hie_hub.list_api import LIST_SEARCH
-from hie_hub.notifications import TOPIC
-from hie_hub.resources import CREATED_TASK_EXTENSION
-from hie_hub.task_api import TASK_SEARCH
+from hie_hub.core.bundles import CREATED_TASK_EXTENSION
+from hie_hub.documents.endpoints import DOCUMENT_SEARCH
+from hie_hub.imaging.endpoints import STUDY_SEARCH
+from hie_hub.lists.endpoints import LIST_SEARCH
+from hie_hub.subscriptions.service import TOPIC
+from hie_hub.tasks.endpoints import TASK_SEARCH
 from hie_schemas.fhir import FHIR_JSON, FHIR_VERSION
 
 MHD = "https://profiles.ihe.net/ITI/MHD"

@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 from fastapi import Request
 
-from hie_hub.rest import negotiate
+from hie_hub.core.rest import negotiate
 from hie_platform.errors import BadRequest, UnsupportedMediaType
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType

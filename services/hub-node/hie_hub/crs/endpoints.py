@@ -17,12 +17,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from hie_hub import repository
-from hie_hub.disclosure import Access, decisions, first_refusal, newest_version, release
+from hie_hub.core.disclosure import Access, decisions, first_refusal, newest_version, release
+from hie_hub.core.params import json_body
+from hie_hub.core.rest import negotiate
 from hie_hub.documents.pseudonym import rrn_strings
 from hie_hub.models import DocumentStatus
 from hie_hub.node import HubActor, NodeDep
-from hie_hub.params import json_body
-from hie_hub.rest import negotiate
 from hie_platform.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.consent import Purpose

@@ -14,12 +14,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Select, func, select
 
-from hie_hub.audit_events import audit_event
+from hie_hub.audit.schemas import audit_event
+from hie_hub.core.bundles import count_only, searchset
+from hie_hub.core.params import DEFAULT_COUNT, SUMMARY, Cursor, SearchParams
+from hie_hub.core.rest import negotiate
 from hie_hub.models import PLATFORM, as_utc
 from hie_hub.node import NodeDep
-from hie_hub.params import DEFAULT_COUNT, SUMMARY, Cursor, SearchParams
-from hie_hub.resources import count_only, searchset
-from hie_hub.rest import negotiate
 from hie_platform.auth import require_scope
 from hie_platform.errors import BadRequest, fhir_response
 from hie_platform.http import ReadSessionDep

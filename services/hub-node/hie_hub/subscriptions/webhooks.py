@@ -23,8 +23,8 @@ from sqlalchemy import delete, or_, select, update
 
 from hie_hub.models import Subscription, WebhookDelivery
 from hie_hub.node import HubNode
-from hie_hub.notifications import ACTIVE, DELIVERED, ERROR, FAILED, PENDING
 from hie_hub.repository import subscription as get_subscription
+from hie_hub.subscriptions.service import ACTIVE, DELIVERED, ERROR, FAILED, PENDING
 from hie_platform.logging import get_logger
 from hie_schemas.fhir import FHIR_JSON
 

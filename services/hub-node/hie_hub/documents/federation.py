@@ -20,12 +20,12 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import holder
-from hie_hub.disclosure import Access
+from hie_hub.core.disclosure import Access
+from hie_hub.core.params import Cursor
+from hie_hub.documents import holder
+from hie_hub.documents.service import DocumentQuery
 from hie_hub.models import FederatedGrant
 from hie_hub.node import HubNode
-from hie_hub.params import Cursor
-from hie_hub.retrieval import DocumentQuery
 from hie_platform.bus import RpcError
 from hie_platform.errors import FhirError, Issue, operation_outcome
 from hie_platform.logging import get_logger

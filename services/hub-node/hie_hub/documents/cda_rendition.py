@@ -16,7 +16,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from hie_hub.rest import size_and_hash
+from hie_hub.core.rest import size_and_hash
 from hie_schemas.cda import CDA_MEDIA_TYPE, CdaError, fhir_to_cda
 from hie_schemas.codes import DocumentKind
 from hie_schemas.documents.profiles import kind_of

@@ -16,8 +16,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
-from hie_hub.cda_rendition import with_rendition
-from hie_hub.disclosure import (
+from hie_hub.core.disclosure import (
     Access,
     Disclosure,
     disclosures,
@@ -25,9 +24,10 @@ from hie_hub.disclosure import (
     first_refusal,
     newest_version,
 )
+from hie_hub.core.rest import canonical
+from hie_hub.documents.cda_rendition import with_rendition
 from hie_hub.models import Document
 from hie_hub.node import HubNode
-from hie_hub.rest import canonical
 from hie_platform.logging import get_logger
 from hie_schemas.auth import AUDIENCE, TokenClaims
 from hie_schemas.consent import Purpose

@@ -12,14 +12,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import federation, lifecycle, repository, retrieval
-from hie_hub.cda_rendition import with_rendition
-from hie_hub.disclosure import Access, release
-from hie_hub.models import Document, DocumentStatus
-from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
-from hie_hub.params import DEFAULT_COUNT, SUMMARY, SearchParams, document_types, json_body
-from hie_hub.resources import count_only, searchset
-from hie_hub.rest import (
+from hie_hub import repository
+from hie_hub.core.bundles import count_only, searchset
+from hie_hub.core.disclosure import Access, release
+from hie_hub.core.params import DEFAULT_COUNT, SUMMARY, SearchParams, document_types, json_body
+from hie_hub.core.rest import (
     canonical,
     check_if_match,
     negotiate,
@@ -28,7 +25,12 @@ from hie_hub.rest import (
     versioned,
     with_meta,
 )
-from hie_hub.retrieval import DocumentQuery
+from hie_hub.documents import federation, lifecycle
+from hie_hub.documents import service as retrieval
+from hie_hub.documents.cda_rendition import with_rendition
+from hie_hub.documents.service import DocumentQuery
+from hie_hub.models import Document, DocumentStatus
+from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
 from hie_platform.errors import (
     BadRequest,
     FhirError,

@@ -20,12 +20,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from hie_hub import repository
+from hie_hub.core.bundles import searchset
+from hie_hub.core.params import SearchParams, json_body
+from hie_hub.core.rest import negotiate
 from hie_hub.models import Subscription
 from hie_hub.node import NodeDep, ReaderActor
-from hie_hub.notifications import ACTIVE, BACKPORT, OFF, TOPIC, status_parameters
-from hie_hub.params import SearchParams, json_body
-from hie_hub.resources import searchset
-from hie_hub.rest import negotiate
+from hie_hub.subscriptions.service import ACTIVE, BACKPORT, OFF, TOPIC, status_parameters
 from hie_platform.errors import BadRequest, NotFound, Unprocessable, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims

@@ -2,7 +2,7 @@
 Patterns (BALP): the REST interaction and IHE transaction as subtype, the purpose of use, the
 requesting institution as the requestor agent, this node as the source, the patient and the
 documents as entities. The chain itself (sequence, hash, previous hash) rides along in an extension
-so that a reader can check it against ``hie_hub.audit_verify``.
+so that a reader can check it against ``hie_hub.audit.verify``.
 """
 
 from __future__ import annotations

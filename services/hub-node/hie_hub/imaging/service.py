@@ -20,11 +20,12 @@ from urllib.parse import quote
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository, study_status
-from hie_hub.disclosure import Access, decisions, exchange_access, newest_version, release
+from hie_hub import repository
+from hie_hub.core.disclosure import Access, decisions, exchange_access, newest_version, release
+from hie_hub.core.params import DEFAULT_COUNT, Cursor
+from hie_hub.imaging import status as study_status
 from hie_hub.models import DeliveredStudy, Document, Task, as_utc
 from hie_hub.node import HubNode
-from hie_hub.params import DEFAULT_COUNT, Cursor
 from hie_platform.bus import Incoming, PermanentEventError, first_time
 from hie_platform.errors import Forbidden, NotFound, ServiceUnavailable
 from hie_platform.logging import get_logger

@@ -1,0 +1,1 @@
+"""MHD Find Lists (ITI-66): SubmissionSets as FHIR List."""

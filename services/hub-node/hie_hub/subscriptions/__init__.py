@@ -1,0 +1,1 @@
+"""Task notifications: FHIR Subscriptions (R4 Backport), their webhook deliveries and long polls."""
