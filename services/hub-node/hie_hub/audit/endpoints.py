@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Select, func, select
 
-from hie_hub.audit.schemas import audit_event
+from hie_hub.audit.schemas import AUDIT_SEARCH, audit_event
 from hie_hub.core.bundles import count_only, searchset
-from hie_hub.core.params import DEFAULT_COUNT, SUMMARY, Cursor, SearchParams
+from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
 from hie_hub.core.rest import negotiate
 from hie_hub.models import PLATFORM, as_utc
 from hie_hub.node import NodeDep
@@ -28,7 +28,6 @@ from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["audit"], dependencies=[Depends(negotiate)])
 AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
-AUDIT_SEARCH = frozenset({"patient.identifier", "date", "_count", "_cursor"}) | SUMMARY
 _BATCH = 500
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hie_hub.core.search import DATE, PAGES, SUMMARY_PARAMS, SearchParameter
 from hie_schemas.consent import Purpose
 from hie_schemas.identifiers import KRNPI_SYSTEM, PATIENT_KEY_SYSTEM
 
@@ -20,6 +21,13 @@ ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 CHAIN_URL = "https://hie-federation.kr/fhir/StructureDefinition/audit-chain"
+# The AuditEvent search's parameters: what the router accepts and the CapabilityStatement declares.
+AUDIT_SEARCH: dict[str, SearchParameter] = {
+    "patient.identifier": SearchParameter("token", "RRN or patient-key system|value"),
+    "date": SearchParameter("date", f"when the record was made; {DATE}"),
+    **PAGES,
+    **SUMMARY_PARAMS,
+}
 ACTION_SYSTEM = "https://hie-federation.kr/fhir/CodeSystem/audit-action"
 
 # Our action → (AuditEvent.action, REST interaction, IHE transaction or None).

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -30,7 +31,6 @@ DEFAULT_COUNT = 100
 # FHIR's general parameters (http.html#parameters) the hub honours on every search; never "unknown".
 GENERAL = frozenset({"_format", "_pretty"})
 # Searches that give Bundle.total also take _summary=count and _total (see the CapabilityStatement).
-SUMMARY = frozenset({"_summary", "_total"})
 _NOT_HERE = " (_summary=count and _total are supported on DocumentReference, Task and AuditEvent searches)"
 # A date or dateTime without a timezone is read in Korean time (the federation's local time).
 LOCAL_TIME = timezone(timedelta(hours=9), "KST")
@@ -60,7 +60,7 @@ class SearchParams:
     FHIR's general parameters ``_format`` and ``_pretty`` are accepted everywhere (JSON only: anything
     else is 406); ``_summary`` (count only) and ``_total`` where the resource lists them."""
 
-    def __init__(self, request: Request, supported: frozenset[str]) -> None:
+    def __init__(self, request: Request, supported: Collection[str]) -> None:
         negotiate(request)
         self.query = request.query_params
         self.supported = supported

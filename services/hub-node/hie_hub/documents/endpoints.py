@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_hub import repository
 from hie_hub.core.bundles import count_only, searchset
 from hie_hub.core.disclosure import Access, release
-from hie_hub.core.params import DEFAULT_COUNT, SUMMARY, SearchParams, document_types, json_body
+from hie_hub.core.params import DEFAULT_COUNT, SearchParams, json_body
 from hie_hub.core.rest import (
     canonical,
     check_if_match,
@@ -28,8 +28,9 @@ from hie_hub.core.rest import (
 from hie_hub.documents import federation, lifecycle
 from hie_hub.documents import service as retrieval
 from hie_hub.documents.cda_rendition import with_rendition
+from hie_hub.documents.schemas import DOCUMENT_SEARCH, document_filter_fields
 from hie_hub.documents.service import DocumentQuery
-from hie_hub.models import Document, DocumentStatus
+from hie_hub.models import Document
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
 from hie_platform.errors import (
     BadRequest,
@@ -42,33 +43,12 @@ from hie_platform.errors import (
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
-from hie_schemas.events import HubRetrieveReply
+from hie_schemas.events import DocumentFilter, HubRetrieveReply
 from hie_schemas.fhir import FHIR_JSON
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
 
-DOCUMENT_SEARCH = (
-    frozenset(
-        {
-            "patient.identifier",
-            "type",
-            "status",
-            "date",
-            "author",
-            "author:identifier",
-            "author.identifier",
-            "_count",
-            "_cursor",
-            "_federated",
-            "purpose",
-            "justification",
-        }
-    )
-    | SUMMARY
-)
-# Without a status parameter ITI-67 finds what is not entered-in-error (such a document stays readable).
-DEFAULT_STATUSES = (DocumentStatus.CURRENT.value, DocumentStatus.SUPERSEDED.value)
 JUSTIFICATION_HEADER = "x-hie-justification"
 MAX_JUSTIFICATION = 500
 
@@ -78,20 +58,11 @@ def _refusal(error: FhirError) -> JSONResponse:
 
 
 def _query(params: SearchParams, node: HubNode) -> DocumentQuery:
-    types = params.any_of("type")
-    author = params.institution("author")
-    chained = params.one("author.identifier")
-    if chained is not None:
-        chained_code = SearchParams.institution_code("author.identifier", chained)
-        if author is not None and author != chained_code:
-            raise BadRequest("author and author.identifier disagree", expression=("author",))
-        author = chained_code
+    wanted = DocumentFilter(**document_filter_fields(params))
     count = params.count()
     return DocumentQuery(
         patient_key=params.patient_key("patient.identifier", node.settings.patient_key_bytes),
-        types=document_types(types) if types is not None else None,
-        statuses=params.any_of("status") or list(DEFAULT_STATUSES),
-        authors=[author] if author is not None else None,
+        filter=wanted,
         dates=params.dates("date"),
         count=count if count is not None else DEFAULT_COUNT,
         cursor=params.cursor(),

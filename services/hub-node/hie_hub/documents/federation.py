@@ -35,7 +35,6 @@ from hie_schemas.consent import Purpose
 from hie_schemas.contract import Operation, rpc_subject
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import (
-    DocumentFilter,
     DocumentPublished,
     HubRetrieveReply,
     HubRetrieveRequest,
@@ -69,18 +68,6 @@ def _outcome(severity: str, code: str, message: str, hub: str | None) -> dict[st
     if hub is not None:
         outcome["issue"][0]["details"] = {"coding": [{"system": HUB_SYSTEM, "code": hub}], "text": hub}
     return outcome
-
-
-def _filter(query: DocumentQuery) -> DocumentFilter:
-    lower = [b.lower for b in query.dates if b.lower is not None]
-    upper = [b.upper for b in query.dates if b.upper is not None]
-    return DocumentFilter(
-        types=list(query.types) if query.types is not None else None,
-        statuses=list(query.statuses) if query.statuses is not None else None,
-        authors=list(query.authors) if query.authors is not None else None,
-        created_from=max(lower, default=None),
-        created_before=min(upper, default=None),
-    )
 
 
 async def _locate(node: HubNode, patient_key: str, result: FederatedResult) -> list[str]:
@@ -207,7 +194,7 @@ async def search(
         requester_hub=node.hub,
         purpose=access.purpose,
         justification=access.justification,
-        filter=_filter(query),
+        filter=query.filter,
     )
     deadline = node.settings.federated_timeout_seconds
     replies = await asyncio.gather(*(_ask(node, hub, request, deadline) for hub in hubs))

@@ -122,15 +122,7 @@ async def answer_search(node: HubNode, request: HubSearchRequest) -> HubSearchRe
         return HubSearchReply(hub=node.hub, outcome="refused", message=refused)
     wanted = request.filter
     async with node.runtime.db.read_sessions() as read:
-        rows = await repository.documents_of_patient(
-            read,
-            request.patient_key,
-            types=wanted.types,
-            statuses=wanted.statuses,
-            authors=wanted.authors,
-            created_from=wanted.created_from,
-            created_before=wanted.created_before,
-        )
+        rows = await repository.documents_of_patient(read, request.patient_key, **wanted.model_dump())
         rows = rows[:MAX_DOCUMENTS]
         candidates = await _candidates(read, request, rows)
     decided = await disclosures(node, rows, candidates)

@@ -1,12 +1,103 @@
-"""What the hub writes into and reads from a DocumentReference it stores (MHD's XDS attributes)."""
+"""DocumentReference at this hub: its search parameters (ITI-67) and what the hub writes into and
+reads from a DocumentReference it stores (MHD's XDS attributes)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from hie_hub.core.params import SearchParams, document_types
+from hie_hub.core.search import DATE, KRNPI, PAGES, SUMMARY_PARAMS, SearchParameter
+from hie_hub.models import DocumentStatus
+from hie_platform.errors import BadRequest
 from hie_schemas.codes import HIRA_DEPARTMENT
 from hie_schemas.identifiers import KRNPI_SYSTEM, PATIENT_KEY_SYSTEM, RRN_SYSTEM
+
+# Without a status parameter ITI-67 finds what is not entered-in-error (such a document stays readable).
+DEFAULT_STATUSES = (DocumentStatus.CURRENT.value, DocumentStatus.SUPERSEDED.value)
+
+
+@dataclass(frozen=True)
+class DocumentParameter(SearchParameter):
+    """A row of DOCUMENT_SEARCH; ``read`` turns the parameter into fields of the DocumentFilter that
+    the local query (hie_hub.repository.documents_of_patient) and every holding hub apply."""
+
+    read: Callable[[SearchParams], dict[str, Any]] | None = None
+
+
+def _types(params: SearchParams) -> dict[str, Any]:
+    types = params.any_of("type")
+    return {} if types is None else {"types": document_types(types)}
+
+
+def _statuses(params: SearchParams) -> dict[str, Any]:
+    return {"statuses": params.any_of("status") or list(DEFAULT_STATUSES)}
+
+
+def _dates(params: SearchParams) -> dict[str, Any]:
+    """The tightest bounds of every ``date`` (repeats are ANDed); the exact prefixes are checked again
+    on the rows (DocumentQuery.dates)."""
+    bounds = params.dates("date")
+    lower = [b.lower for b in bounds if b.lower is not None]
+    upper = [b.upper for b in bounds if b.upper is not None]
+    return {"created_from": max(lower, default=None), "created_before": min(upper, default=None)}
+
+
+def _authors(params: SearchParams) -> dict[str, Any]:
+    """author, author:identifier and author.identifier name one institution (they must agree)."""
+    author = params.institution("author")
+    chained = params.one("author.identifier")
+    if chained is not None:
+        chained_code = SearchParams.institution_code("author.identifier", chained)
+        if author is not None and author != chained_code:
+            raise BadRequest("author and author.identifier disagree", expression=("author",))
+        author = chained_code
+    return {} if author is None else {"authors": [author]}
+
+
+AUTHOR = f"author institution: {KRNPI}"
+# ITI-67's parameters: what the router accepts, the CapabilityStatement declares and, through ``read``,
+# the filter every hub applies. docs/architecture.md "Adding a search parameter" says how to add one.
+DOCUMENT_SEARCH: dict[str, SearchParameter] = {
+    "patient.identifier": SearchParameter("token", "required: RRN (mois-rrn) or patient-key system|value"),
+    "type": DocumentParameter(
+        "token", "K-CDA template (urn:oid:1.2.410.100110.40.2.1|n) or LOINC document type; comma = or", _types
+    ),
+    "status": DocumentParameter(
+        "token",
+        "current | superseded | entered-in-error; comma = or (default: current, superseded; an "
+        "entered-in-error document is found only when asked for, and stays readable)",
+        _statuses,
+    ),
+    "date": DocumentParameter(
+        "date", f"the document's time (Composition.date = DocumentReference.date); {DATE}", _dates
+    ),
+    "author": DocumentParameter("reference", AUTHOR, _authors),
+    "author:identifier": SearchParameter("reference", AUTHOR),  # read with author
+    "author.identifier": SearchParameter("token", AUTHOR),  # read with author
+    **PAGES,
+    "_federated": SearchParameter(
+        "token", "true: search every hub that holds documents for the patient (walk-in search)"
+    ),
+    "purpose": SearchParameter(
+        "token", "with _federated: treatment (default) | emergency (needs justification)"
+    ),
+    "justification": SearchParameter(
+        "string", "why emergency access is needed (or header X-HIE-Justification)"
+    ),
+    **SUMMARY_PARAMS,
+}
+
+
+def document_filter_fields(params: SearchParams) -> dict[str, Any]:
+    """The DocumentFilter fields the parameters of a search give (every row with a ``read``)."""
+    fields: dict[str, Any] = {}
+    for row in DOCUMENT_SEARCH.values():
+        if isinstance(row, DocumentParameter) and row.read is not None:
+            fields |= row.read(params)
+    return fields
 
 
 def organization(code: str) -> dict[str, Any]:

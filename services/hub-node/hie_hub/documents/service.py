@@ -10,7 +10,7 @@ audited so. Every search and read is audited with the documents it disclosed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,16 +29,16 @@ from hie_hub.models import Document
 from hie_hub.node import HubNode
 from hie_platform.errors import Forbidden, NotFound
 from hie_schemas.auth import TokenClaims
+from hie_schemas.events import DocumentFilter
 
 
 @dataclass(frozen=True)
 class DocumentQuery:
-    """ITI-67 filters; ``dates`` bound the document's time (Composition.date = DocumentReference.date)."""
+    """An ITI-67 search: ``filter`` as every holding hub applies it (DOCUMENT_SEARCH fills it);
+    ``dates`` the exact bounds of the document's time (Composition.date = DocumentReference.date)."""
 
     patient_key: str
-    types: Sequence[str] | None = None
-    statuses: Sequence[str] | None = None
-    authors: Sequence[str] | None = None
+    filter: DocumentFilter = field(default_factory=DocumentFilter)
     dates: Sequence[DateBound] = ()
     count: int = DEFAULT_COUNT
     cursor: Cursor | None = None
@@ -59,17 +59,7 @@ def addressed_to(row: Document, institution: str) -> bool:
 
 async def matching(read: AsyncSession, query: DocumentQuery) -> list[Document]:
     """The patient's documents that match the filters, newest first (the order pages follow)."""
-    lower = [b.lower for b in query.dates if b.lower is not None]
-    upper = [b.upper for b in query.dates if b.upper is not None]
-    rows = await repository.documents_of_patient(
-        read,
-        query.patient_key,
-        types=query.types,
-        statuses=query.statuses,
-        authors=query.authors,
-        created_from=max(lower, default=None),
-        created_before=min(upper, default=None),
-    )
+    rows = await repository.documents_of_patient(read, query.patient_key, **query.filter.model_dump())
     return [row for row in rows if all(b.admits(row.created_at) for b in query.dates)]
 
 

@@ -9,14 +9,13 @@ from hie_hub.core.bundles import searchset
 from hie_hub.core.params import DEFAULT_COUNT, SearchParams
 from hie_hub.core.rest import negotiate
 from hie_hub.imaging import service as studies
+from hie_hub.imaging.schemas import STUDY_SEARCH
 from hie_hub.node import NodeDep, ReaderActor
 from hie_platform.errors import FhirError, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["imaging"], dependencies=[Depends(negotiate)])
-
-STUDY_SEARCH = frozenset({"patient.identifier", "identifier", "_count", "_cursor"})
 
 
 @router.get("/ImagingStudy", summary="Find the imaging studies delivered in your exchanges (XDS-I.b)")

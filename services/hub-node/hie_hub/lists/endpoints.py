@@ -18,6 +18,7 @@ from hie_hub.core.bundles import searchset
 from hie_hub.core.disclosure import Access, decisions, release
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
 from hie_hub.core.rest import negotiate
+from hie_hub.lists.schemas import LIST_SEARCH
 from hie_hub.models import SubmissionSet
 from hie_hub.node import HubNode, NodeDep, ReaderActor
 from hie_platform.errors import NotFound, fhir_response
@@ -27,8 +28,6 @@ from hie_schemas.documents.profiles import MHD_LIST_TYPES
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
-
-LIST_SEARCH = frozenset({"patient.identifier", "code", "date", "status", "identifier", "_count", "_cursor"})
 
 
 async def _visible(

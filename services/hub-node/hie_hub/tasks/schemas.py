@@ -7,6 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from hie_hub.core.search import COUNT, KRNPI, PAGING, SUMMARY_PARAMS, SearchParameter
 from hie_hub.documents.schemas import document_reference, organization
 from hie_schemas.codes import DocumentType
 from hie_schemas.events import ExchangeKind
@@ -130,3 +131,22 @@ def output_document_ids(task: dict[str, Any]) -> list[str]:
             if len(parts) >= 2 and parts[-2] == "DocumentReference" and parts[-1]:
                 ids.append(parts[-1])
     return list(dict.fromkeys(ids))
+
+
+_CALLER = f"the caller's institution: {KRNPI}"
+# The Task search's parameters: what the router accepts and the CapabilityStatement declares.
+TASK_SEARCH: dict[str, SearchParameter] = {
+    "owner": SearchParameter("reference", _CALLER),
+    "owner:identifier": SearchParameter("reference", _CALLER),
+    "requester": SearchParameter("reference", _CALLER),
+    "requester:identifier": SearchParameter("reference", _CALLER),
+    "status": SearchParameter("token", "requested | received | accepted | rejected | completed"),
+    "_count": SearchParameter("number", f"{COUNT}; a 'next' link leads to the following page"),
+    "_since": SearchParameter(
+        "date",
+        "Tasks changed after this instant, oldest change first; with 'Prefer: wait=N' the request "
+        "waits for one (without it: newest change first)",
+    ),
+    "_cursor": SearchParameter("string", PAGING),
+    **SUMMARY_PARAMS,
+}
