@@ -7,6 +7,7 @@ that it cannot learn a record exists. docs/consent.md, "Who reads a consent reco
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -95,11 +96,28 @@ async def _json_body(request: Request) -> Any:
         raise BadRequest("the body is not JSON") from None
 
 
-@router.post(
+@dataclass(frozen=True)
+class Reading:
+    """What a read of consent records needs: the request, its session, the runtime and the reader."""
+
+    request: Request
+    session: AsyncSession
+    runtime: Runtime
+    actor: TokenClaims
+
+
+async def _reading(request: Request, session: SessionDep, runtime: RuntimeDep, actor: ReaderActor) -> Reading:
+    return Reading(request, session, runtime, actor)
+
+
+ReadingDep = Annotated[Reading, Depends(_reading)]
+# The FHIR Consent routes; a JSONResponse return needs no response_class (FastAPI's default).
+fhir_router = APIRouter(tags=["consent"])
+
+
+@fhir_router.post(
     "/fhir/Consent",
-    tags=["consent"],
     status_code=201,
-    response_class=JSONResponse,
     summary="Record a new version of a patient's consent (give, withdraw, exclude)",
 )
 async def create_consent(
@@ -110,87 +128,47 @@ async def create_consent(
     return fhir_response(201, row.resource, {"Location": location, "ETag": f'W/"{row.version}"'})
 
 
-@router.get(
-    "/fhir/Consent",
-    tags=["consent"],
-    response_class=JSONResponse,
-    summary="A patient's consent versions, newest first (searchset Bundle)",
-)
-async def search_consent(
-    request: Request,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    settings: SettingsDep,
-    actor: ReaderActor,
-    patient: PatientParam,
-) -> JSONResponse:
-    resources = await service.consent_versions(session, runtime, actor, _patient_key(patient, settings))
-    return fhir_response(200, searchset(_base_url(request), resources))
+@fhir_router.get("/fhir/Consent", summary="A patient's consent versions, newest first (searchset Bundle)")
+async def search_consent(reading: ReadingDep, settings: SettingsDep, patient: PatientParam) -> JSONResponse:
+    key = _patient_key(patient, settings)
+    resources = await service.consent_versions(reading.session, reading.runtime, reading.actor, key)
+    return fhir_response(200, searchset(_base_url(reading.request), resources))
 
 
-async def _read(
-    request: Request,
-    session: AsyncSession,
-    runtime: Runtime,
-    actor: TokenClaims,
-    resource_id: str,
-    version_id: int | None,
-) -> JSONResponse:
-    resource = await service.consent_resource(session, runtime, actor, resource_id, version_id)
+async def _read(reading: Reading, resource_id: str, version_id: int | None) -> JSONResponse:
+    resource = await service.consent_resource(
+        reading.session, reading.runtime, reading.actor, resource_id, version_id
+    )
     if resource is None:
         # Returned, not raised: the refused read's audit record commits. The id is not echoed.
-        return refusal_response(request, NotFound(NO_CONSENT))
+        return refusal_response(reading.request, NotFound(NO_CONSENT))
     return fhir_response(200, resource, {"ETag": f'W/"{resource["meta"]["versionId"]}"'})
 
 
-@router.get(
-    "/fhir/Consent/{resource_id}",
-    tags=["consent"],
-    response_class=JSONResponse,
-    summary="The current version of a Consent",
-)
-async def read_consent(
-    request: Request, session: SessionDep, runtime: RuntimeDep, actor: ReaderActor, resource_id: str
-) -> JSONResponse:
-    return await _read(request, session, runtime, actor, resource_id, None)
+@fhir_router.get("/fhir/Consent/{resource_id}", summary="The current version of a Consent")
+async def read_consent(reading: ReadingDep, resource_id: str) -> JSONResponse:
+    return await _read(reading, resource_id, None)
 
 
-@router.get(
-    "/fhir/Consent/{resource_id}/_history/{version_id}",
-    tags=["consent"],
-    response_class=JSONResponse,
-    summary="One version of a Consent",
-)
-async def read_consent_version(
-    request: Request,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    actor: ReaderActor,
-    resource_id: str,
-    version_id: VersionId,
-) -> JSONResponse:
-    return await _read(request, session, runtime, actor, resource_id, version_id)
+@fhir_router.get("/fhir/Consent/{resource_id}/_history/{version_id}", summary="One version of a Consent")
+async def read_consent_version(reading: ReadingDep, resource_id: str, version_id: VersionId) -> JSONResponse:
+    return await _read(reading, resource_id, version_id)
 
 
-@router.get(
+@fhir_router.get(
     "/fhir/Consent/{resource_id}/_history/{version_id}/signature",
-    tags=["consent"],
     response_class=Response,
     responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
     summary="The signature image of a desk consent (the recording institution and the agency only)",
 )
-async def read_signature(
-    request: Request,
-    session: SessionDep,
-    runtime: RuntimeDep,
-    actor: ReaderActor,
-    resource_id: str,
-    version_id: VersionId,
-) -> Response:
-    image = await service.signature(session, runtime, actor, resource_id, version_id)
+async def read_signature(reading: ReadingDep, resource_id: str, version_id: VersionId) -> Response:
+    image = await service.signature(reading.session, reading.runtime, reading.actor, resource_id, version_id)
     if image is None:
-        return refusal_response(request, NotFound(NO_SIGNATURE))
+        return refusal_response(reading.request, NotFound(NO_SIGNATURE))
     return Response(image.data, media_type=image.content_type, headers={"Cache-Control": "no-store"})
+
+
+router.include_router(fhir_router)
 
 
 @router.post(

@@ -48,6 +48,7 @@ from hie_consent.signature import SignatureImage, signature_image
 from hie_platform.errors import BadRequest, Unprocessable
 from hie_schemas import codes
 from hie_schemas.consent import ConsentPolicy
+from hie_schemas.consent_fhir import fhir_consent
 from hie_schemas.fhir import FhirParseError, parse_resource, to_json_dict
 from hie_schemas.identifiers import (
     KRNPI_SYSTEM,
@@ -354,23 +355,12 @@ def build_consent(
     exclusions: tuple[Exclusion, ...],
 ) -> dict[str, Any]:
     """The FHIR Consent of a version recorded by the portal or the call centre (no desk sent one)."""
-    resource: dict[str, Any] = {
-        "resourceType": "Consent",
-        "status": "active",
-        "scope": {
-            "coding": [
-                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"identifier": {"system": PATIENT_KEY_SYSTEM, "value": patient_key}},
-        "organization": [{"identifier": {"system": KRNPI_SYSTEM, "value": organization}}],
-        "policyRule": {"coding": [{"system": codes.CONSENT_POLICY_SYSTEM, "code": policy.value}]},
-        "extension": [
-            {"url": CHANNEL_EXTENSION, "valueCode": channel.value},
-            {"url": SIGNER_EXTENSION, "valueCode": signer.relationship.value},
-        ],
-    }
+    patient = {"system": PATIENT_KEY_SYSTEM, "value": patient_key}
+    resource = fhir_consent(patient, organization, policy.value)
+    resource["extension"] = [
+        {"url": CHANNEL_EXTENSION, "valueCode": channel.value},
+        {"url": SIGNER_EXTENSION, "valueCode": signer.relationship.value},
+    ]
     if signer.name or signer.contact:
         person: dict[str, Any] = {
             "resourceType": "RelatedPerson",

@@ -33,6 +33,8 @@ from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
 
 router = APIRouter()
+portal_router = APIRouter(tags=["portal"])
+call_centre_router = APIRouter(tags=["call centre"])
 Agent = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed request (e.g. an RRN that is not one); OperationOutcome"},
@@ -57,9 +59,8 @@ def _refusal(error: FhirError) -> JSONResponse:
     return fhir_response(error.status, error.operation_outcome(), error.headers())
 
 
-@router.post(
+@portal_router.post(
     "/portal/identity/challenges",
-    tags=["portal"],
     status_code=201,
     response_model=ChallengeOpened,
     response_model_exclude_none=True,
@@ -75,9 +76,8 @@ async def start_identity_check(
     return await portal.start_sign_in(session, settings, provider, body.rrn, body.phone)
 
 
-@router.post(
+@portal_router.post(
     "/portal/identity/challenges/{challenge_id}/verify",
-    tags=["portal"],
     response_model=PatientSessionToken,
     responses=_ERRORS,
     summary="Answer the code; returns the patient's session token (Bearer, a few minutes)",
@@ -90,9 +90,8 @@ async def verify_identity(
     return _refusal(result) if isinstance(result, FhirError) else result
 
 
-@router.delete(
+@portal_router.delete(
     "/portal/session",
-    tags=["portal"],
     status_code=204,
     response_class=Response,
     responses={401: {"description": "no session, or one already ended or expired; OperationOutcome"}},
@@ -103,9 +102,8 @@ async def sign_out(patient: CurrentPatient, runtime: RuntimeDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get(
+@portal_router.get(
     "/portal/me/consents",
-    tags=["portal"],
     response_model=list[ConsentVersionView],
     summary="The signed-in patient's consent versions, newest first",
 )
@@ -113,9 +111,8 @@ async def my_consents(patient: CurrentPatient, session: ReadSessionDep) -> list[
     return await portal.consent_views(session, patient.patient_key)
 
 
-@router.post(
+@portal_router.post(
     "/portal/me/consents",
-    tags=["portal"],
     status_code=201,
     response_model=ConsentVersionView,
     responses=_ERRORS,
@@ -131,9 +128,8 @@ async def change_my_consent(
     return await portal.record_for_patient(session, runtime, settings, patient.patient_key, body)
 
 
-@router.get(
+@portal_router.get(
     "/portal/me/history",
-    tags=["portal"],
     response_model=PatientHistory,
     summary="Every exchange of the patient's records and every access to them; emergencies flagged",
 )
@@ -141,9 +137,8 @@ async def my_history(patient: CurrentPatient, session: SessionDep, runtime: Runt
     return await history.patient_history_read(session, runtime, patient.patient_key)
 
 
-@router.post(
+@call_centre_router.post(
     "/call-centre/requests",
-    tags=["call centre"],
     status_code=201,
     response_model=ChallengeOpened,
     response_model_exclude_none=True,
@@ -161,9 +156,8 @@ async def open_call_request(
     return await portal.open_call(session, runtime, settings, sender, agent, body)
 
 
-@router.post(
+@call_centre_router.post(
     "/call-centre/requests/{request_id}/complete",
-    tags=["call centre"],
     status_code=201,
     response_model=ConsentVersionView,
     responses=_ERRORS,
@@ -174,3 +168,7 @@ async def complete_call_request(
 ) -> ConsentVersionView | JSONResponse:
     result = await portal.complete_call(session, runtime, settings, request_id, body.code)
     return _refusal(result) if isinstance(result, FhirError) else result
+
+
+router.include_router(portal_router)
+router.include_router(call_centre_router)

@@ -9,10 +9,9 @@ session server-side (``sessions.end``), so a copy of the cookie opens nothing af
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, Response
@@ -23,23 +22,17 @@ from hie_consent.portal_web.i18n import STRINGS
 from hie_platform.errors import FhirError, Forbidden, ServiceUnavailable, Unauthorized
 from hie_platform.runtime import Runtime
 from hie_platform.web import (
-    LANGUAGES,
-    Catalog,
     FormGuard,
     clear_cookie,
     derive_key,
-    language,
-    language_url,
-    render,
     set_cookie,
-    template_environment,
 )
+from hie_platform.webui import Site
 
 PATH = "/portal"
 SESSION_COOKIE = "hie_portal_session"
 BROWSER_COOKIE = "hie_portal_browser"
-ENV = template_environment(Path(__file__).parent / "templates")
-CATALOG = Catalog(STRINGS)
+HERE = Path(__file__).parent
 # Query parameters that would name a patient: the portal takes none, it shows the session's patient only.
 PATIENT_PARAMETERS = frozenset({"patient", "patient.identifier", "patient_key", "patient-key", "rrn", "key"})
 
@@ -59,6 +52,8 @@ class Portal:
         self.forms = FormGuard(
             derive_key(secret, "hie-portal-web-form"), BROWSER_COOKIE, PATH, consumer="portal-web-form"
         )
+        self.site = Site(PATH, HERE / "templates", STRINGS, HERE / "static" / "portal.css", self.forms)
+        self.page = self.site.page
 
     async def signed(self, request: Request) -> Signed:
         """The cookie's session, if its token is valid and the session has not been ended (signed out
@@ -98,47 +93,6 @@ class Portal:
     def end_session(response: Response, request: Request) -> None:
         clear_cookie(response, request, SESSION_COOKIE, path=PATH)
 
-    def page(
-        self,
-        request: Request,
-        name: str,
-        context: Mapping[str, Any],
-        *,
-        signed_in: bool,
-        status: int = 200,
-        error: FhirError | None = None,
-        here: str | None = None,
-    ) -> HTMLResponse:
-        lang = language(request)
-        t = CATALOG.translator(lang)
-        other = LANGUAGES[1] if lang == LANGUAGES[0] else LANGUAGES[0]
-        browser, new = self.forms.browser(request)
-
-        def form_token(purpose: str, context: str = "") -> str:
-            return self.forms.issue(browser, purpose, context)
-
-        response = render(
-            request,
-            ENV,
-            name,
-            {
-                "t": t,
-                "lang": lang,
-                "other_lang": other,
-                "here": here or request.url.path,
-                "lang_url": language_url(request, here, other),
-                "signed_in": signed_in,
-                "form_token": form_token,
-                "error": error_view(t, error) if error is not None else None,
-                "message_key": None,
-                **context,
-            },
-            status=status if error is None else error.status,
-            headers=error.headers() if error is not None else None,
-        )
-        self.forms.remember_browser(response, request, browser, new)
-        return response
-
     def sign_in_page(self, request: Request, error: FhirError | None = None, phone: str = "") -> HTMLResponse:
         response = self.page(
             request, "sign_in.html", {"phone": phone}, signed_in=False, error=error, here=f"{PATH}/sign-in"
@@ -146,11 +100,6 @@ class Portal:
         if isinstance(error, Unauthorized):
             self.end_session(response, request)  # an expired or broken session cookie is dropped
         return response
-
-
-def error_view(t: Any, error: FhirError) -> dict[str, Any]:
-    details = [i.diagnostics for i in error.issues] or [error.diagnostics]
-    return {"status": error.status, "title": t(f"error.{error.status}"), "details": details}
 
 
 def refuse_patient_parameters(request: Request) -> None:

@@ -3,7 +3,6 @@ and the finder of participating institutions (the registry's public FHIR directo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,17 +20,16 @@ from hie_consent.portal_web.core import (
 from hie_consent.portal_web.i18n import REGIONS
 from hie_consent.schemas import PatientHistory
 from hie_platform.errors import BadRequest, FhirError, NotFound, ServiceUnavailable
-from hie_platform.web import css, language
+from hie_platform.web import language
 
 router = APIRouter()
-STYLESHEET = Path(__file__).parent / "static" / "portal.css"
 PAGE_SIZE = 20
 KIND_SYSTEM = "https://hie-federation.kr/fhir/CodeSystem/institution-kind"
 
 
 @router.get("/static/portal.css", include_in_schema=False)
-async def stylesheet() -> Response:
-    return css(STYLESHEET)
+async def stylesheet(web: PortalDep) -> Response:
+    return web.site.stylesheet_response()
 
 
 async def _history(runtime: RuntimeDep, patient_key: str) -> PatientHistory:

@@ -9,7 +9,7 @@ institution, so revoking the agency's credentials ends console sessions at the n
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,17 +19,12 @@ from fastapi.responses import HTMLResponse, Response
 
 from hie_platform.errors import FhirError, Unauthorized
 from hie_platform.web import (
-    LANGUAGES,
-    Catalog,
     FormGuard,
     Sealer,
     derive_key,
-    language,
-    language_url,
-    render,
     set_cookie,
-    template_environment,
 )
+from hie_platform.webui import Site
 from hie_registry import repository
 from hie_registry.config import RegistrySettings
 from hie_registry.console.i18n import STRINGS
@@ -41,8 +36,7 @@ from hie_schemas.directory import InstitutionKind, InstitutionState
 PATH = "/console"
 SESSION_COOKIE = "hie_console_session"
 BROWSER_COOKIE = "hie_console_browser"
-ENV = template_environment(Path(__file__).parent / "templates")
-CATALOG = Catalog(STRINGS)
+HERE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -68,6 +62,7 @@ class Console:
             consumer="console-form",
             ttl_seconds=settings.form_ttl_seconds,
         )
+        self.site = Site(PATH, HERE / "templates", STRINGS, HERE / "static" / "console.css", self.forms)
 
     # --- session ---------------------------------------------------------------------------------
 
@@ -139,44 +134,15 @@ class Console:
         here: str | None = None,
     ) -> HTMLResponse:
         """Render a page; ``here`` is the page's GET address when it answers a POST."""
-        lang = language(request)
-        t = CATALOG.translator(lang)
-        other = LANGUAGES[1] if lang == LANGUAGES[0] else LANGUAGES[0]
-        browser, new = self.forms.browser(request)
-
-        def form_token(purpose: str, context: str = "") -> str:
-            return self.forms.issue(browser, purpose, context)
-
-        response = render(
-            request,
-            ENV,
-            name,
-            {
-                "t": t,
-                "lang": lang,
-                "other_lang": other,
-                "here": here or request.url.path,
-                "lang_url": language_url(request, here, other),
-                "agency": agency,
-                "form_token": form_token,
-                "error": error_view(t, error) if error is not None else None,
-                "message_key": None,
-                **context,
-            },
-            status=status if error is None else error.status,
-            headers=error.headers() if error is not None else None,
+        page_context = {"agency": agency, **context}
+        signed_in = agency is not None
+        return self.site.page(
+            request, name, page_context, signed_in=signed_in, status=status, error=error, here=here
         )
-        self.forms.remember_browser(response, request, browser, new)
-        return response
 
     def sign_in_required(self, request: Request) -> HTMLResponse:
         error = Unauthorized("sign in with the agency's client id and secret to use the console")
         return self.page(request, "sign_in.html", {"client_id": ""}, agency=None, error=error)
-
-
-def error_view(t: Any, error: FhirError) -> dict[str, Any]:
-    details: Sequence[str] = [i.diagnostics for i in error.issues] or [error.diagnostics]
-    return {"status": error.status, "title": t(f"error.{error.status}"), "details": details}
 
 
 def _console(request: Request) -> Console:

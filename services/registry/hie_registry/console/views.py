@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -10,20 +9,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from hie_platform.errors import BadRequest
-from hie_platform.web import css, language
+from hie_platform.web import language
 from hie_registry import repository
 from hie_registry.console.chart import bar_chart, series
-from hie_registry.console.core import CATALOG, PATH, AgencyDep, ConsoleDep
+from hie_registry.console.core import PATH, AgencyDep, ConsoleDep
 from hie_schemas.directory import InstitutionKind, InstitutionState
 
 router = APIRouter()
-STYLESHEET = Path(__file__).parent / "static" / "console.css"
 FILTERS = ("name", "region", "kind", "hub", "state")
 
 
 @router.get("/static/console.css", include_in_schema=False)
-async def stylesheet() -> Response:
-    return css(STYLESHEET)
+async def stylesheet(console: ConsoleDep) -> Response:
+    return console.site.stylesheet_response()
 
 
 def _page_number(raw: str | None) -> int:
@@ -84,7 +82,7 @@ async def statistics(request: Request, console: ConsoleDep, agency: AgencyDep) -
         hubs = [(hub.slug, inst.name) for hub, inst in await repository.hubs(session)]
     rows = stats["exchanges_per_month"]
     data = series(rows if isinstance(rows, list) else [])
-    t = CATALOG.translator(language(request))
+    t = console.site.catalog.translator(language(request))
     chart = bar_chart(data, t("stats.chart_title"), t("stats.chart_desc"), lambda k: t(f"exchange.{k}"))
     context = {
         "stats": stats,
