@@ -33,25 +33,22 @@ from hie_schemas.identifiers import InvalidIdentifierError, patient_key_from_ide
 router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
 
 
-def _parameters(body: Any, secret: bytes) -> tuple[str, Purpose, str | None]:
+def _checked(body: Any) -> dict[Any, Any]:
+    """The Parameters resource, validated; an error never echoes an RRN the body carried."""
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise BadRequest("$generate-crs takes a FHIR Parameters resource", expression=("Parameters",))
     try:
         parse_resource(body, "Parameters")
     except FhirParseError as exc:
-        sent = [s for s in rrn_strings(body) if len(s) >= 6]
         message = str(exc)
-        for value in sent:
+        for value in (s for s in rrn_strings(body) if len(s) >= 6):
             message = message.replace(value, "<redacted>")
         raise BadRequest(f"invalid Parameters: {message}") from None
-    values = {p.get("name"): p for p in body.get("parameter") or [] if isinstance(p, dict)}
-    identifier = (values.get("patient") or {}).get("valueIdentifier") or {}
-    try:
-        key = patient_key_from_identifier(str(identifier.get("system")), str(identifier.get("value")), secret)
-    except InvalidIdentifierError as exc:
-        raise BadRequest(
-            f"parameter patient (valueIdentifier): {exc.reason}", expression=("Parameters.parameter",)
-        ) from None
+    return body
+
+
+def _purpose(values: dict[Any, Any]) -> tuple[Purpose, str | None]:
+    """purpose (treatment | emergency) and the justification emergency access needs."""
     raw = (values.get("purpose") or {}).get("valueCode") or Purpose.TREATMENT.value
     if raw not in (Purpose.TREATMENT.value, Purpose.EMERGENCY.value):
         raise BadRequest(
@@ -62,7 +59,19 @@ def _parameters(body: Any, secret: bytes) -> tuple[str, Purpose, str | None]:
         raise BadRequest(
             "emergency access needs the parameter justification", expression=("Parameters.parameter",)
         )
-    return key, Purpose(raw), justification
+    return Purpose(raw), justification
+
+
+def _parameters(body: Any, secret: bytes) -> tuple[str, Purpose, str | None]:
+    values = {p.get("name"): p for p in _checked(body).get("parameter") or [] if isinstance(p, dict)}
+    identifier = (values.get("patient") or {}).get("valueIdentifier") or {}
+    try:
+        key = patient_key_from_identifier(str(identifier.get("system")), str(identifier.get("value")), secret)
+    except InvalidIdentifierError as exc:
+        raise BadRequest(
+            f"parameter patient (valueIdentifier): {exc.reason}", expression=("Parameters.parameter",)
+        ) from None
+    return key, *_purpose(values)
 
 
 @router.post("/$generate-crs", summary="Generate a care record summary (CRS) on request")

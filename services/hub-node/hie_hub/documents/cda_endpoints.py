@@ -228,21 +228,16 @@ def stored_original(docref: Json) -> bytes | None:
 
 @router.api_route("/Bundle/{document_id}", methods=["GET", "HEAD"], include_in_schema=False)
 async def retrieve_document(
-    document_id: str,
-    request: Request,
-    node: NodeDep,
-    actor: ReaderActor,
-    read: ReadSessionDep,
-    session: SessionDep,
+    document_id: str, request: Request, reader: documents_api.DocumentReaderDep
 ) -> Response:
     """ITI-68: the same access decision and audit as documents_api (it is called), then CDA if asked."""
     if not wants_cda(request):
         negotiate(request)
-        return await documents_api.retrieve_document(document_id, request, node, actor, read, session)
-    answer = await documents_api.retrieve_document(document_id, request, node, actor, read, session)
+        return await documents_api.retrieve_document(document_id, request, reader)
+    answer = await documents_api.retrieve_document(document_id, request, reader)
     if answer.status_code != 200:
         return answer
-    row = await repository.document(read, document_id)
+    row = await repository.document(reader.read, document_id)
     original = stored_original(row.docref) if row is not None else None
     if original is None:
         try:

@@ -3,9 +3,9 @@ federated, and the author's status change (entered-in-error)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -196,46 +196,60 @@ def presented(row: Document) -> dict[str, Any]:
     return with_meta(_described(row.docref, served_document(row)), row.version or 1, last_change(row))
 
 
+@dataclass(frozen=True)
+class DocumentReader:
+    """What reading one document needs: the node, the reader, a read session and the request's write
+    session (the audit record of the read commits with the request)."""
+
+    node: HubNode
+    actor: TokenClaims
+    read: AsyncSession
+    session: AsyncSession
+
+    async def held_or_federated(
+        self, document_id: str, action: str
+    ) -> Document | HubRetrieveReply | Response:
+        """The document held here, else the one a federated search found elsewhere; a consent
+        refusal comes back as the response to send, so that its audit record commits."""
+        try:
+            result = await retrieval.read_document(
+                self.node, self.read, self.session, self.actor, document_id, action
+            )
+        except NotFound:
+            return await _federated(self.node, self.read, self.session, self.actor, document_id)
+        return _refusal(result) if isinstance(result, FhirError) else result
+
+
+async def _document_reader(
+    node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> DocumentReader:
+    return DocumentReader(node, actor, read, session)
+
+
+DocumentReaderDep = Annotated[DocumentReader, Depends(_document_reader)]
+
+
 @router.get("/DocumentReference/{document_id}", summary="Read one DocumentReference")
 @router.head("/DocumentReference/{document_id}", include_in_schema=False)
-async def read_document_reference(
-    document_id: str,
-    request: Request,
-    node: NodeDep,
-    actor: ReaderActor,
-    read: ReadSessionDep,
-    session: SessionDep,
-) -> Response:
-    try:
-        result = await retrieval.read_document(node, read, session, actor, document_id, "document.read")
-    except NotFound:
-        reply = await _federated(node, read, session, actor, document_id)
-        docref = _described(reply.document_reference or {}, canonical(reply.document or {}))
-        return fhir_response(200, docref)
-    if isinstance(result, FhirError):
-        return _refusal(result)
-    return versioned(request, presented(result), result.version or 1, last_change(result))
+async def read_document_reference(document_id: str, request: Request, reader: DocumentReaderDep) -> Response:
+    found = await reader.held_or_federated(document_id, "document.read")
+    if isinstance(found, Response):
+        return found
+    if isinstance(found, HubRetrieveReply):
+        return fhir_response(200, _described(found.document_reference or {}, canonical(found.document or {})))
+    return versioned(request, presented(found), found.version or 1, last_change(found))
 
 
 @router.get("/Bundle/{document_id}", summary="ITI-68 Retrieve Document")
 @router.head("/Bundle/{document_id}", include_in_schema=False)
-async def retrieve_document(
-    document_id: str,
-    request: Request,
-    node: NodeDep,
-    actor: ReaderActor,
-    read: ReadSessionDep,
-    session: SessionDep,
-) -> Response:
-    try:
-        result = await retrieval.read_document(node, read, session, actor, document_id, "document.retrieve")
-    except NotFound:
-        reply = await _federated(node, read, session, actor, document_id)
-        return Response(canonical(reply.document or {}), media_type=FHIR_JSON)
-    if isinstance(result, FhirError):
-        return _refusal(result)
+async def retrieve_document(document_id: str, request: Request, reader: DocumentReaderDep) -> Response:
+    found = await reader.held_or_federated(document_id, "document.retrieve")
+    if isinstance(found, Response):
+        return found
+    if isinstance(found, HubRetrieveReply):
+        return Response(canonical(found.document or {}), media_type=FHIR_JSON)
     # The document never changes: version 1 (a status change is the DocumentReference's).
-    return versioned(request, {}, 1, result.published_at, body=served_document(result))
+    return versioned(request, {}, 1, found.published_at, body=served_document(found))
 
 
 @router.put("/DocumentReference/{document_id}", summary="The author marks its document entered-in-error")

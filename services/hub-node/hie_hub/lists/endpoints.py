@@ -70,16 +70,10 @@ def _identified(row: SubmissionSet, token: str | None) -> bool:
     return False
 
 
-@router.get("/List", summary="ITI-66 Find Lists (SubmissionSets)")
-async def find_lists(
-    request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
-) -> JSONResponse:
-    params = SearchParams(request, LIST_SEARCH)
-    key = params.patient_key("patient.identifier", node.settings.patient_key_bytes)
+async def _matching(read: AsyncSession, params: SearchParams, key: str) -> list[SubmissionSet]:
+    """The patient's SubmissionSets that match code, date, status, identifier and the cursor."""
     codes = params.any_of("code")
     dates = params.dates("date")
-    count = params.count()
-    count = DEFAULT_COUNT if count is None else count
     cursor = params.cursor()
     lower = [b.lower for b in dates if b.lower is not None]
     upper = [b.upper for b in dates if b.upper is not None]
@@ -90,19 +84,38 @@ async def find_lists(
         submitted_from=max(lower, default=None),
         submitted_before=min(upper, default=None),
     )
-    if codes is not None and not {"submissionset", f"{MHD_LIST_TYPES}|submissionset"} & set(codes):
-        rows = []
     identifier = params.one("identifier")
+    if codes is not None and not {"submissionset", f"{MHD_LIST_TYPES}|submissionset"} & set(codes):
+        return []
     rows = [row for row in rows if _identified(row, identifier)]
     if cursor is not None:
         rows = [row for row in rows if (row.submitted_at, row.id) < (cursor.at, cursor.key)]
+    return rows
+
+
+async def _page(
+    node: HubNode, read: AsyncSession, actor: TokenClaims, rows: list[SubmissionSet], count: int
+) -> tuple[list[tuple[SubmissionSet, dict[str, Any]]], bool]:
+    """The first ``count`` visible Lists and whether more follow; consent is asked one row at a time,
+    only for what may be returned."""
     visible: list[tuple[SubmissionSet, dict[str, Any]]] = []
-    for row in rows:  # one page at a time: consent is asked only for what may be returned
+    for row in rows:
         shown = await _visible(node, read, actor, [row])
         visible += [(row, shown[0])] if shown else []
         if len(visible) > count:
             break
-    returned = visible[:count]
+    return visible[:count], len(visible) > count
+
+
+@router.get("/List", summary="ITI-66 Find Lists (SubmissionSets)")
+async def find_lists(
+    request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+) -> JSONResponse:
+    params = SearchParams(request, LIST_SEARCH)
+    key = params.patient_key("patient.identifier", node.settings.patient_key_bytes)
+    count = params.count()
+    count = DEFAULT_COUNT if count is None else count
+    returned, more = await _page(node, read, actor, await _matching(read, params, key), count)
     await node.runtime.audit.record(
         session,
         action="list.search",
@@ -116,7 +129,7 @@ async def find_lists(
     base = f"{node.settings.fhir_base}/List"
     patient = {"patient.identifier": f"{PATIENT_KEY_SYSTEM}|{key}"}
     links = [("self", params.link(base, patient))]
-    if len(visible) > count and returned:
+    if more and returned:
         last = returned[-1][0]
         links.append(
             ("next", params.link(base, patient | {"_cursor": Cursor(last.submitted_at, last.id).encode()}))

@@ -78,8 +78,8 @@ def _endpoint(channel: dict[str, Any], node: NodeDep) -> str:
     return str(endpoint)
 
 
-def _read(body: Any, actor: TokenClaims, node: NodeDep) -> Subscription:
-    """The Subscription as stored, or the 4xx that says what is wrong with it."""
+def _checked(body: Any) -> dict[str, Any]:
+    """A FHIR Subscription on this hub's topic, or the 4xx that says what is wrong with it."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a FHIR Subscription")
     try:
@@ -90,7 +90,11 @@ def _read(body: Any, actor: TokenClaims, node: NodeDep) -> Subscription:
         raise Unprocessable(
             f"Subscription.criteria must be the topic {TOPIC}", expression=("Subscription.criteria",)
         )
-    channel = body.get("channel") or {}
+    return body
+
+
+def _content(channel: dict[str, Any]) -> str:
+    """The payload content a rest-hook channel asks for (full-resource unless it says id-only)."""
     if channel.get("type") != "rest-hook":
         raise Unprocessable(
             "only channel.type rest-hook is supported", expression=("Subscription.channel.type",)
@@ -105,18 +109,37 @@ def _read(body: Any, actor: TokenClaims, node: NodeDep) -> Subscription:
         raise Unprocessable(
             f"payload content must be one of {', '.join(CONTENTS)}", expression=("Subscription.channel",)
         )
+    return content
+
+
+def _secret(body: dict[str, Any]) -> str:
+    """The HMAC secret the institution chose, or a new one (returned once, on create)."""
     secret_extension = _extension(body, SECRET_URL)
     secret = str((secret_extension or {}).get("valueString") or "") or secrets.token_urlsafe(32)
     if len(secret) < 32:
         raise Unprocessable(
             "the HMAC secret must be at least 32 characters", expression=("Subscription.extension",)
         )
-    subscription_id = str(uuid.uuid4())
+    return secret
+
+
+def _stored(body: dict[str, Any], subscription_id: str) -> dict[str, Any]:
+    """The resource as kept: this hub's id and status, without the secret's extension."""
     stored = {k: v for k, v in body.items() if k not in ("id", "meta", "extension")}
     stored |= {"id": subscription_id, "status": ACTIVE}
     others = [e for e in body.get("extension") or [] if isinstance(e, dict) and e.get("url") != SECRET_URL]
     if others:
         stored["extension"] = others
+    return stored
+
+
+def _read(body: Any, actor: TokenClaims, node: NodeDep) -> Subscription:
+    """The Subscription as stored, or the 4xx that says what is wrong with it."""
+    body = _checked(body)
+    channel = body.get("channel") or {}
+    content = _content(channel)
+    secret = _secret(body)
+    subscription_id = str(uuid.uuid4())
     return Subscription(
         id=subscription_id,
         institution=actor.inst,
@@ -127,7 +150,7 @@ def _read(body: Any, actor: TokenClaims, node: NodeDep) -> Subscription:
         content=content,
         headers=[h for h in channel.get("header") or [] if isinstance(h, str)],
         events=0,
-        resource=stored,
+        resource=_stored(body, subscription_id),
         created_at=datetime.now(UTC),
     )
 

@@ -12,18 +12,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from hie_hub.models import Subscription, Task, WebhookDelivery
 from hie_hub.node import HubNode
+from hie_hub.subscriptions import repository
+from hie_hub.subscriptions.repository import PENDING
 
 TOPIC = "https://hie-federation.kr/fhir/SubscriptionTopic/task-inbox"
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition"
 STATUS_PROFILE = f"{BACKPORT}/backport-subscription-status-r4"
 ACTIVE, ERROR, OFF = "active", "error", "off"
-PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
 
 def after_commit(session: AsyncSession, callback: Any) -> None:
@@ -44,30 +45,18 @@ async def task_changed(node: HubNode, session: AsyncSession, task: Task) -> None
     """A Task was created or moved at this hub: queue a notification for each institution that
     subscribed to it (as owner or as requester), and wake long polls once committed."""
     after_commit(session, node.tasks_changed.notify)
-    subscriptions = (
-        await session.scalars(
-            select(Subscription).where(
-                Subscription.status.in_([ACTIVE, ERROR]),
-                Subscription.institution.in_([task.owner, task.requester]),
-            )
-        )
-    ).all()
+    subscriptions = await repository.subscribed(session, (ACTIVE, ERROR), [task.owner, task.requester])
     now = datetime.now(UTC)
     for subscription in subscriptions:
         party = task.owner if subscription.role == "owner" else task.requester
         if party != subscription.institution:
             continue
-        number = await session.scalar(
-            update(Subscription)
-            .where(Subscription.id == subscription.id)
-            .values(events=Subscription.events + 1)
-            .returning(Subscription.events)
-        )
+        number = await repository.next_event_number(session, subscription.id)
         session.add(
             WebhookDelivery(
                 subscription_id=subscription.id,
-                event_number=int(number or 0),
-                payload=notification(node.settings.fhir_base, subscription, task.task, int(number or 0), now),
+                event_number=number,
+                payload=notification(node.settings.fhir_base, subscription, task.task, number, now),
                 created_at=now,
                 next_attempt_at=now,
                 attempts=0,

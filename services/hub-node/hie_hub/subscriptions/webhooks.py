@@ -19,12 +19,13 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import httpx
-from sqlalchemy import delete, or_, select, update
 
 from hie_hub.models import Subscription, WebhookDelivery
 from hie_hub.node import HubNode
 from hie_hub.repository import subscription as get_subscription
-from hie_hub.subscriptions.service import ACTIVE, DELIVERED, ERROR, FAILED, PENDING
+from hie_hub.subscriptions import repository
+from hie_hub.subscriptions.repository import DELIVERED, FAILED
+from hie_hub.subscriptions.service import ACTIVE, ERROR
 from hie_platform.logging import get_logger
 from hie_schemas.fhir import FHIR_JSON
 
@@ -66,11 +67,7 @@ class WebhookSender:
         if self._in_flight:
             with contextlib.suppress(Exception):
                 async with self.node.runtime.db.transaction() as session:
-                    await session.execute(
-                        update(WebhookDelivery)
-                        .where(WebhookDelivery.id.in_(self._in_flight), WebhookDelivery.state == PENDING)
-                        .values(claimed_until=None)
-                    )
+                    await repository.release_claims(session, self._in_flight)
 
     async def _run(self) -> None:
         while True:
@@ -91,30 +88,14 @@ class WebhookSender:
         """Forget deliveries that were delivered or given up longer than the retention ago."""
         cutoff = datetime.now(UTC) - timedelta(days=self.node.settings.webhook_retention_days)
         async with self.node.runtime.db.transaction() as session:
-            result = await session.execute(
-                delete(WebhookDelivery).where(
-                    WebhookDelivery.state.in_([DELIVERED, FAILED]), WebhookDelivery.created_at < cutoff
-                )
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
+            return await repository.purge_deliveries(session, cutoff)
 
     async def send_due(self, limit: int = 20) -> int:
         """Send the deliveries that are due now, in parallel; returns how many were attempted."""
         db = self.node.runtime.db
         now = datetime.now(UTC)
         async with db.read_sessions() as read:
-            due = (
-                await read.scalars(
-                    select(WebhookDelivery.id)
-                    .where(
-                        WebhookDelivery.state == PENDING,
-                        WebhookDelivery.next_attempt_at <= now,
-                        or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
-                    )
-                    .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-                    .limit(limit)
-                )
-            ).all()
+            due = await repository.due_deliveries(read, now, limit)
         claimed = [delivery_id for delivery_id in due if await self._claim(delivery_id, now)]
         self._in_flight.update(claimed)
         try:
@@ -129,21 +110,12 @@ class WebhookSender:
 
     async def _claim(self, delivery_id: int, now: datetime) -> bool:
         async with self.node.runtime.db.transaction() as session:
-            result = await session.execute(
-                update(WebhookDelivery)
-                .where(
-                    WebhookDelivery.id == delivery_id,
-                    WebhookDelivery.state == PENDING,
-                    or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
-                )
-                .values(claimed_until=now + CLAIM)
-            )
-            return bool(getattr(result, "rowcount", 0))
+            return await repository.claim_delivery(session, delivery_id, now, now + CLAIM)
 
     async def _send(self, delivery_id: int) -> None:
         settings = self.node.settings
         async with self.node.runtime.db.read_sessions() as read:
-            delivery = await read.get(WebhookDelivery, delivery_id)
+            delivery = await repository.delivery(read, delivery_id)
             subscription = await get_subscription(read, delivery.subscription_id) if delivery else None
         if delivery is None:
             return
@@ -188,17 +160,11 @@ class WebhookSender:
             wait = backoff(settings.webhook_backoff_seconds, settings.webhook_max_backoff_seconds, attempts)
             values = {"next_attempt_at": now + wait, "attempts": attempts, "last_error": error[:300]}
         async with self.node.runtime.db.transaction() as session:
-            await session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id == delivery.id)
-                .values(claimed_until=None, **values)
-            )
+            await repository.record_attempt(session, delivery.id, values)
             if subscription is not None and subscription.status in (ACTIVE, ERROR):
                 # The backport's status: error while deliveries fail, active again once one succeeds.
                 status = ACTIVE if error is None else ERROR
-                await session.execute(
-                    update(Subscription).where(Subscription.id == subscription.id).values(status=status)
-                )
+                await repository.set_status(session, subscription.id, status)
         if error is not None:
             log.info("webhook delivery failed", delivery=delivery.id, attempts=attempts, error=error)
 
