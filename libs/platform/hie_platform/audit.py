@@ -26,6 +26,7 @@ from sqlalchemy import Table, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.audit_anchor import utc_text
+from hie_platform.db import before_commit
 from hie_platform.outbox import Outbox
 from hie_schemas import contract
 from hie_schemas.auth import TokenClaims
@@ -143,20 +144,9 @@ class AuditTrail:
         rule: str | None = None,
         consent_version: int | None = None,
         detail: dict[str, Any] | None = None,
-    ) -> int:
-        t = self.table
-        if session.get_bind().dialect.name == "postgresql":
-            # Serialize appenders across replicas sharing one database.
-            await session.execute(text("SELECT pg_advisory_xact_lock(7243001)"))
-        last = (
-            await session.execute(select(t.c.sequence, t.c.hash).order_by(t.c.sequence.desc()).limit(1))
-        ).first()
-        sequence = (last.sequence + 1) if last else 1
-        prev_hash = last.hash if last else GENESIS
-        now = datetime.now(UTC)
-        record = {
-            "sequence": sequence,
-            "recorded_at": now.isoformat(),
+    ) -> None:
+        """Add a record to this transaction; it joins the chain just before the commit (``_append``)."""
+        fields = {
             "node": self.node,
             "action": action,
             "actor_client": actor.sub if actor else None,
@@ -169,21 +159,53 @@ class AuditTrail:
             "consent_version": consent_version,
             "detail": detail or {},
         }
-        digest = row_hash(prev_hash, sequence, now, record)
-        await session.execute(
-            insert(t).values(
-                sequence=sequence, recorded_at=now, record=record, prev_hash=prev_hash, hash=digest
+        key = f"hie.audit.{self.table.name}"
+        session.info.setdefault(key, []).append(fields)
+        before_commit(session, key, self._append)
+
+    async def _append(self, session: AsyncSession) -> None:
+        """Chain this transaction's records onto the head, just before the commit.
+
+        On PostgreSQL the appenders of all replicas take turns on an advisory lock held until the
+        commit; taken here and not at ``record``, it is held for these statements and the commit only
+        (held for the whole publish it was 72% of the time under load, 11 ms per request: issue 13)."""
+        fields = session.info.pop(f"hie.audit.{self.table.name}", [])
+        if not fields:
+            return
+        t = self.table
+        if session.get_bind().dialect.name == "postgresql":
+            await session.execute(text("SELECT pg_advisory_xact_lock(7243001)"))
+        last = (
+            await session.execute(select(t.c.sequence, t.c.hash).order_by(t.c.sequence.desc()).limit(1))
+        ).first()
+        sequence, prev_hash = (last.sequence, last.hash) if last else (0, GENESIS)
+        now = datetime.now(UTC)
+        rows: list[dict[str, Any]] = []
+        for each in fields:
+            sequence += 1
+            record = {"sequence": sequence, "recorded_at": now.isoformat(), **each}
+            digest = row_hash(prev_hash, sequence, now, record)
+            rows.append(
+                {
+                    "sequence": sequence,
+                    "recorded_at": now,
+                    "record": record,
+                    "prev_hash": prev_hash,
+                    "hash": digest,
+                }
             )
-        )
-        await self.outbox.add(
-            session,
-            contract.subject(contract.Kind.AUDIT_RECORDED, sender=self.sender),
-            _recorded(record, digest, now, self.sender),
-        )
-        if self.anchor is not None and sequence % self.anchor.every == 0:
-            # Under the same lock and in the same transaction: one signature and one outbox row.
-            await self.anchor.checkpoint(session, sequence, digest)
-        return sequence
+            prev_hash = digest
+        await session.execute(insert(t), rows)
+        for row in rows:
+            await self.outbox.add(
+                session,
+                contract.subject(contract.Kind.AUDIT_RECORDED, sender=self.sender),
+                _recorded(row["record"], row["hash"], now, self.sender),
+                defer=True,
+            )
+            if self.anchor is not None and row["sequence"] % self.anchor.every == 0:
+                # Under the same lock and in the same transaction: one signature and one outbox row.
+                await self.anchor.checkpoint(session, row["sequence"], row["hash"])
 
     async def verify(self, session: AsyncSession, seen: RowSeen | None = None) -> ChainCheck:
         """Walk the whole chain in sequence order; ``first_bad_sequence`` is the first broken link.

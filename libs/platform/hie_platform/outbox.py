@@ -25,7 +25,7 @@ from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.bus import Bus
-from hie_platform.db import Database
+from hie_platform.db import Database, before_commit, events_written
 from hie_platform.errors import PayloadTooLarge
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
 from hie_schemas import streams
@@ -53,8 +53,12 @@ class EventTooLarge(PayloadTooLarge):
     """An event bigger than NATS carries: refused in the request (413), before anything is stored."""
 
 
+_DEFERRED = "hie.outbox.deferred"
+
+
 class Outbox:
-    """Writes events into the current transaction."""
+    """Writes events into the current transaction: at once, or (``defer``) all together in one
+    INSERT just before the commit, after the audit chain's append (whose events join them)."""
 
     def __init__(self, table: Table, source: Source, max_payload: Callable[[], int] | None = None) -> None:
         self.table = table
@@ -63,7 +67,13 @@ class Outbox:
         self.max_payload = max_payload
 
     async def add(
-        self, session: AsyncSession, subject: str, payload: EventPayload, event_id: str | None = None
+        self,
+        session: AsyncSession,
+        subject: str,
+        payload: EventPayload,
+        event_id: str | None = None,
+        *,
+        defer: bool = False,
     ) -> Envelope:
         envelope = Envelope.wrap(payload, self.source, correlation_id.get(), event_id)
         body = envelope.to_bytes()
@@ -73,16 +83,25 @@ class Outbox:
                 f"the {payload.event_type} event would be {len(body)} bytes; at most {limit} bytes "
                 "can travel between nodes (NATS max_payload less headers)"
             )
-        await session.execute(
-            insert(self.table).values(
-                event_id=envelope.id,
-                subject=subject,
-                payload=body,
-                correlation_id=envelope.correlation_id,
-                created_at=envelope.occurred_at,
-            )
-        )
+        row = {
+            "event_id": envelope.id,
+            "subject": subject,
+            "payload": body,
+            "correlation_id": envelope.correlation_id,
+            "created_at": envelope.occurred_at,
+        }
+        events_written(session)
+        if defer:
+            key = f"{_DEFERRED}.{self.table.name}"
+            session.info.setdefault(key, []).append(row)
+            before_commit(session, key, self._write_deferred, order=10)
+        else:
+            await session.execute(insert(self.table).values(**row))
         return envelope
+
+    async def _write_deferred(self, session: AsyncSession) -> None:
+        if rows := session.info.pop(f"{_DEFERRED}.{self.table.name}", None):
+            await session.execute(insert(self.table), rows)
 
 
 @dataclass(frozen=True)
@@ -180,9 +199,13 @@ class OutboxRelay:
         self._wake.set()
 
     def start(self) -> None:
+        # Woken by every commit that wrote outbox rows (hie_platform.db), not by hand at each call site.
+        self.db.on_event_commit.append(self.kick)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        if self.kick in self.db.on_event_commit:
+            self.db.on_event_commit.remove(self.kick)
         self._stopping = True
         self._wake.set()
         if self._task is not None:

@@ -8,7 +8,7 @@ transaction (outbox).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,15 +20,18 @@ from hie_hub.core.bundles import Created, transaction_response
 from hie_hub.core.disclosure import release
 from hie_hub.documents import Submission, SubmittedDocument, federation, lifecycle, parse_submission
 from hie_hub.documents.schemas import rename_references, scrub_rrn, stamp_metadata
-from hie_hub.models import Document, DocumentStatus, Origin, SubmissionSet, Task
+from hie_hub.models import Document, DocumentStatus, Origin, Task
 from hie_hub.node import HubNode
 from hie_hub.sending import Recipient
+from hie_hub.subscriptions.service import task_changed
+from hie_platform.db import raise_after_commit
 from hie_platform.errors import Conflict, Forbidden, Issue, Unprocessable
 from hie_platform.http import after_commit
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Decision, FlowQuery, Purpose
 from hie_schemas.contract import Kind, subject
-from hie_schemas.events import DocumentPublished, ExchangeDenied
+from hie_schemas.envelope import EventPayload
+from hie_schemas.events import DocumentPublished, ExchangeDenied, ExchangeKind
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class Refusal:
 
 
 class ExchangeRefused(Forbidden):
-    """The patient's consent does not cover the flow; returned (not raised) so the refusal record commits."""
+    """The patient's consent does not cover the flow; raised once the refusal record is kept (the write
+    session commits it before the error goes on: hie_platform.db.raise_after_commit)."""
 
     def __init__(self, refusals: list[Refusal]) -> None:
         issues = [
@@ -54,112 +58,60 @@ class ExchangeRefused(Forbidden):
         self.refusals = refusals
 
 
+@dataclass(frozen=True)
+class _Addressed:
+    """Whom a submission goes to, and the kind and leading document of the exchange it makes."""
+
+    recipients: list[Recipient]
+    lead: tuple[ExchangeKind, SubmittedDocument] | None
+
+
+@dataclass
+class _Publication:
+    """Every row and event one publish writes, prepared before the writer is taken."""
+
+    at: datetime
+    recipients: list[str]
+    documents: list[dict[str, Any]]  # new documents (Core INSERT)
+    held: list[str]  # ids of documents already stored (sent before): only addressed anew
+    submission_set: dict[str, Any]
+    exchanges: list[sending.Exchange] = field(default_factory=list)
+
+    @property
+    def events(self) -> list[tuple[str, EventPayload]]:
+        return [event for exchange in self.exchanges for event in exchange.events]
+
+
 async def publish(
     node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, body: Any
-) -> dict[str, Any] | ExchangeRefused:
-    """ITI-65 for one institution of this hub: the transaction-response, or the consent refusal.
+) -> dict[str, Any]:
+    """ITI-65 for one institution of this hub: the transaction-response; a consent refusal is raised
+    (ExchangeRefused) after its record is committed.
 
-    Reads go through ``read`` and the write session is first touched after the consent answers, so
-    no write lock is held while the decision point is asked.
+    Reads go through ``read``; the write session is first touched after the consent answers, and
+    only once every row is prepared, so no write lock is held while the decision point is asked or
+    while documents are rewritten.
     """
     submission = parse_submission(
         body, secret=node.settings.patient_key_bytes, base_url=node.settings.fhir_base
     )
-    for doc in submission.documents:
-        if doc.author_institution != actor.inst:
-            raise Forbidden(
-                f"document {doc.document_id} is authored by {doc.author_institution}; "
-                f"institution {actor.inst} may publish only its own documents"
-            )
-    ids = [doc.document_id for doc in submission.documents]
-    stored = await repository.documents_by_id(read, ids)
-    foreign = sorted(i for i, row in stored.items() if row.author_institution != actor.inst)
-    if foreign:
-        raise Conflict(f"document id {foreign[0]} is already held for another author")
-    if len(stored) == len(ids):
+    stored = await _held(read, actor, submission)
+    if len(stored) == len(submission.documents):
         # A replay (retry after a lost response): answer as the first time, store nothing new.
-        return await _replay(read, actor, submission, [stored[i] for i in ids])
-
-    recipients = await sending.recipients(node, submission)
-    lead = sending.leading(submission)
-    if recipients and lead is None:
-        raise Unprocessable(
-            "a submission with intended recipients needs a referral, return, consult reply or transfer "
-            "opinion, or the purpose patient-request or public-agency"
-        )
+        return await _replay(read, actor, submission, [stored[d.document_id] for d in submission.documents])
+    addressed = await _addressed(node, submission)
     await lifecycle.check_replacements(read, actor, submission)
     await release(read)
     now = datetime.now(UTC)
-    pairs = [(doc, r) for r in recipients for doc in submission.documents]
-    decisions = await node.consent.decide_all([_flow(submission, doc, r, now) for doc, r in pairs])
-    refusals = [
-        Refusal(r.code, doc.document_id, d)
-        for (doc, r), d in zip(pairs, decisions, strict=True)
-        if not d.permit
-    ]
-    if refusals:
-        await _record_refusal(node, session, actor, submission, refusals, now)
-        return ExchangeRefused(refusals)
-
-    existing = await repository.documents_by_id(session, ids)
-    if existing.keys() != stored.keys():
-        # A publish of the same documents committed while consent was asked: answer as it did.
-        if len(existing) == len(ids):
-            return await _replay(session, actor, submission, [existing[i] for i in ids])
-        raise Conflict("some of these documents are being published concurrently; retry the request")
-    rows = _store_documents(session, submission, existing, recipients, now)
-    list_id = _store_submission_set(session, actor, submission, recipients, now)
-    try:
-        await session.flush()
-    except IntegrityError as exc:
-        # Two publishes raced past both checks (PostgreSQL: neither saw the other's rows); the
-        # loser's retry replays the winner's answer.
-        raise Conflict("the same document is being published concurrently; retry the request") from exc
-    await lifecycle.supersede(node, session, actor, submission, now)
-    versions = {
-        (doc.document_id, r.code): d.consent_version for (doc, r), d in zip(pairs, decisions, strict=True)
-    }
-    created_tasks: list[Task] = []
-    if lead is not None:
-        for recipient in recipients:
-            version = versions.get((lead[1].document_id, recipient.code))
-            created_tasks.append(
-                await sending.send(node, session, actor, submission, rows, recipient, lead, version, now)
-            )
-    # Feeds the registry's record locator: this hub now holds documents for the patient. The event
-    # (outbox) is the durable path; once the transaction commits, the locator is also told at once
-    # (federation.declare, awaited before the response), so a walk-in search finds the documents.
-    published = DocumentPublished(
-        hub=node.hub,
-        patient_key=submission.patient_key,
-        author_institution=actor.inst,
-        document_ids=ids,
-        document_types=[doc.document_type for doc in submission.documents],
-        published_at=now,
-    )
-    fact = subject(Kind.DOCUMENT_PUBLISHED, sender=node.hub)
-    envelope = await node.runtime.outbox.add(session, fact, published)
-    after_commit(session, lambda: federation.declare(node, fact, envelope, published))
-    await node.runtime.audit.record(
-        session,
-        action="document.publish",
-        actor=actor,
-        outcome="success",
-        patient_key=submission.patient_key,
-        document_ids=ids,
-        purpose=submission.purpose.value,
-        rule=decisions[0].rule.value if decisions else None,
-        consent_version=max(
-            (d.consent_version for d in decisions if d.consent_version is not None), default=None
-        ),
-        detail={
-            "recipients": [r.code for r in recipients],
-            "tasks": [t.id for t in created_tasks],
-            "replaces": [old for doc in submission.documents for old in doc.replaces],
-        }
-        | _emergency_detail(submission),
-    )
-    return _response(submission, list_id, rows, created_tasks)
+    decisions = await _decide(node, session, actor, submission, addressed.recipients, now)
+    publication = _prepare(node.hub, actor, submission, addressed, stored, decisions, now)
+    await _write(node, session, actor, submission, publication)
+    await _announce(node, session, actor, submission, publication, decisions)
+    ids = [doc.document_id for doc in submission.documents]
+    versions = {i: stored[i].version if i in stored else 1 for i in ids}
+    at = stored[ids[0]].published_at if ids[0] in stored else now  # as a replay will answer
+    tasks = [Task(**exchange.task) for exchange in publication.exchanges]
+    return _response(submission, publication.submission_set["id"], versions, at, tasks)
 
 
 async def _replay(
@@ -169,7 +121,121 @@ async def _replay(
     ids = [row.document_id for row in rows]
     tasks = await repository.tasks_of_submission(read, actor.inst, submission.patient_key, ids)
     listed = await repository.submission_set_of(read, actor.inst, submission.patient_key, ids)
-    return _response(submission, listed.id if listed else None, rows, tasks)
+    versions = {row.document_id: row.version or 1 for row in rows}
+    return _response(submission, listed.id if listed else None, versions, rows[0].published_at, tasks)
+
+
+async def _held(read: AsyncSession, actor: TokenClaims, submission: Submission) -> dict[str, Document]:
+    """The submission's documents this hub already holds; only the author publishes its documents."""
+    for doc in submission.documents:
+        if doc.author_institution != actor.inst:
+            raise Forbidden(
+                f"document {doc.document_id} is authored by {doc.author_institution}; "
+                f"institution {actor.inst} may publish only its own documents"
+            )
+    stored = await repository.documents_by_id(read, [doc.document_id for doc in submission.documents])
+    foreign = sorted(i for i, row in stored.items() if row.author_institution != actor.inst)
+    if foreign:
+        raise Conflict(f"document id {foreign[0]} is already held for another author")
+    return stored
+
+
+async def _addressed(node: HubNode, submission: Submission) -> _Addressed:
+    recipients = await sending.recipients(node, submission)
+    lead = sending.leading(submission)
+    if recipients and lead is None:
+        raise Unprocessable(
+            "a submission with intended recipients needs a referral, return, consult reply or transfer "
+            "opinion, or the purpose patient-request or public-agency"
+        )
+    return _Addressed(recipients, lead)
+
+
+async def _decide(
+    node: HubNode,
+    session: AsyncSession,
+    actor: TokenClaims,
+    submission: Submission,
+    recipients: list[Recipient],
+    now: datetime,
+) -> dict[tuple[str, str], Decision]:
+    """Consent for every (document, recipient); a refusal is recorded and raised after its commit."""
+    pairs = [(doc, r) for r in recipients for doc in submission.documents]
+    decisions = await node.consent.decide_all([_flow(submission, doc, r, now) for doc, r in pairs])
+    refusals = [
+        Refusal(r.code, doc.document_id, d)
+        for (doc, r), d in zip(pairs, decisions, strict=True)
+        if not d.permit
+    ]
+    if refusals:
+        await _record_refusal(node, session, actor, submission, refusals, now)
+        raise raise_after_commit(session, ExchangeRefused(refusals))
+    return {(doc.document_id, r.code): d for (doc, r), d in zip(pairs, decisions, strict=True)}
+
+
+def _prepare(
+    hub: str,
+    actor: TokenClaims,
+    submission: Submission,
+    addressed: _Addressed,
+    stored: dict[str, Document],
+    decisions: dict[tuple[str, str], Decision],
+    now: datetime,
+) -> _Publication:
+    """Every row and event of a permitted publish, before the writer is taken (issue 13 point 1)."""
+    codes = [r.code for r in addressed.recipients]
+    renames = _renames(submission)
+    rows = [
+        _document_row(doc, submission.patient_key, renames, codes, now)
+        if doc.document_id not in stored
+        else _held_row(stored[doc.document_id])
+        for doc in submission.documents
+    ]
+    publication = _Publication(
+        at=now,
+        recipients=codes,
+        documents=[row for row in rows if row["document_id"] not in stored],
+        held=list(stored),
+        submission_set=_submission_set_row(actor, submission, codes, now),
+    )
+    if addressed.lead is not None:
+        lead_id = addressed.lead[1].document_id
+        for recipient in addressed.recipients:
+            version = decisions[(lead_id, recipient.code)].consent_version
+            publication.exchanges.append(
+                sending.prepare(hub, actor, submission, rows, recipient, addressed.lead, version, now)
+            )
+    for row in publication.documents:
+        row["exchange_id"] = publication.exchanges[0].exchange_id if publication.exchanges else None
+    return publication
+
+
+def _held_row(row: Document) -> dict[str, Any]:
+    return {"document_id": row.document_id, "docref": row.docref, "bundle": row.bundle}
+
+
+async def _write(
+    node: HubNode,
+    session: AsyncSession,
+    actor: TokenClaims,
+    submission: Submission,
+    publication: _Publication,
+) -> None:
+    """The writes of a permitted publish: a few Core INSERTs; the events are written at commit."""
+    for subject_, payload in publication.events:
+        await node.runtime.outbox.add(session, subject_, payload, defer=True)
+    tasks = [exchange.task for exchange in publication.exchanges]
+    try:
+        await repository.insert_publication(session, publication.documents, publication.submission_set, tasks)
+    except IntegrityError as exc:
+        # Published concurrently (the unique document id is the check): the retry replays the winner.
+        raise Conflict("the same document is being published concurrently; retry the request") from exc
+    if publication.held:
+        first = publication.exchanges[0].exchange_id if publication.exchanges else None
+        await _address_held(session, publication.held, publication.recipients, first)
+    await lifecycle.supersede(node, session, actor, submission, publication.at)
+    for exchange in publication.exchanges:
+        await task_changed(node, session, Task(**exchange.task))
 
 
 def _flow(submission: Submission, doc: SubmittedDocument, recipient: Recipient, now: datetime) -> FlowQuery:
@@ -242,55 +308,79 @@ def _renames(submission: Submission) -> dict[str, str]:
     }
 
 
-def _store_documents(
-    session: AsyncSession,
-    submission: Submission,
-    existing: dict[str, Document],
-    recipients: list[Recipient],
-    now: datetime,
-) -> list[Document]:
-    """Store the new documents; a document already held (sent before) is only addressed anew."""
-    codes = [r.code for r in recipients]
-    renames = _renames(submission)
-    rows: list[Document] = []
-    for doc in submission.documents:
-        row = existing.get(doc.document_id)
-        if row is None:
-            row = _document_row(doc, submission.patient_key, renames, codes, now)
-            repository.add_document(session, row)
-        else:
-            repository.add_recipients(row, codes)
-        rows.append(row)
-    return rows
+async def _address_held(
+    session: AsyncSession, held: list[str], recipients: list[str], exchange_id: str | None
+) -> None:
+    """Documents already stored (sent before) are only addressed anew; read in the write session, so
+    that two publishes addressing the same document do not lose each other's recipients."""
+    for row in (await repository.documents_by_id(session, held)).values():
+        repository.add_recipients(row, recipients)
+        row.exchange_id = row.exchange_id or exchange_id
 
 
-def _store_submission_set(
+async def _announce(
+    node: HubNode,
     session: AsyncSession,
     actor: TokenClaims,
     submission: Submission,
-    recipients: list[Recipient],
-    now: datetime,
-) -> str:
-    """Keep the SubmissionSet List for ITI-66, its entries pointing at the stored DocumentReferences."""
+    publication: _Publication,
+    decisions: dict[tuple[str, str], Decision],
+) -> None:
+    """DocumentPublished (feeds the registry's record locator) and the audit record, both written at
+    commit. The event (outbox) is the durable path; once the transaction commits the locator is also
+    told at once (federation.declare, awaited before the response), so a walk-in search finds them."""
+    ids = [doc.document_id for doc in submission.documents]
+    published = DocumentPublished(
+        hub=node.hub,
+        patient_key=submission.patient_key,
+        author_institution=actor.inst,
+        document_ids=ids,
+        document_types=[doc.document_type for doc in submission.documents],
+        published_at=publication.at,
+    )
+    fact = subject(Kind.DOCUMENT_PUBLISHED, sender=node.hub)
+    envelope = await node.runtime.outbox.add(session, fact, published, defer=True)
+    after_commit(session, lambda: federation.declare(node, fact, envelope, published))
+    decided = list(decisions.values())
+    await node.runtime.audit.record(
+        session,
+        action="document.publish",
+        actor=actor,
+        outcome="success",
+        patient_key=submission.patient_key,
+        document_ids=ids,
+        purpose=submission.purpose.value,
+        rule=decided[0].rule.value if decided else None,
+        consent_version=max(
+            (d.consent_version for d in decided if d.consent_version is not None), default=None
+        ),
+        detail={
+            "recipients": publication.recipients,
+            "tasks": [e.task["id"] for e in publication.exchanges],
+            "replaces": [old for doc in submission.documents for old in doc.replaces],
+        }
+        | _emergency_detail(submission),
+    )
+
+
+def _submission_set_row(
+    actor: TokenClaims, submission: Submission, recipients: list[str], now: datetime
+) -> dict[str, Any]:
+    """The SubmissionSet List kept for ITI-66, its entries pointing at the stored DocumentReferences."""
     resource = scrub_rrn(
         rename_references(submission.submission_set, _renames(submission)), submission.patient_key
     )
     resource["date"] = resource.get("date") or now.isoformat()
-    submitted_at = _instant(resource["date"]) or now
-    repository.add_submission_set(
-        session,
-        SubmissionSet(
-            id=str(resource["id"]),
-            patient_key=submission.patient_key,
-            author_institution=actor.inst,
-            submitted_at=submitted_at,
-            status=str(resource.get("status") or "current"),
-            document_ids=[doc.document_id for doc in submission.documents],
-            recipients=[r.code for r in recipients],
-            resource=resource,
-        ),
-    )
-    return str(resource["id"])
+    return {
+        "id": str(resource["id"]),
+        "patient_key": submission.patient_key,
+        "author_institution": actor.inst,
+        "submitted_at": _instant(resource["date"]) or now,
+        "status": str(resource.get("status") or "current"),
+        "document_ids": [doc.document_id for doc in submission.documents],
+        "recipients": recipients,
+        "resource": resource,
+    }
 
 
 def _instant(value: Any) -> datetime | None:
@@ -303,7 +393,7 @@ def _instant(value: Any) -> datetime | None:
 
 def _document_row(
     doc: SubmittedDocument, patient_key: str, renames: dict[str, str], recipients: list[str], now: datetime
-) -> Document:
+) -> dict[str, Any]:
     docref = stamp_metadata(
         scrub_rrn(rename_references(doc.document_reference, renames), patient_key),
         author=doc.author_institution,
@@ -314,34 +404,35 @@ def _document_row(
     docref["status"] = DocumentStatus.CURRENT.value
     # ITI-67 'date' searches the document's time (Composition.date); the DocumentReference says so.
     docref["date"] = doc.created_at.isoformat()
-    return Document(
-        document_id=doc.document_id,
-        author_institution=doc.author_institution,
-        author_department=doc.author_department,
-        patient_key=patient_key,
-        document_type=doc.document_type.value,
-        created_at=doc.created_at,
-        status=DocumentStatus.CURRENT.value,
-        docref=docref,
-        bundle=scrub_rrn(doc.document, patient_key),
-        recipients=recipients,
-        origin=Origin.LOCAL.value,
-        exchange_id=None,
-        published_at=now,
-    )
+    return {
+        "document_id": doc.document_id,
+        "author_institution": doc.author_institution,
+        "author_department": doc.author_department,
+        "patient_key": patient_key,
+        "document_type": doc.document_type.value,
+        "created_at": doc.created_at,
+        "status": DocumentStatus.CURRENT.value,
+        "docref": docref,
+        "bundle": scrub_rrn(doc.document, patient_key),
+        "recipients": recipients,
+        "origin": Origin.LOCAL.value,
+        "exchange_id": None,
+        "published_at": now,
+        "version": 1,
+    }
 
 
 def _response(
-    submission: Submission, list_id: str | None, rows: list[Document], tasks: list[Task]
+    submission: Submission, list_id: str | None, versions: dict[str, int], at: datetime, tasks: list[Task]
 ) -> dict[str, Any]:
     """The transaction-response: one entry per request entry in request order (FHIR R4); the Tasks
-    made are named on the entry of the DocumentReference they are about (Task.focus)."""
-    at = rows[0].published_at
-    versions = {row.document_id: row.version or 1 for row in rows}
+    made are named on the entry of the DocumentReference they are about (Task.focus). ``versions``:
+    each document's version, in the submission's order."""
+    first = next(iter(versions))
     about: dict[str, list[str]] = {}
     for task in sorted(tasks, key=lambda t: (t.owner, t.id)):
         lead = str((task.task.get("focus") or {}).get("reference", "")).rpartition("/")[2]
-        focus = lead if lead in versions else rows[0].document_id
+        focus = lead if lead in versions else first
         about.setdefault(focus, []).append(task.id)
     created: list[Created] = []
     for resource_type, stored_id in submission.entry_order:
@@ -353,4 +444,4 @@ def _response(
             created.append(Created(resource_type, stored_id, at, version, tuple(about.get(stored_id, ()))))
         else:
             created.append(Created(resource_type, stored_id, at))
-    return transaction_response([row.document_id for row in rows], created)
+    return transaction_response(list(versions), created)

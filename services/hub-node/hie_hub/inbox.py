@@ -11,13 +11,14 @@ the outbox of that transaction.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
 from hie_hub.documents import lifecycle
 from hie_hub.documents.schemas import read_metadata, scrub_rrn
-from hie_hub.models import Document, DocumentStatus, Origin, Task
+from hie_hub.models import DocumentStatus, Origin, Task
 from hie_hub.node import HubNode
 from hie_hub.subscriptions.service import task_changed
 from hie_hub.tasks import service as tasks
@@ -26,7 +27,7 @@ from hie_platform.bus import Incoming, PermanentEventError, RefusedMessage, firs
 from hie_platform.logging import get_logger
 from hie_schemas import contract, streams
 from hie_schemas.contract import Kind, subject
-from hie_schemas.events import Delivery, DocumentStatusNotice, TaskStatusNotice, TaskUpdated
+from hie_schemas.events import Delivery, DocumentStatusNotice, ExchangeSent, TaskStatusNotice, TaskUpdated
 
 log = get_logger(__name__)
 
@@ -66,7 +67,6 @@ class Inbox:
                     await lifecycle.apply_notice(session, incoming.payload)
                 case _:
                     raise PermanentEventError(f"the hub inbox does not take {incoming.envelope.type!r}")
-        runtime.relay.kick()
 
     async def _delivery(self, session: AsyncSession, delivery: Delivery) -> None:
         """Store the delivered documents and the Task (received), and tell the requester's hub."""
@@ -76,71 +76,13 @@ class Inbox:
         if len(delivery.documents) != len(sent.document_ids) or sent.task_id is None:
             raise PermanentEventError("delivery does not match its exchange")
         now = datetime.now(UTC)
-        held = await repository.documents_by_id(session, sent.document_ids)
-        for doc_id, doc_type, delivered in zip(
-            sent.document_ids, sent.document_types, delivery.documents, strict=True
-        ):
-            row = held.get(doc_id)
-            if row is not None:
-                # Already here (sent before, or published at this very hub): only address it anew.
-                repository.add_recipients(row, [sent.to_institution])
-                continue
-            department, created_at = read_metadata(delivered.document_reference)
-            repository.add_document(
-                session,
-                Document(
-                    document_id=doc_id,
-                    author_institution=sent.from_institution,
-                    author_department=department,
-                    patient_key=sent.patient_key,
-                    document_type=doc_type.value,
-                    created_at=created_at or sent.document_created_at,
-                    status=DocumentStatus.CURRENT.value,
-                    docref=scrub_rrn(delivered.document_reference, sent.patient_key),
-                    bundle=scrub_rrn(delivered.document, sent.patient_key),
-                    recipients=[sent.to_institution],
-                    origin=Origin.DELIVERED.value,
-                    exchange_id=sent.exchange_id,
-                    published_at=now,
-                ),
-            )
-        task = await repository.task(session, sent.task_id)
-        if task is None:
-            task = Task(
-                id=sent.task_id,
-                exchange_id=sent.exchange_id,
-                status=TaskStatus.RECEIVED.value,
-                requester=sent.from_institution,
-                requester_hub=sent.from_hub,
-                owner=sent.to_institution,
-                owner_hub=sent.to_hub,
-                patient_key=sent.patient_key,
-                focus=list(sent.document_ids),
-                task=with_status(delivery.task, TaskStatus.RECEIVED, [], now),
-                updated_at=now,
-            )
-            repository.add_task(session, task)
-            await task_changed(self.node, session, task)
-        elif TaskStatus(task.status).rank < TaskStatus.RECEIVED.rank:
-            # The requester's own copy when the recipient belongs to this hub too.
-            task.status, task.updated_at = TaskStatus.RECEIVED.value, now
-            task.task = with_status(task.task, TaskStatus.RECEIVED, [], now)
-            await task_changed(self.node, session, task)
-        update = TaskUpdated(
-            task_id=sent.task_id,
-            exchange_id=sent.exchange_id,
-            status=TaskStatus.RECEIVED.value,
-            by_institution=sent.to_institution,
-            patient_key=sent.patient_key,
-            updated_at=now,
-        )
-        outbox = self.node.runtime.outbox
-        await outbox.add(
-            session,
-            subject(Kind.TASK_STATUS, to=sent.from_hub, sender=self.node.hub),
-            TaskStatusNotice(update=update),
-        )
-        await outbox.add(session, subject(Kind.TASK_UPDATED, sender=self.node.hub), update)
+        await self._tell_requester(session, sent, now)
+        new_task = await self._received_task(session, delivery, sent.task_id, now)
+        documents = await _new_documents(session, delivery, now)
+        # Like the publish path (issue 13 point 6): one INSERT per table, the events at commit.
+        await repository.insert_publication(session, documents, None, [new_task] if new_task else [])
+        if new_task is not None:
+            await task_changed(self.node, session, Task(**new_task))
         await self.node.runtime.audit.record(
             session,
             action="exchange.receive",
@@ -159,3 +101,80 @@ class Inbox:
             },
         )
         log.info("delivery stored", exchange_id=sent.exchange_id, documents=len(sent.document_ids))
+
+    async def _received_task(
+        self, session: AsyncSession, delivery: Delivery, task_id: str, now: datetime
+    ) -> dict[str, Any] | None:
+        """The owner's copy of the Task (received) as a row to insert; None when this hub holds it
+        already (the requester's own copy when the recipient belongs to this hub too: moved on)."""
+        sent = delivery.exchange
+        task = await repository.task(session, task_id)
+        if task is None:
+            return {
+                "id": task_id,
+                "exchange_id": sent.exchange_id,
+                "status": TaskStatus.RECEIVED.value,
+                "requester": sent.from_institution,
+                "requester_hub": sent.from_hub,
+                "owner": sent.to_institution,
+                "owner_hub": sent.to_hub,
+                "patient_key": sent.patient_key,
+                "focus": list(sent.document_ids),
+                "task": with_status(delivery.task, TaskStatus.RECEIVED, [], now),
+                "updated_at": now,
+                "version": 1,
+            }
+        if TaskStatus(task.status).rank < TaskStatus.RECEIVED.rank:
+            task.status, task.updated_at = TaskStatus.RECEIVED.value, now
+            task.task = with_status(task.task, TaskStatus.RECEIVED, [], now)
+            await task_changed(self.node, session, task)
+        return None
+
+    async def _tell_requester(self, session: AsyncSession, sent: ExchangeSent, now: datetime) -> None:
+        """TaskStatusNotice to the requester's hub and TaskUpdated for this hub (written at commit)."""
+        update = TaskUpdated(
+            task_id=str(sent.task_id),
+            exchange_id=sent.exchange_id,
+            status=TaskStatus.RECEIVED.value,
+            by_institution=sent.to_institution,
+            patient_key=sent.patient_key,
+            updated_at=now,
+        )
+        outbox = self.node.runtime.outbox
+        notice = subject(Kind.TASK_STATUS, to=sent.from_hub, sender=self.node.hub)
+        await outbox.add(session, notice, TaskStatusNotice(update=update), defer=True)
+        await outbox.add(session, subject(Kind.TASK_UPDATED, sender=self.node.hub), update, defer=True)
+
+
+async def _new_documents(session: AsyncSession, delivery: Delivery, now: datetime) -> list[dict[str, Any]]:
+    """Rows of the delivered documents this hub does not hold yet; one already here (sent before, or
+    published at this very hub) is only addressed anew."""
+    sent = delivery.exchange
+    held = await repository.documents_by_id(session, sent.document_ids)
+    rows: list[dict[str, Any]] = []
+    for doc_id, doc_type, delivered in zip(
+        sent.document_ids, sent.document_types, delivery.documents, strict=True
+    ):
+        if doc_id in held:
+            repository.add_recipients(held[doc_id], [sent.to_institution])
+            continue
+        department, created_at = read_metadata(delivered.document_reference)
+        rows.append(
+            {
+                "document_id": doc_id,
+                "author_institution": sent.from_institution,
+                "author_department": department,
+                "patient_key": sent.patient_key,
+                "document_type": doc_type.value,
+                "created_at": created_at or sent.document_created_at,
+                "status": DocumentStatus.CURRENT.value,
+                "docref": scrub_rrn(delivered.document_reference, sent.patient_key),
+                "bundle": scrub_rrn(delivered.document, sent.patient_key),
+                "recipients": [sent.to_institution],
+                "origin": Origin.DELIVERED.value,
+                "exchange_id": sent.exchange_id,
+                "published_at": now,
+                "version": 1,
+            }
+        )
+    return rows

@@ -1,26 +1,25 @@
 """Sending an exchange to its recipients: who may receive, what kind of exchange it is, and the Task,
-Delivery and facts that one exchange writes (in the publishing transaction, through the outbox)."""
+Delivery and facts that one exchange writes (prepared here, written by the publishing transaction,
+the events through the outbox)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from hie_hub import repository
 from hie_hub.core.disclosure import purpose_extensions
 from hie_hub.documents import Submission, SubmittedDocument
-from hie_hub.models import Document, Task
 from hie_hub.node import HubNode
-from hie_hub.subscriptions.service import task_changed
 from hie_hub.tasks.schemas import TaskStatus, build_task, exchange_kind
 from hie_platform.errors import Issue, Unprocessable
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
 from hie_schemas.contract import Kind, subject
 from hie_schemas.directory import InstitutionKind
+from hie_schemas.envelope import EventPayload
 from hie_schemas.events import DeliveredDocument, Delivery, ExchangeKind, ExchangeSent
 from hie_schemas.identifiers import InvalidIdentifierError, validate_institution_code
 
@@ -84,21 +83,71 @@ def leading(submission: Submission) -> tuple[ExchangeKind, SubmittedDocument] | 
     return None if found is None else (found[0], submission.documents[found[1]])
 
 
-async def send(
-    node: HubNode,
-    session: AsyncSession,
+@dataclass(frozen=True)
+class Exchange:
+    """What one exchange writes: its Task row and its events (the Delivery, then ExchangeSent)."""
+
+    exchange_id: str
+    task: dict[str, Any]
+    events: tuple[tuple[str, EventPayload], ...]
+
+
+def prepare(
+    hub: str,
     actor: TokenClaims,
     submission: Submission,
-    rows: list[Document],
+    documents: Sequence[dict[str, Any]],
     recipient: Recipient,
     lead: tuple[ExchangeKind, SubmittedDocument],
     consent_version: int | None,
     now: datetime,
-) -> Task:
-    """One exchange: the Task, the Delivery to the recipient's hub (even this one) and the fact."""
+) -> Exchange:
+    """One exchange of stored ``documents`` (rows as written): nothing touches the database here, so
+    that the publishing transaction holds the writer only for its INSERTs (issue 13 point 1)."""
     kind, lead_document = lead
-    ids = [row.document_id for row in rows]
+    ids = [row["document_id"] for row in documents]
     exchange_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    row = _task_row(hub, actor, submission, recipient, lead, ids, exchange_id, task_id, now)
+    sent = ExchangeSent(
+        exchange_id=exchange_id,
+        kind=kind,
+        task_id=task_id,
+        from_institution=actor.inst,
+        from_hub=hub,
+        to_institution=recipient.code,
+        to_hub=recipient.hub,
+        patient_key=submission.patient_key,
+        document_ids=ids,
+        document_types=[doc.document_type for doc in submission.documents],
+        studies=list(dict.fromkeys(s for doc in submission.documents for s in doc.studies)),
+        document_created_at=lead_document.created_at,
+        purpose=submission.purpose,
+        justification=submission.justification,
+        consent_version=consent_version,
+        sent_at=now,
+    )
+    delivered = [DeliveredDocument(document_reference=r["docref"], document=r["bundle"]) for r in documents]
+    delivery = Delivery(exchange=sent, task=row["task"], documents=delivered)
+    events = (
+        (subject(Kind.DELIVERY, to=recipient.hub, sender=hub), delivery),
+        (subject(Kind.EXCHANGE_SENT, sender=hub), sent),
+    )
+    return Exchange(exchange_id, row, events)
+
+
+def _task_row(
+    hub: str,
+    actor: TokenClaims,
+    submission: Submission,
+    recipient: Recipient,
+    lead: tuple[ExchangeKind, SubmittedDocument],
+    ids: list[str],
+    exchange_id: str,
+    task_id: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The requester's copy of the exchange's Task (status requested), as a tasks row."""
+    kind, lead_document = lead
     task = build_task(
         task_id=task_id,
         exchange_id=exchange_id,
@@ -111,48 +160,17 @@ async def send(
         at=now,
     )
     task["extension"] = purpose_extensions(submission.purpose, submission.justification)
-    row = Task(
-        id=task_id,
-        exchange_id=exchange_id,
-        status=TaskStatus.REQUESTED.value,
-        requester=actor.inst,
-        requester_hub=node.hub,
-        owner=recipient.code,
-        owner_hub=recipient.hub,
-        patient_key=submission.patient_key,
-        focus=ids,
-        task=task,
-        updated_at=now,
-    )
-    repository.add_task(session, row)
-    await task_changed(node, session, row)
-    for doc_row in rows:
-        doc_row.exchange_id = doc_row.exchange_id or exchange_id
-    studies = list(dict.fromkeys(s for doc in submission.documents for s in doc.studies))
-    sent = ExchangeSent(
-        exchange_id=exchange_id,
-        kind=kind,
-        task_id=task_id,
-        from_institution=actor.inst,
-        from_hub=node.hub,
-        to_institution=recipient.code,
-        to_hub=recipient.hub,
-        patient_key=submission.patient_key,
-        document_ids=ids,
-        document_types=[doc.document_type for doc in submission.documents],
-        studies=studies,
-        document_created_at=lead_document.created_at,
-        purpose=submission.purpose,
-        justification=submission.justification,
-        consent_version=consent_version,
-        sent_at=now,
-    )
-    delivered = [DeliveredDocument(document_reference=r.docref, document=r.bundle) for r in rows]
-    outbox = node.runtime.outbox
-    await outbox.add(
-        session,
-        subject(Kind.DELIVERY, to=recipient.hub, sender=node.hub),
-        Delivery(exchange=sent, task=task, documents=delivered),
-    )
-    await outbox.add(session, subject(Kind.EXCHANGE_SENT, sender=node.hub), sent)
-    return row
+    return {
+        "id": task_id,
+        "exchange_id": exchange_id,
+        "status": TaskStatus.REQUESTED.value,
+        "requester": actor.inst,
+        "requester_hub": hub,
+        "owner": recipient.code,
+        "owner_hub": recipient.hub,
+        "patient_key": submission.patient_key,
+        "focus": ids,
+        "task": task,
+        "updated_at": now,
+        "version": 1,
+    }

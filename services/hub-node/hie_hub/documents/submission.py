@@ -9,7 +9,6 @@ replaced by the key before anything leaves this module, and no RRN reaches an er
 from __future__ import annotations
 
 import copy
-import json
 import re
 import uuid
 from dataclasses import dataclass, replace
@@ -18,7 +17,7 @@ from typing import Any
 
 from hie_hub.core.rest import canonical, size_and_hash, with_meta
 from hie_hub.documents.metadata import purpose_of, recipients_of, replaced_by
-from hie_hub.documents.pseudonym import pseudonymise, redact, rrn_forms, rrn_strings
+from hie_hub.documents.pseudonym import pseudonymised, redact, rrn_strings
 from hie_platform.errors import BadRequest, Issue, Unprocessable
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType
@@ -90,10 +89,7 @@ def parse_submission(
     secrets = rrn_strings(body)
     bundle = _transaction(body)
     _validate(bundle, "Bundle", secrets, nested=True)
-    bundle = copy.deepcopy(bundle)
-    pseudonymise(bundle, secret)
-    if any(form in json.dumps(bundle, ensure_ascii=False) for form in rrn_forms(secrets)):
-        raise _bad("a resident registration number appears outside a Patient identifier (e.g. in narrative)")
+    bundle = pseudonymised(bundle, secret, secrets)
     index = BundleIndex(bundle, base_url)
     submission_set, pairs = _structure(index)
     _check_attachments(body, pairs)
@@ -226,6 +222,21 @@ def _parse(resource: Any, path: str, secrets: list[str]) -> None:
 
 def _structure(index: BundleIndex) -> tuple[Located, list[tuple[Located, Located]]]:
     """The SubmissionSet and the (DocumentReference, document Bundle) pairs, matched by reference."""
+    lists, references, documents = _classify(index)
+    if len(lists) != 1 or not references:
+        raise _bad("the transaction needs one SubmissionSet List and a DocumentReference", "Bundle.entry")
+    pairs = _pairs(index, references, documents)
+    for j, item in enumerate(dicts(lists[0].resource.get("entry"))):
+        target = index.resolve(obj(item.get("item")))
+        if target is None or target.resource_type != "DocumentReference":
+            raise _bad(
+                "SubmissionSet entries must reference its DocumentReferences", f"{lists[0].path}.entry[{j}]"
+            )
+    return lists[0], pairs
+
+
+def _classify(index: BundleIndex) -> tuple[list[Located], list[Located], dict[int, Located]]:
+    """The entries by role: SubmissionSet Lists, DocumentReferences, documents (by entry index)."""
     lists: list[Located] = []
     references: list[Located] = []
     documents: dict[int, Located] = {}
@@ -242,8 +253,13 @@ def _structure(index: BundleIndex) -> tuple[Located, list[tuple[Located, Located
             documents[entry.index] = entry
         else:
             raise _bad("ITI-65 takes a SubmissionSet List, DocumentReferences and documents only", entry.path)
-    if len(lists) != 1 or not references:
-        raise _bad("the transaction needs one SubmissionSet List and a DocumentReference", "Bundle.entry")
+    return lists, references, documents
+
+
+def _pairs(
+    index: BundleIndex, references: list[Located], documents: dict[int, Located]
+) -> list[tuple[Located, Located]]:
+    """Each DocumentReference with the one document its attachment.url names; every document described."""
     pairs: list[tuple[Located, Located]] = []
     for reference in references:
         contents = dicts(reference.resource.get("content"))
@@ -258,16 +274,11 @@ def _structure(index: BundleIndex) -> tuple[Located, list[tuple[Located, Located
         if any(document.index == target.index for _, document in pairs):
             raise _bad("two DocumentReferences describe the same document", url_path)
         pairs.append((reference, target))
+    described = {document.index for _, document in pairs}
     for document in documents.values():
-        if all(d.index != document.index for _, d in pairs):
+        if document.index not in described:
             raise _bad("no DocumentReference describes this document", document.path)
-    for j, item in enumerate(dicts(lists[0].resource.get("entry"))):
-        target = index.resolve(obj(item.get("item")))
-        if target is None or target.resource_type != "DocumentReference":
-            raise _bad(
-                "SubmissionSet entries must reference its DocumentReferences", f"{lists[0].path}.entry[{j}]"
-            )
-    return lists[0], pairs
+    return pairs
 
 
 # --- the patient -------------------------------------------------------------------------------------
