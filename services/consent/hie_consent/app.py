@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from hie_consent import endpoints, events, portal_api, portal_web
+from hie_consent import endpoints, events, portal_endpoints, portal_web
 from hie_consent.config import ConsentSettings
 from hie_consent.identity import (
     DevelopmentIdentityProvider,
@@ -59,6 +59,6 @@ def create_app(
         description="Consent records (FHIR Consent, KHIS policy codes), the consent decision point, the "
         "patient portal and call centre (one-time codes), and the patient's exchange and access history.",
         lifespan=lifespan,
-        routers=[endpoints.router, portal_api.router, portal_web.router],
+        routers=[endpoints.router, portal_endpoints.router, portal_web.router],
         max_body_bytes=settings.max_body_bytes,
     )

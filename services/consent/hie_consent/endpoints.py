@@ -75,11 +75,16 @@ NO_CONSENT = "no such Consent (or version)"
 NO_SIGNATURE = "no signature image for this Consent version"
 
 
-def _patient_key(param: str, settings: ConsentSettings) -> str:
+def _patient_key(patient: PatientParam, settings: SettingsDep) -> str:
+    """The patient key of ``patient.identifier`` (an RRN is turned into the key, never echoed)."""
     try:
-        return patient_key_from_identifier(*parse_token_param(param), settings.patient_key_bytes)
+        return patient_key_from_identifier(*parse_token_param(patient), settings.patient_key_bytes)
     except InvalidIdentifierError as exc:
         raise BadRequest(f"patient.identifier: {exc}", expression=["patient.identifier"]) from None
+
+
+# Listed after the caller's identity in each route, so an unauthenticated call is refused first.
+PatientKey = Annotated[str, Depends(_patient_key)]
 
 
 def _base_url(request: Request) -> str:
@@ -113,6 +118,7 @@ async def _reading(request: Request, session: SessionDep, runtime: RuntimeDep, a
 ReadingDep = Annotated[Reading, Depends(_reading)]
 # The FHIR Consent routes; a JSONResponse return needs no response_class (FastAPI's default).
 fhir_router = APIRouter(tags=["consent"])
+history_router = APIRouter(tags=["history"])
 
 
 @fhir_router.post(
@@ -129,8 +135,7 @@ async def create_consent(
 
 
 @fhir_router.get("/fhir/Consent", summary="A patient's consent versions, newest first (searchset Bundle)")
-async def search_consent(reading: ReadingDep, settings: SettingsDep, patient: PatientParam) -> JSONResponse:
-    key = _patient_key(patient, settings)
+async def search_consent(reading: ReadingDep, key: PatientKey) -> JSONResponse:
     resources = await service.consent_versions(reading.session, reading.runtime, reading.actor, key)
     return fhir_response(200, searchset(_base_url(reading.request), resources))
 
@@ -194,30 +199,30 @@ async def post_decision(
     return DecisionReply(decision=decision)
 
 
-@router.get(
+@history_router.get(
     "/exchange-history",
-    tags=["history"],
     response_model=list[ExchangeHistoryEntry],
     summary="Who exchanged the patient's records, what and when; newest first",
 )
 async def get_exchange_history(
-    session: SessionDep, runtime: RuntimeDep, settings: SettingsDep, actor: AgencyActor, patient: PatientParam
+    session: SessionDep, runtime: RuntimeDep, actor: AgencyActor, key: PatientKey
 ) -> list[ExchangeHistoryEntry]:
-    return await history.exchange_history(session, runtime, actor, _patient_key(patient, settings))
+    return await history.exchange_history(session, runtime, actor, key)
 
 
-@router.get(
+@history_router.get(
     "/consent-records",
-    tags=["history"],
     response_model=list[ConsentVersionView],
     summary="The agency's view of a patient's consent versions: channel, signer, exclusions and reasons",
 )
 async def get_consent_records(
-    session: SessionDep, runtime: RuntimeDep, settings: SettingsDep, actor: AgencyActor, patient: PatientParam
+    session: SessionDep, runtime: RuntimeDep, actor: AgencyActor, key: PatientKey
 ) -> list[ConsentVersionView]:
-    key = _patient_key(patient, settings)
     views = await service.version_views(session, key)
     await runtime.audit.record(
         session, action="consent-read", actor=actor, outcome="success", patient_key=key
     )
     return views
+
+
+router.include_router(history_router)
