@@ -53,7 +53,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from hie_imaging.dicom import scu, sop
+from hie_imaging.dicom import scu, sop, transcode
 from hie_imaging.dicom.scu import MAX_PRESENTATION_CONTEXTS, send_files
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def test_a_peer_accepting_the_compressed_syntax_gets_the_bytes_as_stored(
     def no_decoding(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("an instance the peer accepts as stored was read with pydicom")
 
-    monkeypatch.setattr(scu, "dcmread", no_decoding)
+    monkeypatch.setattr(transcode, "dcmread", no_decoding)  # the fallback moved out of scu
     result = send_files(peer.endpoint, MODALITY_AE, files)
 
     received = peer.received()

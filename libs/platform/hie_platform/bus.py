@@ -13,6 +13,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import Metric
@@ -319,16 +320,7 @@ class Bus:
         kinds: bool = False,
     ) -> None:
         config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_ack_pending=1000)
-        while True:
-            try:
-                await self._refilter(stream, durable, filter_subject, config)
-                sub = await self.js.pull_subscribe(
-                    filter_subject, durable=durable, stream=stream, config=config
-                )
-                break
-            except Exception as exc:
-                log.warning("cannot subscribe yet", durable=durable, error=str(exc))
-                await asyncio.sleep(1.0)
+        sub = await self.pull_subscription(stream, durable, filter_subject, config)
         try:
             await self._pull(sub, durable, handler, batch, kinds)
         finally:
@@ -336,21 +328,41 @@ class Bus:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    async def _pull(self, sub: Any, durable: str, handler: Any, batch: int, kinds: bool = False) -> None:
+    async def pull_subscription(
+        self, stream: str, durable: str, filter_subject: str, config: ConsumerConfig
+    ) -> JetStreamContext.PullSubscription:
+        """Bind the durable pull consumer, trying again each second until NATS takes it (at start-up
+        the stream may not exist yet). Every durable consumer of the services binds through here."""
         while True:
             try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except (nats.errors.TimeoutError, TimeoutError):
-                # Nothing to fetch within the second (nats-py raises either, depending on where
-                # the deadline struck): poll again.
-                continue
-            except asyncio.CancelledError:
-                raise
+                await self._refilter(stream, durable, filter_subject, config)
+                return await self.js.pull_subscribe(
+                    filter_subject, durable=durable, stream=stream, config=config
+                )
             except Exception as exc:
-                log.warning("fetch failed", durable=durable, error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
+                log.warning("cannot subscribe yet", durable=durable, error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def fetch(
+        self, sub: JetStreamContext.PullSubscription, batch: int, timeout: float, durable: str
+    ) -> list[Msg]:
+        """Up to `batch` messages within `timeout`; none when nothing came (nats-py raises either
+        TimeoutError, depending on where the deadline struck) or the fetch failed (logged, and
+        returned after a half-second pause so that a broken connection is not polled in a loop)."""
+        try:
+            return await sub.fetch(batch, timeout=timeout)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("fetch failed", durable=durable, error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(0.5)
+            return []
+
+    async def _pull(self, sub: Any, durable: str, handler: Any, batch: int, kinds: bool = False) -> None:
+        while True:
+            for msg in await self.fetch(sub, batch, 1.0, durable):
                 if kinds:
                     await self._dispatch(msg, durable, handler)
                 else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,6 +33,12 @@ def create_app(settings: ImagingSettings | None = None) -> FastAPI:
             app.state.runtime = runtime
             app.state.gateway = gateway
             await gateway.start()
+            # What start-up allocated lives as long as the process: keep it out of every later full
+            # collection. Measured: a full collection walked ~192,000 start-up objects in 80 ms, and
+            # pynetdicom's AssociationServer runs gc.collect() every 60 poll rounds or associations
+            # (transport.py service_actions), inside the relay; frozen, it takes microseconds.
+            gc.collect()
+            gc.freeze()
             try:
                 yield
             finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Annotated, Any, ClassVar
 
 from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text
 from sqlalchemy.engine import Dialect
@@ -49,8 +50,20 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# Column types shared by the tables (SQLAlchemy's Annotated type map): a DICOM UID (PS3.5 §9.1, at
+# most 64 characters), a 요양기관기호 (8 digits), a hub slug, and timestamps kept in UTC.
+Uid = Annotated[str, 64]
+Code = Annotated[str, 8]
+Slug = Annotated[str, 40]
+
+
 class Base(DeclarativeBase):
-    pass
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        Uid: String(64),
+        Code: String(8),
+        Slug: String(40),
+        datetime: UtcDateTime,
+    }
 
 
 class Instance(Base):
@@ -63,21 +76,21 @@ class Instance(Base):
 
     __tablename__ = "instances"
 
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    exchange_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64))
-    series_instance_uid: Mapped[str] = mapped_column(String(64))
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[Uid] = mapped_column(primary_key=True)
+    exchange_id: Mapped[Uid] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[Uid]
+    series_instance_uid: Mapped[Uid]
+    sop_class_uid: Mapped[Uid]
+    transfer_syntax_uid: Mapped[Uid]
     size: Mapped[int] = mapped_column(BigInteger)
     calling_ae: Mapped[str] = mapped_column(String(16))
-    sender_institution: Mapped[str | None] = mapped_column(String(8))
+    sender_institution: Mapped[Code | None]
     role: Mapped[str] = mapped_column(String(12))
     state: Mapped[str] = mapped_column(String(12))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(String(300))
-    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    received_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
     __table_args__ = (
         Index("ix_instances_study", "study_instance_uid"),
@@ -90,19 +103,19 @@ class StudyLink(Base):
 
     __tablename__ = "study_links"
 
-    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    exchange_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[Uid] = mapped_column(primary_key=True)
+    exchange_id: Mapped[Uid] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20))
-    from_institution: Mapped[str] = mapped_column(String(8))
-    to_institution: Mapped[str] = mapped_column(String(8))
-    from_hub: Mapped[str] = mapped_column(String(40))
-    to_hub: Mapped[str] = mapped_column(String(40))
+    from_institution: Mapped[Code]
+    to_institution: Mapped[Code]
+    from_hub: Mapped[Slug]
+    to_hub: Mapped[Slug]
     patient_key: Mapped[str] = mapped_column(String(128))
-    document_created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    document_created_at: Mapped[datetime]
     purpose: Mapped[str] = mapped_column(String(20))
     # An emergency's justification as the hub sent it (ExchangeSent): decided with it at each batch.
     justification: Mapped[str | None] = mapped_column(Text, nullable=True)
-    linked_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    linked_at: Mapped[datetime]
 
 
 PLATFORM = platform_tables(Base.metadata)

@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
@@ -39,6 +38,7 @@ from hie_imaging.dicom.scu import SendResult
 from hie_imaging.events import ProgressReporter
 from hie_imaging.metrics import GatewayMetrics
 from hie_imaging.models import Instance, Role, State, StudyLink
+from hie_imaging.relay_batch import Batch, Outcome, deliveries, finish, outcome_of
 from hie_platform.consent_replica import ConsentWatch
 from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
@@ -62,25 +62,6 @@ _AUDIT_OUTCOME = {State.BLOCKED.value: "denied", State.FAILED.value: "failure"}
 
 class RouteError(Exception):
     """The registry does not (yet) say where this instance goes."""
-
-
-@dataclass
-class Outcome:
-    """What became of one queued row in this batch."""
-
-    row: Instance
-    link: StudyLink
-    state: State  # QUEUED = try again
-    error: str | None = None
-    rule: str | None = None  # the consent rule that decided, for the audit record
-    consent_version: int | None = None
-    attempted: bool = True  # False when nothing was tried (consent unavailable): no attempt used
-
-
-@dataclass
-class Batch:
-    jobs: dict[str, list[Msg]] = field(default_factory=dict)  # SOP Instance UID -> its job messages
-    outcomes: list[Outcome] = field(default_factory=list)
 
 
 class RelayWorker:
@@ -128,26 +109,16 @@ class RelayWorker:
 
     # --- the pull loop ---------------------------------------------------------------------------
 
-    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+    async def _run(self) -> None:
+        """Fetch the next batch while earlier ones are still being sent (up to relay_concurrency)."""
         s = self.settings
         config = ConsumerConfig(
             durable_name=s.relay_consumer, ack_wait=s.relay_ack_wait_seconds, max_ack_pending=10_000
         )
-        while True:
-            try:
-                return await self.runtime.bus.js.pull_subscribe(
-                    subjects.hub_imaging_jobs(s.hub),
-                    durable=s.relay_consumer,
-                    stream=streams.IMAGING_JOBS.name,
-                    config=config,
-                )
-            except Exception as exc:
-                log.warning("relay cannot subscribe yet", error=f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(1.0)
-
-    async def _run(self) -> None:
-        """Fetch the next batch while earlier ones are still being sent (up to relay_concurrency)."""
-        self._sub = sub = await self._subscribe()
+        jobs = subjects.hub_imaging_jobs(s.hub)
+        self._sub = sub = await self.runtime.bus.pull_subscription(
+            streams.IMAGING_JOBS.name, s.relay_consumer, jobs, config
+        )
         batches = asyncio.Semaphore(self.settings.relay_concurrency)
         running: set[asyncio.Task[None]] = set()
         try:
@@ -175,11 +146,11 @@ class RelayWorker:
             await self.process(msgs)
         except asyncio.CancelledError:
             # Shutting down mid-batch: hand the jobs back at once rather than after ack_wait.
-            await asyncio.shield(_finish(msgs, nak_delay=0.0))
+            await asyncio.shield(finish(msgs, nak_delay=0.0))
             raise
         except Exception as exc:
             log.warning("relay batch failed; will retry", error=f"{type(exc).__name__}: {exc}")
-            await _finish(msgs, nak_delay=self.backoff(1))
+            await finish(msgs, nak_delay=self.backoff(1))
 
     async def _fetch(self, sub: JetStreamContext.PullSubscription) -> list[Msg]:
         """The next job, then whatever follows it without a pause of `relay_linger_seconds`.
@@ -187,21 +158,14 @@ class RelayWorker:
         A series arriving instance by instance is then sent as a series. (A single fetch of many
         messages would wait out its whole timeout unless the batch fills: nats-py keeps pulling.)
         """
-        batch = self.settings.relay_batch
-        try:
-            msgs = await sub.fetch(1, timeout=5.0)
-        except TimeoutError:  # nats raises its own subclass or the builtin one
-            return []
-        except Exception as exc:
-            log.warning("relay fetch failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(0.5)
-            return []
+        bus, batch, durable = self.runtime.bus, self.settings.relay_batch, self.settings.relay_consumer
+        msgs = await bus.fetch(sub, 1, 5.0, durable)
         deadline = time.monotonic() + _MAX_LINGER_SECONDS
-        while len(msgs) < batch and time.monotonic() < deadline:
-            try:
-                msgs += await sub.fetch(batch - len(msgs), timeout=self.settings.relay_linger_seconds)
-            except TimeoutError:
+        while msgs and len(msgs) < batch and time.monotonic() < deadline:
+            more = await bus.fetch(sub, batch - len(msgs), self.settings.relay_linger_seconds, durable)
+            if not more:
                 break
+            msgs += more
         return msgs
 
     def backoff(self, attempts: int) -> float:
@@ -223,7 +187,7 @@ class RelayWorker:
         # Batches run concurrently: an instance another batch is sending right now (a job published
         # twice, e.g. again at start-up) waits for that one to finish instead of going out twice.
         for sop_uid in [uid for uid in batch.jobs if uid in self._in_flight]:
-            await _finish(batch.jobs.pop(sop_uid), nak_delay=_IN_FLIGHT_RETRY_SECONDS)
+            await finish(batch.jobs.pop(sop_uid), nak_delay=_IN_FLIGHT_RETRY_SECONDS)
         if not batch.jobs:
             return
         mine = set(batch.jobs)
@@ -370,7 +334,7 @@ class RelayWorker:
             if row.sop_instance_uid in statuses.withheld:
                 withheld.append((row, link))
             else:
-                batch.outcomes.append(_outcome(row, link, endpoint, final, statuses, missing, error))
+                batch.outcomes.append(outcome_of(row, link, endpoint, final, statuses, missing, error))
         self._count(endpoint, len(files), statuses, error, time.perf_counter() - started)
 
     def _count(
@@ -471,49 +435,9 @@ class RelayWorker:
         retry: dict[str, float] = {}
         for o in batch.outcomes:
             if o.state is State.QUEUED:
-                delay = self.backoff(o.row.attempts) if o.attempted else self.backoff(_deliveries(batch, o))
+                delay = self.backoff(o.row.attempts) if o.attempted else self.backoff(deliveries(batch, o))
                 retry[o.row.sop_instance_uid] = max(retry.get(o.row.sop_instance_uid, 0.0), delay)
         for sop_uid, msgs in batch.jobs.items():
             first, *duplicates = msgs
-            await _finish(duplicates, nak_delay=None)
-            await _finish([first], nak_delay=retry.get(sop_uid))
-
-
-def _outcome(
-    row: Instance,
-    link: StudyLink,
-    endpoint: DicomEndpoint,
-    final: State,
-    statuses: SendResult,
-    missing: set[str],
-    error: str | None,
-) -> Outcome:
-    """What one row's send came to: stored, missing, or to be tried again with the reason."""
-    sop_uid = row.sop_instance_uid
-    status = statuses.get(sop_uid)
-    if sop_uid in missing:
-        return Outcome(row, link, State.FAILED, "the spooled file is missing")
-    if status is not None and is_stored(status):
-        return Outcome(row, link, final)
-    if sop_uid in statuses.untranscodable:
-        why = statuses.untranscodable[sop_uid]
-        reason = f"{endpoint} refused its transfer syntax and it cannot be decoded: {why}"
-        return Outcome(row, link, State.QUEUED, reason[:300])  # last_error's size
-    reason = f"{endpoint} answered 0x{status:04X}" if status is not None else f"{endpoint}: {error}"
-    return Outcome(row, link, State.QUEUED, reason)
-
-
-def _deliveries(batch: Batch, outcome: Outcome) -> int:
-    msgs = batch.jobs.get(outcome.row.sop_instance_uid) or []
-    metadata = msgs[0].metadata if msgs else None
-    return int(metadata.num_delivered) if metadata is not None else 1
-
-
-async def _finish(msgs: Sequence[Msg], nak_delay: float | None) -> None:
-    """Ack (nak_delay None) or nak with a delay; a lost ack only means one idempotent redelivery."""
-    for msg in msgs:
-        with contextlib.suppress(Exception):
-            if nak_delay is None:
-                await msg.ack()
-            else:
-                await msg.nak(delay=nak_delay if nak_delay > 0 else None)
+            await finish(duplicates, nak_delay=None)
+            await finish([first], nak_delay=retry.get(sop_uid))

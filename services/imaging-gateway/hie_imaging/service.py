@@ -103,59 +103,71 @@ async def record_instances(
     await lock_studies(session, {a.study_instance_uid for a in arrivals})
     existing = await repository.instances_of_many(session, {a.sop_instance_uid for a in arrivals})
     links = await repository.links_of_studies(session, {a.study_instance_uid for a in arrivals})
-    fresh: dict[str, Arrival] = {}
-    states: list[State | None] = []
-    for arrival in arrivals:
-        rows = existing.get(arrival.sop_instance_uid, [])
-        if arrival.sop_instance_uid in fresh or any(row.state != State.PURGED for row in rows):
-            states.append(None)
-            continue
-        fresh[arrival.sop_instance_uid] = arrival
-        states.append(State.QUEUED)  # settled below
+    fresh = _fresh(arrivals, existing)
     purged = [row for uid in fresh for row in existing.get(uid, [])]
     for row in purged:
         await session.delete(row)
     if purged:
         await session.flush()
+    states: dict[str, State] = {}
+    rows: list[dict[str, object]] = []
     jobs: list[RelayJob] = []
-    for index, arrival in enumerate(arrivals):
-        if states[index] is None or fresh.get(arrival.sop_instance_uid) is not arrival:
-            continue
+    for uid, arrival in fresh.items():
+        role = arrival.caller.role
         claims = [
             link.exchange_id
             for link in links.get(arrival.study_instance_uid, [])
-            if link_role(link, hub) is arrival.caller.role
+            if link_role(link, hub) is role
         ]
-        state = State.QUEUED if claims else State.HELD
-        states[index] = state
-        session.add_all(_new_row(arrival, exchange, state, now) for exchange in claims or [NO_EXCHANGE])
+        states[uid] = State.QUEUED if claims else State.HELD
+        rows += (_new_row(arrival, exchange, states[uid], now) for exchange in claims or [NO_EXCHANGE])
         if claims:
-            jobs.append(
-                RelayJob(
-                    sop_instance_uid=arrival.sop_instance_uid, study_instance_uid=arrival.study_instance_uid
-                )
-            )
+            jobs.append(RelayJob(sop_instance_uid=uid, study_instance_uid=arrival.study_instance_uid))
+    if rows:
+        # One executemany INSERT, not an ORM unit of work per row (this runs for every C-STORE).
+        await session.execute(insert(Instance), rows)
     await _queue_many(session, outbox, hub, jobs)
-    return states
+    return [states[a.sop_instance_uid] if fresh.get(a.sop_instance_uid) is a else None for a in arrivals]
 
 
-def _new_row(arrival: Arrival, exchange_id: str, state: State, now: datetime) -> Instance:
-    return Instance(
-        sop_instance_uid=arrival.sop_instance_uid,
-        exchange_id=exchange_id,
-        study_instance_uid=arrival.study_instance_uid,
-        series_instance_uid=arrival.series_instance_uid,
-        sop_class_uid=arrival.sop_class_uid,
-        transfer_syntax_uid=arrival.transfer_syntax_uid,
-        size=arrival.size,
-        calling_ae=arrival.calling_ae,
-        sender_institution=arrival.caller.institution,
-        role=arrival.caller.role.value,
-        state=state.value,
-        attempts=0,
-        received_at=arrival.received_at,
-        updated_at=now,
+def _fresh(arrivals: Sequence[Arrival], existing: dict[str, list[Instance]]) -> dict[str, Arrival]:
+    """The first arrival of each SOP Instance UID not already here (or here only as purged)."""
+    fresh: dict[str, Arrival] = {}
+    for arrival in arrivals:
+        rows = existing.get(arrival.sop_instance_uid, [])
+        if arrival.sop_instance_uid not in fresh and all(row.state == State.PURGED for row in rows):
+            fresh[arrival.sop_instance_uid] = arrival
+    return fresh
+
+
+# The columns an instance keeps whichever exchange it goes to.
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "size",
+    "calling_ae",
+    "received_at",
+)
+
+
+def _new_row(arrival: Arrival, exchange_id: str, state: State, now: datetime) -> dict[str, object]:
+    """The column values of a received instance's row for one exchange (or NO_EXCHANGE, held)."""
+    columns: dict[str, object] = {column: getattr(arrival, column) for column in _INSTANCE_COLUMNS}
+    origin = {"sender_institution": arrival.caller.institution, "role": arrival.caller.role.value}
+    return (
+        columns
+        | origin
+        | {"exchange_id": exchange_id, "state": state.value, "attempts": 0, "updated_at": now}
     )
+
+
+def _for_exchange(row: Instance, exchange_id: str, now: datetime) -> Instance:
+    """A queued row of the same instance for another exchange, with no attempts yet."""
+    columns = {column: getattr(row, column) for column in (*_INSTANCE_COLUMNS, "sender_institution", "role")}
+    return Instance(**columns, exchange_id=exchange_id, state=State.QUEUED.value, attempts=0, updated_at=now)
 
 
 async def _queue_many(session: AsyncSession, outbox: Outbox, hub: str, jobs: Sequence[RelayJob]) -> None:
@@ -241,29 +253,10 @@ async def _claim(
             template = next((row for row in rows if row.state != State.PURGED), None)
             if template is None:
                 continue  # purged: the file is gone; the PACS must send it again
-        session.add(_copy(template, link.exchange_id, now))
+        session.add(_for_exchange(template, link.exchange_id, now))
         await _queue(session, outbox, hub, sop_uid, link.study_instance_uid)
         queued = True
     return queued
-
-
-def _copy(row: Instance, exchange_id: str, now: datetime) -> Instance:
-    return Instance(
-        sop_instance_uid=row.sop_instance_uid,
-        exchange_id=exchange_id,
-        study_instance_uid=row.study_instance_uid,
-        series_instance_uid=row.series_instance_uid,
-        sop_class_uid=row.sop_class_uid,
-        transfer_syntax_uid=row.transfer_syntax_uid,
-        size=row.size,
-        calling_ae=row.calling_ae,
-        sender_institution=row.sender_institution,
-        role=row.role,
-        state=State.QUEUED.value,
-        attempts=0,
-        received_at=row.received_at,
-        updated_at=now,
-    )
 
 
 def study_state(by_state: dict[str, int]) -> str:

@@ -270,6 +270,29 @@ class QuietAssociation(Association):
                 return
 
 
+class BulkSocket(AssociationSocket):
+    """pynetdicom's association socket, reading what has arrived in one call instead of 4 KiB ones.
+
+    pynetdicom 3.0.4's `AssociationSocket.recv` calls `socket.recv(4096)` and extends a bytearray
+    until it has the PDU: 128 calls for a 512 KB instance at each hop. Reading into a buffer of the
+    requested size takes what the kernel holds at once; measured on a socket pair, 8.7 instead of
+    64 µs of CPU per 128 KiB PDU. Returns early, with what it has, when the peer closes (as pynetdicom's).
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        buffer = bytearray(nr_bytes)
+        nr_read = 0
+        with memoryview(buffer) as view:
+            while nr_read < nr_bytes:
+                received = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+                if not received:
+                    break
+                nr_read += received
+        del buffer[nr_read:]
+        return buffer
+
+
 class QuietRequestHandler(RequestHandler):
     """The SCP's per-connection handler: pynetdicom's, creating a QuietAssociation."""
 
@@ -279,7 +302,7 @@ class QuietRequestHandler(RequestHandler):
         assoc = QuietAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(AssociationSocket(assoc, client_socket=cast(socket.socket, self.request)))
+        assoc.set_socket(BulkSocket(assoc, client_socket=cast(socket.socket, self.request)))
 
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
@@ -326,7 +349,7 @@ def request_association(
 
     assoc = QuietAssociation(ae, MODE_REQUESTOR)
     assoc.name = f"RequestorThread@{datetime.now():%Y%m%d%H%M%S}"
-    assoc.set_socket(AssociationSocket(assoc, address=local_address))
+    assoc.set_socket(BulkSocket(assoc, address=local_address))
     assoc.acceptor.ae_title = ae_title
     assoc.acceptor.address_info = remote_address
     assoc.requestor.address_info = local_address

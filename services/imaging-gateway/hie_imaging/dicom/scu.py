@@ -9,9 +9,7 @@ Every function blocks; callers run them in a worker thread, never on the event l
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -20,21 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
-    UID,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLSNearLossless,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -42,6 +28,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from hie_imaging.dicom import sop
 from hie_imaging.dicom.reactor import request_association
+from hie_imaging.dicom.transcode import TranscodeError, transcode
 
 LOGGER = logging.getLogger(__name__)
 
@@ -67,16 +54,6 @@ MAX_PRESENTATION_CONTEXTS = 128
 # the VRs of private elements). Only ever these: the fallback decompresses, it never re-compresses.
 FALLBACK_SYNTAXES: Final[tuple[UID, ...]] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-# PS3.3 C.7.6.1.1.5: Lossy Image Compression Method (0028,2114) of the lossy-capable syntaxes.
-_LOSSY_METHOD: Final[dict[str, str]] = {
-    JPEGBaseline8Bit: "ISO_10918_1",
-    JPEGExtended12Bit: "ISO_10918_1",
-    JPEGLSNearLossless: "ISO_14495_1",
-    JPEG2000: "ISO_15444_1",
-    HTJ2K: "ISO_15444_15",
-}
-
-# PS3.8 Table 9-21 (A-ASSOCIATE-RJ) reason codes, keyed by (source, diagnostic).
 _REJECT_REASONS: dict[tuple[int, int], str] = {
     (1, 1): "no reason given",
     (1, 2): "application context name not supported",
@@ -131,10 +108,6 @@ class AssociationFailedError(Exception):
         self.endpoint = endpoint
         self.reason = reason
         self.completed = SendResult(completed)
-
-
-class TranscodeError(Exception):
-    """An instance cannot be rewritten in an uncompressed syntax (no decoder, corrupt pixel data)."""
 
 
 class UnreadableFileError(Exception):
@@ -295,45 +268,9 @@ def _send_batch(
             if item.context_key in accepted:
                 _store(assoc, endpoint, item, item.path, statuses)
                 continue
-            target = next(
-                (
-                    ts
-                    for ts in FALLBACK_SYNTAXES
-                    if (str(item.sop_class_uid), str(ts)) in accepted and ts != item.transfer_syntax_uid
-                ),
-                None,
-            )
-            if target is None:
-                LOGGER.warning(
-                    "%s refused %s in %s; not sent",
-                    endpoint,
-                    item.sop_class_uid.name,
-                    item.transfer_syntax_uid.name,
-                )
-                statuses[item.sop_instance_uid] = sop.STATUS_SOP_CLASS_NOT_SUPPORTED
-                continue
-            if not assoc.is_established:
-                raise AssociationFailedError(endpoint, "association ended by the peer", statuses)
-            try:
-                path = _transcode(item, target)
-            except TranscodeError as exc:
-                LOGGER.warning(
-                    "%s refused %s in %s and it cannot be decoded for %s; not sent: %s",
-                    endpoint,
-                    item.sop_class_uid.name,
-                    item.transfer_syntax_uid.name,
-                    target.name,
-                    exc,
-                )
-                statuses[item.sop_instance_uid] = sop.STATUS_SOP_CLASS_NOT_SUPPORTED
-                statuses.untranscodable[item.sop_instance_uid] = str(exc)
-                continue
-            try:
-                _store(assoc, endpoint, item, path, statuses)
-            finally:
-                path.unlink(missing_ok=True)
-            statuses.transcoded[item.sop_instance_uid] = (item.transfer_syntax_uid, target)
-            transcoded[(item.transfer_syntax_uid, target)] += 1
+            target = _send_decoded(assoc, endpoint, item, accepted, statuses)
+            if target is not None:
+                transcoded[(item.transfer_syntax_uid, target)] += 1
     finally:
         if transcoded:
             LOGGER.info(
@@ -345,6 +282,50 @@ def _send_batch(
                     f"{n} {source.name} -> {target.name}" for (source, target), n in transcoded.items()
                 ),
             )
+
+
+def _send_decoded(
+    assoc: Association,
+    endpoint: DicomEndpoint,
+    item: _Outgoing,
+    accepted: set[tuple[str, str]],
+    statuses: SendResult,
+) -> UID | None:
+    """The peer refused the item's own syntax: send it in the first fallback syntax it accepted.
+
+    Returns the syntax it went out in, or None when it was not sent (status 0x0122).
+    """
+    target = next(
+        (
+            ts
+            for ts in FALLBACK_SYNTAXES
+            if (str(item.sop_class_uid), str(ts)) in accepted and ts != item.transfer_syntax_uid
+        ),
+        None,
+    )
+    source_name, class_name = item.transfer_syntax_uid.name, item.sop_class_uid.name
+    if target is None:
+        LOGGER.warning("%s refused %s in %s; not sent", endpoint, class_name, source_name)
+        statuses[item.sop_instance_uid] = sop.STATUS_SOP_CLASS_NOT_SUPPORTED
+        return None
+    if not assoc.is_established:
+        raise AssociationFailedError(endpoint, "association ended by the peer", statuses)
+    try:
+        path = transcode(item.path, item.transfer_syntax_uid, target)
+    except TranscodeError as exc:
+        LOGGER.warning(
+            "%s refused %s in %s and it cannot be decoded for %s; not sent: %s",
+            *(endpoint, class_name, source_name, target.name, exc),
+        )
+        statuses[item.sop_instance_uid] = sop.STATUS_SOP_CLASS_NOT_SUPPORTED
+        statuses.untranscodable[item.sop_instance_uid] = str(exc)
+        return None
+    try:
+        _store(assoc, endpoint, item, path, statuses)
+    finally:
+        path.unlink(missing_ok=True)
+    statuses.transcoded[item.sop_instance_uid] = (item.transfer_syntax_uid, target)
+    return target
 
 
 def _store(
@@ -372,118 +353,6 @@ def _store(
     statuses[item.sop_instance_uid] = int(status)
     if not sop.is_stored(int(status)):
         LOGGER.warning("%s answered C-STORE with status 0x%04X", endpoint, int(status))
-
-
-# --- the fallback: an instance rewritten in an uncompressed syntax -------------------------------
-
-
-def _transcode(item: _Outgoing, target: UID) -> Path:
-    """Write `item` in the uncompressed syntax `target` to a temporary Part 10 file (the caller
-    deletes it); raise TranscodeError if it cannot be.
-
-    Encapsulated pixel data is decompressed (as pydicom decodes it: YCbCr becomes RGB), the SOP
-    Instance UID is kept (the pixel values are those of the instance as stored), and Lossy Image
-    Compression is set to 01 when the compressed stream itself shows lossy coding (PS3.3
-    C.7.6.1.1.5). Uncompressed and deflated data are only re-encoded.
-    """
-    source = item.transfer_syntax_uid
-    if not source.is_little_endian:
-        # pydicom re-encodes the element structure but not the byte order of OW/OF values.
-        raise TranscodeError(f"no conversion from {source.name} (retired) is implemented")
-    try:
-        ds = dcmread(item.path)
-        if source.is_compressed:
-            _decompress(ds, source)
-        ds.file_meta.TransferSyntaxUID = target
-        handle, name = tempfile.mkstemp(prefix="hie-transcode-", suffix=".dcm")
-        os.close(handle)
-        path = Path(name)
-        try:
-            ds.save_as(path, enforce_file_format=True)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-    except Exception as exc:  # any decoder or encoder error: the instance is not sent, nothing else
-        detail = " ".join(str(exc).split())  # pydicom's decoder errors span several lines
-        raise TranscodeError(f"{type(exc).__name__}: {detail}"[:200]) from exc
-    return path
-
-
-def _decompress(ds: Dataset, source: UID) -> None:
-    compressed_bytes = len(ds.PixelData)
-    lossy = _lossy_coded(ds.PixelData, source)
-    # Encapsulated pixel data nested in items (the Icon Image Sequence, PS3.5 A.4) is encoded in the
-    # same syntax and has to be decoded as well.
-    nested = [
-        item
-        for element in list(ds.iterall())
-        if element.VR == "SQ"
-        for item in element.value
-        if "PixelData" in item and item["PixelData"].is_undefined_length
-    ]
-    for item in nested:
-        item.file_meta = FileMetaDataset()
-        item.file_meta.TransferSyntaxUID = source
-        item.decompress(generate_instance_uid=False)
-        del item.file_meta
-    ds.decompress(generate_instance_uid=False)
-    # Only valid with encapsulated pixel data (PS3.5 A.4).
-    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
-        if keyword in ds:
-            delattr(ds, keyword)
-    if lossy and ds.get("LossyImageCompression") != "01":
-        ds.LossyImageCompression = "01"
-        if "LossyImageCompressionMethod" not in ds and "LossyImageCompressionRatio" not in ds:
-            ds.LossyImageCompressionMethod = _LOSSY_METHOD[source]
-            ratio = len(ds.PixelData) / max(1, compressed_bytes)
-            ds.LossyImageCompressionRatio = f"{ratio:.2f}"
-
-
-def _lossy_coded(pixel_data: bytes, source: UID) -> bool:
-    """True if the encapsulated frames show lossy coding: a JPEG DCT process, an irreversible JPEG
-    2000 wavelet, JPEG-LS with NEAR > 0. False when the syntax is lossless or the stream does not say."""
-    if source in (JPEGBaseline8Bit, JPEGExtended12Bit):
-        return True
-    if source not in _LOSSY_METHOD:
-        return False
-    fragments = generate_fragments(pixel_data)
-    next(fragments, None)  # the Basic Offset Table
-    if source == JPEGLSNearLossless:
-        return any(_jpeg_ls_near(fragment) for fragment in fragments)
-    return any(_j2k_irreversible(fragment) for fragment in fragments)
-
-
-def _marker_segments(data: bytes, start: int) -> Iterator[tuple[int, int]]:
-    """(marker, offset of its 2-byte length) of each marker segment from `start` (JPEG and J2K)."""
-    offset = start
-    while offset + 4 <= len(data) and data[offset] == 0xFF:
-        marker = data[offset + 1]
-        yield marker, offset + 2
-        offset += 2 + int.from_bytes(data[offset + 2 : offset + 4], "big")
-
-
-def _j2k_irreversible(fragment: bytes) -> bool:
-    """ISO 15444-1 A.6.1: the COD segment's transformation byte, 0 = 9-7 irreversible wavelet."""
-    if not fragment.startswith(b"\xff\x4f"):  # not the start of a codestream (SOC)
-        return False
-    for marker, at in _marker_segments(fragment, 2):
-        if marker == 0x52:  # COD: Lcod, Scod, SGcod (4), levels, cb width, cb height, cb style, transform
-            return at + 11 < len(fragment) and fragment[at + 11] == 0
-        if marker in (0x90, 0x93):  # SOT, SOD: the main header is over
-            break
-    return False
-
-
-def _jpeg_ls_near(fragment: bytes) -> int:
-    """ISO 14495-1 C.2.3: the NEAR parameter of the first scan header (0 = lossless)."""
-    if not fragment.startswith(b"\xff\xd8"):  # not the start of an image (SOI)
-        return 0
-    for marker, at in _marker_segments(fragment, 2):
-        if marker == 0xDA:  # SOS: Ls, Ns, Ns x (Ci, Tmi), NEAR
-            components = fragment[at + 2] if at + 2 < len(fragment) else 0
-            near = at + 3 + 2 * components
-            return fragment[near] if near < len(fragment) else 0
-    return 0
 
 
 def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
