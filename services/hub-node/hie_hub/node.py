@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -23,10 +24,17 @@ class ChangeSignal:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on every change too (a worker's kick)."""
+        self._listeners.append(callback)
 
     def notify(self) -> None:
         event, self._event = self._event, asyncio.Event()
         event.set()
+        for callback in self._listeners:
+            callback()
 
     def mark(self) -> asyncio.Event:
         """Take this before looking; ``wait(mark)`` then also sees a change made while looking."""

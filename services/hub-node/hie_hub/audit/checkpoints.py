@@ -12,9 +12,6 @@ checkpoints and the start logs a warning.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,6 +19,7 @@ from hie_hub.config import HubSettings
 from hie_platform.audit_anchor import CheckpointSigner, load_or_create_key
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.workers import PeriodicWorker
 from hie_schemas import subjects
 
 log = get_logger(__name__)
@@ -36,7 +34,8 @@ class AuditCheckpoints:
         self.every = every
         self.interval = interval
         self._anchored = 0  # the head sequence this node last checkpointed on its timer
-        self._task: asyncio.Task[None] | None = None
+        # final_pass: the head written before the stop is checkpointed (the relay, stopped after, flushes it).
+        self.worker = PeriodicWorker("audit-checkpoints", self.checkpoint_head, interval, final_pass=True)
 
     @classmethod
     def attach(cls, settings: HubSettings, runtime: Runtime) -> AuditCheckpoints | None:
@@ -70,20 +69,7 @@ class AuditCheckpoints:
         self.runtime.relay.kick()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self.worker.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(Exception):
-            await self.checkpoint_head()  # the relay, stopped after this, flushes it
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.checkpoint_head()
-            except Exception as exc:  # the database or the key file; the next pass tries again
-                log.warning("audit checkpoint failed", error=type(exc).__name__)
-            await asyncio.sleep(self.interval)
+        await self.worker.stop()

@@ -27,7 +27,8 @@ from hie_hub.documents.service import DocumentQuery
 from hie_hub.models import FederatedGrant
 from hie_hub.node import HubNode
 from hie_platform.bus import RpcError
-from hie_platform.errors import FhirError, Issue, operation_outcome
+from hie_platform.errors import FhirError, Issue, RpcNoResponders, RpcTimeout, operation_outcome
+from hie_platform.errors import RpcError as TypedRpcError
 from hie_platform.logging import get_logger
 from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
@@ -123,12 +124,18 @@ async def _ask(node: HubNode, hub: str, request: HubSearchRequest, deadline: flo
     try:
         return await node.runtime.bus.request(subject, request, HubSearchReply, timeout=deadline)
     except RpcError as exc:
-        text = str(exc)
-        if "NoResponders" in text:
-            return "unreachable"
-        return "timeout" if "Timeout" in text else "error"
+        return _unanswered(subject, exc)
     except ValidationError:
         return "error"
+
+
+def _unanswered(subject: str, exc: Exception) -> str:
+    """Why a hub gave no reply, by the type of the RPC error (hie_platform.errors). Until Bus.request
+    raises the typed errors itself, the nats.py error it chains is typed here (RpcError.from_nats)."""
+    typed = exc if isinstance(exc, TypedRpcError) else TypedRpcError.from_nats(subject, exc.__cause__ or exc)
+    if isinstance(typed, RpcNoResponders):
+        return "unreachable"
+    return "timeout" if isinstance(typed, RpcTimeout) else "error"
 
 
 def _merge(result: FederatedResult, hub: str, reply: HubSearchReply | str, asker: str) -> None:

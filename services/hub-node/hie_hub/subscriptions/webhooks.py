@@ -27,6 +27,7 @@ from hie_hub.subscriptions import repository
 from hie_hub.subscriptions.repository import DELIVERED, FAILED
 from hie_hub.subscriptions.service import ACTIVE, ERROR
 from hie_platform.logging import get_logger
+from hie_platform.workers import PeriodicWorker
 from hie_schemas.fhir import FHIR_JSON
 
 log = get_logger(__name__)
@@ -50,18 +51,16 @@ class WebhookSender:
     def __init__(self, node: HubNode, http: httpx.AsyncClient) -> None:
         self.node = node
         self.http = http
-        self._task: asyncio.Task[None] | None = None
+        self.worker = PeriodicWorker("webhooks", self._pass, node.settings.webhook_poll_seconds)
         self._purged_at = 0.0
         self._in_flight: set[int] = set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self.node.webhooks_due.listen(self.worker.kick)  # a delivery committed in this process
+        self.worker.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.worker.stop()
         # Attempts cut short by the stop: give their claims back, so that the next process (or another
         # replica) sends them at once rather than when the claim runs out.
         if self._in_flight:
@@ -69,20 +68,13 @@ class WebhookSender:
                 async with self.node.runtime.db.transaction() as session:
                     await repository.release_claims(session, self._in_flight)
 
-    async def _run(self) -> None:
-        while True:
-            mark = self.node.webhooks_due.mark()
-            try:
-                while await self.send_due() > 0:
-                    pass
-                if time.monotonic() - self._purged_at > PURGE_EVERY_SECONDS:
-                    self._purged_at = time.monotonic()
-                    await self.purge()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("webhook pass failed; will retry", error=f"{type(exc).__name__}: {exc}")
-            await self.node.webhooks_due.wait(self.node.settings.webhook_poll_seconds, mark)
+    async def _pass(self) -> bool:
+        """Send what is due (again at once while anything was), and purge old deliveries hourly."""
+        sent = await self.send_due()
+        if not sent and time.monotonic() - self._purged_at > PURGE_EVERY_SECONDS:
+            self._purged_at = time.monotonic()
+            await self.purge()
+        return sent > 0
 
     async def purge(self) -> int:
         """Forget deliveries that were delivered or given up longer than the retention ago."""
