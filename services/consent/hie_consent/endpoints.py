@@ -7,6 +7,7 @@ that it cannot learn a record exists. docs/consent.md, "Who reads a consent reco
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -50,14 +51,13 @@ _JSON_TYPES = ("application/fhir+json", "application/json")
 VersionId = Annotated[int, Path(ge=1, le=2**31 - 1, description="meta.versionId")]
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+def app_state(name: str) -> Callable[[Request], Any]:
+    """A dependency that hands a route what the lifespan put on ``app.state`` under ``name``."""
 
+    def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
 
-def _settings(request: Request) -> ConsentSettings:
-    settings: ConsentSettings = request.app.state.settings
-    return settings
+    return get
 
 
 async def _reader(actor: Annotated[TokenClaims, Depends(current_actor)]) -> TokenClaims:
@@ -67,8 +67,8 @@ async def _reader(actor: Annotated[TokenClaims, Depends(current_actor)]) -> Toke
     return actor
 
 
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
-SettingsDep = Annotated[ConsentSettings, Depends(_settings)]
+RuntimeDep = Annotated[Runtime, Depends(app_state("runtime"))]
+SettingsDep = Annotated[ConsentSettings, Depends(app_state("settings"))]
 ReaderActor = Annotated[TokenClaims, Depends(_reader)]
 # The same answer for an unknown id and for a record the caller may not read.
 NO_CONSENT = "no such Consent (or version)"

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from hie_consent import history, portal, sessions
-from hie_consent.endpoints import RuntimeDep, SettingsDep
+from hie_consent.endpoints import RuntimeDep, SettingsDep, app_state
 from hie_consent.identity import IdentityProvider, SmsSender
 from hie_consent.schemas import (
     CallCentreRequest,
@@ -45,14 +45,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _identity(request: Request) -> IdentityProvider:
-    provider: IdentityProvider = request.app.state.identity
-    return provider
-
-
-def _sms(request: Request) -> SmsSender:
-    sender: SmsSender = request.app.state.sms
-    return sender
+IdentityDep = Annotated[IdentityProvider, Depends(app_state("identity"))]
+SmsDep = Annotated[SmsSender, Depends(app_state("sms"))]
 
 
 def _refusal(error: FhirError) -> JSONResponse:
@@ -71,7 +65,7 @@ async def start_identity_check(
     body: IdentityStart,
     session: SessionDep,
     settings: SettingsDep,
-    provider: Annotated[IdentityProvider, Depends(_identity)],
+    provider: IdentityDep,
 ) -> ChallengeOpened:
     return await portal.start_sign_in(session, settings, provider, body.rrn, body.phone)
 
@@ -151,7 +145,7 @@ async def open_call_request(
     session: SessionDep,
     runtime: RuntimeDep,
     settings: SettingsDep,
-    sender: Annotated[SmsSender, Depends(_sms)],
+    sender: SmsDep,
 ) -> ChallengeOpened:
     return await portal.open_call(session, runtime, settings, sender, agent, body)
 

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from hie_consent import sessions
 from hie_consent.config import ConsentSettings
+from hie_consent.endpoints import RuntimeDep as RuntimeDep  # the API's, for the pages
 from hie_consent.portal_web.i18n import STRINGS
 from hie_platform.errors import FhirError, Forbidden, ServiceUnavailable, Unauthorized
 from hie_platform.runtime import Runtime
@@ -133,13 +134,7 @@ def _portal(request: Request) -> Portal:
     return portal
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
 PortalDep = Annotated[Portal, Depends(_portal)]
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
 async def form_fields(request: Request) -> dict[str, str]:
