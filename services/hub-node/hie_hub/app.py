@@ -52,7 +52,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             Inbox(node).start()
             StudyFeed(node).start()
             await holder.serve(node)
-            webhooks = WebhookSender(node, runtime.http)
+            webhooks = WebhookSender(runtime.db, settings, node.webhooks_due, runtime.http)
             webhooks.start()
             checkpoints = AuditCheckpoints.attach(settings, runtime)
             if checkpoints is not None:

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
+from hie_platform.audit import AuditTrail
 from hie_platform.auth import require_scope
 from hie_platform.errors import Forbidden
 from hie_platform.runtime import Runtime
@@ -68,6 +69,14 @@ def _node(request: Request) -> HubNode:
 
 
 NodeDep = Annotated[HubNode, Depends(_node)]
+
+
+def _audit(node: NodeDep) -> AuditTrail:
+    return node.runtime.audit
+
+
+# The hub's audit trail, for endpoints that record an access themselves.
+AuditDep = Annotated[AuditTrail, Depends(_audit)]
 
 
 async def _hub_actor(

@@ -65,8 +65,7 @@ class AuditCheckpoints:
             if head is None or head.sequence == self._anchored:
                 return
             await self.checkpoint(session, head.sequence, head.hash)
-        self._anchored = head.sequence
-        self.runtime.relay.kick()
+        self._anchored = head.sequence  # the commit that wrote the event kicked the relay
 
     def start(self) -> None:
         self.worker.start()

@@ -10,7 +10,7 @@ from hie_hub.core.capability import capability_statement
 from hie_hub.core.params import json_body
 from hie_hub.core.rest import negotiate
 from hie_hub.node import HubActor, NodeDep
-from hie_platform.errors import FhirError, fhir_response
+from hie_platform.errors import fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 
 router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
@@ -28,7 +28,4 @@ async def publish(
     request: Request, node: NodeDep, actor: HubActor, read: ReadSessionDep, session: SessionDep
 ) -> JSONResponse:
     body = await json_body(request)
-    result = await exchange.publish(node, read, session, actor, body)
-    if isinstance(result, FhirError):
-        return fhir_response(result.status, result.operation_outcome(), result.headers())
-    return fhir_response(200, result)
+    return fhir_response(200, await exchange.publish(node, read, session, actor, body))

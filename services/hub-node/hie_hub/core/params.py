@@ -18,7 +18,7 @@ from hie_hub.core.rest import negotiate
 from hie_platform.errors import BadRequest, UnsupportedMediaType
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType
-from hie_schemas.fhir import FHIR_JSON
+from hie_schemas.fhir import FHIR_JSON, FhirParseError, parse_resource
 from hie_schemas.identifiers import (
     KRNPI_SYSTEM,
     InvalidIdentifierError,
@@ -52,6 +52,17 @@ async def json_body(request: Request) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise BadRequest(f"the body is not valid JSON{where}") from None
+
+
+def fhir_body(body: Any, resource_type: str) -> dict[str, Any]:
+    """A request body that must be one FHIR R4 resource of ``resource_type``, or the 400 saying why."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a FHIR {resource_type}")
+    try:
+        parse_resource(body, resource_type)
+    except FhirParseError as exc:
+        raise BadRequest(f"invalid {resource_type}: {exc}") from None
+    return body
 
 
 class SearchParams:

@@ -22,7 +22,7 @@ from hie_hub.core.params import json_body
 from hie_hub.core.rest import negotiate
 from hie_hub.documents.pseudonym import rrn_strings
 from hie_hub.models import DocumentStatus
-from hie_hub.node import HubActor, NodeDep
+from hie_hub.node import AuditDep, HubActor, NodeDep
 from hie_platform.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.consent import Purpose
@@ -76,7 +76,12 @@ def _parameters(body: Any, secret: bytes) -> tuple[str, Purpose, str | None]:
 
 @router.post("/$generate-crs", summary="Generate a care record summary (CRS) on request")
 async def generate_crs(
-    request: Request, node: NodeDep, actor: HubActor, read: ReadSessionDep, session: SessionDep
+    request: Request,
+    node: NodeDep,
+    actor: HubActor,
+    read: ReadSessionDep,
+    session: SessionDep,
+    audit: AuditDep,
 ) -> JSONResponse:
     key, purpose, justification = _parameters(await json_body(request), node.settings.patient_key_bytes)
     access = Access(actor.inst, purpose, justification)
@@ -88,7 +93,7 @@ async def generate_crs(
     detail: dict[str, Any] = {"held": len(rows), "used": len(permitted)}
     if access.flagged:
         detail |= {"flagged": True, "justification": justification}
-    await node.runtime.audit.record(
+    await audit.record(
         session,
         action="crs.generate",
         actor=actor,

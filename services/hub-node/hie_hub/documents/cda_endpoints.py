@@ -203,8 +203,6 @@ async def publish(
         return await fhir_api.publish(request, node, actor, read, session)
     originals = {index: kept_original(node, xml) for index, xml in sent.items()}
     result = await exchange.publish(node, read, session, actor, converted)
-    if isinstance(result, FhirError):
-        return fhir_response(result.status, result.operation_outcome(), result.headers())
     await _keep_originals(session, result, originals)
     return fhir_response(200, result)
 

@@ -34,7 +34,6 @@ from hie_hub.models import Document
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
 from hie_platform.errors import (
     BadRequest,
-    FhirError,
     Forbidden,
     NotFound,
     ServiceUnavailable,
@@ -51,10 +50,6 @@ router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(neg
 
 JUSTIFICATION_HEADER = "x-hie-justification"
 MAX_JUSTIFICATION = 500
-
-
-def _refusal(error: FhirError) -> JSONResponse:
-    return fhir_response(error.status, error.operation_outcome(), error.headers())
 
 
 def _query(params: SearchParams, node: HubNode) -> DocumentQuery:
@@ -206,18 +201,14 @@ class DocumentReader:
     read: AsyncSession
     session: AsyncSession
 
-    async def held_or_federated(
-        self, document_id: str, action: str
-    ) -> Document | HubRetrieveReply | Response:
-        """The document held here, else the one a federated search found elsewhere; a consent
-        refusal comes back as the response to send, so that its audit record commits."""
+    async def held_or_federated(self, document_id: str, action: str) -> Document | HubRetrieveReply:
+        """The document held here, else the one a federated search found elsewhere."""
         try:
-            result = await retrieval.read_document(
+            return await retrieval.read_document(
                 self.node, self.read, self.session, self.actor, document_id, action
             )
         except NotFound:
             return await _federated(self.node, self.read, self.session, self.actor, document_id)
-        return _refusal(result) if isinstance(result, FhirError) else result
 
 
 async def _document_reader(
@@ -233,8 +224,6 @@ DocumentReaderDep = Annotated[DocumentReader, Depends(_document_reader)]
 @router.head("/DocumentReference/{document_id}", include_in_schema=False)
 async def read_document_reference(document_id: str, request: Request, reader: DocumentReaderDep) -> Response:
     found = await reader.held_or_federated(document_id, "document.read")
-    if isinstance(found, Response):
-        return found
     if isinstance(found, HubRetrieveReply):
         return fhir_response(200, _described(found.document_reference or {}, canonical(found.document or {})))
     return versioned(request, presented(found), found.version or 1, last_change(found))
@@ -244,8 +233,6 @@ async def read_document_reference(document_id: str, request: Request, reader: Do
 @router.head("/Bundle/{document_id}", include_in_schema=False)
 async def retrieve_document(document_id: str, request: Request, reader: DocumentReaderDep) -> Response:
     found = await reader.held_or_federated(document_id, "document.retrieve")
-    if isinstance(found, Response):
-        return found
     if isinstance(found, HubRetrieveReply):
         return Response(canonical(found.document or {}), media_type=FHIR_JSON)
     # The document never changes: version 1 (a status change is the DocumentReference's).

@@ -129,7 +129,6 @@ async def answer_search(node: HubNode, request: HubSearchRequest) -> HubSearchRe
     permitted = [row for row, d in zip(rows, decided, strict=True) if d.permit]
     refusal = first_refusal([d.decision for d in decided])
     await _audit_search(node, request, rows, decided)
-    node.runtime.relay.kick()
     if rows and not permitted and refusal is not None:
         return HubSearchReply(
             hub=node.hub,
@@ -190,7 +189,6 @@ async def answer_retrieve(node: HubNode, request: HubRetrieveRequest) -> HubRetr
     decision, permitted = disclosure.decision, disclosure.permit
     async with node.runtime.db.transaction() as session:
         await _audit_retrieve(node, session, request, row, disclosure)
-    node.runtime.relay.kick()
     if not permitted and decision is not None:
         return HubRetrieveReply(
             hub=node.hub, outcome="denied", rule=decision.rule.value, message="consent refuses the document"

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
+from hie_hub.core.params import fhir_body
 from hie_hub.documents import Submission
 from hie_hub.models import Document, DocumentStatus, Task
 from hie_hub.node import HubNode
@@ -23,7 +24,6 @@ from hie_platform.logging import get_logger
 from hie_schemas.auth import TokenClaims
 from hie_schemas.contract import Kind, subject
 from hie_schemas.events import DocumentStatusNotice
-from hie_schemas.fhir import FhirParseError, parse_resource
 
 log = get_logger(__name__)
 
@@ -73,12 +73,7 @@ async def mark_entered_in_error(
     node: HubNode, session: AsyncSession, actor: TokenClaims, document_id: str, body: Any
 ) -> dict[str, Any]:
     """PUT DocumentReference/{id} by its author with status entered-in-error (nothing else may change)."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a FHIR DocumentReference")
-    try:
-        parse_resource(body, "DocumentReference")
-    except FhirParseError as exc:
-        raise BadRequest(f"invalid DocumentReference: {exc}") from None
+    body = fhir_body(body, "DocumentReference")
     if body.get("id") != document_id:
         raise BadRequest("DocumentReference.id must match the URL", expression=("DocumentReference.id",))
     row = await repository.document(session, document_id)

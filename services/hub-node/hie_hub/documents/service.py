@@ -27,6 +27,7 @@ from hie_hub.core.disclosure import (
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, DateBound
 from hie_hub.models import Document
 from hie_hub.node import HubNode
+from hie_platform.db import raise_after_commit
 from hie_platform.errors import Forbidden, NotFound
 from hie_schemas.auth import TokenClaims
 from hie_schemas.events import DocumentFilter
@@ -142,11 +143,9 @@ async def read_document(
     actor: TokenClaims,
     document_id: str,
     action: str,
-) -> Document | Forbidden:
-    """ITI-68 (and the DocumentReference read): the document, or the consent refusal to render.
-
-    The refusal is returned rather than raised so that its audit record commits with the request.
-    """
+) -> Document:
+    """ITI-68 (and the DocumentReference read): the document; a consent refusal is raised after its
+    audit record is committed (hie_platform.db.raise_after_commit)."""
     row = await repository.document(read, document_id)
     if row is None or not addressed_to(row, actor.inst):
         raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
@@ -167,7 +166,8 @@ async def read_document(
         detail=access.audit_detail() | _exchanges([access]),
     )
     if decision is not None and not decision.permit:
-        return Forbidden(
+        refusal = Forbidden(
             f"consent refuses document {document_id} to {actor.inst}: rule {decision.rule.value}"
         )
+        raise raise_after_commit(session, refusal)
     return row

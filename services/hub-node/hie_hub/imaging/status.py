@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.models import StudyStatus, Task, as_utc
-from hie_hub.node import NodeDep, ReaderActor
+from hie_hub.node import AuditDep, ReaderActor
 from hie_platform.errors import NotFound
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.events import StudyProgress
@@ -69,7 +69,7 @@ def _iso(at: datetime) -> str:
     summary="Where a study of your exchanges stands at this hub's imaging gateway",
 )
 async def study_status(
-    study_uid: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+    study_uid: str, actor: ReaderActor, read: ReadSessionDep, session: SessionDep, audit: AuditDep
 ) -> JSONResponse:
     """The parties of the study's exchanges see each exchange's counts and state; anyone else gets the
     404 of an unknown study (the agency reads the gateway's own status). The read is audited."""
@@ -79,7 +79,7 @@ async def study_status(
     visible = [r for r in rows if actor.inst in (r.requester, r.owner)]
     if not visible:
         raise NotFound(f"no imaging study {study_uid[:64]} visible to institution {actor.inst}")
-    await node.runtime.audit.record(
+    await audit.record(
         session,
         action="imaging.status-read",
         actor=actor,

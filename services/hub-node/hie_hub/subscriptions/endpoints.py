@@ -21,15 +21,15 @@ from fastapi.responses import JSONResponse
 
 from hie_hub import repository
 from hie_hub.core.bundles import searchset
-from hie_hub.core.params import SearchParams, json_body
+from hie_hub.core.params import SearchParams, fhir_body, json_body
 from hie_hub.core.rest import negotiate
 from hie_hub.models import Subscription
 from hie_hub.node import NodeDep, ReaderActor
 from hie_hub.subscriptions.service import ACTIVE, BACKPORT, OFF, TOPIC, status_parameters
-from hie_platform.errors import BadRequest, NotFound, Unprocessable, fhir_response
+from hie_platform.errors import NotFound, Unprocessable, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims
-from hie_schemas.fhir import FHIR_JSON, FhirParseError, parse_resource
+from hie_schemas.fhir import FHIR_JSON
 from hie_schemas.identifiers import KRNPI_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["notifications"], dependencies=[Depends(negotiate)])
@@ -80,17 +80,12 @@ def _endpoint(channel: dict[str, Any], node: NodeDep) -> str:
 
 def _checked(body: Any) -> dict[str, Any]:
     """A FHIR Subscription on this hub's topic, or the 4xx that says what is wrong with it."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a FHIR Subscription")
-    try:
-        parse_resource(body, "Subscription")
-    except FhirParseError as exc:
-        raise BadRequest(f"invalid Subscription: {exc}") from None
-    if body.get("criteria") != TOPIC:
+    resource = fhir_body(body, "Subscription")
+    if resource.get("criteria") != TOPIC:
         raise Unprocessable(
             f"Subscription.criteria must be the topic {TOPIC}", expression=("Subscription.criteria",)
         )
-    return body
+    return resource
 
 
 def _content(channel: dict[str, Any]) -> str:

@@ -20,12 +20,14 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
+from hie_hub.config import HubSettings
 from hie_hub.models import Subscription, WebhookDelivery
-from hie_hub.node import HubNode
+from hie_hub.node import ChangeSignal
 from hie_hub.repository import subscription as get_subscription
 from hie_hub.subscriptions import repository
 from hie_hub.subscriptions.repository import DELIVERED, FAILED
 from hie_hub.subscriptions.service import ACTIVE, ERROR
+from hie_platform.db import Database
 from hie_platform.logging import get_logger
 from hie_platform.workers import PeriodicWorker
 from hie_schemas.fhir import FHIR_JSON
@@ -48,15 +50,19 @@ def backoff(settings_base: float, settings_max: float, attempts: int) -> timedel
 class WebhookSender:
     """The background sender of one hub node."""
 
-    def __init__(self, node: HubNode, http: httpx.AsyncClient) -> None:
-        self.node = node
+    def __init__(
+        self, db: Database, settings: HubSettings, due: ChangeSignal, http: httpx.AsyncClient
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.due = due
         self.http = http
-        self.worker = PeriodicWorker("webhooks", self._pass, node.settings.webhook_poll_seconds)
+        self.worker = PeriodicWorker("webhooks", self._pass, settings.webhook_poll_seconds)
         self._purged_at = 0.0
         self._in_flight: set[int] = set()
 
     def start(self) -> None:
-        self.node.webhooks_due.listen(self.worker.kick)  # a delivery committed in this process
+        self.due.listen(self.worker.kick)  # a delivery committed in this process
         self.worker.start()
 
     async def stop(self) -> None:
@@ -65,7 +71,7 @@ class WebhookSender:
         # replica) sends them at once rather than when the claim runs out.
         if self._in_flight:
             with contextlib.suppress(Exception):
-                async with self.node.runtime.db.transaction() as session:
+                async with self.db.transaction() as session:
                     await repository.release_claims(session, self._in_flight)
 
     async def _pass(self) -> bool:
@@ -78,15 +84,14 @@ class WebhookSender:
 
     async def purge(self) -> int:
         """Forget deliveries that were delivered or given up longer than the retention ago."""
-        cutoff = datetime.now(UTC) - timedelta(days=self.node.settings.webhook_retention_days)
-        async with self.node.runtime.db.transaction() as session:
+        cutoff = datetime.now(UTC) - timedelta(days=self.settings.webhook_retention_days)
+        async with self.db.transaction() as session:
             return await repository.purge_deliveries(session, cutoff)
 
     async def send_due(self, limit: int = 20) -> int:
         """Send the deliveries that are due now, in parallel; returns how many were attempted."""
-        db = self.node.runtime.db
         now = datetime.now(UTC)
-        async with db.read_sessions() as read:
+        async with self.db.read_sessions() as read:
             due = await repository.due_deliveries(read, now, limit)
         claimed = [delivery_id for delivery_id in due if await self._claim(delivery_id, now)]
         self._in_flight.update(claimed)
@@ -101,12 +106,12 @@ class WebhookSender:
         return len(claimed)
 
     async def _claim(self, delivery_id: int, now: datetime) -> bool:
-        async with self.node.runtime.db.transaction() as session:
+        async with self.db.transaction() as session:
             return await repository.claim_delivery(session, delivery_id, now, now + CLAIM)
 
     async def _send(self, delivery_id: int) -> None:
-        settings = self.node.settings
-        async with self.node.runtime.db.read_sessions() as read:
+        settings = self.settings
+        async with self.db.read_sessions() as read:
             delivery = await repository.delivery(read, delivery_id)
             subscription = await get_subscription(read, delivery.subscription_id) if delivery else None
         if delivery is None:
@@ -139,7 +144,7 @@ class WebhookSender:
     async def _record(
         self, delivery: WebhookDelivery, subscription: Subscription | None, error: str | None
     ) -> None:
-        settings = self.node.settings
+        settings = self.settings
         now = datetime.now(UTC)
         attempts = delivery.attempts + 1
         if error is None:
@@ -151,7 +156,7 @@ class WebhookSender:
         else:
             wait = backoff(settings.webhook_backoff_seconds, settings.webhook_max_backoff_seconds, attempts)
             values = {"next_attempt_at": now + wait, "attempts": attempts, "last_error": error[:300]}
-        async with self.node.runtime.db.transaction() as session:
+        async with self.db.transaction() as session:
             await repository.record_attempt(session, delivery.id, values)
             if subscription is not None and subscription.status in (ACTIVE, ERROR):
                 # The backport's status: error while deliveries fail, active again once one succeeds.

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub import repository
+from hie_hub.core.params import fhir_body
 from hie_hub.models import Task
 from hie_hub.node import HubNode
 from hie_hub.subscriptions.service import task_changed
@@ -20,7 +21,6 @@ from hie_platform.logging import get_logger
 from hie_schemas.auth import TokenClaims
 from hie_schemas.contract import Kind, subject
 from hie_schemas.events import TaskStatusNotice, TaskUpdated
-from hie_schemas.fhir import FhirParseError, parse_resource
 
 log = get_logger(__name__)
 
@@ -66,12 +66,7 @@ async def find_tasks(
 
 
 def _requested_change(body: Any, task_id: str) -> tuple[TaskStatus, list[str]]:
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a FHIR Task")
-    try:
-        parse_resource(body, "Task")
-    except FhirParseError as exc:
-        raise BadRequest(f"invalid Task: {exc}") from None
+    body = fhir_body(body, "Task")
     if body.get("id") not in (None, task_id):
         raise BadRequest("Task.id does not match the URL", expression=("Task.id",))
     try:
