@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
 from hie_platform.audit import AuditTrail
 from hie_platform.auth import require_scope
 from hie_platform.errors import Forbidden
+from hie_platform.http import ReadSessionDep, SessionDep
 from hie_platform.runtime import Runtime
 from hie_schemas.auth import SCOPE_EXCHANGE, TokenClaims
 from hie_schemas.directory import InstitutionKind
@@ -105,3 +107,22 @@ async def _reader(
 
 
 ReaderActor = Annotated[TokenClaims, Depends(_reader)]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What an endpoint that discloses records needs: the node, the reader, a read session, the
+    request's write session and the audit trail (the access is recorded in the request's commit)."""
+
+    node: HubNode
+    actor: TokenClaims
+    read: AsyncSession
+    session: AsyncSession
+    audit: AuditTrail
+
+
+async def _reading(node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep) -> Reading:
+    return Reading(node, actor, read, session, node.runtime.audit)
+
+
+ReadingDep = Annotated[Reading, Depends(_reading)]

@@ -30,7 +30,7 @@ from hie_hub.core.rest import negotiate, size_and_hash
 from hie_hub.documents import endpoints as documents_api
 from hie_hub.documents.cda_rendition import rendition, template_format
 from hie_hub.documents.pseudonym import pseudonymise, rrn_forms
-from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
+from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, ReadingDep
 from hie_platform.errors import (
     BadRequest,
     FhirError,
@@ -225,17 +225,15 @@ def stored_original(docref: Json) -> bytes | None:
 
 
 @router.api_route("/Bundle/{document_id}", methods=["GET", "HEAD"], include_in_schema=False)
-async def retrieve_document(
-    document_id: str, request: Request, reader: documents_api.DocumentReaderDep
-) -> Response:
+async def retrieve_document(document_id: str, request: Request, reading: ReadingDep) -> Response:
     """ITI-68: the same access decision and audit as documents_api (it is called), then CDA if asked."""
     if not wants_cda(request):
         negotiate(request)
-        return await documents_api.retrieve_document(document_id, request, reader)
-    answer = await documents_api.retrieve_document(document_id, request, reader)
+        return await documents_api.retrieve_document(document_id, request, reading)
+    answer = await documents_api.retrieve_document(document_id, request, reading)
     if answer.status_code != 200:
         return answer
-    row = await repository.document(reader.read, document_id)
+    row = await repository.document(reading.read, document_id)
     original = stored_original(row.docref) if row is not None else None
     if original is None:
         try:

@@ -3,9 +3,9 @@ federated, and the author's status change (entered-in-error)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -31,7 +31,7 @@ from hie_hub.documents.cda_rendition import with_rendition
 from hie_hub.documents.schemas import DOCUMENT_SEARCH, document_filter_fields
 from hie_hub.documents.service import DocumentQuery
 from hie_hub.models import Document
-from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor
+from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, Reading, ReadingDep
 from hie_platform.errors import (
     BadRequest,
     Forbidden,
@@ -191,39 +191,19 @@ def presented(row: Document) -> dict[str, Any]:
     return with_meta(_described(row.docref, served_document(row)), row.version or 1, last_change(row))
 
 
-@dataclass(frozen=True)
-class DocumentReader:
-    """What reading one document needs: the node, the reader, a read session and the request's write
-    session (the audit record of the read commits with the request)."""
-
-    node: HubNode
-    actor: TokenClaims
-    read: AsyncSession
-    session: AsyncSession
-
-    async def held_or_federated(self, document_id: str, action: str) -> Document | HubRetrieveReply:
-        """The document held here, else the one a federated search found elsewhere."""
-        try:
-            return await retrieval.read_document(
-                self.node, self.read, self.session, self.actor, document_id, action
-            )
-        except NotFound:
-            return await _federated(self.node, self.read, self.session, self.actor, document_id)
-
-
-async def _document_reader(
-    node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
-) -> DocumentReader:
-    return DocumentReader(node, actor, read, session)
-
-
-DocumentReaderDep = Annotated[DocumentReader, Depends(_document_reader)]
+async def _held_or_federated(reading: Reading, document_id: str, action: str) -> Document | HubRetrieveReply:
+    """The document held here, else the one a federated search found elsewhere."""
+    node, actor, read, session = reading.node, reading.actor, reading.read, reading.session
+    try:
+        return await retrieval.read_document(node, read, session, actor, document_id, action)
+    except NotFound:
+        return await _federated(node, read, session, actor, document_id)
 
 
 @router.get("/DocumentReference/{document_id}", summary="Read one DocumentReference")
 @router.head("/DocumentReference/{document_id}", include_in_schema=False)
-async def read_document_reference(document_id: str, request: Request, reader: DocumentReaderDep) -> Response:
-    found = await reader.held_or_federated(document_id, "document.read")
+async def read_document_reference(document_id: str, request: Request, reading: ReadingDep) -> Response:
+    found = await _held_or_federated(reading, document_id, "document.read")
     if isinstance(found, HubRetrieveReply):
         return fhir_response(200, _described(found.document_reference or {}, canonical(found.document or {})))
     return versioned(request, presented(found), found.version or 1, last_change(found))
@@ -231,8 +211,8 @@ async def read_document_reference(document_id: str, request: Request, reader: Do
 
 @router.get("/Bundle/{document_id}", summary="ITI-68 Retrieve Document")
 @router.head("/Bundle/{document_id}", include_in_schema=False)
-async def retrieve_document(document_id: str, request: Request, reader: DocumentReaderDep) -> Response:
-    found = await reader.held_or_federated(document_id, "document.retrieve")
+async def retrieve_document(document_id: str, request: Request, reading: ReadingDep) -> Response:
+    found = await _held_or_federated(reading, document_id, "document.retrieve")
     if isinstance(found, HubRetrieveReply):
         return Response(canonical(found.document or {}), media_type=FHIR_JSON)
     # The document never changes: version 1 (a status change is the DocumentReference's).

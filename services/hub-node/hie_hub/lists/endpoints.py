@@ -20,9 +20,8 @@ from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
 from hie_hub.core.rest import negotiate
 from hie_hub.lists.schemas import LIST_SEARCH
 from hie_hub.models import SubmissionSet
-from hie_hub.node import AuditDep, HubNode, NodeDep, ReaderActor
+from hie_hub.node import HubNode, ReadingDep
 from hie_platform.errors import NotFound, fhir_response
-from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import TokenClaims
 from hie_schemas.documents.profiles import MHD_LIST_TYPES
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
@@ -108,21 +107,15 @@ async def _page(
 
 
 @router.get("/List", summary="ITI-66 Find Lists (SubmissionSets)")
-async def find_lists(
-    request: Request,
-    node: NodeDep,
-    actor: ReaderActor,
-    read: ReadSessionDep,
-    session: SessionDep,
-    audit: AuditDep,
-) -> JSONResponse:
+async def find_lists(request: Request, reading: ReadingDep) -> JSONResponse:
+    node, actor, read = reading.node, reading.actor, reading.read
     params = SearchParams(request, LIST_SEARCH)
     key = params.patient_key("patient.identifier", node.settings.patient_key_bytes)
     count = params.count()
     count = DEFAULT_COUNT if count is None else count
     returned, more = await _page(node, read, actor, await _matching(read, params, key), count)
-    await audit.record(
-        session,
+    await reading.audit.record(
+        reading.session,
         action="list.search",
         actor=actor,
         outcome="success",
@@ -152,20 +145,14 @@ def _entry_ids(listed: dict[str, Any]) -> list[str]:
 
 @router.get("/List/{list_id}", summary="Read one SubmissionSet")
 @router.head("/List/{list_id}", include_in_schema=False)
-async def read_list(
-    list_id: str,
-    node: NodeDep,
-    actor: ReaderActor,
-    read: ReadSessionDep,
-    session: SessionDep,
-    audit: AuditDep,
-) -> JSONResponse:
-    row = await repository.submission_set(read, list_id)
-    shown = await _visible(node, read, actor, [row]) if row is not None else []
+async def read_list(list_id: str, reading: ReadingDep) -> JSONResponse:
+    actor = reading.actor
+    row = await repository.submission_set(reading.read, list_id)
+    shown = await _visible(reading.node, reading.read, actor, [row]) if row is not None else []
     if row is None or not shown:
         raise NotFound(f"no List {list_id} visible to institution {actor.inst}")
-    await audit.record(
-        session,
+    await reading.audit.record(
+        reading.session,
         action="list.read",
         actor=actor,
         outcome="success",
