@@ -13,6 +13,7 @@ from hie_hub.core.search import DATE, KRNPI, PAGES, SUMMARY_PARAMS, SearchParame
 from hie_hub.models import DocumentStatus
 from hie_platform.errors import BadRequest
 from hie_schemas.codes import HIRA_DEPARTMENT
+from hie_schemas.events import DocumentFilter
 from hie_schemas.identifiers import KRNPI_SYSTEM, PATIENT_KEY_SYSTEM, RRN_SYSTEM
 
 # Without a status parameter ITI-67 finds what is not entered-in-error (such a document stays readable).
@@ -94,9 +95,16 @@ DOCUMENT_SEARCH: dict[str, SearchParameter] = {
 def document_filter_fields(params: SearchParams) -> dict[str, Any]:
     """The DocumentFilter fields the parameters of a search give (every row with a ``read``)."""
     fields: dict[str, Any] = {}
-    for row in DOCUMENT_SEARCH.values():
+    for name, row in DOCUMENT_SEARCH.items():
         if isinstance(row, DocumentParameter) and row.read is not None:
-            fields |= row.read(params)
+            given = row.read(params)
+            # DocumentFilter ignores unknown fields (a hub may be a version behind): a row whose field
+            # it lacks would be dropped silently, at this hub and at every holder.
+            if unknown := set(given) - set(DocumentFilter.model_fields):
+                raise TypeError(
+                    f"search parameter {name} fills {sorted(unknown)}, not fields of DocumentFilter"
+                )
+            fields |= given
     return fields
 
 
