@@ -8,6 +8,9 @@ hub nodes would add their FHIR stacks and nothing to these figures.
 - decisions per second at one hub: the local decision (replicated history + the registry client's
   standing, exactly what ``hie_hub.consent.ConsentGate`` does on the hot path), and, as the in-run
   baseline, the same questions through the central decision point (NATS request/reply).
+- decisions per CPU-second of this process (``time.process_time``, one process, one decision
+  awaited after the other, the median of three rounds): what one core gives the local decision
+  (issue 13: >= 50,000/s per core), beside the central RPC's rate measured in the same run.
 - withdrawal in force at all hubs: 100 entire withdrawals recorded one after another at the consent
   service; for each, the time from the consent service's 201 until every hub's own decision is
   ``deny-withdrawn`` (each hub polled every millisecond; denials are not confirmed centrally here).
@@ -20,6 +23,7 @@ import base64
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,8 @@ from hie_schemas.identifiers import KRNPI_SYSTEM, RRN_SYSTEM, patient_key_from_r
 
 NAME = "consent"
 PATIENTS = 200
+PER_CORE_DECISIONS = 20_000
+PER_CORE_ROUNDS = 3
 WITHDRAWALS = 100
 HUBS = 3
 CLINIC, HOLDER, RECIPIENT = "11301001", "11100001", "31100002"
@@ -198,6 +204,8 @@ async def measure(report: Report, desk: Desk, gates: list[ConsentGate]) -> None:
         base = await run_concurrently(ask_central, 2000, concurrency)
         mine = await run_concurrently(ask_local, 5000, concurrency)
         _decision_figures(report, concurrency, mine, base)
+        if concurrency == 1:
+            await _per_core(report, local, [_query(rng.choice(keys), created) for _ in range(1000)], base)
 
     print(f"consent: {WITHDRAWALS} withdrawals, each until in force at {HUBS} hubs…", flush=True)
     from_commit: list[float] = []
@@ -225,6 +233,37 @@ async def measure(report: Report, desk: Desk, gates: list[ConsentGate]) -> None:
             NAME, f"withdrawal in force at all {HUBS} hubs max, after the 201", max(from_commit) * 1000, "ms"
         )
     )
+
+
+async def _per_core(report: Report, gate: ConsentGate, queries: list[FlowQuery], base: Timing) -> None:
+    """Decisions per CPU-second of this process: one decision awaited after the other."""
+    rates: list[float] = []
+    for _ in range(PER_CORE_ROUNDS):
+        print(f"consent: load average {_loadavg()}", flush=True)
+        started = time.process_time()
+        for i in range(PER_CORE_DECISIONS):
+            decision = await gate.decide(queries[i % len(queries)])
+            if not decision.permit:
+                raise RuntimeError(f"a consented flow was refused: {decision.rule.value}")
+        rates.append(PER_CORE_DECISIONS / (time.process_time() - started))
+    print(f"consent: per-core rounds {[round(r) for r in rates]} dec/CPU-s", flush=True)
+    report.add(
+        Figure(
+            NAME,
+            "hub-local decisions per CPU-second (1 process, median of 3)",
+            statistics.median(rates),
+            "dec/s",
+            "central RPC dec/s (1 concurrent)",
+            base.per_second,
+        )
+    )
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def _decision_figures(report: Report, concurrency: int, mine: Timing, base: Timing) -> None:
@@ -279,6 +318,7 @@ async def run(report: Report) -> None:
                 )
             )
             secret: str = json.loads((data / "credentials.json").read_text())[CLINIC]
+            print(f"consent: load average {_loadavg()} at the start", flush=True)
             started = time.perf_counter()
             async with (
                 httpx.AsyncClient(timeout=30.0) as http,
@@ -286,6 +326,7 @@ async def run(report: Report) -> None:
             ):
                 await measure(report, Desk(http, registry_url, consent_url, secret), gates)
             print(f"consent: measured in {time.perf_counter() - started:.1f}s", flush=True)
+            print(f"consent: load average {_loadavg()} at the end", flush=True)
         finally:
             for process in reversed(processes):
                 process.terminate()

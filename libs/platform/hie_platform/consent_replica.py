@@ -19,11 +19,25 @@ and imaging gateways (``hie_imaging.consent``). Each service gives it its durabl
 - **Rebuild**: if the consumer has acknowledged more than the table holds (the database was replaced
   or restored), the consumer is recreated from the start of the stream and the table rebuilt;
   applying is idempotent.
+- **Memory** (``hie_platform.consent_memory``): decisions read the table's versions from memory,
+  never the database. The memory is loaded from the table at start and merged into (idempotently):
+  (1) right after this process's own apply transaction commits, before its acks; (2) from the table,
+  for the versions *other processes* applied: a hub's replicas share one durable, so each process
+  sees only the messages it pulled. Every heartbeat, after reading the durable's ack floor F, the
+  process reads the rows above the floor it last caught up to and then takes F as its new floor
+  (everything at or below F is acknowledged, so committed: the read misses nothing). A heartbeat
+  counts towards ``current`` only after that read succeeded, so the memory is current exactly when
+  the table was. Between heartbeats a poll every ``consent_replica_poll_seconds`` (0.1) reads the rows
+  above the newest sequence seen (minus the in-flight window) so that a peer's withdrawal is in
+  force here within about that interval, not a heartbeat; the heartbeat read is the guarantee. A
+  patient whose versions have a hole in memory (a peer's earlier version not merged yet) is decided
+  as stale. Chosen over an own ordered consumer per process because a hub's NATS account may use
+  only its durables' consumer API (hie_platform.nats_accounts): an ephemeral consumer per process
+  would need a contract change.
 - **Watch**: ``watch()`` before a decision, then ``ConsentWatch.changed(patient_key)`` (thread-safe,
-  no I/O) says whether this process has applied a version for that patient since, or the replica
-  has gone stale: a long transfer asks it between instances and decides again when it says so. It
-  sees the versions *this process* applied, so it is exact only where one process consumes the
-  durable (an imaging gateway); a hub's replicas share theirs and do not use it.
+  no I/O) says whether this process's memory took a version for that patient since (its own apply or
+  a peer's, merged as above), or the replica has gone stale: a long transfer asks it between
+  instances and decides again when it says so.
 """
 
 from __future__ import annotations
@@ -31,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -46,10 +60,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import JSON, Column, DateTime, Index, Integer, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_platform.consent_memory import ConsentMemory, as_utc, consent_state, state_of_row
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.workers import PeriodicWorker, Worker
 from hie_schemas import streams, subjects
-from hie_schemas.consent import ConsentPolicy, ConsentState
+from hie_schemas.consent import ConsentState
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import CONSENT_FEED_HEARTBEAT, ConsentFeedHeartbeat, ConsentRecorded
 
@@ -81,6 +97,9 @@ class ReplicaSettings(BaseSettings):
     consent_confirm_denials: bool = True
     consent_replica_batch: int = 256
     consent_replica_ack_wait_seconds: float = 10.0
+    # How often the memory reads the versions other processes of this service applied (module
+    # docstring, "Memory"); the heartbeat's read (every second) is the guarantee, this is latency.
+    consent_replica_poll_seconds: float = 0.1
 
 
 class Freshness(StrEnum):
@@ -110,11 +129,6 @@ def consent_replica_table(metadata: MetaData) -> Table:
     table = Table(TABLE, metadata, *consent_replica_columns())
     Index("ix_consent_replica_stream_sequence", table.c.stream_sequence)
     return table
-
-
-def _utc(value: datetime) -> datetime:
-    """SQLite hands back (and stores) naive datetimes: they are UTC here."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -155,32 +169,45 @@ class ConsentReplica:
         self._reported = Freshness.STARTING
         self.gapped: set[str] = set()  # patients whose next version is missing: decided as stale
         self.applied_sequence = 0  # the highest HIE_CONSENT sequence in the table (for metrics)
+        self.applied_versions = 0  # versions this process applied (its peers on the durable the rest)
+        self.memory = ConsentMemory()
+        self._memory_floor = -1  # every table row at or below this sequence is in memory (-1: none)
         self._changes: dict[str, float] = {}  # patient key -> when this process last changed it
         self._forgotten_before = float("-inf")
         self._sub: Any = None
         self._heartbeats: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._workers = [
+            Worker(f"consent-replica-{durable}", self._run),
+            # The peers' versions between heartbeats; a failing read is logged once by the worker.
+            PeriodicWorker(
+                f"consent-replica-poll-{durable}",
+                self._poll,
+                settings.consent_replica_poll_seconds,
+                run_now=False,
+            ),
+        ]
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._prepare_consumer()
+        floor = await self._prepare_consumer()
+        await self._catch_up(floor)  # the whole table: nothing is in memory yet
         self._heartbeats = await self.runtime.bus.nc.subscribe(CONSENT_FEED_HEARTBEAT, cb=self._on_heartbeat)
-        self._task = asyncio.create_task(self._run())
+        for worker in self._workers:
+            worker.start()
 
     async def stop(self) -> None:
         if self._heartbeats is not None:
             with contextlib.suppress(Exception):
                 await self._heartbeats.unsubscribe()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for worker in self._workers:
+            await worker.stop()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
 
-    async def _prepare_consumer(self) -> None:
+    async def _prepare_consumer(self) -> int:
+        """Bind to the durable (created, or recreated for a rebuild); return its ack floor."""
         js = self.runtime.bus.js
         stream = streams.CONSENT.name
         position = await self.position()
@@ -194,7 +221,7 @@ class ConsentReplica:
             # The consumer acknowledged versions this database does not hold: rebuild from the start.
             log.warning("consent replica behind its consumer; rebuilding", position=position, ack_floor=floor)
             await js.delete_consumer(stream, self.durable)
-            info = None
+            info, floor = None, 0
         if info is None:
             await js.add_consumer(
                 stream,
@@ -208,6 +235,7 @@ class ConsentReplica:
                 ),
             )
         self._sub = await js.pull_subscribe_bind(durable=self.durable, stream=stream)
+        return floor if info is not None else 0
 
     # --- how current ----------------------------------------------------------------------------------
 
@@ -252,6 +280,11 @@ class ConsentReplica:
             log.debug("consent consumer info unavailable", error=type(exc).__name__)
             return
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        try:
+            await self._catch_up(floor)  # what peers applied up to the floor: in memory before it counts
+        except Exception as exc:
+            log.warning("consent replica memory not caught up", error=type(exc).__name__)
+            return
         # Nothing undelivered and nothing unacknowledged: every message the beat could mean is applied.
         drained = not info.num_pending and not info.num_ack_pending
         covered = [heard for sequence, heard in self._pending if drained or sequence <= floor]
@@ -296,28 +329,51 @@ class ConsentReplica:
             value = await session.scalar(select(func.max(self.table.c.stream_sequence)))
         return int(value or 0)
 
+    def history(self, patient_key: str) -> Sequence[ConsentState]:
+        """The patient's replicated versions, oldest first: from memory, no I/O."""
+        return self.memory.history(patient_key)
+
+    def whole(self, patient_key: str) -> bool:
+        """No version of the patient is held back here or missing from memory (else: decide stale)."""
+        return patient_key not in self.gapped and self.memory.whole(patient_key)
+
     async def histories(self, patient_keys: Iterable[str]) -> dict[str, list[ConsentState]]:
-        """Each patient's replicated versions, oldest first (one query for a whole decision batch)."""
-        keys = sorted(set(patient_keys))
-        found: dict[str, list[ConsentState]] = {key: [] for key in keys}
-        if not keys:
-            return found
+        """Each patient's replicated versions, oldest first (from memory)."""
+        return {key: list(self.memory.history(key)) for key in set(patient_keys)}
+
+    async def _catch_up(self, floor: int | None) -> None:
+        """Merge the table's rows other processes applied. With ``floor`` (an ack floor read before
+        this call) everything at or below it is committed, so it becomes the memory's floor; without
+        it (the poll) only the rows above the newest sequence seen, minus the in-flight window."""
+        since = self._memory_floor
+        if floor is None:
+            window = 4 * self.settings.consent_replica_batch  # the durable's max_ack_pending
+            since = max(since, self.memory.top_sequence - window)
         t = self.table.c
+        query = select(
+            t.patient_key,
+            t.version,
+            t.policy,
+            t.effective_at,
+            t.excluded_institutions,
+            t.excluded_departments,
+            t.stream_sequence,
+        ).where(t.stream_sequence > since)
+        changed: set[str] = set()
         async with self.runtime.db.read_sessions() as session:
-            rows = await session.execute(
-                select(self.table).where(t.patient_key.in_(keys)).order_by(t.patient_key, t.version)
-            )
-            for row in rows:
-                found[row.patient_key].append(
-                    ConsentState(
-                        version=row.version,
-                        policy=ConsentPolicy(row.policy),
-                        effective_at=_utc(row.effective_at),
-                        excluded_institutions=frozenset(row.excluded_institutions),
-                        excluded_departments=frozenset(row.excluded_departments),
-                    )
-                )
-        return found
+            result = await session.stream(query)
+            # In parts: the load at start does not hold every row and every state at once.
+            async for rows in result.partitions(5_000):
+                top = max(row.stream_sequence for row in rows)
+                new = (row for row in rows if not self.memory.knows(row.patient_key, row.version))
+                changed |= self.memory.merge((state_of_row(row) for row in new), top)
+        if self._memory_floor >= 0:  # not the load at start: no watch is older than that
+            self._mark_changed(changed)
+        if floor is not None:
+            self._memory_floor = max(self._memory_floor, floor)
+
+    async def _poll(self) -> None:
+        await self._catch_up(None)
 
     # --- applying the feed ------------------------------------------------------------------------
 
@@ -362,6 +418,7 @@ class ConsentReplica:
         later: list[Msg] = []
         applied: set[str] = set()
         blocked: set[str] = set()
+        merged: list[tuple[str, ConsentState]] = []
         top = 0
         async with self.runtime.db.transaction() as session:
             latest: dict[str, int] = {}
@@ -389,11 +446,15 @@ class ConsentReplica:
                     continue
                 row = self._row(event, envelope.id, msg)
                 await session.execute(insert(self.table).values(**row))
+                merged.append((key, self._state(row)))
                 top = max(top, row["stream_sequence"])
                 latest[key] = event.version
                 applied.add(key)
                 acks.append(msg)
-        # Marked before the acks: a watch must see the change as soon as a decision could.
+        # In memory only now, after the commit, and before the acks; marked for watches at once, as
+        # a decision could see it.
+        self.memory.merge(merged, top)
+        self.applied_versions += len(merged)
         self._mark_changed(applied | (blocked - self.gapped))
         self.applied_sequence = max(self.applied_sequence, top)
         # Acknowledged only after the commit: a crash in between means a redelivery, skipped above.
@@ -410,12 +471,22 @@ class ConsentReplica:
         return int(value or 0)
 
     @staticmethod
+    def _state(row: dict[str, Any]) -> ConsentState:
+        return consent_state(
+            row["version"],
+            row["policy"],
+            row["effective_at"],
+            row["excluded_institutions"],
+            row["excluded_departments"],
+        )
+
+    @staticmethod
     def _row(event: ConsentRecorded, event_id: str, msg: Msg) -> dict[str, Any]:
         return {
             "patient_key": event.patient_key,
             "version": event.version,
             "policy": event.policy.value,
-            "effective_at": _utc(event.effective_at),
+            "effective_at": as_utc(event.effective_at),
             "excluded_institutions": list(event.excluded_institutions),
             "excluded_departments": list(event.excluded_departments),
             "event_id": event_id,
