@@ -84,8 +84,6 @@ class ProgressReporter:
             self._published.move_to_end(status.study_instance_uid)
         while len(self._published) > self._remember:
             self._published.popitem(last=False)
-        if published:
-            self._runtime.relay.kick()
         return len(published)
 
 
@@ -117,7 +115,6 @@ def follow_exchanges(runtime: Runtime, hub: str, durable: str, reporter: Progres
                 return
             touched = await service.link_exchange(session, runtime.outbox, hub, sent, datetime.now(UTC))
         if touched:
-            runtime.relay.kick()
             reporter.touch(*touched)
             log.info("exchange claimed held studies", exchange_id=sent.exchange_id, studies=len(touched))
 

@@ -83,7 +83,6 @@ class ImagingGateway:
             pending = await service.requeue_pending(session, self.runtime.outbox, self.settings.hub)
         if pending:
             log.info("queued instances resume", instances=pending)
-            self.runtime.relay.kick()
         await self.callers.start()
         self.reporter.start()
         follow_exchanges(self.runtime, self.settings.hub, self.settings.exchange_consumer, self.reporter)
@@ -196,8 +195,6 @@ class ImagingGateway:
         for arrival, state in zip(batch, states, strict=True):
             result = "duplicate" if state is None else "new"
             self.metrics.received.labels(arrival.caller.role.value, result).inc()
-        if any(state is State.QUEUED for state in states):
-            self.runtime.relay.kick()
         self.reporter.touch(
             *{a.study_instance_uid for a, s in zip(batch, states, strict=True) if s is not None}
         )

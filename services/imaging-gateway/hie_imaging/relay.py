@@ -401,7 +401,6 @@ class RelayWorker:
                 )
             for (_exchange, result), outcomes in audits.items():
                 await self._audit(session, result, outcomes)
-        self.runtime.relay.kick()
         self.reporter.touch(*{o.row.study_instance_uid for o in batch.outcomes})
         blocked = [o for o in batch.outcomes if o.state is State.BLOCKED]
         self.metrics.blocked.inc(len(blocked))

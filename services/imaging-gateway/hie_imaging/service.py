@@ -14,11 +14,9 @@ from hie_imaging import repository
 from hie_imaging.dicom.spool import InvalidUidError, validate_uid
 from hie_imaging.models import NO_EXCHANGE, Instance, Role, State, StudyLink
 from hie_imaging.schemas import StudyStatus
-from hie_platform.logging import correlation_id
 from hie_platform.outbox import Outbox
 from hie_schemas import subjects
 from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
-from hie_schemas.envelope import Envelope
 from hie_schemas.events import ExchangeSent, RelayJob
 
 
@@ -82,8 +80,9 @@ async def lock_studies(session: AsyncSession, study_uids: Iterable[str]) -> None
 
 
 async def _queue(session: AsyncSession, outbox: Outbox, hub: str, sop_uid: str, study_uid: str) -> None:
+    """A relay job, written with the other deferred outbox rows in one INSERT at commit (Outbox.add)."""
     job = RelayJob(sop_instance_uid=sop_uid, study_instance_uid=study_uid)
-    await outbox.add(session, subjects.hub_imaging_jobs(hub), job)
+    await outbox.add(session, subjects.hub_imaging_jobs(hub), job, defer=True)
 
 
 async def record_instances(
@@ -111,7 +110,6 @@ async def record_instances(
         await session.flush()
     states: dict[str, State] = {}
     rows: list[dict[str, object]] = []
-    jobs: list[RelayJob] = []
     for uid, arrival in fresh.items():
         role = arrival.caller.role
         claims = [
@@ -122,11 +120,10 @@ async def record_instances(
         states[uid] = State.QUEUED if claims else State.HELD
         rows += (_new_row(arrival, exchange, states[uid], now) for exchange in claims or [NO_EXCHANGE])
         if claims:
-            jobs.append(RelayJob(sop_instance_uid=uid, study_instance_uid=arrival.study_instance_uid))
+            await _queue(session, outbox, hub, uid, arrival.study_instance_uid)
     if rows:
         # One executemany INSERT, not an ORM unit of work per row (this runs for every C-STORE).
         await session.execute(insert(Instance), rows)
-    await _queue_many(session, outbox, hub, jobs)
     return [states[a.sop_instance_uid] if fresh.get(a.sop_instance_uid) is a else None for a in arrivals]
 
 
@@ -168,27 +165,6 @@ def _for_exchange(row: Instance, exchange_id: str, now: datetime) -> Instance:
     """A queued row of the same instance for another exchange, with no attempts yet."""
     columns = {column: getattr(row, column) for column in (*_INSTANCE_COLUMNS, "sender_institution", "role")}
     return Instance(**columns, exchange_id=exchange_id, state=State.QUEUED.value, attempts=0, updated_at=now)
-
-
-async def _queue_many(session: AsyncSession, outbox: Outbox, hub: str, jobs: Sequence[RelayJob]) -> None:
-    """Outbox.add for many jobs in one INSERT (the same rows, the same envelopes)."""
-    if not jobs:
-        return
-    subject = subjects.hub_imaging_jobs(hub)
-    envelopes = [Envelope.wrap(job, outbox.source, correlation_id.get()) for job in jobs]
-    await session.execute(
-        insert(outbox.table),
-        [
-            {
-                "event_id": envelope.id,
-                "subject": subject,
-                "payload": envelope.to_bytes(),
-                "correlation_id": envelope.correlation_id,
-                "created_at": envelope.occurred_at,
-            }
-            for envelope in envelopes
-        ],
-    )
 
 
 async def link_exchange(
