@@ -115,7 +115,9 @@ async def test_events_keep_views_current_without_asking(registry: Any, nats_url:
                     "name": "테스트의원",
                     "kind": "clinic",
                     "region": "경기",
-                    "hub": "snubh",
+                    # Not snubh: the registry is the session's, and tests/registry/test_directory.py
+                    # lists snubh's clinics exactly.
+                    "hub": "severance",
                     "departments": ["2300"],
                     "contacts": {"person": "김담당", "phone": "031-000-0000"},
                     "samples": [],
