@@ -251,12 +251,12 @@ AFTER_COMMIT = "hie.after_commit"
 
 
 async def _write_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """The request scope commits (before the response is sent), then wakes the outbox relay and awaits
-    the steps queued in ``session.info[AFTER_COMMIT]`` (each must not raise; see after_commit)."""
+    """The request scope commits (before the response is sent; a commit that wrote events wakes the
+    outbox relay), then awaits the steps queued in ``session.info[AFTER_COMMIT]`` (each must not
+    raise; see after_commit)."""
     runtime = request.app.state.runtime
     async with runtime.db.transaction() as session:
         yield session
-    runtime.relay.kick()
     for step in session.info.pop(AFTER_COMMIT, []):
         await step()
 

@@ -201,6 +201,7 @@ class OutboxRelay:
     def start(self) -> None:
         # Woken by every commit that wrote outbox rows (hie_platform.db), not by hand at each call site.
         self.db.on_event_commit.append(self.kick)
+        self._wake.set()  # the first pass at once: rows left from before a restart go out now
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:

@@ -25,7 +25,6 @@ async def start(runtime: Runtime, settings: ConsentSettings) -> None:
     async def on_decide(request: DecisionRequest) -> DecisionReply:
         async with runtime.db.transaction() as session:
             decision = await service.decide_flow(session, runtime, request.query, actor=None, via="nats")
-        runtime.relay.kick()
         return DecisionReply(decision=decision)
 
     # The Bus has checked that each envelope's type is its subject's kind and that a hub's fact comes

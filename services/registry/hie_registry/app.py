@@ -47,7 +47,6 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
                     await seed_demo(session, runtime.outbox, settings.credentials_file)
                 if settings.topology_file is not None and settings.topology_file.exists():
                     await apply_topology(session, runtime.outbox, settings.topology_file)
-            runtime.relay.kick()
             await events.start(runtime)
             app.state.runtime = runtime
             yield

@@ -147,7 +147,6 @@ async def change(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respo
             if str(history[-1].version if history else 0) != based_on:
                 raise Conflict("your consent changed since this page was opened (another window or device)")
             await portal.record_for_patient(session, runtime, web.settings, key, body)
-        runtime.relay.kick()
     except FhirError as exc:
         return await consent_page(request, web, runtime, key, error=exc, submitted=submitted)
     return RedirectResponse(f"{PATH}/consent?done={body.policy.value}", status_code=303)

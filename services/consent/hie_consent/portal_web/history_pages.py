@@ -36,7 +36,6 @@ async def _history(runtime: RuntimeDep, patient_key: str) -> PatientHistory:
     """The patient's history, read and audited as ``GET /portal/me/history`` does."""
     async with runtime.db.transaction() as session:
         found = await history.patient_history_read(session, runtime, patient_key, via="web")
-    runtime.relay.kick()
     return found
 
 

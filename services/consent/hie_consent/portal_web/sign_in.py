@@ -69,7 +69,6 @@ async def start(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respon
         async with runtime.db.transaction() as session:
             await web.forms.claim(session, PLATFORM.processed, checked)
             opened = await portal.start_sign_in(session, web.settings, provider, body.rrn, body.phone)
-        runtime.relay.kick()
     except FhirError as exc:
         return web.sign_in_page(request, error=exc, phone=phone)
     return _code_page(request, web, opened.challenge_id, opened.attempts_left, opened.dev_code)

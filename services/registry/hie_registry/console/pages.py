@@ -194,7 +194,6 @@ async def take_step(
             _inst, _evidence, credentials = await participation.take_step(
                 session, runtime.outbox, code, step, agency.claims, body.reason
             )
-        runtime.relay.kick()
     except FhirError as exc:
         return await institution_page(request, console, agency, code, error=exc, reasons={action: reason})
     return await institution_page(request, console, agency, code, done=step, credentials=credentials)
