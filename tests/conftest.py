@@ -8,8 +8,14 @@ HIE_TEST_POSTGRES_REQUIRED=1 so that a missing PostgreSQL fails the run instead 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
+import io
 import os
+import signal
 import sys
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +26,68 @@ import pytest
 from hie_platform.natsd import NatsServer
 
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+# --- a hung test says where it hangs -----------------------------------------------------------
+# A full run once stopped in an async fixture's teardown with the event loop idle (issue 16's
+# closing note). The watchdog names the test that has run for HANG_REPORT_SECONDS and prints every
+# thread's stack and every asyncio task's stack past pytest's capture, once per test; it fails nothing.
+HANG_REPORT_SECONDS = float(os.environ.get("HIE_TEST_HANG_REPORT_SECONDS", "300"))
+_running: dict[str, Any] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _running.update(nodeid=item.nodeid, since=time.monotonic(), reported=False)
+    yield
+    _running.clear()
+
+
+def _uncaptured(config: pytest.Config, write: Any) -> None:
+    """Run ``write(stderr)`` with pytest's capture off, so that it reaches the terminal or CI log."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        write(sys.stderr)
+        sys.stderr.flush()
+
+
+def _watchdog(config: pytest.Config) -> None:
+    while True:
+        time.sleep(10)
+        since = _running.get("since")
+        if since is None or _running.get("reported") or time.monotonic() - since < HANG_REPORT_SECONDS:
+            continue
+        _running["reported"] = True
+        message = f"\n[watchdog] {_running.get('nodeid')} has run for {HANG_REPORT_SECONDS:.0f} s\n"
+
+        def threads(err: Any, message: str = message) -> None:
+            err.write(message)
+            faulthandler.dump_traceback(err, all_threads=True)
+
+        _uncaptured(config, threads)
+        os.kill(os.getpid(), signal.SIGUSR2)  # the asyncio tasks, printed by _asyncio_task_dump
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threading.Thread(target=_watchdog, args=(config,), name="hang-watchdog", daemon=True).start()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _asyncio_task_dump(pytestconfig: pytest.Config) -> AsyncIterator[None]:
+    """``kill -USR2 <pytest pid>`` prints every task of the session's event loop with its stack (past
+    pytest's capture): a run that hangs in an async fixture's teardown shows what it waits for."""
+
+    def dump() -> None:
+        out = io.StringIO()
+        for task in asyncio.all_tasks(loop):
+            out.write(f"--- {task!r}\n")
+            task.print_stack(limit=40, file=out)
+        _uncaptured(pytestconfig, lambda err: err.write(out.getvalue()))
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR2, dump)
+    yield
+    loop.remove_signal_handler(signal.SIGUSR2)
 
 
 @pytest.fixture(scope="session")

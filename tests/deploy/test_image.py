@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def test_build_context_holds_what_the_build_copies_and_nothing_else() -> None:
 
 
 def test_the_installed_package_carries_every_services_migrations(tmp_path: Path) -> None:
-    """`pip install .` builds a wheel: Alembic's env.py, versions and template must be in it."""
+    """`pip install .` builds a wheel: Alembic's env.py, versions and template must be in it, and
+    every other file of the packages (web templates, stylesheets, catalogs) the services read."""
     result = subprocess.run(
         [
             sys.executable,
@@ -102,6 +104,16 @@ def test_the_installed_package_carries_every_services_migrations(tmp_path: Path)
         assert f"{package}/migrations/script.py.mako" in names
         assert any(n.startswith(f"{package}/migrations/versions/0001_") for n in names), package
         assert f"{package}/__main__.py" in names
+    wheel_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    data = [
+        (Path(package).name, path.relative_to(ROOT / package))
+        for package in wheel_config["targets"]["wheel"]["packages"]
+        for path in (ROOT / package).rglob("*")
+        if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts
+    ]
+    assert ("hie_platform", Path("webui/templates/layout.html")) in data
+    for package, path in data:
+        assert f"{package}/{path.as_posix()}" in names, f"{package}/{path} is not in the wheel"
 
 
 def run_entrypoint(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
