@@ -39,8 +39,9 @@ from bench.common import Figure, Report, Timing, percentile, run_concurrently
 from hie_hub.app import MIGRATIONS as HUB_MIGRATIONS
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
-from hie_hub.consent_replica import ConsentReplica, ReplicaSettings
+from hie_hub.consent_replica import ConsentReplica
 from hie_hub.models import PLATFORM as HUB_TABLES
+from hie_platform.consent_replica import ReplicaSettings
 from hie_platform.natsd import NatsServer, free_port, wait_for_port
 from hie_platform.runtime import start_runtime
 from hie_platform.settings import DEV_PATIENT_KEY_SECRET

@@ -25,7 +25,8 @@ from consent_helpers import (
     new_rrn,
 )
 
-from hie_platform.bus import Bus, RpcError
+from hie_platform.bus import Bus
+from hie_platform.errors import RpcError
 from hie_schemas import subjects
 from hie_schemas.contract import Kind, subject
 from hie_schemas.envelope import Envelope, Source

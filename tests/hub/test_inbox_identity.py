@@ -15,7 +15,8 @@ import pytest
 from hub_support import SEVERANCE_CLINIC, SNUBH, Federation
 from test_exchange import refer
 
-from hie_platform.bus import BUS_METRICS, Bus, RpcError
+from hie_platform.bus import BUS_METRICS, Bus
+from hie_platform.errors import RpcError
 from hie_schemas.contract import RPCS, Kind, Operation, subject
 from hie_schemas.envelope import Envelope, Source
 from hie_schemas.events import DocumentStatusNotice, HubSearchReply, HubSearchRequest

@@ -13,10 +13,11 @@ import pytest
 from hub_support import SEVERANCE, SEVERANCE_CLINIC, ConsentDesk, Hub, eventually, krnpi, start_hub
 from sqlalchemy.exc import IntegrityError
 
-from hie_hub import repository
 from hie_hub.app import MIGRATIONS
 from hie_hub.core.bundles import created_tasks
+from hie_hub.documents import repository as documents_repo
 from hie_hub.models import PLATFORM, Document, Task
+from hie_hub.tasks import repository as tasks_repo
 from hie_platform.audit import AuditTrail
 from hie_platform.db import Database
 from hie_platform.migrations import upgrade
@@ -67,10 +68,10 @@ async def db(database: tuple[str, str | None]) -> AsyncIterator[Database]:
 async def test_repository_keeps_documents_and_tasks(db: Database) -> None:
     older = datetime.now(UTC) - timedelta(days=2)
     async with db.transaction() as session:
-        repository.add_document(session, document_row("d-1", created_at=older))
-        repository.add_document(session, document_row("d-2", doc_type="care-record-summary"))
-        repository.add_document(session, document_row("d-3", status="entered-in-error"))
-        repository.add_task(
+        documents_repo.add_document(session, document_row("d-1", created_at=older))
+        documents_repo.add_document(session, document_row("d-2", doc_type="care-record-summary"))
+        documents_repo.add_document(session, document_row("d-3", status="entered-in-error"))
+        tasks_repo.add_task(
             session,
             Task(
                 id="t-1",
@@ -87,34 +88,34 @@ async def test_repository_keeps_documents_and_tasks(db: Database) -> None:
             ),
         )
     async with db.read_sessions() as session:
-        newest_first = await repository.documents_of_patient(session, KEY)
+        newest_first = await documents_repo.documents_of_patient(session, KEY)
         assert [d.document_id for d in newest_first][-1] == "d-1"
         assert newest_first[-1].created_at.tzinfo is not None  # comparable with consent histories
-        summaries = await repository.documents_of_patient(session, KEY, types=["care-record-summary"])
+        summaries = await documents_repo.documents_of_patient(session, KEY, types=["care-record-summary"])
         assert [d.document_id for d in summaries] == ["d-2"]
-        current = await repository.documents_of_patient(session, KEY, statuses=["current"])
+        current = await documents_repo.documents_of_patient(session, KEY, statuses=["current"])
         assert {d.document_id for d in current} == {"d-1", "d-2"}
-        assert await repository.documents_of_patient(session, "b" * 64) == []
-        assert set(await repository.documents_by_id(session, ["d-1", "d-9"])) == {"d-1"}
-        assert [t.id for t in await repository.tasks(session, owner=SEVERANCE, statuses=["requested"])] == [
+        assert await documents_repo.documents_of_patient(session, "b" * 64) == []
+        assert set(await documents_repo.documents_by_id(session, ["d-1", "d-9"])) == {"d-1"}
+        assert [t.id for t in await tasks_repo.tasks(session, owner=SEVERANCE, statuses=["requested"])] == [
             "t-1"
         ]
-        assert await repository.tasks(session, owner=SEVERANCE_CLINIC) == []
+        assert await tasks_repo.tasks(session, owner=SEVERANCE_CLINIC) == []
         assert [
-            t.id for t in await repository.tasks_of_submission(session, SEVERANCE_CLINIC, KEY, ["d-2", "d-1"])
+            t.id for t in await tasks_repo.tasks_of_submission(session, SEVERANCE_CLINIC, KEY, ["d-2", "d-1"])
         ] == ["t-1"]
-        assert await repository.tasks_of_submission(session, SEVERANCE_CLINIC, KEY, ["d-1"]) == []
+        assert await tasks_repo.tasks_of_submission(session, SEVERANCE_CLINIC, KEY, ["d-1"]) == []
     # The document id is the idempotency key: a second copy is refused by the database itself.
     with pytest.raises(IntegrityError):
         async with db.transaction() as session:
-            repository.add_document(session, document_row("d-1"))
+            documents_repo.add_document(session, document_row("d-1"))
     async with db.transaction() as session:
-        row = await repository.document(session, "d-1")
+        row = await documents_repo.document(session, "d-1")
         assert row is not None
-        assert repository.add_recipients(row, [SEVERANCE, "31100002"])
-        assert not repository.add_recipients(row, ["31100002"])
+        assert documents_repo.add_recipients(row, [SEVERANCE, "31100002"])
+        assert not documents_repo.add_recipients(row, ["31100002"])
     async with db.read_sessions() as session:
-        row = await repository.document(session, "d-1")
+        row = await documents_repo.document(session, "d-1")
         assert row is not None
         assert row.recipients == [SEVERANCE, "31100002"]
 

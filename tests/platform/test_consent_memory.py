@@ -28,11 +28,11 @@ from hie_consent.app import create_app as create_consent_app
 from hie_consent.config import ConsentSettings
 from hie_hub.app import MIGRATIONS as HUB_MIGRATIONS
 from hie_hub.config import HubSettings
-from hie_hub.consent_replica import ConsentReplica, ReplicaSettings, replica_table
+from hie_hub.consent_replica import ConsentReplica, replica_table
 from hie_hub.models import PLATFORM as HUB_TABLES
 from hie_platform.bus import Bus
 from hie_platform.consent_gate import ConsentGate
-from hie_platform.consent_replica import ConsentSource
+from hie_platform.consent_replica import ConsentSource, ReplicaSettings
 from hie_platform.natsd import free_port
 from hie_platform.runtime import Runtime, start_runtime
 from hie_schemas import subjects

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from hie_platform.bus import BUS_METRICS, Bus, RpcError
+from hie_platform.bus import BUS_METRICS, Bus
+from hie_platform.errors import RpcError
 from hie_schemas import subjects
 from hie_schemas.contract import Kind, Operation, rpc_subject, subject
 from hie_schemas.envelope import Envelope, Source

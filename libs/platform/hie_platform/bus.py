@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy import Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_platform.errors import RpcError, RpcRemoteError
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
 from hie_schemas import contract, streams
 from hie_schemas.envelope import Envelope, EventPayload
@@ -103,10 +104,6 @@ def refused(kind: str, exc: RefusedMessage, **where: Any) -> None:
     """Count and log a refusal: the kind, the reason and where; never the payload (patient data)."""
     REFUSED.labels(kind, exc.reason).inc()
     log.warning("message refused", kind=kind, reason=exc.reason, detail=str(exc), **where)
-
-
-class RpcError(Exception):
-    """A request/reply call that failed: no responder, timeout, or an error reply."""
 
 
 class Bus:
@@ -191,9 +188,9 @@ class Bus:
                 subject, body.model_dump_json().encode(), timeout=timeout, headers=headers
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise RpcError(f"{subject}: {type(exc).__name__}") from exc
+            raise RpcError.from_nats(subject, exc) from exc
         if msg.headers and msg.headers.get("Hie-Error"):
-            raise RpcError(f"{subject}: {msg.headers['Hie-Error']}")
+            raise RpcRemoteError(subject, msg.headers["Hie-Error"])
         return reply_type.model_validate_json(msg.data)
 
     async def serve(

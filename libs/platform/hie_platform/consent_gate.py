@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
-from hie_platform.bus import Bus, RpcError
+from hie_platform.bus import Bus
 from hie_platform.consent_replica import ConsentReplica, ConsentSource, Freshness
-from hie_platform.errors import ServiceUnavailable
+from hie_platform.errors import RpcError, ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_platform.registry_client import RegistryClient
 from hie_schemas import contract, subjects

@@ -19,10 +19,10 @@ from hie_hub.crs import endpoints as crs_api
 from hie_hub.documents import cda_endpoints as cda_api
 from hie_hub.documents import endpoints as documents_api
 from hie_hub.documents import holder
+from hie_hub.exchange.inbox import Inbox
 from hie_hub.imaging import endpoints as imaging_api
 from hie_hub.imaging import status as study_status
 from hie_hub.imaging.service import StudyFeed
-from hie_hub.inbox import Inbox
 from hie_hub.lists import endpoints as list_api
 from hie_hub.models import PLATFORM
 from hie_hub.node import HubNode
@@ -42,7 +42,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with start_runtime(settings, "hub-node", PLATFORM, MIGRATIONS) as runtime:
-            replica = ConsentReplica(runtime, settings.hub)
+            replica = ConsentReplica(runtime, settings.hub, settings)
             await replica.start()
             replicas.append(replica)
             gate = ConsentGate(runtime.bus, settings.consent_timeout_seconds, replica, hub=settings.hub)
@@ -57,7 +57,6 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             checkpoints = AuditCheckpoints.attach(settings, runtime)
             if checkpoints is not None:
                 checkpoints.start()
-            runtime.relay.kick()
             try:
                 yield
             finally:

@@ -7,12 +7,14 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from hie_platform.consent_replica import ReplicaSettings
 from hie_platform.settings import PatientKeySettings
 from hie_schemas import subjects
 
 
-class HubSettings(PatientKeySettings):
-    """One hub node: its slug (as the registry knows the hub), database and consent timeout."""
+class HubSettings(PatientKeySettings, ReplicaSettings):
+    """One hub node: its slug (as the registry knows the hub), database, consent timeout and the
+    settings of its consent replica (``HIE_HUB_CONSENT_*``, hie_platform.consent_replica)."""
 
     model_config = SettingsConfigDict(env_prefix="HIE_HUB_", extra="ignore")
 

@@ -4,9 +4,8 @@ The replica itself is ``hie_platform.consent_replica`` (the same code the imagin
 module binds it to the hub: its durable consumer ``hub-<slug>-consent`` (shared by the hub's
 replicas), its ``consent_replica`` table and its settings.
 
-Settings (environment, prefix ``HIE_HUB_``): ``CONSENT_STALENESS_SECONDS``, ``CONSENT_SOURCE``
-(``auto``: local once current, the central decision point while starting; ``replica``: local only,
-failing closed while starting; ``central``: always the central point), ``CONSENT_CONFIRM_DENIALS``.
+Its settings are the hub's (``HubSettings`` includes ``hie_platform.consent_replica.ReplicaSettings``:
+``HIE_HUB_CONSENT_STALENESS_SECONDS``, ``HIE_HUB_CONSENT_SOURCE``, ``HIE_HUB_CONSENT_CONFIRM_DENIALS``…).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from pydantic_settings import SettingsConfigDict
 from sqlalchemy import Table
 
 from hie_hub.models import Base, ConsentReplicaVersion
@@ -22,13 +20,7 @@ from hie_platform import consent_replica as shared
 from hie_platform.consent_replica import ConsentSource, ConsentWatch, Freshness
 from hie_platform.runtime import Runtime
 
-__all__ = ["ConsentReplica", "ConsentSource", "ConsentWatch", "Freshness", "ReplicaSettings"]
-
-
-class ReplicaSettings(shared.ReplicaSettings):
-    """The replica's settings; read from the hub's environment (HIE_HUB_…)."""
-
-    model_config = SettingsConfigDict(env_prefix="HIE_HUB_", extra="ignore")
+__all__ = ["ConsentReplica", "ConsentSource", "ConsentWatch", "Freshness"]
 
 
 def replica_table() -> Table:
@@ -43,10 +35,8 @@ class ConsentReplica(shared.ConsentReplica):
         self,
         runtime: Runtime,
         hub: str,
-        settings: shared.ReplicaSettings | None = None,
+        settings: shared.ReplicaSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(
-            runtime, f"hub-{hub}-consent", replica_table(), settings or ReplicaSettings(), clock=clock
-        )
+        super().__init__(runtime, f"hub-{hub}-consent", replica_table(), settings, clock=clock)

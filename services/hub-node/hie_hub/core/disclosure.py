@@ -15,9 +15,9 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.models import Document, Task
 from hie_hub.node import HubNode
+from hie_hub.tasks import repository as tasks_repo
 from hie_schemas.consent import Decision, FlowQuery, Purpose
 from hie_schemas.documents.profiles import JUSTIFICATION_EXTENSION_URL, PURPOSE_EXTENSION_URL, PURPOSE_SYSTEM
 from hie_schemas.events import ExchangeKind
@@ -97,7 +97,7 @@ async def exchange_accesses(
     foreign = [row for row in rows if row.author_institution != institution and institution in row.recipients]
     if not foreign:
         return [[] for _ in rows]
-    tasks = await repository.tasks_owned_for(read, institution, {row.patient_key for row in foreign})
+    tasks = await tasks_repo.tasks_owned_for(read, institution, {row.patient_key for row in foreign})
     wanted = {row.document_id for row in foreign}
     exchanges = [(set(task.focus), exchange_access(task)) for task in tasks]
     found: list[list[Access]] = []
@@ -119,8 +119,8 @@ async def decisions(node: HubNode, access: Access, rows: Sequence[Document]) -> 
     now = datetime.now(UTC)
     others = [row for row in rows if row.author_institution != access.institution]
     holders = {row.author_institution for row in others}
-    standing = {code: await node.runtime.registry.in_good_standing(code) for code in holders}
-    recipient_ok = await node.runtime.registry.in_good_standing(access.institution) if others else True
+    standing = {code: await node.registry.in_good_standing(code) for code in holders}
+    recipient_ok = await node.registry.in_good_standing(access.institution) if others else True
     questions: dict[tuple[str, str, str | None, datetime], FlowQuery] = {}
     for row in others:
         key = (row.patient_key, row.author_institution, row.author_department, row.created_at)

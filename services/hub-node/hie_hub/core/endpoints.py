@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from hie_hub import exchange
 from hie_hub.core.capability import capability_statement
 from hie_hub.core.params import json_body
 from hie_hub.core.rest import negotiate
+from hie_hub.exchange import service as exchange
 from hie_hub.node import HubActor, NodeDep
 from hie_platform.errors import fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep

@@ -16,10 +16,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from hie_hub import repository
 from hie_hub.core.disclosure import Access, decisions, first_refusal, newest_version, release
 from hie_hub.core.params import json_body
 from hie_hub.core.rest import negotiate
+from hie_hub.documents import repository as documents_repo
 from hie_hub.documents.pseudonym import rrn_strings
 from hie_hub.models import DocumentStatus
 from hie_hub.node import AuditDep, HubActor, NodeDep
@@ -85,7 +85,7 @@ async def generate_crs(
 ) -> JSONResponse:
     key, purpose, justification = _parameters(await json_body(request), node.settings.patient_key_bytes)
     access = Access(actor.inst, purpose, justification)
-    rows = await repository.documents_of_patient(read, key, statuses=[DocumentStatus.CURRENT.value])
+    rows = await documents_repo.documents_of_patient(read, key, statuses=[DocumentStatus.CURRENT.value])
     await release(read)
     decided = await decisions(node, access, rows)
     permitted = [row for row, d in zip(rows, decided, strict=True) if d is None or d.permit]
@@ -113,7 +113,7 @@ async def generate_crs(
             Forbidden(f"consent does not let this hub's records flow to {actor.inst}: rule {rule}")
         )
     sources = [SourceDocument(row.document_id, row.created_at, row.bundle) for row in permitted]
-    hub = await node.runtime.registry.hub(node.hub)
+    hub = await node.registry.hub(node.hub)
     if hub is None:
         raise ServiceUnavailable(f"the registry does not know hub {node.hub}")
     base = node.settings.fhir_base

@@ -23,13 +23,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import exchange, repository
 from hie_hub.core import endpoints as fhir_api
 from hie_hub.core.params import json_body
 from hie_hub.core.rest import negotiate, size_and_hash
 from hie_hub.documents import endpoints as documents_api
+from hie_hub.documents import repository
 from hie_hub.documents.cda_rendition import rendition, template_format
 from hie_hub.documents.pseudonym import pseudonymise, rrn_forms
+from hie_hub.exchange import service as exchange
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, ReadingDep
 from hie_platform.errors import (
     BadRequest,

@@ -12,7 +12,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.core.bundles import count_only, searchset
 from hie_hub.core.disclosure import Access, release
 from hie_hub.core.params import DEFAULT_COUNT, SearchParams, json_body
@@ -25,26 +24,31 @@ from hie_hub.core.rest import (
     versioned,
     with_meta,
 )
-from hie_hub.documents import federation, lifecycle
+from hie_hub.documents import federation, lifecycle, repository
 from hie_hub.documents import service as retrieval
 from hie_hub.documents.cda_rendition import with_rendition
 from hie_hub.documents.schemas import DOCUMENT_SEARCH, document_filter_fields
 from hie_hub.documents.service import DocumentQuery
 from hie_hub.models import Document
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, Reading, ReadingDep
+from hie_platform.db import raise_after_commit
 from hie_platform.errors import (
     BadRequest,
     Forbidden,
     NotFound,
+    RpcError,
     ServiceUnavailable,
     fhir_response,
 )
 from hie_platform.http import ReadSessionDep, SessionDep
+from hie_platform.logging import get_logger
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
 from hie_schemas.events import DocumentFilter, HubRetrieveReply
 from hie_schemas.fhir import FHIR_JSON
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
+
+log = get_logger(__name__)
 
 router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
 
@@ -139,9 +143,13 @@ async def _federated(
     await release(read)
     if found is None:
         raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
-    reply = await federation.retrieve(node, actor, found)
-    outcome = "error" if isinstance(reply, str) else reply.outcome
-    await node.runtime.audit.record(
+    try:
+        reply: HubRetrieveReply | None = await federation.retrieve(node, actor, found)
+    except RpcError as exc:
+        log.warning("federated retrieve failed", hub=found.holder_hub, error=str(exc))
+        reply = None
+    outcome = "error" if reply is None else reply.outcome
+    await node.audit.record(
         session,
         action="federated.retrieve",
         actor=actor,
@@ -152,14 +160,16 @@ async def _federated(
         detail={"federated": True, "holder_hub": found.holder_hub}
         | ({"flagged": True, "justification": found.justification} if found.justification else {}),
     )
-    if isinstance(reply, str):
-        raise ServiceUnavailable(
-            f"hub {found.holder_hub}, which holds document {document_id}, did not answer"
-        )
+    # A refusal keeps its audit record: the session commits it, then the error goes on.
+    if reply is None:
+        message = f"hub {found.holder_hub}, which holds document {document_id}, did not answer"
+        raise raise_after_commit(session, ServiceUnavailable(message))
     if reply.outcome == "denied":
-        raise Forbidden(f"consent refuses document {document_id} to {actor.inst}: rule {reply.rule}")
+        message = f"consent refuses document {document_id} to {actor.inst}: rule {reply.rule}"
+        raise raise_after_commit(session, Forbidden(message))
     if reply.outcome != "ok" or reply.document is None or reply.document_reference is None:
-        raise NotFound(f"hub {found.holder_hub} no longer holds document {document_id}")
+        message = f"hub {found.holder_hub} no longer holds document {document_id}"
+        raise raise_after_commit(session, NotFound(message))
     return reply
 
 

@@ -26,9 +26,15 @@ from hie_hub.documents import holder
 from hie_hub.documents.service import DocumentQuery
 from hie_hub.models import FederatedGrant
 from hie_hub.node import HubNode
-from hie_platform.bus import RpcError
-from hie_platform.errors import FhirError, Issue, RpcNoResponders, RpcTimeout, operation_outcome
-from hie_platform.errors import RpcError as TypedRpcError
+from hie_platform.errors import (
+    FhirError,
+    Issue,
+    RpcError,
+    RpcNoResponders,
+    RpcRemoteError,
+    RpcTimeout,
+    operation_outcome,
+)
 from hie_platform.logging import get_logger
 from hie_schemas import subjects
 from hie_schemas.auth import TokenClaims
@@ -74,7 +80,7 @@ def _outcome(severity: str, code: str, message: str, hub: str | None) -> dict[st
 async def _locate(node: HubNode, patient_key: str, result: FederatedResult) -> list[str]:
     """The hubs to ask: the locator's answer and always this hub; this hub alone if it is away."""
     try:
-        reply = await node.runtime.bus.request(
+        reply = await node.bus.request(
             subjects.REGISTRY_LOCATE, LocateRequest(patient_key=patient_key), LocateReply, LOCATOR_TIMEOUT
         )
     except (RpcError, ValidationError):
@@ -99,56 +105,50 @@ async def declare(node: HubNode, fact: str, envelope: Envelope, published: Docum
     rather than miss silently. Never raises: ITI-65 has committed and answers whatever happens."""
     subject = rpc_subject(Operation.REGISTRY_LOCATE_ADD, sender=node.hub)
     try:
-        await node.runtime.bus.request(subject, published, LocateReply, LOCATE_ADD_TIMEOUT)
+        await node.bus.request(subject, published, LocateReply, LOCATE_ADD_TIMEOUT)
         return
     except (RpcError, ValidationError) as exc:
         log.warning("record locator did not take the new entry in time", error=type(exc).__name__)
     try:
         body, cid = envelope.to_bytes(), envelope.correlation_id
-        publish = node.runtime.bus.publish_raw(fact, body, envelope.id, cid)
+        publish = node.bus.publish_raw(fact, body, envelope.id, cid)
         await asyncio.wait_for(publish, LOCATE_ADD_TIMEOUT)
     except Exception as exc:  # the outbox relay still has it: only the early publish failed
         log.warning("document-published event left to the outbox relay", error=type(exc).__name__)
 
 
-async def _ask(node: HubNode, hub: str, request: HubSearchRequest, deadline: float) -> HubSearchReply | str:
-    """One hub's reply, or why there is none (timeout, unreachable, error)."""
+async def _ask(node: HubNode, hub: str, request: HubSearchRequest, deadline: float) -> HubSearchReply:
+    """One hub's reply; raises the typed RPC error (hie_platform.errors) that says why there is none:
+    RpcTimeout, RpcNoResponders (the hub is away), or RpcError (it failed or answered nonsense)."""
     if hub == node.hub:
         try:
             return await asyncio.wait_for(holder.answer_search(node, request), deadline)
-        except TimeoutError:
-            return "timeout"
+        except TimeoutError as exc:
+            raise RpcTimeout(hub, "the local search took longer than the deadline") from exc
         except FhirError as exc:
-            return f"error: {exc.diagnostics}"
+            raise RpcRemoteError(hub, exc.diagnostics) from exc
     subject = rpc_subject(Operation.HUB_SEARCH, to=hub, sender=node.hub)
     try:
-        return await node.runtime.bus.request(subject, request, HubSearchReply, timeout=deadline)
-    except RpcError as exc:
-        return _unanswered(subject, exc)
-    except ValidationError:
-        return "error"
+        return await node.bus.request(subject, request, HubSearchReply, timeout=deadline)
+    except ValidationError as exc:
+        raise RpcError(subject, "the reply is not a HubSearchReply") from exc
 
 
-def _unanswered(subject: str, exc: Exception) -> str:
-    """Why a hub gave no reply, by the type of the RPC error (hie_platform.errors). Until Bus.request
-    raises the typed errors itself, the nats.py error it chains is typed here (RpcError.from_nats)."""
-    typed = exc if isinstance(exc, TypedRpcError) else TypedRpcError.from_nats(subject, exc.__cause__ or exc)
-    if isinstance(typed, RpcNoResponders):
-        return "unreachable"
-    return "timeout" if isinstance(typed, RpcTimeout) else "error"
+# Why a hub's records are missing, by the RPC error its search raised: (state, issue code, message).
+_UNANSWERED: dict[type[RpcError], tuple[str, str, str]] = {
+    RpcTimeout: ("timeout", "timeout", "did not answer within the deadline"),
+    RpcNoResponders: ("unreachable", "transient", "is unreachable"),
+}
 
 
-def _merge(result: FederatedResult, hub: str, reply: HubSearchReply | str, asker: str) -> None:
-    if isinstance(reply, str):
-        kind = reply.split(":", 1)[0]
-        result.hubs[hub] = kind
-        message = {
-            "timeout": f"hub {hub} did not answer within the deadline; its records are missing",
-            "unreachable": f"hub {hub} is unreachable; its records are missing",
-        }.get(kind, f"hub {hub} failed to answer; its records are missing")
-        code = "timeout" if kind == "timeout" else "transient"
-        result.outcomes.append(_outcome("error", code, message, hub))
-        return
+def _unanswered(result: FederatedResult, hub: str, error: RpcError) -> None:
+    state, code, why = _UNANSWERED.get(type(error), ("error", "transient", "failed to answer"))
+    log.warning("federated search: a hub gave no reply", hub=hub, state=state, error=str(error))
+    result.hubs[hub] = state
+    result.outcomes.append(_outcome("error", code, f"hub {hub} {why}; its records are missing", hub))
+
+
+def _merge(result: FederatedResult, hub: str, reply: HubSearchReply, asker: str) -> None:
     result.hubs[hub] = reply.outcome
     if reply.outcome == "denied":
         message = f"hub {hub}: {reply.message} (rule {reply.rule})"
@@ -204,9 +204,15 @@ async def search(
         filter=query.filter,
     )
     deadline = node.settings.federated_timeout_seconds
-    replies = await asyncio.gather(*(_ask(node, hub, request, deadline) for hub in hubs))
+    asks = (_ask(node, hub, request, deadline) for hub in hubs)
+    replies = await asyncio.gather(*asks, return_exceptions=True)
     for hub, reply in zip(hubs, replies, strict=True):
-        _merge(result, hub, reply, actor.inst)
+        if isinstance(reply, RpcError):
+            _unanswered(result, hub, reply)
+        elif isinstance(reply, BaseException):
+            raise reply
+        else:
+            _merge(result, hub, reply, actor.inst)
     result.document_references.sort(key=_position, reverse=True)
     now = datetime.now(UTC)
     # Grants that ran out are of no use to anyone: forget them as new ones are made.
@@ -227,7 +233,7 @@ async def search(
     detail: dict[str, Any] = {"federated": True, "hubs": result.hubs}
     if access.flagged:
         detail |= {"flagged": True, "justification": access.justification}
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action="federated.search",
         actor=actor,
@@ -256,8 +262,9 @@ async def grant(session: AsyncSession, actor: TokenClaims, document_id: str) -> 
     return rows.first()
 
 
-async def retrieve(node: HubNode, actor: TokenClaims, found: FederatedGrant) -> HubRetrieveReply | str:
-    """Retrieve a federated result from its holder (this hub in-process, another over NATS)."""
+async def retrieve(node: HubNode, actor: TokenClaims, found: FederatedGrant) -> HubRetrieveReply:
+    """Retrieve a federated result from its holder (this hub in-process, another over NATS); raises
+    RpcError (typed: timeout, no responders, remote error) when the holder gives no usable reply."""
     request = HubRetrieveRequest(
         document_id=found.document_id,
         requester=actor.inst,
@@ -269,9 +276,8 @@ async def retrieve(node: HubNode, actor: TokenClaims, found: FederatedGrant) -> 
         return await holder.answer_retrieve(node, request)
     subject = rpc_subject(Operation.HUB_RETRIEVE, to=found.holder_hub, sender=node.hub)
     try:
-        return await node.runtime.bus.request(
+        return await node.bus.request(
             subject, request, HubRetrieveReply, timeout=node.settings.federated_timeout_seconds
         )
-    except (RpcError, ValidationError) as exc:
-        log.warning("federated retrieve failed", hub=found.holder_hub, error=type(exc).__name__)
-        return "unavailable"
+    except ValidationError as exc:
+        raise RpcError(subject, "the reply is not a HubRetrieveReply") from exc

@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.core.disclosure import (
     Access,
     Disclosure,
@@ -25,6 +24,7 @@ from hie_hub.core.disclosure import (
     newest_version,
 )
 from hie_hub.core.rest import canonical
+from hie_hub.documents import repository
 from hie_hub.documents.cda_rendition import with_rendition
 from hie_hub.models import Document
 from hie_hub.node import HubNode
@@ -49,7 +49,7 @@ def hub_source(hub: str) -> str:
 
 async def remote_actor(node: HubNode, requester: str, requester_hub: str) -> TokenClaims:
     """The asking institution as the audit trail names it (its hub vouched for it; no token here)."""
-    view = await node.runtime.registry.institution(requester)
+    view = await node.registry.institution(requester)
     return TokenClaims(
         iss=f"hub:{requester_hub}",
         sub=f"hub:{requester_hub}",
@@ -121,7 +121,7 @@ async def answer_search(node: HubNode, request: HubSearchRequest) -> HubSearchRe
     if refused is not None:
         return HubSearchReply(hub=node.hub, outcome="refused", message=refused)
     wanted = request.filter
-    async with node.runtime.db.read_sessions() as read:
+    async with node.db.read_sessions() as read:
         rows = await repository.documents_of_patient(read, request.patient_key, **wanted.model_dump())
         rows = rows[:MAX_DOCUMENTS]
         candidates = await _candidates(read, request, rows)
@@ -154,11 +154,11 @@ async def _audit_search(
     for row, d in zip(rows, decided, strict=True):
         if d.permit:
             groups.setdefault(d.access, []).append((row, d))
-    async with node.runtime.db.transaction() as session:
+    async with node.db.transaction() as session:
         actor = await remote_actor(node, request.requester, request.requester_hub)
         for n, (access, group) in enumerate(groups.items()):
             counts = {"matched": len(rows), "withheld": len(rows) - len(permitted)} if n == 0 else {}
-            await node.runtime.audit.record(
+            await node.audit.record(
                 session,
                 action="federated.search",
                 actor=actor,
@@ -180,14 +180,14 @@ async def answer_retrieve(node: HubNode, request: HubRetrieveRequest) -> HubRetr
     refused = _refusal(request)
     if refused is not None:
         return HubRetrieveReply(hub=node.hub, outcome="refused", message=refused)
-    async with node.runtime.db.read_sessions() as read:
+    async with node.db.read_sessions() as read:
         row = await repository.document(read, request.document_id)
         candidates = await _candidates(read, request, [row]) if row is not None else []
     if row is None:
         return HubRetrieveReply(hub=node.hub, outcome="not-found", message="no such document")
     [disclosure] = await disclosures(node, [row], candidates)
     decision, permitted = disclosure.decision, disclosure.permit
-    async with node.runtime.db.transaction() as session:
+    async with node.db.transaction() as session:
         await _audit_retrieve(node, session, request, row, disclosure)
     if not permitted and decision is not None:
         return HubRetrieveReply(
@@ -206,7 +206,7 @@ async def _audit_retrieve(
     disclosure: Disclosure,
 ) -> None:
     decision = disclosure.decision
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action="federated.retrieve",
         actor=await remote_actor(node, request.requester, request.requester_hub),
@@ -221,7 +221,7 @@ async def _audit_retrieve(
 
 async def serve(node: HubNode) -> None:
     """Answer other hubs' federated searches and retrievals (queue group: every replica of the hub)."""
-    bus = node.runtime.bus
+    bus = node.bus
 
     async def search(request: HubSearchRequest) -> HubSearchReply:
         return await answer_search(node, request)
@@ -230,7 +230,7 @@ async def serve(node: HubNode) -> None:
         return await answer_retrieve(node, request)
 
     async def asker(sender: str | None, request: HubSearchRequest | HubRetrieveRequest) -> None:
-        await node.runtime.registry.check_asker(sender, request.requester, request.requester_hub)
+        await node.registry.check_asker(sender, request.requester, request.requester_hub)
 
     # Any asking hub (the subject's last token), checked by asker() against the institution it names.
     search_subject = RPCS[Operation.HUB_SEARCH].pattern(to=node.hub)

@@ -14,9 +14,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.core.params import fhir_body
-from hie_hub.documents import Submission
+from hie_hub.documents import Submission, repository
 from hie_hub.models import Document, DocumentStatus, Task
 from hie_hub.node import HubNode
 from hie_platform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
@@ -98,7 +97,7 @@ async def mark_entered_in_error(
         )
     now = datetime.now(UTC)
     await _change(node, session, actor.inst, [row], DocumentStatus.ENTERED_IN_ERROR, now, None)
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action="document.entered-in-error",
         actor=actor,
@@ -129,7 +128,7 @@ async def _change(
     for row in rows:
         set_status(row, status)
     for hub, ids in (await _holders(session, node.hub, rows)).items():
-        await node.runtime.outbox.add(
+        await node.outbox.add(
             session,
             subject(Kind.DOCUMENT_STATUS, to=hub, sender=node.hub),
             DocumentStatusNotice(

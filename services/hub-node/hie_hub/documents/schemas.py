@@ -23,7 +23,7 @@ DEFAULT_STATUSES = (DocumentStatus.CURRENT.value, DocumentStatus.SUPERSEDED.valu
 @dataclass(frozen=True)
 class DocumentParameter(SearchParameter):
     """A row of DOCUMENT_SEARCH; ``read`` turns the parameter into fields of the DocumentFilter that
-    the local query (hie_hub.repository.documents_of_patient) and every holding hub apply."""
+    the local query (hie_hub.documents.repository.documents_of_patient) and every holding hub apply."""
 
     read: Callable[[SearchParams], dict[str, Any]] | None = None
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.core.disclosure import (
     Access,
     Disclosure,
@@ -25,6 +24,7 @@ from hie_hub.core.disclosure import (
     release,
 )
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, DateBound
+from hie_hub.documents import repository
 from hie_hub.models import Document
 from hie_hub.node import HubNode
 from hie_platform.db import raise_after_commit
@@ -108,7 +108,7 @@ async def _audit_search(
             groups.setdefault(disclosed.access, []).append((row, disclosed))
     counts = {"matched": len(visible), "withheld_by_consent": withheld}
     for n, (access, group) in enumerate(groups.items()):
-        await node.runtime.audit.record(
+        await node.audit.record(
             session,
             action="document.search",
             actor=actor,
@@ -153,7 +153,7 @@ async def read_document(
     await release(read)
     [disclosed] = await disclosures(node, [row], candidates)
     decision, access = disclosed.decision, disclosed.access
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action=action,
         actor=actor,

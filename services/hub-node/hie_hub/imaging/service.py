@@ -20,12 +20,14 @@ from urllib.parse import quote
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.core.disclosure import Access, decisions, exchange_access, newest_version, release
 from hie_hub.core.params import DEFAULT_COUNT, Cursor
+from hie_hub.documents import repository as documents_repo
+from hie_hub.imaging import repository
 from hie_hub.imaging import status as study_status
 from hie_hub.models import DeliveredStudy, Document, Task, as_utc
 from hie_hub.node import HubNode
+from hie_hub.tasks import repository as tasks_repo
 from hie_platform.bus import Incoming, PermanentEventError, first_time
 from hie_platform.errors import Forbidden, NotFound, ServiceUnavailable
 from hie_platform.logging import get_logger
@@ -103,7 +105,7 @@ class StudyFeed:
         async with runtime.db.transaction() as session:
             if not await first_time(session, runtime.tables.processed, self.durable, envelope.id):
                 return
-            task = await repository.task_of_exchange(session, progress.exchange_id, self.node.hub)
+            task = await tasks_repo.task_of_exchange(session, progress.exchange_id, self.node.hub)
             if task is not None:
                 await study_status.record(session, task, progress)  # what its parties read
             if progress.delivered <= 0:
@@ -176,7 +178,7 @@ async def record_delivery(
 async def _naming_document(session: AsyncSession, task: Task, study_uid: str) -> tuple[str, str | None]:
     """The exchanged document that names the study (and the accession number it gives); else the
     Task's focus, the document that made the exchange."""
-    held = await repository.documents_by_id(session, task.focus)
+    held = await documents_repo.documents_by_id(session, task.focus)
     for document_id in task.focus:
         row = held.get(document_id)
         for ref in profiles.document_studies(row.bundle) if row is not None else ():
@@ -256,7 +258,7 @@ async def search(
         for row in await repository.delivered_studies_of_patient(read, query.patient_key)
         if party(row, actor.inst) and identified(row, query.identifiers)
     ]
-    documents = await repository.documents_by_id(read, {row.document_id for row in rows})
+    documents = await documents_repo.documents_by_id(read, {row.document_id for row in rows})
     rows = [row for row in rows if row.document_id in documents]
     accesses = [await _access(node, read, row, actor) for row in rows]
     await release(read)
@@ -304,7 +306,7 @@ async def _audit_search(
         if row.id in shown:
             groups.setdefault(access, []).append(row)
     for n, (access, group) in enumerate(groups.items()):
-        await node.runtime.audit.record(
+        await node.audit.record(
             session,
             action="imaging.search",
             actor=actor,
@@ -322,7 +324,7 @@ async def _access(node: HubNode, read: AsyncSession, row: DeliveredStudy, actor:
     treatment."""
     if actor.inst != row.to_institution:
         return Access(actor.inst)
-    task = await repository.task_of_exchange(read, row.exchange_id, node.hub)
+    task = await tasks_repo.task_of_exchange(read, row.exchange_id, node.hub)
     if task is None or task.owner != actor.inst:
         return Access(actor.inst)
     return exchange_access(task)
@@ -335,14 +337,14 @@ async def read_study(
     row = await repository.delivered_study_by_id(read, study)
     document: Document | None = None
     if row is not None and party(row, actor.inst):
-        document = await repository.document(read, row.document_id)
+        document = await documents_repo.document(read, row.document_id)
     if row is None or document is None:
         raise NotFound(f"no ImagingStudy {study} visible to institution {actor.inst}")
     access = await _access(node, read, row, actor)
     await release(read)
     decision = (await decisions(node, access, [document]))[0]
     permitted = decision is None or decision.permit
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action="imaging.read",
         actor=actor,
@@ -365,7 +367,7 @@ async def resource(node: HubNode, row: DeliveredStudy) -> dict[str, Any]:
     """The ImagingStudy, with the recipient's PACS as the registry lists it now (left out when the
     registry cannot be asked: the study stays findable)."""
     try:
-        recipient = await node.runtime.registry.institution(row.to_institution)
+        recipient = await node.registry.institution(row.to_institution)
     except ServiceUnavailable:
         log.warning("registry unreachable; ImagingStudy served without its endpoint")
         recipient = None

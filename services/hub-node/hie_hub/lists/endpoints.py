@@ -13,11 +13,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.core.bundles import searchset
 from hie_hub.core.disclosure import Access, decisions, release
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
 from hie_hub.core.rest import negotiate
+from hie_hub.documents import repository as documents_repo
+from hie_hub.lists import repository
 from hie_hub.lists.schemas import LIST_SEARCH
 from hie_hub.models import SubmissionSet
 from hie_hub.node import HubNode, ReadingDep
@@ -34,7 +35,7 @@ async def _visible(
 ) -> list[dict[str, Any]]:
     """The Lists as the caller may see them (entries filtered by consent for a recipient)."""
     wanted = {doc for row in rows if row.author_institution != actor.inst for doc in row.document_ids}
-    documents = await repository.documents_by_id(read, wanted)
+    documents = await documents_repo.documents_by_id(read, wanted)
     held = list(documents.values())
     await release(read)
     permitted = {

@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from hie_hub import repository
 from hie_hub.core.bundles import searchset
 from hie_hub.core.params import SearchParams, fhir_body, json_body
 from hie_hub.core.rest import negotiate
 from hie_hub.models import Subscription
 from hie_hub.node import NodeDep, ReaderActor
+from hie_hub.subscriptions import repository
 from hie_hub.subscriptions.service import ACTIVE, BACKPORT, OFF, TOPIC, status_parameters
 from hie_platform.errors import NotFound, Unprocessable, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep

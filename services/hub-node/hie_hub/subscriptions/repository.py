@@ -96,3 +96,14 @@ async def purge_deliveries(session: AsyncSession, before: datetime) -> int:
         )
     )
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def subscription(session: AsyncSession, subscription_id: str) -> Subscription | None:
+    return await session.get(Subscription, subscription_id)
+
+
+async def subscriptions_of(session: AsyncSession, institution: str) -> list[Subscription]:
+    rows = await session.scalars(
+        select(Subscription).where(Subscription.institution == institution).order_by(Subscription.created_at)
+    )
+    return list(rows.all())

@@ -23,9 +23,9 @@ import httpx
 from hie_hub.config import HubSettings
 from hie_hub.models import Subscription, WebhookDelivery
 from hie_hub.node import ChangeSignal
-from hie_hub.repository import subscription as get_subscription
 from hie_hub.subscriptions import repository
 from hie_hub.subscriptions.repository import DELIVERED, FAILED
+from hie_hub.subscriptions.repository import subscription as get_subscription
 from hie_hub.subscriptions.service import ACTIVE, ERROR
 from hie_platform.db import Database
 from hie_platform.logging import get_logger

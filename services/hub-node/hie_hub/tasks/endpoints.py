@@ -10,12 +10,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from hie_hub import repository
 from hie_hub.core.bundles import count_only, searchset
 from hie_hub.core.params import Cursor, SearchParams, json_body
 from hie_hub.core.rest import check_if_match, negotiate, version_headers, versioned, with_meta
 from hie_hub.models import Task
 from hie_hub.node import NodeDep, ReaderActor
+from hie_hub.tasks import repository
 from hie_hub.tasks import service as tasks
 from hie_hub.tasks.schemas import TASK_SEARCH
 from hie_platform.errors import fhir_response

@@ -9,11 +9,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.core.params import fhir_body
+from hie_hub.documents import repository as documents_repo
 from hie_hub.models import Task
 from hie_hub.node import HubNode
 from hie_hub.subscriptions.service import task_changed
+from hie_hub.tasks import repository
 from hie_hub.tasks.schemas import TaskStatus, output_document_ids, with_status
 from hie_platform.bus import PermanentEventError, RefusedMessage
 from hie_platform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
@@ -108,14 +109,14 @@ async def update_task(
         output_document_ids=all_output,
         updated_at=now,
     )
-    outbox = node.runtime.outbox
+    outbox = node.outbox
     await outbox.add(
         session,
         subject(Kind.TASK_STATUS, to=row.requester_hub, sender=node.hub),
         TaskStatusNotice(update=update),
     )
     await outbox.add(session, subject(Kind.TASK_UPDATED, sender=node.hub), update)
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action="task.update",
         actor=actor,
@@ -129,7 +130,7 @@ async def update_task(
 
 
 async def _check_output(session: AsyncSession, actor: TokenClaims, output: list[str]) -> None:
-    held = await repository.documents_by_id(session, output)
+    held = await documents_repo.documents_by_id(session, output)
     for doc_id in output:
         row = held.get(doc_id)
         if row is None or row.author_institution != actor.inst:

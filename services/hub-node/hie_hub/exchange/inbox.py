@@ -15,12 +15,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository
 from hie_hub.documents import lifecycle
+from hie_hub.documents import repository as documents_repo
 from hie_hub.documents.schemas import read_metadata, scrub_rrn
+from hie_hub.exchange import repository
 from hie_hub.models import DocumentStatus, Origin, Task
 from hie_hub.node import HubNode
 from hie_hub.subscriptions.service import task_changed
+from hie_hub.tasks import repository as tasks_repo
 from hie_hub.tasks import service as tasks
 from hie_hub.tasks.schemas import TaskStatus, with_status
 from hie_platform.bus import Incoming, PermanentEventError, RefusedMessage, first_time
@@ -83,7 +85,7 @@ class Inbox:
         await repository.insert_publication(session, documents, None, [new_task] if new_task else [])
         if new_task is not None:
             await task_changed(self.node, session, Task(**new_task))
-        await self.node.runtime.audit.record(
+        await self.node.audit.record(
             session,
             action="exchange.receive",
             actor=None,
@@ -108,7 +110,7 @@ class Inbox:
         """The owner's copy of the Task (received) as a row to insert; None when this hub holds it
         already (the requester's own copy when the recipient belongs to this hub too: moved on)."""
         sent = delivery.exchange
-        task = await repository.task(session, task_id)
+        task = await tasks_repo.task(session, task_id)
         if task is None:
             return {
                 "id": task_id,
@@ -140,7 +142,7 @@ class Inbox:
             patient_key=sent.patient_key,
             updated_at=now,
         )
-        outbox = self.node.runtime.outbox
+        outbox = self.node.outbox
         notice = subject(Kind.TASK_STATUS, to=sent.from_hub, sender=self.node.hub)
         await outbox.add(session, notice, TaskStatusNotice(update=update), defer=True)
         await outbox.add(session, subject(Kind.TASK_UPDATED, sender=self.node.hub), update, defer=True)
@@ -150,13 +152,13 @@ async def _new_documents(session: AsyncSession, delivery: Delivery, now: datetim
     """Rows of the delivered documents this hub does not hold yet; one already here (sent before, or
     published at this very hub) is only addressed anew."""
     sent = delivery.exchange
-    held = await repository.documents_by_id(session, sent.document_ids)
+    held = await documents_repo.documents_by_id(session, sent.document_ids)
     rows: list[dict[str, Any]] = []
     for doc_id, doc_type, delivered in zip(
         sent.document_ids, sent.document_types, delivery.documents, strict=True
     ):
         if doc_id in held:
-            repository.add_recipients(held[doc_id], [sent.to_institution])
+            documents_repo.add_recipients(held[doc_id], [sent.to_institution])
             continue
         department, created_at = read_metadata(delivered.document_reference)
         rows.append(

@@ -50,7 +50,7 @@ async def recipients(node: HubNode, submission: Submission) -> list[Recipient]:
         except InvalidIdentifierError as exc:
             issues.append(Issue(f"intended recipient {code!r}: {exc.reason}", code="processing"))
             continue
-        view = await node.runtime.registry.institution(code)
+        view = await node.registry.institution(code)
         agency = view is not None and view.kind is InstitutionKind.PUBLIC_AGENCY
         if view is None or not view.in_good_standing:
             state = "is unknown to the registry" if view is None else f"is {view.state.value}"

@@ -15,15 +15,18 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub import repository, sending
 from hie_hub.core.bundles import Created, transaction_response
 from hie_hub.core.disclosure import release
 from hie_hub.documents import Submission, SubmittedDocument, federation, lifecycle, parse_submission
+from hie_hub.documents import repository as documents_repo
 from hie_hub.documents.schemas import rename_references, scrub_rrn, stamp_metadata
+from hie_hub.exchange import repository, sending
+from hie_hub.exchange.sending import Recipient
+from hie_hub.lists import repository as lists_repo
 from hie_hub.models import Document, DocumentStatus, Origin, Task
 from hie_hub.node import HubNode
-from hie_hub.sending import Recipient
 from hie_hub.subscriptions.service import task_changed
+from hie_hub.tasks import repository as tasks_repo
 from hie_platform.db import raise_after_commit
 from hie_platform.errors import Conflict, Forbidden, Issue, Unprocessable
 from hie_platform.http import after_commit
@@ -119,8 +122,8 @@ async def _replay(
 ) -> dict[str, Any]:
     """A replay (retry after a lost response): answer as the first time, store nothing new."""
     ids = [row.document_id for row in rows]
-    tasks = await repository.tasks_of_submission(read, actor.inst, submission.patient_key, ids)
-    listed = await repository.submission_set_of(read, actor.inst, submission.patient_key, ids)
+    tasks = await tasks_repo.tasks_of_submission(read, actor.inst, submission.patient_key, ids)
+    listed = await lists_repo.submission_set_of(read, actor.inst, submission.patient_key, ids)
     versions = {row.document_id: row.version or 1 for row in rows}
     return _response(submission, listed.id if listed else None, versions, rows[0].published_at, tasks)
 
@@ -133,7 +136,7 @@ async def _held(read: AsyncSession, actor: TokenClaims, submission: Submission) 
                 f"document {doc.document_id} is authored by {doc.author_institution}; "
                 f"institution {actor.inst} may publish only its own documents"
             )
-    stored = await repository.documents_by_id(read, [doc.document_id for doc in submission.documents])
+    stored = await documents_repo.documents_by_id(read, [doc.document_id for doc in submission.documents])
     foreign = sorted(i for i, row in stored.items() if row.author_institution != actor.inst)
     if foreign:
         raise Conflict(f"document id {foreign[0]} is already held for another author")
@@ -223,7 +226,7 @@ async def _write(
 ) -> None:
     """The writes of a permitted publish: a few Core INSERTs; the events are written at commit."""
     for subject_, payload in publication.events:
-        await node.runtime.outbox.add(session, subject_, payload, defer=True)
+        await node.outbox.add(session, subject_, payload, defer=True)
     tasks = [exchange.task for exchange in publication.exchanges]
     try:
         await repository.insert_publication(session, publication.documents, publication.submission_set, tasks)
@@ -268,7 +271,7 @@ async def _record_refusal(
 ) -> None:
     first_by_recipient = {r.recipient: r for r in reversed(refusals)}
     for refusal in first_by_recipient.values():
-        await node.runtime.outbox.add(
+        await node.outbox.add(
             session,
             subject(Kind.EXCHANGE_DENIED, sender=node.hub),
             ExchangeDenied(
@@ -280,7 +283,7 @@ async def _record_refusal(
                 denied_at=now,
             ),
         )
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action="exchange.deny",
         actor=actor,
@@ -313,8 +316,8 @@ async def _address_held(
 ) -> None:
     """Documents already stored (sent before) are only addressed anew; read in the write session, so
     that two publishes addressing the same document do not lose each other's recipients."""
-    for row in (await repository.documents_by_id(session, held)).values():
-        repository.add_recipients(row, recipients)
+    for row in (await documents_repo.documents_by_id(session, held)).values():
+        documents_repo.add_recipients(row, recipients)
         row.exchange_id = row.exchange_id or exchange_id
 
 
@@ -339,10 +342,10 @@ async def _announce(
         published_at=publication.at,
     )
     fact = subject(Kind.DOCUMENT_PUBLISHED, sender=node.hub)
-    envelope = await node.runtime.outbox.add(session, fact, published, defer=True)
+    envelope = await node.outbox.add(session, fact, published, defer=True)
     after_commit(session, lambda: federation.declare(node, fact, envelope, published))
     decided = list(decisions.values())
-    await node.runtime.audit.record(
+    await node.audit.record(
         session,
         action="document.publish",
         actor=actor,
