@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 import nats.errors
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -172,8 +173,22 @@ def database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+class FhirJSONResponse(JSONResponse):
+    """FHIR JSON rendered by orjson: the same compact UTF-8 bytes as Starlette's json.dumps (insertion
+    order, no ASCII escaping) at a fraction of its CPU (issue 13 point 2: 67.6 vs 60.9 docs/s, 11.6 vs
+    13.2 ms CPU per publish). What orjson refuses (an integer beyond 64 bits) falls back to json."""
+
+    media_type = FHIR_JSON
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return orjson.dumps(content)
+        except TypeError:  # orjson.JSONEncodeError is a TypeError
+            return super().render(content)
+
+
 def fhir_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers)
+    return FhirJSONResponse(body, status_code=status, headers=headers)
 
 
 # Refusals a security monitor watches (bad or missing credentials, no right, oversized bodies) are

@@ -7,7 +7,7 @@ that it cannot learn a record exists. docs/consent.md, "Who reads a consent reco
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -51,10 +51,11 @@ _JSON_TYPES = ("application/fhir+json", "application/json")
 VersionId = Annotated[int, Path(ge=1, le=2**31 - 1, description="meta.versionId")]
 
 
-def app_state(name: str) -> Callable[[Request], Any]:
-    """A dependency that hands a route what the lifespan put on ``app.state`` under ``name``."""
+def app_state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency that hands a route what the lifespan put on ``app.state`` under ``name`` (async:
+    FastAPI runs a plain ``def`` dependency in its threadpool, a hop per request for a getattr)."""
 
-    def get(request: Request) -> Any:
+    async def get(request: Request) -> Any:
         return getattr(request.app.state, name)
 
     return get

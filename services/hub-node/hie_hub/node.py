@@ -91,7 +91,7 @@ class HubNode:
         return self.runtime.registry
 
 
-def _node(request: Request) -> HubNode:
+async def _node(request: Request) -> HubNode:
     node: HubNode = request.app.state.node
     return node
 
@@ -99,7 +99,7 @@ def _node(request: Request) -> HubNode:
 NodeDep = Annotated[HubNode, Depends(_node)]
 
 
-def _audit(node: NodeDep) -> AuditTrail:
+async def _audit(node: NodeDep) -> AuditTrail:
     return node.audit
 
 

@@ -126,7 +126,7 @@ async def institution_names(runtime: Runtime, codes: set[str], lang: str) -> dic
     return names
 
 
-def _portal(request: Request) -> Portal:
+async def _portal(request: Request) -> Portal:
     portal: Portal | None = getattr(request.app.state, "portal_web", None)
     if portal is None:
         portal = Portal(request.app.state.settings)

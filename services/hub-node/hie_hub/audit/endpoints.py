@@ -17,7 +17,7 @@ from sqlalchemy import Select, func, select
 from hie_hub.audit.schemas import AUDIT_SEARCH, audit_event
 from hie_hub.core.bundles import count_only, searchset
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
-from hie_hub.core.rest import negotiate
+from hie_hub.core.rest import negotiated
 from hie_hub.models import PLATFORM, as_utc
 from hie_hub.node import NodeDep
 from hie_platform.auth import require_scope
@@ -26,7 +26,7 @@ from hie_platform.http import ReadSessionDep
 from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["audit"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["audit"], dependencies=[Depends(negotiated)])
 AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
 _BATCH = 500
 

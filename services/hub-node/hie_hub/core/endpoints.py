@@ -7,13 +7,13 @@ from fastapi.responses import JSONResponse
 
 from hie_hub.core.capability import capability_statement
 from hie_hub.core.params import json_body
-from hie_hub.core.rest import negotiate
+from hie_hub.core.rest import negotiated
 from hie_hub.exchange import service as exchange
 from hie_hub.node import HubActor, NodeDep
 from hie_platform.errors import fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 
-router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiated)])
 
 
 @router.get("/metadata", summary="CapabilityStatement (no token needed)")

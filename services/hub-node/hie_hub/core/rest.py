@@ -47,6 +47,11 @@ def negotiate(request: Request) -> None:
         )
 
 
+async def negotiated(request: Request) -> None:
+    """``negotiate`` as a router dependency: async, so FastAPI runs it inline, not in its threadpool."""
+    negotiate(request)
+
+
 def canonical(resource: Any) -> bytes:
     """The JSON the hub serves a document as, and what attachment.size / hash are computed over:
     keys sorted, no whitespace, UTF-8 (RFC 8785 JCS for FHIR's integers and strings)."""

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from hie_hub.core.disclosure import Access, decisions, first_refusal, newest_version, release
 from hie_hub.core.params import json_body
-from hie_hub.core.rest import negotiate
+from hie_hub.core.rest import negotiated
 from hie_hub.documents import repository as documents_repo
 from hie_hub.documents.pseudonym import rrn_strings
 from hie_hub.models import DocumentStatus
@@ -30,7 +30,7 @@ from hie_schemas.documents.summary import SourceDocument, build_summary, newest_
 from hie_schemas.fhir import FhirParseError, parse_resource
 from hie_schemas.identifiers import InvalidIdentifierError, patient_key_from_identifier
 
-router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiated)])
 
 
 def _checked(body: Any) -> dict[Any, Any]:

@@ -18,7 +18,7 @@ from hie_hub.core.params import DEFAULT_COUNT, SearchParams, json_body
 from hie_hub.core.rest import (
     canonical,
     check_if_match,
-    negotiate,
+    negotiated,
     size_and_hash,
     version_headers,
     versioned,
@@ -50,7 +50,7 @@ from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 log = get_logger(__name__)
 
-router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiated)])
 
 JUSTIFICATION_HEADER = "x-hie-justification"
 MAX_JUSTIFICATION = 500

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from hie_hub.core.bundles import searchset
 from hie_hub.core.params import DEFAULT_COUNT, SearchParams
-from hie_hub.core.rest import negotiate
+from hie_hub.core.rest import negotiated
 from hie_hub.imaging import service as studies
 from hie_hub.imaging.schemas import STUDY_SEARCH
 from hie_hub.node import NodeDep, ReaderActor
@@ -15,7 +15,7 @@ from hie_platform.errors import FhirError, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["imaging"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["imaging"], dependencies=[Depends(negotiated)])
 
 
 @router.get("/ImagingStudy", summary="Find the imaging studies delivered in your exchanges (XDS-I.b)")

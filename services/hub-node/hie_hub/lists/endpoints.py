@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_hub.core.bundles import searchset
 from hie_hub.core.disclosure import Access, decisions, release
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
-from hie_hub.core.rest import negotiate
+from hie_hub.core.rest import negotiated
 from hie_hub.documents import repository as documents_repo
 from hie_hub.lists import repository
 from hie_hub.lists.schemas import LIST_SEARCH
@@ -27,7 +27,7 @@ from hie_schemas.auth import TokenClaims
 from hie_schemas.documents.profiles import MHD_LIST_TYPES
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiated)])
 
 
 async def _visible(

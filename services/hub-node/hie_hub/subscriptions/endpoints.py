@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from hie_hub.core.bundles import searchset
 from hie_hub.core.params import SearchParams, fhir_body, json_body
-from hie_hub.core.rest import negotiate
+from hie_hub.core.rest import negotiated
 from hie_hub.models import Subscription
 from hie_hub.node import NodeDep, ReaderActor
 from hie_hub.subscriptions import repository
@@ -32,7 +32,7 @@ from hie_schemas.auth import TokenClaims
 from hie_schemas.fhir import FHIR_JSON
 from hie_schemas.identifiers import KRNPI_SYSTEM
 
-router = APIRouter(prefix="/fhir", tags=["notifications"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["notifications"], dependencies=[Depends(negotiated)])
 
 SECRET_URL = "https://hie-federation.kr/fhir/StructureDefinition/subscription-hmac-secret"
 FILTER_URL = f"{BACKPORT}/backport-filter-criteria"

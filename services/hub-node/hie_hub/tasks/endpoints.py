@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from hie_hub.core.bundles import count_only, searchset
 from hie_hub.core.params import Cursor, SearchParams, json_body
-from hie_hub.core.rest import check_if_match, negotiate, version_headers, versioned, with_meta
+from hie_hub.core.rest import check_if_match, negotiated, version_headers, versioned, with_meta
 from hie_hub.models import Task
 from hie_hub.node import NodeDep, ReaderActor
 from hie_hub.tasks import repository
@@ -21,7 +21,7 @@ from hie_hub.tasks.schemas import TASK_SEARCH
 from hie_platform.errors import fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 
-router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiate)])
+router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiated)])
 
 _WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 # How often a waiting poll looks at the database itself (a Task written by another replica of the

@@ -145,7 +145,7 @@ class Console:
         return self.page(request, "sign_in.html", {"client_id": ""}, agency=None, error=error)
 
 
-def _console(request: Request) -> Console:
+async def _console(request: Request) -> Console:
     console: Console = request.state.console
     return console
 
