@@ -34,6 +34,8 @@ from hie_schemas.events import AuditRecorded
 
 GENESIS = "0" * 64
 CHAIN_VERSION = 2
+# The PostgreSQL advisory lock (transaction-level) under which the chain's head moves.
+CHAIN_LOCK = 7243001
 
 
 def _canonical(value: Any) -> bytes:
@@ -174,7 +176,7 @@ class AuditTrail:
             return
         t = self.table
         if session.get_bind().dialect.name == "postgresql":
-            await session.execute(text("SELECT pg_advisory_xact_lock(7243001)"))
+            await session.execute(text(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})"))
         last = (
             await session.execute(select(t.c.sequence, t.c.hash).order_by(t.c.sequence.desc()).limit(1))
         ).first()

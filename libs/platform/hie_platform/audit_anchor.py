@@ -16,9 +16,11 @@ SHA-256 of the raw 32-byte public key; the signature travels as unpadded base64u
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,25 +58,51 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     """The checkpoint signing key at ``path`` (PKCS#8 PEM); created with mode 0600 if missing, and its
-    public key written beside it as ``<path>.pub`` for the verifiers."""
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path} is not an Ed25519 private key")
-    else:
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
+    public key written beside it as ``<path>.pub`` for the verifiers. Several processes of one hub
+    starting at once (HIE_HUB_WORKERS) end with the same key: the file appears whole or not at all,
+    and the first one written wins."""
+    if not path.exists():
+        _create_key_file(path)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
     public = path.with_name(path.name + ".pub")
     pem_public = public_pem(key.public_key())
     if not public.exists() or public.read_bytes() != pem_public:
-        public.write_bytes(pem_public)
+        _write_whole(public, pem_public, 0o644)
     return key
+
+
+def _create_key_file(path: Path) -> None:
+    """A new key written to a temporary file (0600) and linked into place, which fails if another
+    process linked its key first (that key is then the one everybody loads)."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+
+
+def _write_whole(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` at once, so that a reader never sees it half written."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 def signed_bytes(checkpoint: AuditCheckpoint) -> bytes:

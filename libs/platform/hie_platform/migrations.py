@@ -20,6 +20,9 @@ from hie_platform.db import (
     validate_schema_name,
 )
 
+# The advisory lock key of migrations on PostgreSQL (the audit chain's is 7243001).
+MIGRATION_LOCK = 7243003
+
 
 def alembic_config(script_location: Path, database_url: str, schema: str | None) -> Config:
     cfg = Config()
@@ -63,6 +66,12 @@ def run_env(target_metadata: MetaData) -> None:
         engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=connect_args_for(url, schema))
         try:
             async with engine.connect() as connection:
+                if not is_sqlite:
+                    # Processes that start together (a hub's HIE_HUB_WORKERS, pods' init containers)
+                    # migrate one after the other: the next finds the schema at head. Held by this
+                    # connection's session until it closes.
+                    await connection.execute(text(f"SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+                    await connection.commit()
                 if schema and not is_sqlite:
                     await connection.execute(
                         text(f'CREATE SCHEMA IF NOT EXISTS "{validate_schema_name(schema)}"')

@@ -165,12 +165,18 @@ async def start_runtime(
         log.info("stopping")
 
 
-def serve(app: Any, settings: ServiceSettings) -> None:
-    """Run a service under uvicorn with our logging (no uvicorn access log: it would print queries)."""
+def serve(app: Any, settings: ServiceSettings, *, workers: int = 1) -> None:
+    """Run a service under uvicorn with our logging (no uvicorn access log: it would print queries).
+
+    ``app`` is the app itself, or with ``workers`` > 1 the import string of a factory
+    (``"module:function"``): uvicorn's supervisor then starts that many processes on the one port and
+    each builds its own app (engine, NATS connection, workers) from the environment."""
     import uvicorn
 
     uvicorn.run(
         app,
+        factory=workers > 1,
+        workers=workers if workers > 1 else None,
         host=settings.host,
         port=settings.port,
         log_config=None,

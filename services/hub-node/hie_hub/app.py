@@ -94,6 +94,12 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``python -m hie_hub`` with HIE_HUB_WORKERS > 1 (uvicorn's
+    factory): its settings read from the environment in that process."""
+    return create_app(HubSettings())
+
+
 def _replica_metrics(app: FastAPI, replicas: list[ConsentReplica]) -> None:
     """How current the consent replica is: alert well before it reaches the staleness bound."""
     registry = app.state.metrics.registry

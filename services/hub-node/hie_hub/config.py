@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from hie_platform.consent_replica import ReplicaSettings
 from hie_platform.settings import PatientKeySettings
@@ -21,6 +23,10 @@ class HubSettings(PatientKeySettings, ReplicaSettings):
     hub: str
     port: int = 8010
     database_url: str = "sqlite+aiosqlite:///./.hie/hub.db"
+    # Worker processes behind the one port (uvicorn's supervisor), each with its own event loop, so a
+    # hub on one machine can use more than one core; PostgreSQL only (docs/operations.md, "Scaling a
+    # hub past one core").
+    workers: int = Field(default=1, ge=1)
     consent_timeout_seconds: float = 2.0
     # Federated search: how long the asking hub waits for the holding hubs (one deadline for all),
     # and how long a disclosed document may be retrieved through this hub afterwards.
@@ -48,6 +54,15 @@ class HubSettings(PatientKeySettings, ReplicaSettings):
         # The slug becomes a NATS subject token (hie.hub.<hub>.inbox.…); refuse it now, not at first publish.
         subjects.hub_inbox_wildcard(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_writer_on_sqlite(self) -> Self:
+        if self.workers > 1 and make_url(self.database_url).get_backend_name() == "sqlite":
+            raise ValueError(
+                f"HIE_HUB_WORKERS={self.workers} needs PostgreSQL: a SQLite file has one writer and "
+                "its writer lock is per process; keep HIE_HUB_WORKERS=1 on SQLite"
+            )
+        return self
 
     @property
     def fhir_base(self) -> str:

@@ -5,22 +5,26 @@ A checkpoint is written to the outbox (published after commit, like every fact) 
 ``hie.audit.checkpoint.<hub>``: by the record that makes the sequence a multiple of
 ``AUDIT_CHECKPOINT_EVERY`` (in that record's transaction, under the trail's lock), and every
 ``AUDIT_CHECKPOINT_SECONDS`` when the head has moved since (so a quiet hub's newest records are
-anchored too), and once more when the hub stops. The key is ``AUDIT_CHECKPOINT_KEY_FILE`` (Ed25519,
+anchored too), and once more when the hub stops; a head that another process of the hub has already
+checkpointed is not checkpointed again. The key is ``AUDIT_CHECKPOINT_KEY_FILE`` (Ed25519,
 created 0600 if missing, public key beside it as ``.pub``); without that setting there are no
 checkpoints and the start logs a warning.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.config import HubSettings
+from hie_platform.audit import CHAIN_LOCK
 from hie_platform.audit_anchor import CheckpointSigner, load_or_create_key
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
 from hie_platform.workers import PeriodicWorker
 from hie_schemas import subjects
+from hie_schemas.envelope import Envelope
+from hie_schemas.events import AuditCheckpoint
 
 log = get_logger(__name__)
 
@@ -56,16 +60,38 @@ class AuditCheckpoints:
         await self.runtime.outbox.add(session, subjects.audit_checkpoint(self.signer.hub), signed)
 
     async def checkpoint_head(self) -> None:
-        """Checkpoint the committed head if it moved since this node's last timed checkpoint."""
+        """Checkpoint the committed head unless a checkpoint already covers it: the timers of a hub's
+        processes (HIE_HUB_WORKERS, replicas) take turns on the chain's lock and anchor a head once."""
         t = self.runtime.tables.audit
         async with self.runtime.db.transaction() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                # The appenders' lock: the head holds still until this checkpoint is written.
+                await session.execute(text(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})"))
             head = (
                 await session.execute(select(t.c.sequence, t.c.hash).order_by(t.c.sequence.desc()).limit(1))
             ).first()
             if head is None or head.sequence == self._anchored:
                 return
+            if await self._anchored_at(session) >= head.sequence:
+                self._anchored = head.sequence
+                return
             await self.checkpoint(session, head.sequence, head.hash)
         self._anchored = head.sequence  # the commit that wrote the event kicked the relay
+
+    async def _anchored_at(self, session: AsyncSession) -> int:
+        """The sequence of the newest checkpoint written (by any process of this hub), 0 if none."""
+        o = self.runtime.tables.outbox
+        newest = (
+            await session.execute(
+                select(o.c.payload)
+                .where(o.c.subject == subjects.audit_checkpoint(self.signer.hub))
+                .order_by(o.c.id.desc())
+                .limit(1)
+            )
+        ).scalar()
+        if newest is None:
+            return 0
+        return Envelope.from_bytes(newest).payload(AuditCheckpoint).sequence
 
     def start(self) -> None:
         self.worker.start()
