@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,7 +70,7 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     public = path.with_name(path.name + ".pub")
     pem_public = public_pem(key.public_key())
     if not public.exists() or public.read_bytes() != pem_public:
-        _write_whole(public, pem_public, 0o644)
+        _write_whole(public, pem_public)
     return key
 
 
@@ -91,13 +92,15 @@ def _create_key_file(path: Path) -> None:
         os.unlink(temporary)
 
 
-def _write_whole(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` at once, so that a reader never sees it half written."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def _write_whole(path: Path, data: bytes) -> None:
+    """Replace ``path`` at once, so that a reader never sees it half written. The file is created
+    with mode 0666 less the process's umask, as ``Path.write_bytes`` would (``hie up`` runs with 077:
+    nothing in its data directory is readable by others, tests/attacks/test_local_run.py)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
