@@ -42,9 +42,6 @@ if TYPE_CHECKING:
 pytestmark = [
     pytest.mark.dcmtk,
     pytest.mark.parametrize("database", ["sqlite"], indirect=True),
-    # A peer that is down: pynetdicom 3.0.4 leaks the socket of a refused connection (see
-    # test_dicom_core.py); CPython closes it when collected, with a ResourceWarning.
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 
 OUTAGE_SECONDS = 120.0  # "down for minutes" (issue 6); covers its "down for a minute" too

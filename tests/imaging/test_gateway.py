@@ -43,9 +43,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.dcmtk
 sqlite_only = pytest.mark.parametrize("database", ["sqlite"], indirect=True)
-# A peer that is down: pynetdicom 3.0.4 leaks the socket of a refused connection (see
-# test_dicom_core.py); CPython closes it when collected, with a ResourceWarning.
-tolerates_refused_socket_leak = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 async def storescu(
@@ -396,7 +393,6 @@ def dcmtk_endpoint(ae_title: str) -> DicomEndpoint:
 # --- (6) the destination PACS is down for a while -------------------------------------------------
 
 
-@tolerates_refused_socket_leak
 @sqlite_only
 async def test_destination_pacs_down_then_back_gets_everything_once(
     dcmtk: Dcmtk,
@@ -427,7 +423,6 @@ async def test_destination_pacs_down_then_back_gets_everything_once(
     assert_same_pixels(pacs, series)
 
 
-@tolerates_refused_socket_leak
 @sqlite_only
 async def test_after_the_last_attempt_the_instances_are_failed(
     dcmtk: Dcmtk,
@@ -461,7 +456,6 @@ async def test_after_the_last_attempt_the_instances_are_failed(
 # --- (7) restart: nothing lost, queued work resumes ------------------------------------------------
 
 
-@tolerates_refused_socket_leak
 async def test_rows_and_spool_survive_a_restart_and_queued_work_resumes(
     dcmtk: Dcmtk,
     imaging_federation: Federation,

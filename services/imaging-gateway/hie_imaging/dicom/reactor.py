@@ -279,6 +279,19 @@ class BulkSocket(AssociationSocket):
     64 µs of CPU per 128 KiB PDU. Returns early, with what it has, when the peer closes (as pynetdicom's).
     """
 
+    def _shutdown_socket(self) -> None:
+        """Shut down and close the socket, closing it even when shutdown() fails. pynetdicom 3.0.4
+        closes only after a successful shutdown(), which raises ENOTCONN for a socket the peer has
+        already closed (every association the acceptor ends after A-RELEASE) or that never connected
+        (a refused connection): those sockets stayed open until the garbage collector found them
+        (74 in one full test run, found by recording where each unclosed socket was created)."""
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
