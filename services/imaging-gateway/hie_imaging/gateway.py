@@ -83,13 +83,20 @@ class ImagingGateway:
             pending = await service.requeue_pending(session, self.runtime.outbox, self.settings.hub)
         if pending:
             log.info("queued instances resume", instances=pending)
-        await self.callers.start()
-        self.reporter.start()
-        follow_exchanges(self.runtime, self.settings.hub, self.settings.exchange_consumer, self.reporter)
-        self.worker.start()
-        self._purge_task = asyncio.create_task(self._purge_loop())
-        self._recorder = asyncio.create_task(self._record_loop())
-        self.server.start(self.settings.dicom_bind_host, self.settings.dicom_port)
+        try:
+            await self.callers.start()
+            self.reporter.start()
+            follow_exchanges(self.runtime, self.settings.hub, self.settings.exchange_consumer, self.reporter)
+            self.worker.start()
+            self._purge_task = asyncio.create_task(self._purge_loop())
+            self._recorder = asyncio.create_task(self._record_loop())
+            self.server.start(self.settings.dicom_bind_host, self.settings.dicom_port)
+        except BaseException:
+            # Stop what started, or its loops outlive the failed start: seen with the DICOM port in
+            # use, the process logged "Application startup failed" and then kept polling NATS for
+            # 90 s instead of exiting (its relay and consent feed were never stopped).
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         # The SCP first (in a thread: it joins pynetdicom's), so that no C-STORE comes in after the
