@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -16,9 +17,35 @@ from urllib.parse import quote
 MAX_PAYLOAD = 8 * 1024 * 1024
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (32768 where it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago; never assume a fixed port (4222 may be taken)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port that was free a moment ago; never assume a fixed port (4222 may be taken).
+
+    Chosen at random below the kernel's ephemeral range: every outgoing connection takes a local port
+    from that range, so a port the kernel picked for us there could be taken by any client socket
+    before the service binds it (seen in a full test run: a gateway's DICOM port, chosen by `hie up`,
+    was in use when the gateway bound it). Below the range only another explicit bind can take it."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 20000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # all tried were taken
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
