@@ -124,6 +124,14 @@ async def test_walk_in_search_asks_every_holding_hub(federation: Federation, rrn
     assert "deny-holder-excluded" in denied["issue"][0]["diagnostics"]
     # The holder decides again at retrieval: the grant is not a permission.
     refused(await fed.call("GET", "cnuh", f"/Bundle/{snubh_doc}", as_=CNUH), 403)
+    # The refused retrieval is in the asking hub's audit too: recorded, then refused (it used to be
+    # rolled back with the 403).
+    asked = [
+        r["record"]
+        for r in await fed.hubs["cnuh"].rows("audit_log")
+        if r["record"]["patient_key"] == key and r["record"]["action"] == "federated.retrieve"
+    ]
+    assert [a["outcome"] for a in asked][-1] == "denied", asked
 
 
 async def test_hubs_that_are_down_or_too_slow_are_named(federation: Federation, rrn: str) -> None:
