@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from hie_platform.workers import Backoff, PeriodicWorker, Worker
+from hie_platform.workers import Backoff, PeriodicWorker, Worker, cancel_and_wait
 
 HOUR = 3600.0  # an interval that never elapses during a test: only kicks and run_now drive passes
 
@@ -185,3 +185,26 @@ async def test_a_cancelled_caller_of_stop_is_cancelled_too() -> None:
     release.set()
     await asyncio.wait({task})
     assert task.cancelled()
+
+
+async def test_cancel_and_wait_ends_a_task_that_drops_a_cancellation() -> None:
+    """On Python 3.11 asyncio.wait_for can drop a cancellation (cpython gh-86296) and the task goes on,
+    as a JetStream consumer's did in CI: cancel_and_wait cancels again until the task has ended."""
+    dropped = 0
+
+    async def stubborn() -> None:
+        nonlocal dropped
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if dropped == 0:
+                    dropped += 1
+                    continue  # dropped, as wait_for does when its inner future completed meanwhile
+                raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    assert await cancel_and_wait(task, every=0.05) is None
+    assert task.cancelled()
+    assert dropped == 1

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.errors import RpcError, RpcRemoteError
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
+from hie_platform.workers import cancel_and_wait
 from hie_schemas import contract, streams
 from hie_schemas.envelope import Envelope, EventPayload
 
@@ -436,8 +437,7 @@ class Bus:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)  # again until it ends: a pull can drop one cancellation
         self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.nc.drain()

@@ -28,6 +28,7 @@ from hie_platform.bus import Bus
 from hie_platform.db import Database, before_commit, events_written
 from hie_platform.errors import PayloadTooLarge
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
+from hie_platform.workers import cancel_and_wait
 from hie_schemas import streams
 from hie_schemas.envelope import Envelope, EventPayload, Source
 
@@ -210,9 +211,7 @@ class OutboxRelay:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self.flush()
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hie_platform.logging import get_logger
 
@@ -34,6 +35,20 @@ class Backoff:
 
     def delay(self, crashes_in_a_row: int) -> float:
         return float(min(self.most, self.base * 2 ** max(0, crashes_in_a_row - 1)))
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], *, every: float = 1.0) -> BaseException | None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again every ``every`` seconds;
+    returns the error it ended with (None if it was cancelled or returned). Once is not always
+    enough on Python 3.11: an ``asyncio.wait_for`` whose inner future completes as the cancellation
+    arrives returns the result and drops the cancellation (cpython gh-86296), and nats-py's
+    ``Subscription.next_msg`` waits with it. Seen in CI through the watchdog's task dump
+    (tests/conftest.py): a JetStream consumer's task, cancelled once, went on pulling, and the
+    service's shutdown waited for it for good. A cancellation of the caller still propagates."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
+    return None if task.cancelled() else task.exception()
 
 
 class Worker:
@@ -62,11 +77,9 @@ class Worker:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        # asyncio.wait, not `suppress(CancelledError): await task`: that would also swallow a
-        # cancellation aimed at the caller while it waits here.
-        await asyncio.wait({task})
-        error = None if task.cancelled() else task.exception()
+        # asyncio.wait (in cancel_and_wait), not `suppress(CancelledError): await task`: that would
+        # also swallow a cancellation aimed at the caller while it waits here.
+        error = await cancel_and_wait(task)
         if error is not None:
             log.error("worker ended with an error", worker=self.name, error=describe(error))
 

@@ -27,6 +27,7 @@ from hie_imaging.models import Role
 from hie_imaging.service import Caller
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.workers import cancel_and_wait
 from hie_schemas import subjects
 from hie_schemas.directory import HubView, InstitutionView
 
@@ -97,9 +98,7 @@ class CallerDirectory:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     def lookup(self, ae_title: str) -> Caller | None:
         entry = self._callers.get(ae_title.strip())

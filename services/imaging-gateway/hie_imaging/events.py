@@ -12,6 +12,7 @@ from hie_imaging.schemas import StudyStatus
 from hie_platform.bus import Incoming, first_time
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.workers import cancel_and_wait
 from hie_schemas import contract, streams
 from hie_schemas.events import ExchangeSent, StudyProgress
 
@@ -43,9 +44,7 @@ class ProgressReporter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         with contextlib.suppress(Exception):
             await self.flush()
 

@@ -19,6 +19,7 @@ from hie_imaging.models import Role, State
 from hie_imaging.relay import RelayWorker
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.workers import cancel_and_wait
 
 log = get_logger(__name__)
 
@@ -110,9 +111,7 @@ class ImagingGateway:
             except TimeoutError:
                 log.warning("stopped before recording every received instance; the journal keeps them")
         if self._purge_task is not None:
-            self._purge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purge_task
+            await cancel_and_wait(self._purge_task)
         await self.worker.stop()
         await self.callers.stop()
         await self.reporter.stop()

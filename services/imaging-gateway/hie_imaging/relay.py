@@ -43,6 +43,7 @@ from hie_platform.consent_replica import ConsentWatch
 from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.workers import cancel_and_wait
 from hie_schemas import streams, subjects
 from hie_schemas.consent import Rule
 from hie_schemas.envelope import Envelope
@@ -93,13 +94,9 @@ class RelayWorker:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._replica_task is not None:
-            self._replica_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replica_task
+            await cancel_and_wait(self._replica_task)
         await self.replica.stop()
         if self._sub is not None:
             # The durable consumer stays on the server; only this connection's interest ends.
