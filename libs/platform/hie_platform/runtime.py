@@ -170,7 +170,11 @@ def serve(app: Any, settings: ServiceSettings, *, workers: int = 1) -> None:
 
     ``app`` is the app itself, or with ``workers`` > 1 the import string of a factory
     (``"module:function"``): uvicorn's supervisor then starts that many processes on the one port and
-    each builds its own app (engine, NATS connection, workers) from the environment."""
+    each builds its own app (engine, NATS connection, workers) from the environment.
+
+    uvloop and httptools are named, not left to uvicorn's "auto" (which falls back silently to
+    asyncio's loop and the pure-Python h11 when they are missing): with them the hub spent 15-20 %
+    less CPU per ITI-65 publish (docs/operations.md, "Sizing: hub publish path")."""
     import uvicorn
 
     uvicorn.run(
@@ -182,5 +186,7 @@ def serve(app: Any, settings: ServiceSettings, *, workers: int = 1) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
+        loop="uvloop",
+        http="httptools",
         timeout_keep_alive=settings.http_keep_alive_seconds,
     )
