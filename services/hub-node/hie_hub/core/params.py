@@ -16,6 +16,7 @@ from fastapi import Request
 
 from hie_hub.core.rest import negotiate
 from hie_platform.errors import BadRequest, UnsupportedMediaType
+from hie_platform.http import request_json
 from hie_schemas import codes
 from hie_schemas.codes import DocumentType
 from hie_schemas.fhir import FHIR_JSON, FhirParseError, parse_resource
@@ -46,9 +47,8 @@ async def json_body(request: Request) -> Any:
     content_type = request.headers.get("content-type", "")
     if content_type and "json" not in content_type.lower():
         raise UnsupportedMediaType(f"send {FHIR_JSON} (got {content_type.split(';')[0][:80]})")
-    raw = await request.body()
     try:
-        return json.loads(raw)
+        return await request_json(request)  # parsed once, by the platform's admission (json_limits.py)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise BadRequest(f"the body is not valid JSON{where}") from None
