@@ -57,7 +57,20 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import JSON, Column, DateTime, Index, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.consent_memory import ConsentMemory, as_utc, consent_state, state_of_row
@@ -176,6 +189,14 @@ class ConsentReplica:
         self._forgotten_before = float("-inf")
         self._sub: Any = None
         self._heartbeats: Any = None
+        # Built once, run on a bare connection: the poll runs ten times a second in every hub and
+        # gateway process, and building the query and an ORM session for it each time was the
+        # largest share of an idle process's CPU (py-spy; docs/consent.md, "Replication").
+        t = table.c
+        columns = (t.patient_key, t.version, t.policy, t.effective_at, t.excluded_institutions)
+        self._rows_after = select(*columns, t.excluded_departments, t.stream_sequence).where(
+            t.stream_sequence > bindparam("since")
+        )
         self._workers = [
             Worker(f"consent-replica-{durable}", self._run),
             # The peers' versions between heartbeats; a failing read is logged once by the worker.
@@ -349,28 +370,25 @@ class ConsentReplica:
         if floor is None:
             window = 4 * self.settings.consent_replica_batch  # the durable's max_ack_pending
             since = max(since, self.memory.top_sequence - window)
-        t = self.table.c
-        query = select(
-            t.patient_key,
-            t.version,
-            t.policy,
-            t.effective_at,
-            t.excluded_institutions,
-            t.excluded_departments,
-            t.stream_sequence,
-        ).where(t.stream_sequence > since)
         changed: set[str] = set()
-        async with self.runtime.db.read_sessions() as session:
-            result = await session.stream(query)
-            # In parts: the load at start does not hold every row and every state at once.
-            async for rows in result.partitions(5_000):
-                top = max(row.stream_sequence for row in rows)
-                new = (row for row in rows if not self.memory.knows(row.patient_key, row.version))
-                changed |= self.memory.merge((state_of_row(row) for row in new), top)
+        async with self.runtime.db.reader.connect() as conn:
+            if self._memory_floor < 0:
+                # The load at start, in parts: it does not hold every row and every state at once.
+                result = await conn.stream(self._rows_after, {"since": since})
+                async for rows in result.partitions(5_000):
+                    changed |= self._merge(rows)
+            else:  # a heartbeat's or a poll's few rows (usually none): one plain read
+                rows = (await conn.execute(self._rows_after, {"since": since})).all()
+                changed = self._merge(rows) if rows else changed
         if self._memory_floor >= 0:  # not the load at start: no watch is older than that
             self._mark_changed(changed)
         if floor is not None:
             self._memory_floor = max(self._memory_floor, floor)
+
+    def _merge(self, rows: Sequence[Any]) -> set[str]:
+        top = max(row.stream_sequence for row in rows)
+        new = (row for row in rows if not self.memory.knows(row.patient_key, row.version))
+        return self.memory.merge((state_of_row(row) for row in new), top)
 
     async def _poll(self) -> None:
         await self._catch_up(None)
