@@ -13,8 +13,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from hie_platform.errors import BadRequest, FhirError, NotFound
-from hie_registry.directory_index import DirectoryIndex
-from hie_registry.models import Institution
+from hie_registry.directory_index import DirectoryIndex, Entry
 from hie_schemas.auth import SCOPE_AGENCY
 from hie_schemas.directory import InstitutionKind, InstitutionState
 from hie_schemas.fhir import FHIR_JSON
@@ -30,7 +29,7 @@ DEFAULT_COUNT, MAX_COUNT = 50, 200
 ORGANIZATION_PARAMS = {"name", "address-state", "type", "partof", "active", "identifier", "_count", "_offset"}
 
 
-def organization(inst: Institution, hub_codes: dict[str, str], with_contacts: bool) -> dict[str, Any]:
+def organization(inst: Entry, hub_codes: dict[str, str], with_contacts: bool) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "Organization",
         "id": inst.code,
@@ -64,7 +63,7 @@ def organization(inst: Institution, hub_codes: dict[str, str], with_contacts: bo
     return resource
 
 
-def endpoint_ids(inst: Institution) -> list[tuple[str, str]]:
+def endpoint_ids(inst: Entry) -> list[tuple[str, str]]:
     ids = []
     if inst.fhir_base:
         ids.append((f"{inst.code}-fhir", "fhir"))
@@ -73,7 +72,7 @@ def endpoint_ids(inst: Institution) -> list[tuple[str, str]]:
     return ids
 
 
-def endpoint(inst: Institution, which: str) -> dict[str, Any]:
+def endpoint(inst: Entry, which: str) -> dict[str, Any]:
     base: dict[str, Any] = {
         "resourceType": "Endpoint",
         "id": f"{inst.code}-{which}",
@@ -129,10 +128,8 @@ def _criteria(request: Request, hub_codes: dict[str, str]) -> dict[str, str]:
 
 
 def directory(request: Request) -> DirectoryIndex:
-    """The app's in-memory directory, made on first use from the registry's database."""
-    index: DirectoryIndex | None = getattr(request.app.state, "directory", None)
-    if index is None:
-        index = request.app.state.directory = DirectoryIndex(request.app.state.runtime.db)
+    """The app's in-memory directory (built in the lifespan, before the first request)."""
+    index: DirectoryIndex = request.app.state.directory
     return index
 
 
@@ -169,9 +166,10 @@ async def search_organizations(request: Request) -> Response:
         "entry": [
             {
                 "fullUrl": f"{request.base_url}fhir/Organization/{i.code}",
+                # The cached public resource goes into the bundle as it was serialized.
                 "resource": organization(i, snapshot.hub_codes, True)
                 if with_contacts
-                else snapshot.public(i, organization),
+                else orjson.Fragment(snapshot.public(i, organization)),
                 "search": {"mode": "match"},
             }
             for i in matches[offset : offset + count]
@@ -186,8 +184,11 @@ async def read_organization(code: str, request: Request) -> Response:
     inst = snapshot.by_code.get(code)
     if inst is None:
         raise NotFound(f"Organization/{code} not found")
-    resource = organization(inst, snapshot.hub_codes, await _is_agency(request))
-    return Response(orjson.dumps(resource), media_type=FHIR_JSON)
+    if await _is_agency(request):
+        body = orjson.dumps(organization(inst, snapshot.hub_codes, True))
+    else:
+        body = snapshot.public(inst, organization)
+    return Response(body, media_type=FHIR_JSON)
 
 
 @router.get("/Endpoint", summary="Search endpoints (organization=<code>)")

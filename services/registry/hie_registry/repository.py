@@ -90,9 +90,13 @@ async def directory_page(
     return total, list((await session.scalars(ordered)).all())
 
 
-async def directory(session: AsyncSession) -> tuple[tuple[Institution, ...], dict[str, str]]:
-    """Every institution in code order, and each hub's institution code by slug."""
-    rows = tuple((await session.scalars(select(Institution).order_by(Institution.code))).all())
+async def directory(
+    session: AsyncSession, columns: Sequence[str]
+) -> tuple[list[tuple[Any, ...]], dict[str, str]]:
+    """Every institution's ``columns`` in code order (plain rows, no ORM objects), and each hub's
+    institution code by slug."""
+    query = select(*(getattr(Institution, name) for name in columns)).order_by(Institution.code)
+    rows = [tuple(row) for row in (await session.execute(query)).all()]
     hubs = (await session.execute(select(Hub.slug, Hub.institution_code))).all()
     return rows, {row.slug: row.institution_code for row in hubs}
 
