@@ -133,3 +133,94 @@ async def test_a_change_is_in_the_directory_as_soon_as_it_is_committed(registry:
         organization = (await http.get(f"/fhir/Organization/{code}")).json()
         assert organization["name"] == name
         assert organization["endpoint"] == [{"reference": f"Endpoint/{code}-dicom"}]
+
+
+async def test_a_public_read_is_the_searched_resource_and_the_agency_read_has_contacts(registry: Any) -> None:
+    """Reads and searches serve one cached serialization to the public; the agency's is built fresh."""
+    import random
+
+    code = f"77{random.randint(0, 999999):06d}"
+    agency = {"Authorization": f"Bearer {await registry.token('agency')}"}
+    application = {
+        "code": code,
+        "name": f"바른{code[-4:]}의원",
+        "kind": "clinic",
+        "region": "부산",
+        "hub": "snubh",
+        "departments": ["0100"],
+        "contacts": {"person": "박담당", "phone": "051-000-0000"},
+        "samples": [],
+    }
+    async with httpx.AsyncClient(base_url=registry.url) as http:
+        assert (await http.post("/institutions", json=application, headers=agency)).status_code == 201
+        found = await search(registry, {"identifier": code})
+        public = await http.get(f"/fhir/Organization/{code}")
+        detail = (await http.get(f"/fhir/Organization/{code}", headers=agency)).json()
+    assert public.headers["content-type"].startswith("application/fhir+json")
+    assert public.json() == found["entry"][0]["resource"]
+    assert "contact" not in public.json()
+    assert detail["contact"][0]["telecom"] == [{"system": "phone", "value": "051-000-0000"}]
+    parse_resource(public.json(), "Organization")
+
+
+def test_indexed_search_answers_as_a_scan_of_every_institution() -> None:
+    """Each criterion alone and in pairs, on a directory with hubs, clinics, both states and no region:
+    the index (positions by code, region, kind, hub) must find what checking every row finds."""
+    import itertools
+
+    from hie_registry.directory_index import Entry, Snapshot
+
+    empty = (None,) * (len(Entry._fields) - 7)  # no endpoints, no contacts
+    rows = [
+        (
+            f"8{n:07d}",
+            f"{r or '무'} {w}의원 {n}",
+            "Sae Bom" if n % 7 == 0 else None,
+            kind,
+            r,
+            state,
+            hub,
+            *empty,
+        )
+        for n, (r, w, kind, state, hub) in enumerate(
+            itertools.product(
+                ["서울", "제주", None],
+                ["새봄", "튼튼"],
+                ["clinic", "hub"],
+                ["active", "suspended"],
+                ["a", "b"],
+            )
+        )
+    ]
+    snapshot = Snapshot.build(rows, {"a": "80000001"})
+    every: list[dict[str, str]] = [
+        {"region": "서울"},
+        {"kind": "hub"},
+        {"hub": "a"},
+        {"hub": "\x00"},
+        {"active": "true"},
+        {"active": "false"},
+        {"code": "80000005"},
+        {"name": "새봄"},
+        {"name": "BOM"},
+        {"name": "무"},
+    ]
+
+    def scan(c: dict[str, str]) -> list[str]:
+        def ok(e: Entry) -> bool:
+            names = (e.name + "|" + (e.name_en or "")).lower()
+            return (
+                c.get("region", e.region) == e.region
+                and c.get("kind", e.kind) == e.kind
+                and ("hub" not in c or (e.hub == c["hub"] and e.kind == "clinic"))
+                and c.get("active", str(e.state == "active").lower()) == str(e.state == "active").lower()
+                and c.get("code", e.code) == e.code
+                and c.get("name", "").lower() in names
+            )
+
+        return [e.code for e in snapshot.institutions if ok(e)]
+
+    for one, two in itertools.combinations_with_replacement(every, 2):
+        criteria = {**one, **two}
+        assert [e.code for e in snapshot.search(criteria)] == scan(criteria), criteria
+    assert len(snapshot.search({"region": "서울"})) == len(rows) // 3
