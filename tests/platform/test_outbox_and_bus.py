@@ -136,3 +136,45 @@ async def test_durable_consumer_is_idempotent_and_retries_failures(store, bus, u
     await until(processed_once)
     await asyncio.sleep(0.3)  # give a wrong second delivery the chance to show up before asserting
     assert handled == [7]
+
+
+async def test_first_time_records_an_event_once_per_consumer(store: tuple[Database, PlatformTables]) -> None:
+    db, tables = store
+    async with db.transaction() as session:
+        assert await first_time(session, tables.processed, "inbox", "event-1")
+        assert not await first_time(session, tables.processed, "inbox", "event-1")
+        assert await first_time(session, tables.processed, "locator", "event-1")
+    async with db.transaction() as session:
+        assert not await first_time(session, tables.processed, "inbox", "event-1")
+        assert await first_time(session, tables.processed, "inbox", "event-2")
+    async with db.read_sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(tables.processed)) == 3
+
+
+async def test_first_time_of_two_replicas_at_once_lets_one_through(
+    store: tuple[Database, PlatformTables],
+) -> None:
+    """Two replicas handed the same redelivered event: the second waits for the first's row and is told
+    it was handled, instead of failing its transaction (PostgreSQL; SQLite has one writer)."""
+    db, tables = store
+    if db.is_sqlite:
+        pytest.skip("one writer connection on SQLite: two transactions cannot overlap")
+    first_in = asyncio.Event()
+    release_first = asyncio.Event()
+
+    async def replica(hold: bool) -> bool:
+        async with db.transaction() as session:
+            handled = await first_time(session, tables.processed, "inbox", "event-x")
+            if hold:
+                first_in.set()
+                await release_first.wait()
+            return handled
+
+    first = asyncio.create_task(replica(hold=True))
+    await first_in.wait()
+    second = asyncio.create_task(replica(hold=False))
+    await asyncio.sleep(0.3)
+    assert not second.done()  # waits on the first's uncommitted row
+    release_first.set()
+    assert await first is True
+    assert await second is False

@@ -19,7 +19,9 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Table, insert, select
+from sqlalchemy import Table
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.errors import RpcError, RpcRemoteError
@@ -444,13 +446,18 @@ class Bus:
 
 
 async def first_time(session: AsyncSession, processed: Table, consumer: str, event_id: str) -> bool:
-    """Record that ``consumer`` handled ``event_id`` in the handler's transaction; False if it already had."""
-    seen = await session.scalar(
-        select(processed.c.event_id).where(processed.c.consumer == consumer, processed.c.event_id == event_id)
+    """Record that ``consumer`` handled ``event_id`` in the handler's transaction; False if it already had.
+
+    One INSERT ... ON CONFLICT DO NOTHING on the (consumer, event_id) key, not a SELECT and then an
+    INSERT: one statement less per event for every consumer, and two replicas that take the same
+    redelivered event at once no longer race to an IntegrityError (on PostgreSQL the second waits
+    for the first's row and then inserts nothing)."""
+    dialect = session.get_bind().dialect.name
+    insert_of = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert_of(processed)
+        .values(consumer=consumer, event_id=event_id, processed_at=datetime.now(UTC))
+        .on_conflict_do_nothing(index_elements=[processed.c.consumer, processed.c.event_id])
     )
-    if seen is not None:
-        return False
-    await session.execute(
-        insert(processed).values(consumer=consumer, event_id=event_id, processed_at=datetime.now(UTC))
-    )
-    return True
+    result = await session.execute(statement)
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
