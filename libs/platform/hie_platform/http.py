@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hie_platform import json_limits
+from hie_platform import heap, json_limits
 from hie_platform.bus import bus_collector
 from hie_platform.errors import (
     FhirError,
@@ -232,7 +232,14 @@ def create_service_app(
     max_body_bytes: int,
     description: str = "",
 ) -> FastAPI:
-    app = FastAPI(title=title, version=version, description=description, lifespan=lifespan)
+    @asynccontextmanager
+    async def started(app: FastAPI) -> AsyncIterator[None]:
+        async with lifespan(app):
+            if heap.serving():
+                heap.freeze_startup_heap()
+            yield
+
+    app = FastAPI(title=title, version=version, description=description, lifespan=started)
     app.state.metrics = Metrics(service)
     app.state.metrics.registry.register(outbox_collector(service, app))
     app.state.metrics.registry.register(bus_collector())  # hie_bus_refused_messages_total

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from hie_platform import heap
 from hie_platform.audit import AuditTrail
 from hie_platform.auth import ClaimsCheck, JwksFetcher, TokenVerifier
 from hie_platform.bus import Bus
@@ -177,6 +178,7 @@ def serve(app: Any, settings: ServiceSettings, *, workers: int = 1) -> None:
     less CPU per ITI-65 publish (docs/operations.md, "Sizing: hub publish path")."""
     import uvicorn
 
+    heap.mark_serving()
     uvicorn.run(
         app,
         factory=workers > 1,

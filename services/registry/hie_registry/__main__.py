@@ -6,4 +6,4 @@ from hie_registry.config import RegistrySettings
 
 if __name__ == "__main__":
     settings = RegistrySettings()
-    serve(create_app(settings, freeze_heap=True), settings)
+    serve(create_app(settings), settings)

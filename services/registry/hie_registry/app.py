@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,20 +24,7 @@ from hie_schemas.directory import InstitutionState
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def freeze_startup_heap() -> None:
-    """Take everything alive after startup out of the collector's reach (gc.freeze, Python 3.7+).
-
-    Measured at 10,000 institutions: the modules, settings, engines and directory snapshot are
-    ~245,000 tracked objects, so every full collection walked them for 85-115 ms (2 cores at load 7.5)
-    and stalled the 8 requests in flight at that moment: those were the directory's p99. Frozen, a full
-    collection walks only what was made since. Collect first, so no garbage is frozen with them."""
-    gc.collect()
-    gc.freeze()
-
-
-def create_app(settings: RegistrySettings | None = None, *, freeze_heap: bool = False) -> FastAPI:
-    """The registry app. ``freeze_heap``: only for the process that serves it (``python -m hie_registry``);
-    a test process builds many apps, and each one's objects frozen there would never be collected."""
+def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     settings = settings or RegistrySettings()
 
     @asynccontextmanager
@@ -67,8 +53,6 @@ def create_app(settings: RegistrySettings | None = None, *, freeze_heap: bool = 
             # Built before the first request, not by it (10,000 institutions: 246 ms at load 7.5).
             app.state.directory = DirectoryIndex(runtime.db)
             await app.state.directory.snapshot()
-            if freeze_heap:
-                freeze_startup_heap()
             yield
 
     return create_service_app(
