@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
+from hie_hub.core.unit import UnitOfWork
 from hie_platform.audit import AuditTrail
 from hie_platform.auth import require_scope
 from hie_platform.bus import Bus
 from hie_platform.db import Database
 from hie_platform.errors import Forbidden
-from hie_platform.http import ReadSessionDep, SessionDep
+from hie_platform.http import SessionDep
 from hie_platform.outbox import Outbox
 from hie_platform.registry_client import RegistryClient
 from hie_platform.runtime import Runtime
@@ -135,20 +135,28 @@ async def _reader(
 ReaderActor = Annotated[TokenClaims, Depends(_reader)]
 
 
+async def _unit(node: NodeDep, session: SessionDep) -> UnitOfWork:
+    return UnitOfWork(node.db, session)
+
+
+# The request's read phases and its write session, in that order (core/unit.py).
+UnitDep = Annotated[UnitOfWork, Depends(_unit)]
+
+
 @dataclass(frozen=True)
 class Reading:
-    """What an endpoint that discloses records needs: the node, the reader, a read session, the
-    request's write session and the audit trail (the access is recorded in the request's commit)."""
+    """What an endpoint that discloses records needs: the node, the reader, the request's unit of
+    work (read phases, then the write session) and the audit trail (the access is recorded in the
+    request's commit)."""
 
     node: HubNode
     actor: TokenClaims
-    read: AsyncSession
-    session: AsyncSession
+    unit: UnitOfWork
     audit: AuditTrail
 
 
-async def _reading(node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep) -> Reading:
-    return Reading(node, actor, read, session, node.audit)
+async def _reading(node: NodeDep, actor: ReaderActor, unit: UnitDep) -> Reading:
+    return Reading(node, actor, unit, node.audit)
 
 
 ReadingDep = Annotated[Reading, Depends(_reading)]

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_hub.core.unit import outside_read_phase
 from hie_hub.models import Document, Task
 from hie_hub.node import HubNode
 from hie_hub.tasks import repository as tasks_repo
@@ -116,6 +117,7 @@ async def decisions(node: HubNode, access: Access, rows: Sequence[Document]) -> 
     Documents that differ only in ways the rule ignores share one question: the rule reads the
     holder, its department and the creation time, not the document itself.
     """
+    outside_read_phase("the consent gate asked")
     now = datetime.now(UTC)
     others = [row for row in rows if row.author_institution != access.institution]
     holders = {row.author_institution for row in others}
@@ -165,14 +167,6 @@ async def disclosures(
                 if i not in chosen or decision is None or decision.permit:
                     chosen[i] = Disclosure(decision, candidates[i][round_])
     return [chosen[i] for i in range(len(rows))]
-
-
-async def release(read: AsyncSession) -> None:
-    """End the read transaction before asking the consent gate: the gate reads too (its replica), and
-    a request that kept its reader connection while waiting could exhaust the pool under load.
-    (Commit, not rollback: read sessions do not expire their objects on commit, so the rows already
-    loaded stay usable.)"""
-    await read.commit()
 
 
 def newest_version(decided: Sequence[Decision | None]) -> int | None:

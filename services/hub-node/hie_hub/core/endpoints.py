@@ -9,9 +9,8 @@ from hie_hub.core.capability import capability_statement
 from hie_hub.core.params import json_body
 from hie_hub.core.rest import negotiated
 from hie_hub.exchange import service as exchange
-from hie_hub.node import HubActor, NodeDep
+from hie_hub.node import HubActor, NodeDep, UnitDep
 from hie_platform.errors import fhir_response
-from hie_platform.http import ReadSessionDep, SessionDep
 
 router = APIRouter(prefix="/fhir", tags=["fhir"], dependencies=[Depends(negotiated)])
 
@@ -24,8 +23,6 @@ async def metadata(request: Request, node: NodeDep) -> JSONResponse:
 
 @router.post("", summary="ITI-65 Provide Document Bundle (transaction)")
 @router.post("/", include_in_schema=False)  # clients that join base and "" with a slash
-async def publish(
-    request: Request, node: NodeDep, actor: HubActor, read: ReadSessionDep, session: SessionDep
-) -> JSONResponse:
+async def publish(request: Request, node: NodeDep, actor: HubActor, unit: UnitDep) -> JSONResponse:
     body = await json_body(request)
-    return fhir_response(200, await exchange.publish(node, read, session, actor, body))
+    return fhir_response(200, await exchange.publish(node, unit, actor, body))

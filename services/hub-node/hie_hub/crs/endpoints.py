@@ -16,15 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from hie_hub.core.disclosure import Access, decisions, first_refusal, newest_version, release
+from hie_hub.core.disclosure import Access, decisions, first_refusal, newest_version
 from hie_hub.core.params import json_body
 from hie_hub.core.rest import negotiated
 from hie_hub.documents import repository as documents_repo
 from hie_hub.documents.pseudonym import rrn_strings
 from hie_hub.models import DocumentStatus
-from hie_hub.node import AuditDep, HubActor, NodeDep
+from hie_hub.node import AuditDep, HubActor, NodeDep, UnitDep
 from hie_platform.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, fhir_response
-from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.consent import Purpose
 from hie_schemas.documents.summary import SourceDocument, build_summary, newest_patient
 from hie_schemas.fhir import FhirParseError, parse_resource
@@ -79,14 +78,13 @@ async def generate_crs(
     request: Request,
     node: NodeDep,
     actor: HubActor,
-    read: ReadSessionDep,
-    session: SessionDep,
+    unit: UnitDep,
     audit: AuditDep,
 ) -> JSONResponse:
     key, purpose, justification = _parameters(await json_body(request), node.settings.patient_key_bytes)
     access = Access(actor.inst, purpose, justification)
-    rows = await documents_repo.documents_of_patient(read, key, statuses=[DocumentStatus.CURRENT.value])
-    await release(read)
+    async with unit.reading() as read:
+        rows = await documents_repo.documents_of_patient(read, key, statuses=[DocumentStatus.CURRENT.value])
     decided = await decisions(node, access, rows)
     permitted = [row for row, d in zip(rows, decided, strict=True) if d is None or d.permit]
     refusal = first_refusal(decided)
@@ -94,7 +92,7 @@ async def generate_crs(
     if access.flagged:
         detail |= {"flagged": True, "justification": justification}
     await audit.record(
-        session,
+        unit.writing(),
         action="crs.generate",
         actor=actor,
         outcome="success" if permitted else ("denied" if rows else "not-found"),

@@ -31,7 +31,7 @@ from hie_hub.documents import repository
 from hie_hub.documents.cda_rendition import rendition, template_format
 from hie_hub.documents.pseudonym import pseudonymise, rrn_forms
 from hie_hub.exchange import service as exchange
-from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, ReadingDep
+from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, ReadingDep, UnitDep
 from hie_platform.errors import (
     BadRequest,
     FhirError,
@@ -40,7 +40,6 @@ from hie_platform.errors import (
     UnsupportedMediaType,
     fhir_response,
 )
-from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.cda import CDA_MEDIA_TYPE, CdaError, cda_to_fhir
 from hie_schemas.cda.pseudonym import pseudonymise_xml
 from hie_schemas.codes import DOCUMENT_KINDS, DocumentType
@@ -193,18 +192,16 @@ async def _keep_originals(session: AsyncSession, response: Json, originals: dict
 
 @router.post("", include_in_schema=False)
 @router.post("/", include_in_schema=False)
-async def publish(
-    request: Request, node: NodeDep, actor: HubActor, read: ReadSessionDep, session: SessionDep
-) -> Response:
+async def publish(request: Request, node: NodeDep, actor: HubActor, unit: UnitDep) -> Response:
     """ITI-65: a transaction carrying CDA is converted first; any other goes to fhir_api.publish as is."""
     negotiate(request)
     body = await json_body(request)
     converted, sent = unwrap(body)
     if not sent:
-        return await fhir_api.publish(request, node, actor, read, session)
+        return await fhir_api.publish(request, node, actor, unit)
     originals = {index: kept_original(node, xml) for index, xml in sent.items()}
-    result = await exchange.publish(node, read, session, actor, converted)
-    await _keep_originals(session, result, originals)
+    result = await exchange.publish(node, unit, actor, converted)
+    await _keep_originals(unit.writing(), result, originals)
     return fhir_response(200, result)
 
 
@@ -234,7 +231,8 @@ async def retrieve_document(document_id: str, request: Request, reading: Reading
     answer = await documents_api.retrieve_document(document_id, request, reading)
     if answer.status_code != 200:
         return answer
-    row = await repository.document(reading.read, document_id)
+    async with reading.unit.reading() as read:
+        row = await repository.document(read, document_id)
     original = stored_original(row.docref) if row is not None else None
     if original is None:
         try:

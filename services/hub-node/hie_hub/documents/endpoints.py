@@ -10,10 +10,9 @@ from urllib.parse import unquote
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.core.bundles import count_only, searchset
-from hie_hub.core.disclosure import Access, release
+from hie_hub.core.disclosure import Access
 from hie_hub.core.params import DEFAULT_COUNT, SearchParams, json_body
 from hie_hub.core.rest import (
     canonical,
@@ -24,13 +23,14 @@ from hie_hub.core.rest import (
     versioned,
     with_meta,
 )
+from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import federation, lifecycle, repository
 from hie_hub.documents import service as retrieval
 from hie_hub.documents.cda_rendition import with_rendition
 from hie_hub.documents.schemas import DOCUMENT_SEARCH, document_filter_fields
 from hie_hub.documents.service import DocumentQuery
 from hie_hub.models import Document
-from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, Reading, ReadingDep
+from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, Reading, ReadingDep, UnitDep
 from hie_platform.db import raise_after_commit
 from hie_platform.errors import (
     BadRequest,
@@ -40,7 +40,7 @@ from hie_platform.errors import (
     ServiceUnavailable,
     fhir_response,
 )
-from hie_platform.http import ReadSessionDep, SessionDep
+from hie_platform.http import SessionDep
 from hie_platform.logging import get_logger
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Purpose
@@ -100,7 +100,7 @@ def _links(params: SearchParams, node: HubNode, query: DocumentQuery, next_at: A
     "/DocumentReference", summary="ITI-67 Find Document References (add _federated=true for all hubs)"
 )
 async def find_document_references(
-    request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+    request: Request, node: NodeDep, actor: ReaderActor, unit: UnitDep
 ) -> JSONResponse:
     params = SearchParams(request, DOCUMENT_SEARCH)
     params.check_total()
@@ -113,7 +113,7 @@ async def find_document_references(
             raise BadRequest(
                 "purpose applies to the federated search (_federated=true)", expression=("purpose",)
             )
-        found = await retrieval.search(node, read, session, actor, query)
+        found = await retrieval.search(node, unit, actor, query)
         links = _links(params, node, query, found.next_cursor)
         bundle = searchset(
             node.settings.fhir_base, [presented(d) for d in found.documents], found.total, links=links
@@ -121,7 +121,7 @@ async def find_document_references(
         return fhir_response(200, count_only(bundle) if params.count_only() else bundle)
     if actor.hub != node.hub:
         raise Forbidden("a federated search is made by an institution of this hub")
-    result = await federation.search(node, session, actor, query, access)
+    result = await federation.search(node, unit, actor, query, access)
     returned, next_cursor = federation.page(result.document_references, query)
     links = _links(params, node, query, next_cursor)
     bundle = searchset(
@@ -135,12 +135,12 @@ async def find_document_references(
 
 
 async def _federated(
-    node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, document_id: str
+    node: HubNode, unit: UnitOfWork, actor: TokenClaims, document_id: str
 ) -> HubRetrieveReply:
     """A document found by a federated search, retrieved from its holder through this hub (the write
-    session is first touched after the holder answered: no write lock is held across the call)."""
-    found = await federation.grant(read, actor, document_id)
-    await release(read)
+    session is first taken after the holder answered: no write lock is held across the call)."""
+    async with unit.reading() as read:
+        found = await federation.grant(read, actor, document_id)
     if found is None:
         raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
     try:
@@ -149,6 +149,7 @@ async def _federated(
         log.warning("federated retrieve failed", hub=found.holder_hub, error=str(exc))
         reply = None
     outcome = "error" if reply is None else reply.outcome
+    session = unit.writing()
     await node.audit.record(
         session,
         action="federated.retrieve",
@@ -203,11 +204,11 @@ def presented(row: Document) -> dict[str, Any]:
 
 async def _held_or_federated(reading: Reading, document_id: str, action: str) -> Document | HubRetrieveReply:
     """The document held here, else the one a federated search found elsewhere."""
-    node, actor, read, session = reading.node, reading.actor, reading.read, reading.session
+    node, actor, unit = reading.node, reading.actor, reading.unit
     try:
-        return await retrieval.read_document(node, read, session, actor, document_id, action)
+        return await retrieval.read_document(node, unit, actor, document_id, action)
     except NotFound:
-        return await _federated(node, read, session, actor, document_id)
+        return await _federated(node, unit, actor, document_id)
 
 
 @router.get("/DocumentReference/{document_id}", summary="Read one DocumentReference")

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.core.disclosure import Access
 from hie_hub.core.params import Cursor
+from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import holder
 from hie_hub.documents.service import DocumentQuery
 from hie_hub.models import FederatedGrant
@@ -190,9 +191,10 @@ def page(
 
 
 async def search(
-    node: HubNode, session: AsyncSession, actor: TokenClaims, query: DocumentQuery, access: Access
+    node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: DocumentQuery, access: Access
 ) -> FederatedResult:
-    """Ask every holding hub; merge, record grants for retrieval and audit the search here."""
+    """Ask every holding hub; merge, record grants for retrieval and audit the search here (the write
+    session is taken once every hub has answered or timed out)."""
     result = FederatedResult()
     hubs = await _locate(node, query.patient_key, result)
     request = HubSearchRequest(
@@ -215,6 +217,7 @@ async def search(
             _merge(result, hub, reply, actor.inst)
     result.document_references.sort(key=_position, reverse=True)
     now = datetime.now(UTC)
+    session = unit.writing()
     # Grants that ran out are of no use to anyone: forget them as new ones are made.
     await session.execute(delete(FederatedGrant).where(FederatedGrant.expires_at < now))
     expires = now + timedelta(seconds=node.settings.federated_grant_seconds)

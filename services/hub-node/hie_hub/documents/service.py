@@ -21,9 +21,9 @@ from hie_hub.core.disclosure import (
     disclosures,
     exchange_accesses,
     newest_version,
-    release,
 )
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, DateBound
+from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import repository
 from hie_hub.models import Document
 from hie_hub.node import HubNode
@@ -76,17 +76,16 @@ def page(rows: list[Document], query: DocumentQuery) -> tuple[list[Document], Cu
     return returned, Cursor(last.created_at, last.document_id) if last is not None else None
 
 
-async def search(
-    node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, query: DocumentQuery
-) -> Found:
+async def search(node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: DocumentQuery) -> Found:
     """ITI-67: the patient's documents the caller may see now; refused ones are left out silently."""
-    addressed = [row for row in await matching(read, query) if addressed_to(row, actor.inst)]
-    candidates = await _candidates(read, actor, addressed)
-    await release(read)
+    async with unit.reading() as read:
+        addressed = [row for row in await matching(read, query) if addressed_to(row, actor.inst)]
+        candidates = await _candidates(read, actor, addressed)
     decided = await disclosures(node, addressed, candidates)
     visible = [(row, d) for row, d in zip(addressed, decided, strict=True) if d.permit]
     returned, next_cursor = page([row for row, _ in visible], query)
-    await _audit_search(node, session, actor, query, returned, visible, len(addressed) - len(visible))
+    withheld = len(addressed) - len(visible)
+    await _audit_search(node, unit.writing(), actor, query, returned, visible, withheld)
     return Found(returned, len(visible), next_cursor)
 
 
@@ -137,22 +136,18 @@ async def _candidates(read: AsyncSession, actor: TokenClaims, rows: list[Documen
 
 
 async def read_document(
-    node: HubNode,
-    read: AsyncSession,
-    session: AsyncSession,
-    actor: TokenClaims,
-    document_id: str,
-    action: str,
+    node: HubNode, unit: UnitOfWork, actor: TokenClaims, document_id: str, action: str
 ) -> Document:
     """ITI-68 (and the DocumentReference read): the document; a consent refusal is raised after its
     audit record is committed (hie_platform.db.raise_after_commit)."""
-    row = await repository.document(read, document_id)
-    if row is None or not addressed_to(row, actor.inst):
-        raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
-    candidates = await _candidates(read, actor, [row])
-    await release(read)
+    async with unit.reading() as read:
+        row = await repository.document(read, document_id)
+        if row is None or not addressed_to(row, actor.inst):
+            raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
+        candidates = await _candidates(read, actor, [row])
     [disclosed] = await disclosures(node, [row], candidates)
     decision, access = disclosed.decision, disclosed.access
+    session = unit.writing()
     await node.audit.record(
         session,
         action=action,

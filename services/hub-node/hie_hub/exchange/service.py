@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.core.bundles import Created, transaction_response
-from hie_hub.core.disclosure import release
+from hie_hub.core.unit import UnitOfWork, outside_read_phase
 from hie_hub.documents import Submission, SubmittedDocument, federation, lifecycle, parse_submission
 from hie_hub.documents import repository as documents_repo
 from hie_hub.documents.schemas import rename_references, scrub_rrn, stamp_metadata
@@ -85,29 +85,29 @@ class _Publication:
         return [event for exchange in self.exchanges for event in exchange.events]
 
 
-async def publish(
-    node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, body: Any
-) -> dict[str, Any]:
+async def publish(node: HubNode, unit: UnitOfWork, actor: TokenClaims, body: Any) -> dict[str, Any]:
     """ITI-65 for one institution of this hub: the transaction-response; a consent refusal is raised
     (ExchangeRefused) after its record is committed.
 
-    Reads go through ``read``; the write session is first touched after the consent answers, and
-    only once every row is prepared, so no write lock is held while the decision point is asked or
-    while documents are rewritten.
+    The reads end before the consent is asked; the write session is taken after the consent
+    answers, and only once every row is prepared, so no write lock is held while the decision point
+    is asked or while documents are rewritten.
     """
     submission = parse_submission(
         body, secret=node.settings.patient_key_bytes, base_url=node.settings.fhir_base
     )
-    stored = await _held(read, actor, submission)
-    if len(stored) == len(submission.documents):
-        # A replay (retry after a lost response): answer as the first time, store nothing new.
-        return await _replay(read, actor, submission, [stored[d.document_id] for d in submission.documents])
-    addressed = await _addressed(node, submission)
-    await lifecycle.check_replacements(read, actor, submission)
-    await release(read)
+    async with unit.reading() as read:
+        stored = await _held(read, actor, submission)
+        if len(stored) == len(submission.documents):
+            # A replay (retry after a lost response): answer as the first time, store nothing new.
+            held = [stored[d.document_id] for d in submission.documents]
+            return await _replay(read, actor, submission, held)
+        addressed = await _addressed(node, submission)
+        await lifecycle.check_replacements(read, actor, submission)
     now = datetime.now(UTC)
-    decisions = await _decide(node, session, actor, submission, addressed.recipients, now)
+    decisions = await _decide(node, unit, actor, submission, addressed.recipients, now)
     publication = _prepare(node.hub, actor, submission, addressed, stored, decisions, now)
+    session = unit.writing()
     await _write(node, session, actor, submission, publication)
     await _announce(node, session, actor, submission, publication, decisions)
     ids = [doc.document_id for doc in submission.documents]
@@ -156,7 +156,7 @@ async def _addressed(node: HubNode, submission: Submission) -> _Addressed:
 
 async def _decide(
     node: HubNode,
-    session: AsyncSession,
+    unit: UnitOfWork,
     actor: TokenClaims,
     submission: Submission,
     recipients: list[Recipient],
@@ -164,6 +164,7 @@ async def _decide(
 ) -> dict[tuple[str, str], Decision]:
     """Consent for every (document, recipient); a refusal is recorded and raised after its commit."""
     pairs = [(doc, r) for r in recipients for doc in submission.documents]
+    outside_read_phase("the consent gate asked")
     decisions = await node.consent.decide_all([_flow(submission, doc, r, now) for doc, r in pairs])
     refusals = [
         Refusal(r.code, doc.document_id, d)
@@ -171,6 +172,7 @@ async def _decide(
         if not d.permit
     ]
     if refusals:
+        session = unit.writing()
         await _record_refusal(node, session, actor, submission, refusals, now)
         raise raise_after_commit(session, ExchangeRefused(refusals))
     return {(doc.document_id, r.code): d for (doc, r), d in zip(pairs, decisions, strict=True)}

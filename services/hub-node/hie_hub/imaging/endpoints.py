@@ -10,9 +10,8 @@ from hie_hub.core.params import DEFAULT_COUNT, SearchParams
 from hie_hub.core.rest import negotiated
 from hie_hub.imaging import service as studies
 from hie_hub.imaging.schemas import STUDY_SEARCH
-from hie_hub.node import NodeDep, ReaderActor
+from hie_hub.node import NodeDep, ReaderActor, UnitDep
 from hie_platform.errors import FhirError, fhir_response
-from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["imaging"], dependencies=[Depends(negotiated)])
@@ -20,7 +19,7 @@ router = APIRouter(prefix="/fhir", tags=["imaging"], dependencies=[Depends(negot
 
 @router.get("/ImagingStudy", summary="Find the imaging studies delivered in your exchanges (XDS-I.b)")
 async def find_imaging_studies(
-    request: Request, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
+    request: Request, node: NodeDep, actor: ReaderActor, unit: UnitDep
 ) -> JSONResponse:
     params = SearchParams(request, STUDY_SEARCH)
     count = params.count()
@@ -30,7 +29,7 @@ async def find_imaging_studies(
         count=count if count is not None else DEFAULT_COUNT,
         cursor=params.cursor(),
     )
-    found = await studies.search(node, read, session, actor, query)
+    found = await studies.search(node, unit, actor, query)
     base = f"{node.settings.fhir_base}/ImagingStudy"
     patient = {"patient.identifier": f"{PATIENT_KEY_SYSTEM}|{query.patient_key}"}
     links = [("self", params.link(base, patient))]
@@ -41,10 +40,8 @@ async def find_imaging_studies(
 
 
 @router.get("/ImagingStudy/{study_id}", summary="Read one ImagingStudy")
-async def read_imaging_study(
-    study_id: str, node: NodeDep, actor: ReaderActor, read: ReadSessionDep, session: SessionDep
-) -> JSONResponse:
-    result = await studies.read_study(node, read, session, actor, study_id)
+async def read_imaging_study(study_id: str, node: NodeDep, actor: ReaderActor, unit: UnitDep) -> JSONResponse:
+    result = await studies.read_study(node, unit, actor, study_id)
     if isinstance(result, FhirError):
         return fhir_response(result.status, result.operation_outcome(), result.headers())
     return fhir_response(200, await studies.resource(node, result))

@@ -20,8 +20,9 @@ from urllib.parse import quote
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub.core.disclosure import Access, decisions, exchange_access, newest_version, release
+from hie_hub.core.disclosure import Access, decisions, exchange_access, newest_version
 from hie_hub.core.params import DEFAULT_COUNT, Cursor
+from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import repository as documents_repo
 from hie_hub.imaging import repository
 from hie_hub.imaging import status as study_status
@@ -248,20 +249,18 @@ def _disclosed(rows: Sequence[DeliveredStudy]) -> dict[str, Any]:
     }
 
 
-async def search(
-    node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, query: StudyQuery
-) -> FoundStudies:
+async def search(node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: StudyQuery) -> FoundStudies:
     """The patient's delivered studies the caller may see now; refused ones are left out silently.
     Each study is decided for the purpose of the exchange that delivered it (as its documents are)."""
-    rows = [
-        row
-        for row in await repository.delivered_studies_of_patient(read, query.patient_key)
-        if party(row, actor.inst) and identified(row, query.identifiers)
-    ]
-    documents = await documents_repo.documents_by_id(read, {row.document_id for row in rows})
-    rows = [row for row in rows if row.document_id in documents]
-    accesses = [await _access(node, read, row, actor) for row in rows]
-    await release(read)
+    async with unit.reading() as read:
+        rows = [
+            row
+            for row in await repository.delivered_studies_of_patient(read, query.patient_key)
+            if party(row, actor.inst) and identified(row, query.identifiers)
+        ]
+        documents = await documents_repo.documents_by_id(read, {row.document_id for row in rows})
+        rows = [row for row in rows if row.document_id in documents]
+        accesses = [await _access(node, read, row, actor) for row in rows]
     groups: dict[Access, list[int]] = {}
     for i, access in enumerate(accesses):
         groups.setdefault(access, []).append(i)
@@ -275,7 +274,7 @@ async def search(
     returned, next_cursor = _page(visible, query)
     counts = {"matched": len(visible), "withheld_by_consent": len(rows) - len(visible)}
     disclosed = Disclosed(returned, visible, [accesses[i] for i in shown], newest_version(decided))
-    await _audit_search(node, session, actor, query, disclosed, counts)
+    await _audit_search(node, unit.writing(), actor, query, disclosed, counts)
     return FoundStudies(returned, len(visible), next_cursor)
 
 
@@ -331,21 +330,21 @@ async def _access(node: HubNode, read: AsyncSession, row: DeliveredStudy, actor:
 
 
 async def read_study(
-    node: HubNode, read: AsyncSession, session: AsyncSession, actor: TokenClaims, study: str
+    node: HubNode, unit: UnitOfWork, actor: TokenClaims, study: str
 ) -> DeliveredStudy | Forbidden:
     """One study, or the consent refusal to render (returned so that its audit record commits)."""
-    row = await repository.delivered_study_by_id(read, study)
-    document: Document | None = None
-    if row is not None and party(row, actor.inst):
-        document = await documents_repo.document(read, row.document_id)
-    if row is None or document is None:
-        raise NotFound(f"no ImagingStudy {study} visible to institution {actor.inst}")
-    access = await _access(node, read, row, actor)
-    await release(read)
+    async with unit.reading() as read:
+        row = await repository.delivered_study_by_id(read, study)
+        document: Document | None = None
+        if row is not None and party(row, actor.inst):
+            document = await documents_repo.document(read, row.document_id)
+        if row is None or document is None:
+            raise NotFound(f"no ImagingStudy {study} visible to institution {actor.inst}")
+        access = await _access(node, read, row, actor)
     decision = (await decisions(node, access, [document]))[0]
     permitted = decision is None or decision.permit
     await node.audit.record(
-        session,
+        unit.writing(),
         action="imaging.read",
         actor=actor,
         outcome="success" if permitted else "denied",

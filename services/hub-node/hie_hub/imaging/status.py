@@ -17,9 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.models import StudyStatus, Task, as_utc
-from hie_hub.node import AuditDep, ReaderActor
+from hie_hub.node import AuditDep, ReaderActor, UnitDep
 from hie_platform.errors import NotFound
-from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.events import StudyProgress
 
 router = APIRouter(tags=["imaging"])
@@ -68,19 +67,17 @@ def _iso(at: datetime) -> str:
     "/imaging/studies/{study_uid}",
     summary="Where a study of your exchanges stands at this hub's imaging gateway",
 )
-async def study_status(
-    study_uid: str, actor: ReaderActor, read: ReadSessionDep, session: SessionDep, audit: AuditDep
-) -> JSONResponse:
+async def study_status(study_uid: str, actor: ReaderActor, unit: UnitDep, audit: AuditDep) -> JSONResponse:
     """The parties of the study's exchanges see each exchange's counts and state; anyone else gets the
     404 of an unknown study (the agency reads the gateway's own status). The read is audited."""
-    rows = list(
-        (await read.scalars(select(StudyStatus).where(StudyStatus.study_instance_uid == study_uid))).all()
-    )
+    async with unit.reading() as read:
+        found = await read.scalars(select(StudyStatus).where(StudyStatus.study_instance_uid == study_uid))
+        rows = list(found.all())
     visible = [r for r in rows if actor.inst in (r.requester, r.owner)]
     if not visible:
         raise NotFound(f"no imaging study {study_uid[:64]} visible to institution {actor.inst}")
     await audit.record(
-        session,
+        unit.writing(),
         action="imaging.status-read",
         actor=actor,
         outcome="success",

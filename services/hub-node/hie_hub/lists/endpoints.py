@@ -14,13 +14,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.core.bundles import searchset
-from hie_hub.core.disclosure import Access, decisions, release
+from hie_hub.core.disclosure import Access, decisions
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, SearchParams
 from hie_hub.core.rest import negotiated
+from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import repository as documents_repo
 from hie_hub.lists import repository
 from hie_hub.lists.schemas import LIST_SEARCH
-from hie_hub.models import SubmissionSet
+from hie_hub.models import Document, SubmissionSet
 from hie_hub.node import HubNode, ReadingDep
 from hie_platform.errors import NotFound, fhir_response
 from hie_schemas.auth import TokenClaims
@@ -30,14 +31,17 @@ from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 router = APIRouter(prefix="/fhir", tags=["documents"], dependencies=[Depends(negotiated)])
 
 
-async def _visible(
-    node: HubNode, read: AsyncSession, actor: TokenClaims, rows: list[SubmissionSet]
-) -> list[dict[str, Any]]:
-    """The Lists as the caller may see them (entries filtered by consent for a recipient)."""
+async def _held(read: AsyncSession, actor: TokenClaims, rows: list[SubmissionSet]) -> list[Document]:
+    """The documents of other authors' Lists, which consent is asked about."""
     wanted = {doc for row in rows if row.author_institution != actor.inst for doc in row.document_ids}
-    documents = await documents_repo.documents_by_id(read, wanted)
-    held = list(documents.values())
-    await release(read)
+    return list((await documents_repo.documents_by_id(read, wanted)).values())
+
+
+async def _visible(
+    node: HubNode, actor: TokenClaims, rows: list[SubmissionSet], held: list[Document]
+) -> list[dict[str, Any]]:
+    """The Lists as the caller may see them (entries filtered by consent for a recipient); ``held``
+    is ``_held`` of the same rows, read in the phase that ended before this asks."""
     permitted = {
         row.document_id
         for row, d in zip(held, await decisions(node, Access(actor.inst), held), strict=True)
@@ -94,13 +98,19 @@ async def _matching(read: AsyncSession, params: SearchParams, key: str) -> list[
 
 
 async def _page(
-    node: HubNode, read: AsyncSession, actor: TokenClaims, rows: list[SubmissionSet], count: int
+    node: HubNode, unit: UnitOfWork, actor: TokenClaims, params: SearchParams, key: str, count: int
 ) -> tuple[list[tuple[SubmissionSet, dict[str, Any]]], bool]:
     """The first ``count`` visible Lists and whether more follow; consent is asked one row at a time,
-    only for what may be returned."""
+    only for what may be returned (the first row's documents are read with the rows)."""
+    async with unit.reading() as read:
+        rows = await _matching(read, params, key)
+        held = await _held(read, actor, rows[:1])
     visible: list[tuple[SubmissionSet, dict[str, Any]]] = []
-    for row in rows:
-        shown = await _visible(node, read, actor, [row])
+    for n, row in enumerate(rows):
+        if n:
+            async with unit.reading() as read:
+                held = await _held(read, actor, [row])
+        shown = await _visible(node, actor, [row], held)
         visible += [(row, shown[0])] if shown else []
         if len(visible) > count:
             break
@@ -109,14 +119,14 @@ async def _page(
 
 @router.get("/List", summary="ITI-66 Find Lists (SubmissionSets)")
 async def find_lists(request: Request, reading: ReadingDep) -> JSONResponse:
-    node, actor, read = reading.node, reading.actor, reading.read
+    node, actor, unit = reading.node, reading.actor, reading.unit
     params = SearchParams(request, LIST_SEARCH)
     key = params.patient_key("patient.identifier", node.settings.patient_key_bytes)
     count = params.count()
     count = DEFAULT_COUNT if count is None else count
-    returned, more = await _page(node, read, actor, await _matching(read, params, key), count)
+    returned, more = await _page(node, unit, actor, params, key, count)
     await reading.audit.record(
-        reading.session,
+        unit.writing(),
         action="list.search",
         actor=actor,
         outcome="success",
@@ -147,13 +157,15 @@ def _entry_ids(listed: dict[str, Any]) -> list[str]:
 @router.get("/List/{list_id}", summary="Read one SubmissionSet")
 @router.head("/List/{list_id}", include_in_schema=False)
 async def read_list(list_id: str, reading: ReadingDep) -> JSONResponse:
-    actor = reading.actor
-    row = await repository.submission_set(reading.read, list_id)
-    shown = await _visible(reading.node, reading.read, actor, [row]) if row is not None else []
+    actor, unit = reading.actor, reading.unit
+    async with unit.reading() as read:
+        row = await repository.submission_set(read, list_id)
+        held = await _held(read, actor, [row]) if row is not None else []
+    shown = await _visible(reading.node, actor, [row], held) if row is not None else []
     if row is None or not shown:
         raise NotFound(f"no List {list_id} visible to institution {actor.inst}")
     await reading.audit.record(
-        reading.session,
+        unit.writing(),
         action="list.read",
         actor=actor,
         outcome="success",
