@@ -480,3 +480,35 @@ async def test_a_kcda_publish_is_version_one_as_its_response_says(federation: Fe
     read = await fed.call("GET", "severance", f"/DocumentReference/{doc_id}", as_=SEVERANCE_CLINIC)
     assert (read.headers["etag"], read.json()["meta"]["versionId"]) == ('W/"1"', "1")
     assert len(read.json()["content"]) == 2  # the FHIR document and the K-CDA original
+
+
+async def test_task_search_total_is_the_same_on_a_full_first_page_and_when_paged(
+    federation: Federation, rrn: str
+) -> None:
+    """A first page that holds every match takes its total from the page; a paged search counts. Both
+    must say the same, on every page."""
+    fed = federation
+    fed.desk.grant(rrn)
+    for _ in range(3):
+        await fed.publish("severance", SEVERANCE_CLINIC, submit(REFERRAL, SEVERANCE_CLINIC, rrn, [SNUBH]))
+    mine = {"requester": krnpi(SEVERANCE_CLINIC)}
+    whole = await fed.call("GET", "severance", "/Task", as_=SEVERANCE_CLINIC, params=mine)
+    assert whole.status_code == 200, whole.text
+    total = whole.json()["total"]
+    assert total == len(matches(whole)) >= 3
+    first = await fed.call("GET", "severance", "/Task", as_=SEVERANCE_CLINIC, params=mine | {"_count": "1"})
+    assert first.json()["total"] == total
+    assert len(matches(first)) == 1
+    [next_url] = [link["url"] for link in first.json()["link"] if link["relation"] == "next"]
+    second = await fed.call("GET", "severance", "/Task", as_=SEVERANCE_CLINIC, params=_query_of(next_url))
+    assert second.status_code == 200, second.text
+    assert second.json()["total"] == total
+    exact = await fed.call(
+        "GET", "severance", "/Task", as_=SEVERANCE_CLINIC, params=mine | {"_count": str(total)}
+    )
+    assert exact.json()["total"] == total
+    assert len(matches(exact)) == total
+
+
+def _query_of(url: str) -> dict[str, str]:
+    return {key: values[-1] for key, values in parse_qs(urlsplit(url).query).items()}
