@@ -21,6 +21,7 @@ warm-up study. Before each leg the bench waits, untimed, until the sink takes an
 gateways' peak RSS (VmHWM) is read after the warm-up and again at the end.
 
 ``HIE_BENCH_IMAGING_INSTANCES`` sets the size of the measured series (default 300);
+``HIE_BENCH_IMAGING_SIDES`` which series sizes run (``512,128`` by default: rows = columns);
 ``HIE_BENCH_IMAGING_VERBOSE=1`` also prints, per leg, when ``storescu`` finished and when the sink
 was complete.
 """
@@ -62,7 +63,10 @@ NAME = "imaging"
 INSTANCES = int(os.environ.get("HIE_BENCH_IMAGING_INSTANCES", "300"))
 WARM_UP = 50
 ROUNDS = int(os.environ.get("HIE_BENCH_IMAGING_ROUNDS", "3"))
-SIZES = {"CT 512 KB": 512, "CT 39 KB": 128}  # label -> rows = columns of 16-bit pixels
+ALL_SIZES = {"CT 512 KB": 512, "CT 39 KB": 128}  # label -> rows = columns of 16-bit pixels
+# HIE_BENCH_IMAGING_SIDES=512 measures only the 512 KB series (both by default).
+SIDES = {int(side) for side in os.environ.get("HIE_BENCH_IMAGING_SIDES", "512,128").split(",")}
+SIZES = {label: side for label, side in ALL_SIZES.items() if side in SIDES}
 CLINIC, HOSPITAL = "11301001", "31100002"  # a severance clinic refers to the snubh hub hospital
 SINK_AE, ORTHANC_AE, SCU_AE = "SINK", "ORTHANC", "BENCH_SCU"
 NODELAY = {**os.environ, "TCP_NODELAY": "1"}
