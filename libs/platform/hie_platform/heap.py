@@ -2,7 +2,9 @@
 
 What a service allocates while it starts (modules, the FHIR and pydantic models, engines, settings,
 the registry's directory snapshot) lives as long as the process. Every full collection walked all of
-it: ~192,000 objects in 80 ms in an imaging gateway, 245,000-325,000 in 85-115 ms in the registry
+it: ~192,000 objects in 80 ms in an imaging gateway (where pynetdicom's AssociationServer forces a
+full collection every 60 poll rounds or associations, inside the relay), 245,000-325,000 in 85-115 ms
+in the registry
 with 10,000 institutions (2 cores, load 7.5), and the requests in flight waited; those pauses were the
 directory's p99 (docs/operations.md, "Sizing: registry directory"). ``gc.freeze()`` after start-up
 moves it to a permanent generation that collections skip.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,19 +25,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION = "0.1.0"
 
 
-def _collect_and_freeze() -> None:
-    """Collect once, then freeze what is left (see the lifespan). A resource that something else in
-    the process left unclosed is finalized by this collection: its ResourceWarning becomes a log
-    line here, not an exception in the gateway's start (a test process that ran other services'
-    tests before saw an unclosed client socket fail this start once)."""
-    with warnings.catch_warnings(record=True) as found:
-        warnings.simplefilter("always", ResourceWarning)
-        gc.collect()
-    for warning in found:
-        log.warning("resource left unclosed before the gateway started", detail=str(warning.message)[:200])
-    gc.freeze()
-
-
 def create_app(settings: ImagingSettings | None = None) -> FastAPI:
     settings = settings or ImagingSettings()  # hub and ae_title come from HIE_IMAGING_HUB, _AE_TITLE
 
@@ -50,11 +35,6 @@ def create_app(settings: ImagingSettings | None = None) -> FastAPI:
             app.state.runtime = runtime
             app.state.gateway = gateway
             await gateway.start()
-            # What start-up allocated lives as long as the process: keep it out of every later full
-            # collection. Measured: a full collection walked ~192,000 start-up objects in 80 ms, and
-            # pynetdicom's AssociationServer runs gc.collect() every 60 poll rounds or associations
-            # (transport.py service_actions), inside the relay; frozen, it takes microseconds.
-            _collect_and_freeze()
             try:
                 yield
             finally:
