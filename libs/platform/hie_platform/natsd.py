@@ -28,23 +28,34 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port has returned in this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago; never assume a fixed port (4222 may be taken).
 
     Chosen at random below the kernel's ephemeral range: every outgoing connection takes a local port
     from that range, so a port the kernel picked for us there could be taken by any client socket
     before the service binds it (seen in a full test run: a gateway's DICOM port, chosen by `hie up`,
-    was in use when the gateway bound it). Below the range only another explicit bind can take it."""
+    was in use when the gateway bound it). Below the range only another explicit bind can take it.
+
+    Never the same port twice in one process: nothing holds a port between this call and the
+    service's bind, so two calls in a row (a launcher choosing a hub's HTTP, imaging and DICOM ports)
+    could both get it. Seen in `make load`: a hub and its imaging gateway were given one port, the
+    gateway bound it first, the hub exited, and every ITI-65 went to the gateway (404)."""
     low = _ephemeral_low()
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(max(1024, low - 20000), low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # all tried were taken
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
