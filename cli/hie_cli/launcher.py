@@ -112,6 +112,21 @@ class Launcher:
         self.children.append(child)
         return child
 
+    @staticmethod
+    def _answers_ready(http: httpx.Client, child: Child) -> bool:
+        """Ready, and it is this child that answers: another service on the same port (seen once, when
+        two were given one port) must not pass for it while it fails to bind and exits."""
+        try:
+            response = http.get(f"{child.url}/readyz")
+            if response.status_code != 200:
+                return False
+            node = response.json().get("node")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+        if node != child.name:
+            raise LaunchError(f"{child.url} is answered by {node!r}, not by {child.name} (log: {child.log})")
+        return True
+
     def _wait_ready(self, children: list[Child]) -> None:
         deadline = time.monotonic() + self.options.ready_timeout
         pending = [c for c in children if c.url]
@@ -123,11 +138,8 @@ class Launcher:
                             f"{child.name} exited with {child.process.returncode}: "
                             f"{_last_line(child.log)} (log: {child.log})"
                         )
-                    try:
-                        if http.get(f"{child.url}/readyz").status_code == 200:
-                            pending.remove(child)
-                    except httpx.HTTPError:
-                        pass
+                    if self._answers_ready(http, child):
+                        pending.remove(child)
                 if pending and time.monotonic() > deadline:
                     names = ", ".join(c.name for c in pending)
                     raise LaunchError(f"not ready after {self.options.ready_timeout:.0f}s: {names}")

@@ -212,7 +212,9 @@ def health_router() -> APIRouter:
         }
         ready = all(checks.values())
         response.status_code = 200 if ready else 503
-        return {"status": "ready" if ready else "not-ready", "checks": checks}
+        # The node's name: a launcher can tell its own process from another that answers on the port.
+        node = runtime.settings.node if runtime else None
+        return {"status": "ready" if ready else "not-ready", "checks": checks, "node": node}
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics(request: Request) -> Response:
