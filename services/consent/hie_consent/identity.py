@@ -72,30 +72,31 @@ class SmsSender(Protocol):
     async def send_code(self, phone: str, code: str, reference: str) -> Delivery: ...
 
 
-class DevelopmentIdentityProvider:
+class _DevelopmentSender:
+    """Delivers nothing; shows the code to the developer (one log line, ``dev_code``) only if ``reveal``."""
+
+    def __init__(self, reveal: bool) -> None:
+        self.reveal = reveal
+
+    def _deliver(self, what: str, code: str, **reference: str) -> Delivery:
+        if not self.reveal:
+            return Delivery()
+        log.info(what, **reference, dev_code=code)
+        return Delivery(dev_code=code)
+
+
+class DevelopmentIdentityProvider(_DevelopmentSender):
     """Confirms everyone and delivers nothing; shows the code to the developer in development only."""
 
-    def __init__(self, reveal: bool) -> None:
-        self.reveal = reveal
-
     async def send_code(self, claim: IdentityClaim, code: str, reference: str) -> Delivery:
-        if not self.reveal:
-            return Delivery()
-        log.info("development identity code", challenge=reference, dev_code=code)
-        return Delivery(dev_code=code)
+        return self._deliver("development identity code", code, challenge=reference)
 
 
-class DevelopmentSmsSender:
+class DevelopmentSmsSender(_DevelopmentSender):
     """Sends nothing; shows the code to the developer in development only."""
 
-    def __init__(self, reveal: bool) -> None:
-        self.reveal = reveal
-
     async def send_code(self, phone: str, code: str, reference: str) -> Delivery:
-        if not self.reveal:
-            return Delivery()
-        log.info("development sms code", request=reference, dev_code=code)
-        return Delivery(dev_code=code)
+        return self._deliver("development sms code", code, request=reference)
 
 
 # --- errors the patient sees ----------------------------------------------------------------------

@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_consent import identity, service
 from hie_consent.config import ConsentSettings
-from hie_consent.identity import ChallengePurpose, IdentityClaim, IdentityProvider, SmsSender
+from hie_consent.identity import ChallengePurpose, Delivery, IdentityClaim, IdentityProvider, SmsSender
+from hie_consent.models import IdentityChallenge
 from hie_consent.schemas import (
     CallCentreRequest,
     ChallengeOpened,
@@ -50,6 +51,16 @@ async def _latest_view(session: AsyncSession, patient_key: str) -> ConsentVersio
     return (await service.version_views(session, patient_key))[0]
 
 
+def _opened(settings: ConsentSettings, row: IdentityChallenge, delivery: Delivery) -> ChallengeOpened:
+    """The answer to a code sent: the challenge, its expiry, attempts left, and the code in development."""
+    return ChallengeOpened(
+        challenge_id=row.id,
+        expires_at=row.expires_at,
+        attempts_left=identity.attempts_left(settings, row),
+        dev_code=delivery.dev_code if settings.reveals_codes else None,
+    )
+
+
 # --- portal -----------------------------------------------------------------------------------------
 
 
@@ -65,13 +76,7 @@ async def start_sign_in(
     patient_key = claim.rrn.patient_key(settings.patient_key_bytes)
     now = datetime.now(UTC)
     row, code = await identity.open_challenge(session, settings, patient_key, ChallengePurpose.PORTAL, now)
-    delivery = await provider.send_code(claim, code, row.id)
-    return ChallengeOpened(
-        challenge_id=row.id,
-        expires_at=row.expires_at,
-        attempts_left=identity.attempts_left(settings, row),
-        dev_code=delivery.dev_code if settings.reveals_codes else None,
-    )
+    return _opened(settings, row, await provider.send_code(claim, code, row.id))
 
 
 async def sign_in(
@@ -169,13 +174,7 @@ async def open_call(
         patient_key=patient_key,
         detail={"policy": request.policy.value, "request": row.id},
     )
-    delivery = await sender.send_code(request.phone, code, row.id)
-    return ChallengeOpened(
-        challenge_id=row.id,
-        expires_at=row.expires_at,
-        attempts_left=identity.attempts_left(settings, row),
-        dev_code=delivery.dev_code if settings.reveals_codes else None,
-    )
+    return _opened(settings, row, await sender.send_code(request.phone, code, row.id))
 
 
 async def complete_call(

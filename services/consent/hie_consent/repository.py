@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from sqlalchemy import Table, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -181,24 +182,26 @@ async def add_entry(session: AsyncSession, entry: ExchangeEntry | AccessEntry) -
     await session.flush()
 
 
-async def exchange_history(session: AsyncSession, patient_key: str) -> list[ExchangeEntry]:
-    """A patient's exchange history, newest first."""
+_Entry = TypeVar("_Entry", ExchangeEntry, AccessEntry)
+
+
+async def _newest_first(session: AsyncSession, entry: type[_Entry], patient_key: str) -> list[_Entry]:
     query = (
-        select(ExchangeEntry)
-        .where(ExchangeEntry.patient_key == patient_key)
-        .order_by(ExchangeEntry.occurred_at.desc(), ExchangeEntry.id.desc())
+        select(entry)
+        .where(entry.patient_key == patient_key)
+        .order_by(entry.occurred_at.desc(), entry.id.desc())
     )
     return list((await session.scalars(query)).all())
+
+
+async def exchange_history(session: AsyncSession, patient_key: str) -> list[ExchangeEntry]:
+    """A patient's exchange history, newest first."""
+    return await _newest_first(session, ExchangeEntry, patient_key)
 
 
 async def access_history(session: AsyncSession, patient_key: str) -> list[AccessEntry]:
     """Every recorded access to the patient's records, newest first."""
-    query = (
-        select(AccessEntry)
-        .where(AccessEntry.patient_key == patient_key)
-        .order_by(AccessEntry.occurred_at.desc(), AccessEntry.id.desc())
-    )
-    return list((await session.scalars(query)).all())
+    return await _newest_first(session, AccessEntry, patient_key)
 
 
 async def index_documents(session: AsyncSession, types: dict[str, str]) -> None:
