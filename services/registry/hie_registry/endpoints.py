@@ -29,6 +29,10 @@ from hie_schemas.directory import HubView, InstitutionView
 
 log = get_logger(__name__)
 router = APIRouter()
+# One router a tag (each route says its tag through its router), included at the end.
+auth_router = APIRouter(tags=["auth"])
+agency_router = APIRouter(tags=["agency"])
+directory_router = APIRouter(tags=["directory"])
 AgencyActor = Annotated[TokenClaims, Depends(require_scope(SCOPE_AGENCY))]
 
 
@@ -51,7 +55,7 @@ def _basic_credentials(request: Request) -> tuple[str, str] | None:
     return (client_id, secret) if sep else None
 
 
-@router.post("/oauth2/token", tags=["auth"], summary="OAuth2 client-credentials grant (RFC 6749 §4.4)")
+@auth_router.post("/oauth2/token", summary="OAuth2 client-credentials grant (RFC 6749 §4.4)")
 async def token(
     request: Request,
     session: ReadSessionDep,
@@ -86,7 +90,7 @@ async def token(
     )
 
 
-@router.get("/.well-known/jwks.json", tags=["auth"], summary="Public keys that verify access tokens")
+@auth_router.get("/.well-known/jwks.json", summary="Public keys that verify access tokens")
 async def jwks(request: Request) -> dict[str, Any]:
     data: dict[str, Any] = request.app.state.keyring.jwks()
     return data
@@ -123,14 +127,13 @@ async def _key_change(
     return KeyRingView(kid=ring.current.kid, keys=[k.kid for k in ring.keys], retired=retired)
 
 
-@router.get("/keys", tags=["agency"], summary="The registry's signing keys: which signs, which are retired")
+@agency_router.get("/keys", summary="The registry's signing keys: which signs, which are retired")
 async def list_keys(session: ReadSessionDep, _actor: AgencyActor) -> list[dict[str, Any]]:
     return await keys.listing(session)
 
 
-@router.post(
+@agency_router.post(
     "/keys/rotate",
-    tags=["agency"],
     response_model=KeyRingView,
     summary="Sign with a new key; old keys verify until their tokens expire, or stop at once "
     "(retire_previous=true, for a leaked key)",
@@ -150,9 +153,8 @@ async def rotate_key(
     return await _key_change(request, session, actor, ring, retired, reason)
 
 
-@router.post(
+@agency_router.post(
     "/keys/{kid}/retire",
-    tags=["agency"],
     response_model=KeyRingView,
     summary="Retire one signing key at once (leaked): it leaves the JWKS and every service refuses it",
 )
@@ -163,12 +165,12 @@ async def retire_key(
     return await _key_change(request, session, actor, ring, [kid], body.reason)
 
 
-@router.get("/institutions/{code}", tags=["directory"], response_model=InstitutionView)
+@directory_router.get("/institutions/{code}", response_model=InstitutionView)
 async def get_institution(code: str, session: ReadSessionDep) -> InstitutionView:
     return institution_view(await known_institution(session, code))
 
 
-@router.get("/institutions", tags=["directory"], response_model=list[InstitutionView])
+@directory_router.get("/institutions", response_model=list[InstitutionView])
 async def list_institutions(
     session: ReadSessionDep, hub: str | None = None, kind: str | None = None, state: str | None = None
 ) -> list[InstitutionView]:
@@ -176,7 +178,7 @@ async def list_institutions(
     return [institution_view(i) for i in rows]
 
 
-@router.get("/hubs", tags=["directory"], response_model=list[HubView])
+@directory_router.get("/hubs", response_model=list[HubView])
 async def list_hubs(session: ReadSessionDep) -> list[HubView]:
     return [hub_view(hub, inst) for hub, inst in await repository.hubs(session)]
 
@@ -187,9 +189,8 @@ class DicomEndpointBody(BaseModel):
     port: int = Field(ge=1, le=65535)
 
 
-@router.put(
+@agency_router.put(
     "/institutions/{code}/dicom",
-    tags=["agency"],
     response_model=InstitutionView,
     summary="Register the DICOM endpoint (PACS) of an institution",
 )
@@ -201,3 +202,8 @@ async def set_dicom_endpoint(
     inst.updated_at = datetime.now(UTC)
     await publish_change(session, request.app.state.runtime.outbox, inst, "dicom-endpoint")
     return institution_view(inst)
+
+
+router.include_router(auth_router)
+router.include_router(agency_router)
+router.include_router(directory_router)
