@@ -362,3 +362,9 @@ def matches(response: httpx.Response) -> list[dict[str, Any]]:
 def outcomes(response: httpx.Response) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     return [e["resource"] for e in response.json().get("entry", []) if e["search"]["mode"] == "outcome"]
+
+
+def hub_outcomes(response: httpx.Response) -> list[dict[str, Any]]:
+    """The outcomes that name a hub: without the record locator's own note that it had not yet taken
+    in every publication, which any search may carry while other events are still in flight."""
+    return [o for o in outcomes(response) if "details" in o["issue"][0]]
