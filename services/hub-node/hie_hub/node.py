@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
@@ -105,6 +106,30 @@ async def _audit(node: NodeDep) -> AuditTrail:
 
 # The hub's audit trail, for endpoints that record an access themselves.
 AuditDep = Annotated[AuditTrail, Depends(_audit)]
+
+
+async def record_treatment(
+    audit: AuditTrail,
+    session: AsyncSession,
+    action: str,
+    actor: TokenClaims,
+    patient_key: str,
+    *,
+    document_ids: list[str],
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """The audit record of an institution's own work on the records it holds or was sent (a status
+    change, a Task moved, its SubmissionSets read): for treatment, and done once it is recorded."""
+    await audit.record(
+        session,
+        action=action,
+        actor=actor,
+        outcome="success",
+        patient_key=patient_key,
+        document_ids=document_ids,
+        purpose="treatment",
+        detail=detail,
+    )
 
 
 async def _hub_actor(

@@ -8,10 +8,10 @@ exchange's Task carries (the same extensions as the SubmissionSet that asked for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,6 +19,7 @@ from hie_hub.core.unit import outside_read_phase
 from hie_hub.models import Document, Task
 from hie_hub.node import HubNode
 from hie_hub.tasks import repository as tasks_repo
+from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import Decision, FlowQuery, Purpose
 from hie_schemas.documents.profiles import JUSTIFICATION_EXTENSION_URL, PURPOSE_EXTENSION_URL, PURPOSE_SYSTEM
 from hie_schemas.events import ExchangeKind
@@ -28,6 +29,8 @@ _PURPOSE_BY_KIND = {
     ExchangeKind.PATIENT_REQUEST.value: Purpose.PATIENT_REQUEST,
     ExchangeKind.PUBLIC_AGENCY.value: Purpose.PUBLIC_AGENCY,
 }
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,44 @@ class Disclosure:
     @property
     def permit(self) -> bool:
         return self.decision is None or self.decision.permit
+
+
+class Held(Protocol):
+    """What the consent rule reads of a document, stored or being submitted: its holder, the
+    holder's department and its creation time, not the document itself."""
+
+    @property
+    def author_institution(self) -> str: ...
+
+    @property
+    def author_department(self) -> str | None: ...
+
+    @property
+    def created_at(self) -> datetime: ...
+
+
+def flow_query(
+    patient_key: str,
+    doc: Held,
+    access: Access,
+    at: datetime,
+    *,
+    holder_ok: bool = True,
+    recipient_ok: bool = True,
+) -> FlowQuery:
+    """The consent question for ``doc`` flowing to ``access.institution`` for its purpose, at ``at``."""
+    return FlowQuery(
+        patient_key=patient_key,
+        holder=doc.author_institution,
+        holder_department=doc.author_department,
+        recipient=access.institution,
+        purpose=access.purpose,
+        document_created_at=doc.created_at,
+        at=at,
+        justification=access.justification,
+        holder_in_good_standing=holder_ok,
+        recipient_in_good_standing=recipient_ok,
+    )
 
 
 def purpose_extensions(purpose: Purpose, justification: str | None) -> list[dict[str, Any]]:
@@ -127,17 +168,13 @@ async def decisions(node: HubNode, access: Access, rows: Sequence[Document]) -> 
     for row in others:
         key = (row.patient_key, row.author_institution, row.author_department, row.created_at)
         if key not in questions:
-            questions[key] = FlowQuery(
-                patient_key=row.patient_key,
-                holder=row.author_institution,
-                holder_department=row.author_department,
-                recipient=access.institution,
-                purpose=access.purpose,
-                document_created_at=row.created_at,
-                at=now,
-                justification=access.justification,
-                holder_in_good_standing=standing[row.author_institution],
-                recipient_in_good_standing=recipient_ok,
+            questions[key] = flow_query(
+                row.patient_key,
+                row,
+                access,
+                now,
+                holder_ok=standing[row.author_institution],
+                recipient_ok=recipient_ok,
             )
     answers = dict(zip(questions, await node.consent.decide_all(list(questions.values())), strict=True))
     return [
@@ -175,3 +212,78 @@ def newest_version(decided: Sequence[Decision | None]) -> int | None:
 
 def first_refusal(decided: Sequence[Decision | None]) -> Decision | None:
     return next((d for d in decided if d is not None and not d.permit), None)
+
+
+# --- the audit records of disclosures ------------------------------------------------------------------
+
+
+async def record_disclosure(
+    node: HubNode,
+    session: AsyncSession,
+    action: str,
+    actor: TokenClaims,
+    patient_key: str,
+    disclosure: Disclosure,
+    *,
+    document_ids: list[str] | None = None,
+    detail: dict[str, Any],
+) -> None:
+    """The audit record of one read decided by ``disclosure``: its outcome, the rule and consent
+    version it was decided by, the access it was made for (``detail`` follows the access's own)."""
+    decision, access = disclosure.decision, disclosure.access
+    await node.audit.record(
+        session,
+        action=action,
+        actor=actor,
+        outcome="success" if disclosure.permit else "denied",
+        patient_key=patient_key,
+        document_ids=document_ids,
+        purpose=access.purpose.value,
+        rule=decision.rule.value if decision else None,
+        consent_version=decision.consent_version if decision else None,
+        detail=access.audit_detail() | detail,
+    )
+
+
+def by_access(reader: str, shown: Iterable[tuple[T, Access]]) -> dict[Access, list[T]]:
+    """What a search returned, grouped by the access that disclosed it; the reader's own treatment
+    first, present even when the search returned nothing (its record is the search's own)."""
+    groups: dict[Access, list[T]] = {Access(reader): []}
+    for item, access in shown:
+        groups.setdefault(access, []).append(item)
+    return groups
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What a search's audit record names for one access: the documents, the newest consent version
+    read, and the domain's own detail."""
+
+    document_ids: list[str]
+    consent_version: int | None
+    detail: dict[str, Any]
+
+
+async def record_search(
+    node: HubNode,
+    session: AsyncSession,
+    action: str,
+    actor: TokenClaims,
+    patient_key: str,
+    counts: dict[str, int],
+    shown: Iterable[tuple[Access, Shown]],
+) -> None:
+    """One record per access a search disclosed under (``by_access``); the first, the search's own,
+    carries its ``counts``."""
+    for n, (access, group) in enumerate(shown):
+        await node.audit.record(
+            session,
+            action=action,
+            actor=actor,
+            outcome="success",
+            patient_key=patient_key,
+            document_ids=group.document_ids,
+            purpose=access.purpose.value,
+            consent_version=group.consent_version,
+            detail=(counts if n == 0 else {}) | access.audit_detail() | group.detail,
+        )

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_hub.core.params import fhir_body
 from hie_hub.documents import Submission, repository
 from hie_hub.models import Document, DocumentStatus, Task
-from hie_hub.node import HubNode
+from hie_hub.node import HubNode, record_treatment
 from hie_platform.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable
 from hie_platform.logging import get_logger
 from hie_schemas.auth import TokenClaims
@@ -97,14 +97,13 @@ async def mark_entered_in_error(
         )
     now = datetime.now(UTC)
     await _change(node, session, actor.inst, [row], DocumentStatus.ENTERED_IN_ERROR, now, None)
-    await node.audit.record(
+    await record_treatment(
+        node.audit,
         session,
-        action="document.entered-in-error",
-        actor=actor,
-        outcome="success",
-        patient_key=row.patient_key,
+        "document.entered-in-error",
+        actor,
+        row.patient_key,
         document_ids=[row.document_id],
-        purpose="treatment",
     )
     return row.docref
 

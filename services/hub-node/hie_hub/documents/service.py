@@ -18,9 +18,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_hub.core.disclosure import (
     Access,
     Disclosure,
+    Shown,
+    by_access,
     disclosures,
     exchange_accesses,
     newest_version,
+    record_disclosure,
+    record_search,
 )
 from hie_hub.core.params import DEFAULT_COUNT, Cursor, DateBound
 from hie_hub.core.unit import UnitOfWork
@@ -101,25 +105,20 @@ async def _audit_search(
     """One record per purpose the returned documents were disclosed for, the search's own first
     (written even when it returned nothing)."""
     shown = {row.document_id for row in returned}
-    groups: dict[Access, list[tuple[Document, Disclosure]]] = {Access(actor.inst): []}
-    for row, disclosed in visible:
-        if row.document_id in shown:
-            groups.setdefault(disclosed.access, []).append((row, disclosed))
+    groups = by_access(actor.inst, (((row, d), d.access) for row, d in visible if row.document_id in shown))
     counts = {"matched": len(visible), "withheld_by_consent": withheld}
-    for n, (access, group) in enumerate(groups.items()):
-        await node.audit.record(
-            session,
-            action="document.search",
-            actor=actor,
-            outcome="success",
-            patient_key=query.patient_key,
-            document_ids=[row.document_id for row, _ in group],
-            purpose=access.purpose.value,
-            consent_version=newest_version([d.decision for _, d in (visible if n == 0 else group)]),
-            detail=(counts if n == 0 else {})
-            | access.audit_detail()
-            | _exchanges(d.access for _, d in group),
+    records = [
+        (
+            access,
+            Shown(
+                [row.document_id for row, _ in group],
+                newest_version([d.decision for _, d in (visible if n == 0 else group)]),
+                _exchanges(d.access for _, d in group),
+            ),
         )
+        for n, (access, group) in enumerate(groups.items())
+    ]
+    await record_search(node, session, "document.search", actor, query.patient_key, counts, records)
 
 
 def _exchanges(accesses: Iterable[Access]) -> dict[str, Any]:
@@ -146,19 +145,17 @@ async def read_document(
             raise NotFound(f"no document {document_id} visible to institution {actor.inst}")
         candidates = await _candidates(read, actor, [row])
     [disclosed] = await disclosures(node, [row], candidates)
-    decision, access = disclosed.decision, disclosed.access
+    decision = disclosed.decision
     session = unit.writing()
-    await node.audit.record(
+    await record_disclosure(
+        node,
         session,
-        action=action,
-        actor=actor,
-        outcome="success" if disclosed.permit else "denied",
-        patient_key=row.patient_key,
+        action,
+        actor,
+        row.patient_key,
+        disclosed,
         document_ids=[row.document_id],
-        purpose=access.purpose.value,
-        rule=decision.rule.value if decision else None,
-        consent_version=decision.consent_version if decision else None,
-        detail=access.audit_detail() | _exchanges([access]),
+        detail=_exchanges([disclosed.access]),
     )
     if decision is not None and not decision.permit:
         refusal = Forbidden(

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.core.bundles import Created, transaction_response
+from hie_hub.core.disclosure import Access, flow_query
 from hie_hub.core.unit import UnitOfWork, outside_read_phase
 from hie_hub.documents import Submission, SubmittedDocument, federation, lifecycle, parse_submission
 from hie_hub.documents import repository as documents_repo
@@ -244,16 +245,8 @@ async def _write(
 
 
 def _flow(submission: Submission, doc: SubmittedDocument, recipient: Recipient, now: datetime) -> FlowQuery:
-    return FlowQuery(
-        patient_key=submission.patient_key,
-        holder=doc.author_institution,
-        holder_department=doc.author_department,
-        recipient=recipient.code,
-        purpose=submission.purpose,
-        document_created_at=doc.created_at,
-        at=now,
-        justification=submission.justification,
-    )
+    access = Access(recipient.code, submission.purpose, submission.justification)
+    return flow_query(submission.patient_key, doc, access, now)
 
 
 def _emergency_detail(submission: Submission) -> dict[str, Any]:
@@ -285,23 +278,48 @@ async def _record_refusal(
                 denied_at=now,
             ),
         )
+    first = refusals[0].decision
+    refused = [
+        {"recipient": r.recipient, "document_id": r.document_id, "rule": r.decision.rule.value}
+        for r in refusals
+    ]
+    await _audit(
+        node,
+        session,
+        actor,
+        submission,
+        action="exchange.deny",
+        outcome="denied",
+        rule=first.rule.value,
+        consent_version=first.consent_version,
+        detail={"refused": refused},
+    )
+
+
+async def _audit(
+    node: HubNode,
+    session: AsyncSession,
+    actor: TokenClaims,
+    submission: Submission,
+    *,
+    action: str,
+    outcome: str,
+    rule: str | None,
+    consent_version: int | None,
+    detail: dict[str, Any],
+) -> None:
+    """The audit record of a submission: its patient, documents and purpose, break-the-glass flagged."""
     await node.audit.record(
         session,
-        action="exchange.deny",
+        action=action,
         actor=actor,
-        outcome="denied",
+        outcome=outcome,
         patient_key=submission.patient_key,
         document_ids=[d.document_id for d in submission.documents],
         purpose=submission.purpose.value,
-        rule=refusals[0].decision.rule.value,
-        consent_version=refusals[0].decision.consent_version,
-        detail={
-            "refused": [
-                {"recipient": r.recipient, "document_id": r.document_id, "rule": r.decision.rule.value}
-                for r in refusals
-            ]
-        }
-        | _emergency_detail(submission),
+        rule=rule,
+        consent_version=consent_version,
+        detail=detail | _emergency_detail(submission),
     )
 
 
@@ -347,14 +365,13 @@ async def _announce(
     envelope = await node.outbox.add(session, fact, published, defer=True)
     after_commit(session, lambda: federation.declare(node, fact, envelope, published))
     decided = list(decisions.values())
-    await node.audit.record(
+    await _audit(
+        node,
         session,
+        actor,
+        submission,
         action="document.publish",
-        actor=actor,
         outcome="success",
-        patient_key=submission.patient_key,
-        document_ids=ids,
-        purpose=submission.purpose.value,
         rule=decided[0].rule.value if decided else None,
         consent_version=max(
             (d.consent_version for d in decided if d.consent_version is not None), default=None
@@ -363,8 +380,7 @@ async def _announce(
             "recipients": publication.recipients,
             "tasks": [e.task["id"] for e in publication.exchanges],
             "replaces": [old for doc in submission.documents for old in doc.replaces],
-        }
-        | _emergency_detail(submission),
+        },
     )
 
 

@@ -20,7 +20,17 @@ from urllib.parse import quote
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_hub.core.disclosure import Access, decisions, exchange_access, newest_version
+from hie_hub.core.disclosure import (
+    Access,
+    Disclosure,
+    Shown,
+    by_access,
+    decisions,
+    exchange_access,
+    newest_version,
+    record_disclosure,
+    record_search,
+)
 from hie_hub.core.params import DEFAULT_COUNT, Cursor
 from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import repository as documents_repo
@@ -300,21 +310,12 @@ async def _audit_search(
     """One record per purpose the returned studies were disclosed for, the search's own first
     (written even when it returned nothing)."""
     shown = {row.id for row in disclosed.returned}
-    groups: dict[Access, list[DeliveredStudy]] = {Access(actor.inst): []}
-    for row, access in zip(disclosed.visible, disclosed.accesses, strict=True):
-        if row.id in shown:
-            groups.setdefault(access, []).append(row)
-    for n, (access, group) in enumerate(groups.items()):
-        await node.audit.record(
-            session,
-            action="imaging.search",
-            actor=actor,
-            outcome="success",
-            patient_key=query.patient_key,
-            purpose=access.purpose.value,
-            consent_version=disclosed.consent_version,
-            detail=(counts if n == 0 else {}) | access.audit_detail() | _disclosed(group),
-        )
+    visible = zip(disclosed.visible, disclosed.accesses, strict=True)
+    groups = by_access(actor.inst, ((row, access) for row, access in visible if row.id in shown))
+    records = [
+        (access, Shown([], disclosed.consent_version, _disclosed(group))) for access, group in groups.items()
+    ]
+    await record_search(node, session, "imaging.search", actor, query.patient_key, counts, records)
 
 
 async def _access(node: HubNode, read: AsyncSession, row: DeliveredStudy, actor: TokenClaims) -> Access:
@@ -342,17 +343,9 @@ async def read_study(
             raise NotFound(f"no ImagingStudy {study} visible to institution {actor.inst}")
         access = await _access(node, read, row, actor)
     decision = (await decisions(node, access, [document]))[0]
-    permitted = decision is None or decision.permit
-    await node.audit.record(
-        unit.writing(),
-        action="imaging.read",
-        actor=actor,
-        outcome="success" if permitted else "denied",
-        patient_key=row.patient_key,
-        purpose=access.purpose.value,
-        rule=decision.rule.value if decision else None,
-        consent_version=decision.consent_version if decision else None,
-        detail=access.audit_detail() | _disclosed([row]),
+    disclosure = Disclosure(decision, access)
+    await record_disclosure(
+        node, unit.writing(), "imaging.read", actor, row.patient_key, disclosure, detail=_disclosed([row])
     )
     if decision is not None and not decision.permit:
         return Forbidden(f"consent refuses ImagingStudy {study} to {actor.inst}: rule {decision.rule.value}")

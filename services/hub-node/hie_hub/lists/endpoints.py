@@ -22,7 +22,7 @@ from hie_hub.documents import repository as documents_repo
 from hie_hub.lists import repository
 from hie_hub.lists.schemas import LIST_SEARCH
 from hie_hub.models import Document, SubmissionSet
-from hie_hub.node import HubNode, ReadingDep
+from hie_hub.node import HubNode, ReadingDep, record_treatment
 from hie_platform.errors import NotFound, fhir_response
 from hie_schemas.auth import TokenClaims
 from hie_schemas.documents.profiles import MHD_LIST_TYPES
@@ -125,14 +125,13 @@ async def find_lists(request: Request, reading: ReadingDep) -> JSONResponse:
     count = params.count()
     count = DEFAULT_COUNT if count is None else count
     returned, more = await _page(node, unit, actor, params, key, count)
-    await reading.audit.record(
+    await record_treatment(
+        reading.audit,
         unit.writing(),
-        action="list.search",
-        actor=actor,
-        outcome="success",
-        patient_key=key,
+        "list.search",
+        actor,
+        key,
         document_ids=[doc for _, listed in returned for doc in _entry_ids(listed)],
-        purpose="treatment",
         detail={"lists": [row.id for row, _ in returned]},
     )
     base = f"{node.settings.fhir_base}/List"
@@ -164,14 +163,13 @@ async def read_list(list_id: str, reading: ReadingDep) -> JSONResponse:
     shown = await _visible(reading.node, actor, [row], held) if row is not None else []
     if row is None or not shown:
         raise NotFound(f"no List {list_id} visible to institution {actor.inst}")
-    await reading.audit.record(
+    await record_treatment(
+        reading.audit,
         unit.writing(),
-        action="list.read",
-        actor=actor,
-        outcome="success",
-        patient_key=row.patient_key,
+        "list.read",
+        actor,
+        row.patient_key,
         document_ids=_entry_ids(shown[0]),
-        purpose="treatment",
         detail={"list": row.id},
     )
     return fhir_response(200, shown[0])

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_hub.core.params import fhir_body
 from hie_hub.documents import repository as documents_repo
 from hie_hub.models import Task
-from hie_hub.node import HubNode
+from hie_hub.node import HubNode, record_treatment
 from hie_hub.subscriptions.service import task_changed
 from hie_hub.tasks import repository
 from hie_hub.tasks.schemas import TaskStatus, output_document_ids, with_status
@@ -116,14 +116,13 @@ async def update_task(
         TaskStatusNotice(update=update),
     )
     await outbox.add(session, subject(Kind.TASK_UPDATED, sender=node.hub), update)
-    await node.audit.record(
+    await record_treatment(
+        node.audit,
         session,
-        action="task.update",
-        actor=actor,
-        outcome="success",
-        patient_key=row.patient_key,
+        "task.update",
+        actor,
+        row.patient_key,
         document_ids=[*row.focus, *output],
-        purpose="treatment",
         detail={"task_id": row.id, "exchange_id": row.exchange_id, "from": current.value, "to": status.value},
     )
     return row.task
