@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_hub.core.sql import newest_first
 from hie_hub.models import Document
 
 
@@ -46,11 +47,9 @@ async def documents_of_patient(
         query = query.where(Document.status.in_(list(statuses)))
     if authors is not None:
         query = query.where(Document.author_institution.in_(list(authors)))
-    if created_from is not None:
-        query = query.where(Document.created_at >= created_from)
-    if created_before is not None:
-        query = query.where(Document.created_at < created_before)
-    query = query.order_by(Document.created_at.desc(), Document.document_id.desc())
+    query = newest_first(
+        query, Document.created_at, Document.document_id, start=created_from, before=created_before
+    )
     return list((await session.scalars(query)).all())
 
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_hub.core.sql import newest_first
 from hie_hub.models import SubmissionSet
 
 
@@ -31,11 +32,9 @@ async def submission_sets_of_patient(
     query = select(SubmissionSet).where(SubmissionSet.patient_key == patient_key)
     if statuses is not None:
         query = query.where(SubmissionSet.status.in_(list(statuses)))
-    if submitted_from is not None:
-        query = query.where(SubmissionSet.submitted_at >= submitted_from)
-    if submitted_before is not None:
-        query = query.where(SubmissionSet.submitted_at < submitted_before)
-    query = query.order_by(SubmissionSet.submitted_at.desc(), SubmissionSet.id.desc())
+    query = newest_first(
+        query, SubmissionSet.submitted_at, SubmissionSet.id, start=submitted_from, before=submitted_before
+    )
     return list((await session.scalars(query)).all())
 
 
