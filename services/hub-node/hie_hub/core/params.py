@@ -9,7 +9,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlencode
 
 from fastapi import Request
@@ -26,6 +26,8 @@ from hie_schemas.identifiers import (
     parse_token_param,
     patient_key_from_identifier,
 )
+
+T = TypeVar("T")
 
 MAX_COUNT = 1000
 DEFAULT_COUNT = 100
@@ -308,3 +310,12 @@ class Cursor:
         except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
             raise BadRequest("_cursor is not a cursor this server issued", expression=("_cursor",)) from None
         return cls(parsed, key)
+
+
+@dataclass(frozen=True)
+class Found(Generic[T]):
+    """One page of a search: its rows, the number of matches in all pages, where the next starts."""
+
+    rows: list[T]
+    total: int
+    next_cursor: Cursor | None = None

@@ -116,7 +116,7 @@ async def find_document_references(
         found = await retrieval.search(node, unit, actor, query)
         links = _links(params, node, query, found.next_cursor)
         bundle = searchset(
-            node.settings.fhir_base, [presented(d) for d in found.documents], found.total, links=links
+            node.settings.fhir_base, [presented(d) for d in found.rows], found.total, links=links
         )
         return fhir_response(200, count_only(bundle) if params.count_only() else bundle)
     if actor.hub != node.hub:

@@ -26,7 +26,7 @@ from hie_hub.core.disclosure import (
     record_disclosure,
     record_search,
 )
-from hie_hub.core.params import DEFAULT_COUNT, Cursor, DateBound
+from hie_hub.core.params import DEFAULT_COUNT, Cursor, DateBound, Found
 from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import repository
 from hie_hub.models import Document
@@ -47,15 +47,6 @@ class DocumentQuery:
     dates: Sequence[DateBound] = ()
     count: int = DEFAULT_COUNT
     cursor: Cursor | None = None
-
-
-@dataclass(frozen=True)
-class Found:
-    """One page of a search: its documents, the number of matches in all pages, where the next starts."""
-
-    documents: list[Document]
-    total: int
-    next_cursor: Cursor | None = None
 
 
 def addressed_to(row: Document, institution: str) -> bool:
@@ -80,7 +71,9 @@ def page(rows: list[Document], query: DocumentQuery) -> tuple[list[Document], Cu
     return returned, Cursor(last.created_at, last.document_id) if last is not None else None
 
 
-async def search(node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: DocumentQuery) -> Found:
+async def search(
+    node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: DocumentQuery
+) -> Found[Document]:
     """ITI-67: the patient's documents the caller may see now; refused ones are left out silently."""
     async with unit.reading() as read:
         addressed = [row for row in await matching(read, query) if addressed_to(row, actor.inst)]

@@ -35,7 +35,7 @@ async def find_imaging_studies(
     links = [("self", params.link(base, patient))]
     if found.next_cursor is not None:
         links.append(("next", params.link(base, patient | {"_cursor": found.next_cursor.encode()})))
-    resources = [await studies.resource(node, row) for row in found.studies]
+    resources = [await studies.resource(node, row) for row in found.rows]
     return fhir_response(200, searchset(node.settings.fhir_base, resources, found.total, links=links))
 
 

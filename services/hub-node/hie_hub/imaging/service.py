@@ -31,7 +31,7 @@ from hie_hub.core.disclosure import (
     record_disclosure,
     record_search,
 )
-from hie_hub.core.params import DEFAULT_COUNT, Cursor
+from hie_hub.core.params import DEFAULT_COUNT, Cursor, Found
 from hie_hub.core.unit import UnitOfWork
 from hie_hub.documents import repository as documents_repo
 from hie_hub.imaging import repository
@@ -213,13 +213,6 @@ class StudyQuery:
     cursor: Cursor | None = None
 
 
-@dataclass(frozen=True)
-class FoundStudies:
-    studies: list[DeliveredStudy]
-    total: int
-    next_cursor: Cursor | None = None
-
-
 def party(row: DeliveredStudy, institution: str) -> bool:
     """Only the sender and the recipient of the exchange see the study (as its documents)."""
     return institution in (row.from_institution, row.to_institution)
@@ -259,7 +252,9 @@ def _disclosed(rows: Sequence[DeliveredStudy]) -> dict[str, Any]:
     }
 
 
-async def search(node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: StudyQuery) -> FoundStudies:
+async def search(
+    node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: StudyQuery
+) -> Found[DeliveredStudy]:
     """The patient's delivered studies the caller may see now; refused ones are left out silently.
     Each study is decided for the purpose of the exchange that delivered it (as its documents are)."""
     async with unit.reading() as read:
@@ -285,7 +280,7 @@ async def search(node: HubNode, unit: UnitOfWork, actor: TokenClaims, query: Stu
     counts = {"matched": len(visible), "withheld_by_consent": len(rows) - len(visible)}
     disclosed = Disclosed(returned, visible, [accesses[i] for i in shown], newest_version(decided))
     await _audit_search(node, unit.writing(), actor, query, disclosed, counts)
-    return FoundStudies(returned, len(visible), next_cursor)
+    return Found(returned, len(visible), next_cursor)
 
 
 @dataclass(frozen=True)
