@@ -88,9 +88,7 @@ async def generate_crs(
     decided = await decisions(node, access, rows)
     permitted = [row for row, d in zip(rows, decided, strict=True) if d is None or d.permit]
     refusal = first_refusal(decided)
-    detail: dict[str, Any] = {"held": len(rows), "used": len(permitted)}
-    if access.flagged:
-        detail |= {"flagged": True, "justification": justification}
+    detail = {"held": len(rows), "used": len(permitted)} | access.audit_detail()
     await audit.record(
         unit.writing(),
         action="crs.generate",

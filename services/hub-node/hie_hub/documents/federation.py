@@ -233,9 +233,7 @@ async def search(
                 expires_at=expires,
             )
         )
-    detail: dict[str, Any] = {"federated": True, "hubs": result.hubs}
-    if access.flagged:
-        detail |= {"flagged": True, "justification": access.justification}
+    detail = {"federated": True, "hubs": result.hubs} | access.audit_detail()
     await node.audit.record(
         session,
         action="federated.search",
