@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,3 +91,55 @@ async def test_a_constraint_violation_is_sqlalchemys_error_and_rolls_back(databa
     async with database.read_sessions() as read:
         rows = (await read.execute(text("SELECT id, v FROM t ORDER BY id"))).all()
     assert [tuple(r) for r in rows] == [(1, "kept"), (3, "after")]
+
+
+_CANCELLED_WRITE = """
+import asyncio, sqlite3, sys, threading
+from sqlalchemy import text
+from hie_platform.db import Database
+
+async def main(path):
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    async with db.transaction() as session:
+        await session.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)"))
+    for _ in range(10):
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("INSERT INTO t (v) VALUES ('holder')")
+
+        async def write():
+            async with db.transaction() as session:
+                await session.execute(text("INSERT INTO t (v) VALUES ('cancelled')"))
+
+        task = asyncio.create_task(write())
+        await asyncio.sleep(0.05)  # the write now waits for the lock in a thread
+        threading.Timer(0.1, lambda: (holder.execute("COMMIT"), holder.close())).start()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await db.dispose()
+        db = Database(f"sqlite+aiosqlite:///{path}")
+    async with db.read_sessions() as read:
+        print(sorted(set((await read.execute(text("SELECT v FROM t"))).scalars())))
+    await db.dispose()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_cancelled_write_waiting_for_a_lock_then_disposed_does_not_crash(tmp_path: Path) -> None:
+    """Cancelling a write whose statement waits for a lock in a thread, then disposing the engine,
+    closed the connection under the running statement: the process died of a segmentation fault.
+    Now nothing touches the connection until the thread's call has ended. Run in a child process, so
+    that a crash fails this test and not the whole run."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CANCELLED_WRITE, str(tmp_path / "x.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['holder']"

@@ -51,12 +51,23 @@ def _is_locked(error: sqlite3.OperationalError) -> bool:
     return getattr(error, "sqlite_errorcode", None) in _LOCKED
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Read a thread call's outcome, so that one whose caller was cancelled logs no warning."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Connection:
     """One sqlite3 connection, driven from the event loop (the aiosqlite ``Connection`` surface)."""
 
     def __init__(self, connection: sqlite3.Connection, busy_timeout_ms: int) -> None:
         self._connection: sqlite3.Connection | None = connection
         self._busy_timeout_ms = busy_timeout_ms
+        # The call running in a thread, if any. Nothing else touches the connection until it ends:
+        # a caller cancelled while it waited (a request that went away, a shutdown) leaves the thread
+        # running, and closing or rolling back under it crashed the process (a segmentation fault,
+        # reproduced by cancelling a write held up by a lock and disposing the engine).
+        self._in_thread: asyncio.Future[Any] | None = None
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -64,14 +75,30 @@ class Connection:
             raise ValueError("no active connection")
         return self._connection
 
+    async def settled(self) -> None:
+        """Wait until no call of this connection runs in a thread."""
+        pending = self._in_thread
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
+
     async def run(self, call: Callable[[], _T]) -> _T:
         """``call()`` on the loop; if the database is locked, again in a thread, waiting for the lock."""
+        await self.settled()
         try:
             return call()
         except sqlite3.OperationalError as error:
             if not _is_locked(error):
                 raise
-        return await asyncio.to_thread(self._waiting, call)
+        return await self._threaded(call)
+
+    async def _threaded(self, call: Callable[[], _T]) -> _T:
+        await self.settled()
+        pending: asyncio.Future[_T] = asyncio.ensure_future(asyncio.to_thread(self._waiting, call))
+        pending.add_done_callback(_consume)
+        self._in_thread = pending
+        # Shielded: if the caller is cancelled, the call still ends in its thread before anything
+        # else may use the connection (``settled``).
+        return await asyncio.shield(pending)
 
     def _waiting(self, call: Callable[[], _T]) -> _T:
         conn = self._conn
@@ -99,22 +126,31 @@ class Connection:
             return
         # A commit can run a WAL checkpoint (it writes the pages back and syncs the file, tens of ms
         # after a few MB of writes): in a thread, so the loop never waits on the disk.
-        await asyncio.to_thread(self._waiting, conn.commit)
+        await self._threaded(conn.commit)
 
     async def rollback(self) -> None:
+        await self.settled()
         self._conn.rollback()
 
     async def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        await self.settled()
+        self._close()
 
     def stop(self) -> None:
+        """Close now, or as soon as the call running in a thread ends (SQLAlchemy's terminate)."""
+        pending = self._in_thread
+        if pending is not None and not pending.done():
+            pending.add_done_callback(lambda _: self._close())
+        else:
+            self._close()
+
+    def _close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
 
     async def create_function(self, *args: Any, **kwargs: Any) -> None:
+        await self.settled()
         self._conn.create_function(*args, **kwargs)
 
 
@@ -141,15 +177,19 @@ class Cursor:
         return self
 
     async def fetchone(self) -> Any:
+        await self._owner.settled()
         return self._cursor.fetchone()
 
     async def fetchmany(self, size: int | None = None) -> list[Any]:
+        await self._owner.settled()
         return self._cursor.fetchmany(self._cursor.arraysize if size is None else size)
 
     async def fetchall(self) -> list[Any]:
+        await self._owner.settled()
         return self._cursor.fetchall()
 
     async def close(self) -> None:
+        await self._owner.settled()
         self._cursor.close()
 
     async def nextset(self) -> None:
