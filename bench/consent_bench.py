@@ -41,10 +41,9 @@ from hie_hub.config import HubSettings
 from hie_hub.consent import ConsentGate
 from hie_hub.consent_replica import ConsentReplica
 from hie_hub.models import PLATFORM as HUB_TABLES
-from hie_platform.consent_replica import ReplicaSettings
 from hie_platform.natsd import NatsServer, free_port, wait_for_port
 from hie_platform.runtime import start_runtime
-from hie_platform.settings import DEV_PATIENT_KEY_SECRET
+from hie_platform.settings import DEV_PATIENT_KEY_SECRET, ReplicaSettings
 from hie_schemas import codes
 from hie_schemas.consent import FlowQuery
 from hie_schemas.identifiers import KRNPI_SYSTEM, RRN_SYSTEM, patient_key_from_rrn

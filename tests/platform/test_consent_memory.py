@@ -32,9 +32,9 @@ from hie_hub.consent_replica import ConsentReplica, replica_table
 from hie_hub.models import PLATFORM as HUB_TABLES
 from hie_platform.bus import Bus
 from hie_platform.consent_gate import ConsentGate
-from hie_platform.consent_replica import ConsentSource, ReplicaSettings
 from hie_platform.natsd import free_port
 from hie_platform.runtime import Runtime, start_runtime
+from hie_platform.settings import ConsentSource, ReplicaSettings
 from hie_schemas import subjects
 from hie_schemas.consent import ConsentPolicy, ConsentState, FlowQuery
 from hie_schemas.envelope import Envelope, Source

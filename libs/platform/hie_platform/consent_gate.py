@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from hie_platform.bus import Bus
-from hie_platform.consent_replica import ConsentReplica, ConsentSource, Freshness
+from hie_platform.consent_replica import ConsentReplica, Freshness
 from hie_platform.errors import RpcError, ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_platform.registry_client import RegistryClient
+from hie_platform.settings import ConsentSource
 from hie_schemas import contract, subjects
 from hie_schemas.consent import Decision, FlowQuery, Purpose, Rule, decide_replicated
 from hie_schemas.envelope import Envelope

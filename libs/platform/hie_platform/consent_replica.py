@@ -56,7 +56,6 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import (
     JSON,
     Column,
@@ -76,6 +75,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_platform.consent_memory import ConsentMemory, as_utc, consent_state, state_of_row
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
+from hie_platform.settings import ReplicaSettings
 from hie_platform.workers import PeriodicWorker, Worker
 from hie_schemas import streams, subjects
 from hie_schemas.consent import ConsentState
@@ -87,32 +87,6 @@ log = get_logger(__name__)
 TABLE = "consent_replica"
 _CHANGES_KEPT = 50_000  # patients whose last change is remembered for watches, at most
 _CHANGES_HORIZON_SECONDS = 600.0  # a watch older than this after a prune counts as changed
-
-
-class ConsentSource(StrEnum):
-    AUTO = "auto"
-    REPLICA = "replica"
-    CENTRAL = "central"
-
-
-class ReplicaSettings(BaseSettings):
-    """The replica's settings. Each service reads them with its own prefix (a subclass that sets
-    ``env_prefix``: ``HIE_HUB_`` for a hub node, ``HIE_IMAGING_`` for a gateway)."""
-
-    model_config = SettingsConfigDict(extra="ignore")
-
-    consent_staleness_seconds: float = 30.0
-    # auto: local once current, the central decision point while starting; replica: local only,
-    # failing closed while starting; central: always the central point.
-    consent_source: ConsentSource = ConsentSource.AUTO
-    # A local consent-based denial is checked with the central point when it answers (read-your-writes
-    # for a consent recorded a moment ago); a permit never waits for it.
-    consent_confirm_denials: bool = True
-    consent_replica_batch: int = 256
-    consent_replica_ack_wait_seconds: float = 10.0
-    # How often the memory reads the versions other processes of this service applied (module
-    # docstring, "Memory"); the heartbeat's read (every second) is the guarantee, this is latency.
-    consent_replica_poll_seconds: float = 0.1
 
 
 class Freshness(StrEnum):

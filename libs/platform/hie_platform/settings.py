@@ -95,3 +95,29 @@ class PatientKeySettings(ServiceSettings):
     @property
     def patient_key_bytes(self) -> bytes:
         return self.patient_key_secret.get_secret_value().encode()
+
+
+class ConsentSource(StrEnum):
+    AUTO = "auto"
+    REPLICA = "replica"
+    CENTRAL = "central"
+
+
+class ReplicaSettings(BaseSettings):
+    """The replica's settings. Each service reads them with its own prefix (a subclass that sets
+    ``env_prefix``: ``HIE_HUB_`` for a hub node, ``HIE_IMAGING_`` for a gateway)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    consent_staleness_seconds: float = 30.0
+    # auto: local once current, the central decision point while starting; replica: local only,
+    # failing closed while starting; central: always the central point.
+    consent_source: ConsentSource = ConsentSource.AUTO
+    # A local consent-based denial is checked with the central point when it answers (read-your-writes
+    # for a consent recorded a moment ago); a permit never waits for it.
+    consent_confirm_denials: bool = True
+    consent_replica_batch: int = 256
+    consent_replica_ack_wait_seconds: float = 10.0
+    # How often the memory reads the versions other processes of this service applied (module
+    # docstring, "Memory"); the heartbeat's read (every second) is the guarantee, this is latency.
+    consent_replica_poll_seconds: float = 0.1

@@ -9,8 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-from hie_platform.consent_replica import ReplicaSettings
-from hie_platform.settings import PatientKeySettings
+from hie_platform.settings import PatientKeySettings, ReplicaSettings
 from hie_schemas import subjects
 
 

@@ -4,7 +4,7 @@ The replica itself is ``hie_platform.consent_replica`` (the same code the imagin
 module binds it to the hub: its durable consumer ``hub-<slug>-consent`` (shared by the hub's
 replicas), its ``consent_replica`` table and its settings.
 
-Its settings are the hub's (``HubSettings`` includes ``hie_platform.consent_replica.ReplicaSettings``:
+Its settings are the hub's (``HubSettings`` includes ``hie_platform.settings.ReplicaSettings``:
 ``HIE_HUB_CONSENT_STALENESS_SECONDS``, ``HIE_HUB_CONSENT_SOURCE``, ``HIE_HUB_CONSENT_CONFIRM_DENIALS``…).
 """
 
@@ -17,8 +17,9 @@ from sqlalchemy import Table
 
 from hie_hub.models import Base, ConsentReplicaVersion
 from hie_platform import consent_replica as shared
-from hie_platform.consent_replica import ConsentSource, ConsentWatch, Freshness
+from hie_platform.consent_replica import ConsentWatch, Freshness
 from hie_platform.runtime import Runtime
+from hie_platform.settings import ConsentSource, ReplicaSettings
 
 __all__ = ["ConsentReplica", "ConsentSource", "ConsentWatch", "Freshness"]
 
@@ -35,7 +36,7 @@ class ConsentReplica(shared.ConsentReplica):
         self,
         runtime: Runtime,
         hub: str,
-        settings: shared.ReplicaSettings,
+        settings: ReplicaSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -9,8 +9,7 @@ from typing import Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hie_platform.consent_replica import ReplicaSettings
-from hie_platform.settings import ConfigError, Environment, ServiceSettings
+from hie_platform.settings import ConfigError, Environment, ReplicaSettings, ServiceSettings
 from hie_schemas import subjects
 
 # PS3.5 §6.2: an AE title is 1-16 characters of the default repertoire, no backslash or control code.
