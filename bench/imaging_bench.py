@@ -374,16 +374,16 @@ async def round_with_retries(
     legs: dict[str, Leg], pids: dict[str, dict[str, int]], series: Series, out: Rounds
 ) -> None:
     for attempt in range(BASELINE_RETRIES + 1):
-        out.loads.append(load_average())
+        load = load_average()
         try:
             seconds, cpu = await run_round(legs, pids, series)
         except BaselineAborted as error:
-            out.loads.pop()
             if attempt == BASELINE_RETRIES:
                 raise
             print(f"imaging: WARNING Orthanc's leg failed, the round runs again: {str(error)[-200:]}")
             await asyncio.sleep(6)  # past Orthanc's DicomAssociationCloseDelay (5 s)
             continue
+        out.loads.append(load)
         for name, value in seconds.items():
             out.seconds.setdefault(name, []).append(value)
         for proc, value in cpu.items():
