@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -14,8 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hie_platform import auth
 from hie_platform.auth import TokenVerifier
-from hie_platform.errors import Unauthorized
+from hie_platform.errors import Forbidden, Unauthorized
 from hie_schemas.auth import AUDIENCE
 
 ISSUER = "http://registry.test"
@@ -198,3 +200,56 @@ async def test_an_unreachable_registry_leaves_the_cached_keys_in_use() -> None:
     for _ in range(3):
         assert (await verifier.verify(_es256(GOOD))).inst == "11301001"
     assert jwks.fetches == 2  # one failed refresh, then the retry waits
+
+
+# --- verified tokens remembered (TokenVerifier._verified) ------------------------------------------
+
+
+async def test_a_remembered_token_still_expires() -> None:
+    """A token verified while valid (inside the 5 s leeway) is refused once the leeway has passed,
+    although its signature is not checked again."""
+    verifier = TokenVerifier(Jwks(GOOD_JWK), ISSUER, min_refresh_seconds=0)
+    now = int(time.time())
+    token = _es256(GOOD, iat=now - 60, exp=now - 4)
+    assert (await verifier.verify(token)).inst == "11301001"
+    await asyncio.sleep(max(0.0, now - 4 + auth.LEEWAY_SECONDS - time.time()) + 0.05)
+    with pytest.raises(Unauthorized, match="expired"):
+        await verifier.verify(token)
+
+
+async def test_the_standing_check_runs_for_a_remembered_token() -> None:
+    """The registry's word on the institution is asked on every request, not remembered."""
+    suspended: set[str] = set()
+
+    async def standing(claims: Any) -> None:
+        if claims.inst in suspended:
+            raise Forbidden("institution suspended")
+
+    verifier = TokenVerifier(Jwks(GOOD_JWK), ISSUER, min_refresh_seconds=0, check=standing)
+    token = _es256(GOOD)
+    assert (await verifier.verify(token)).inst == "11301001"
+    suspended.add("11301001")
+    with pytest.raises(Forbidden):
+        await verifier.verify(token)
+
+
+async def test_another_signature_on_remembered_claims_is_checked() -> None:
+    """The whole token is the key: the same header and payload signed by another key are refused."""
+    verifier = TokenVerifier(Jwks(GOOD_JWK), ISSUER, min_refresh_seconds=0)
+    body = claims()
+    genuine = jwt.encode(body, GOOD, algorithm="ES256", headers={"kid": "k1"})
+    forged = jwt.encode(body, OTHER, algorithm="ES256", headers={"kid": "k1"})
+    assert genuine.rsplit(".", 1)[0] == forged.rsplit(".", 1)[0]
+    assert (await verifier.verify(genuine)).inst == "11301001"
+    with pytest.raises(Unauthorized, match="rejected"):
+        await verifier.verify(forged)
+
+
+async def test_the_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "VERIFIED_TOKENS", 2)
+    verifier = TokenVerifier(Jwks(GOOD_JWK), ISSUER, min_refresh_seconds=0)
+    tokens = [_es256(GOOD) for _ in range(3)]  # three jti: three tokens
+    for token in tokens:
+        await verifier.verify(token)
+    assert list(verifier._verified) == tokens[1:]  # the oldest went first
+    assert (await verifier.verify(tokens[0])).inst == "11301001"  # verified again in full
