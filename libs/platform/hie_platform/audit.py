@@ -16,7 +16,6 @@ later hash recomputed) is caught by signed checkpoints kept outside the database
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from sqlalchemy import Table, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.audit_anchor import utc_text
+from hie_platform.canonical_json import canonical_json
 from hie_platform.db import before_commit
 from hie_platform.outbox import Outbox
 from hie_schemas import contract
@@ -38,13 +38,9 @@ CHAIN_VERSION = 2
 CHAIN_LOCK = 7243001
 
 
-def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def chain_hash(prev_hash: str, record: dict[str, Any]) -> str:
     """Chain version 1: the previous hash and the record only (rows written before version 2)."""
-    return hashlib.sha256(prev_hash.encode() + _canonical(record)).hexdigest()
+    return hashlib.sha256(prev_hash.encode() + canonical_json(record)).hexdigest()
 
 
 def row_hash(prev_hash: str, sequence: int, recorded_at: datetime, record: dict[str, Any]) -> str:
@@ -56,7 +52,7 @@ def row_hash(prev_hash: str, sequence: int, recorded_at: datetime, record: dict[
         "prev_hash": prev_hash,
         "record": record,
     }
-    return hashlib.sha256(_canonical(row)).hexdigest()
+    return hashlib.sha256(canonical_json(row)).hexdigest()
 
 
 def _version_1_row(prev: str, sequence: int, recorded_at: datetime, record: Any, digest: str) -> bool:

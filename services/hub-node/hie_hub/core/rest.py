@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
 from fastapi import Request, Response
 
+from hie_platform.canonical_json import canonical_json
 from hie_platform.errors import FhirError, PreconditionFailed, fhir_response
 from hie_schemas.fhir import FHIR_JSON
 
@@ -55,7 +55,7 @@ async def negotiated(request: Request) -> None:
 def canonical(resource: Any) -> bytes:
     """The JSON the hub serves a document as, and what attachment.size / hash are computed over:
     keys sorted, no whitespace, UTF-8 (RFC 8785 JCS for FHIR's integers and strings)."""
-    return json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return canonical_json(resource)
 
 
 def size_and_hash(body: bytes) -> dict[str, Any]:
