@@ -210,7 +210,12 @@ async def test_poison_rows_are_dead_lettered_and_never_hold_back_the_rows_behind
         assert "refused the subject" in found[denied.id].last_error
         assert "max_payload" in found[big.id].last_error
         assert bus.connected  # the oversized event was never sent: the connection is intact
-        assert metric(relay, "hie_outbox_dead_letters") == 2
+
+        # The gauge is read from the database after the dead letters' commit: a moment later.
+        async def gauge_shows_both() -> bool:
+            return metric(relay, "hie_outbox_dead_letters") == 2
+
+        await until(gauge_shows_both, "the dead-letter gauge at 2")
         assert (metric(relay, "hie_outbox_publish_failures_total") or 0) >= 2 * POLICY.max_attempts
         assert metric(relay, "hie_outbox_dead_lettered_total") == 2
     finally:
