@@ -333,8 +333,14 @@ async def test_undelivered_notifications_survive_a_restart(
         await receiver.start(pytestconfig, port)
         hub = await start_hub(pytestconfig, "severance", nats.url, registry.url, url)
         await eventually(lambda: _count(receiver, 2), "the notifications after the restart")
-        rows = await hub.rows("webhook_deliveries")
-        assert {r["state"] for r in rows} == {"delivered"}
+
+        # The hub records a delivery after the receiver's answer: a moment after the bundle came.
+        async def all_delivered() -> list[dict[str, Any]] | None:
+            rows = await hub.rows("webhook_deliveries")
+            return rows if {r["state"] for r in rows} == {"delivered"} else None
+
+        rows = await eventually(all_delivered, "every delivery recorded as delivered")
+        assert len(rows) == 2
         statuses = [b["entry"][1]["resource"]["status"] for b in receiver.bundles()]
         assert sorted(statuses) == ["received", "requested"]  # the Task as sent, then as received
     finally:
