@@ -23,6 +23,7 @@ from hub_support import (
     submit,
 )
 
+from hie_hub.node import LocatorMemory
 from hie_platform.bus import Bus
 from hie_schemas.codes import DocumentType
 from hie_schemas.contract import RPCS, Operation, rpc_subject
@@ -107,6 +108,31 @@ async def test_iti65_answers_when_the_locator_does_not_and_searches_do_not_miss_
             await nc.subscribe(subject, queue=queue, cb=cb)
 
 
+async def test_a_patient_the_locator_confirmed_is_not_declared_again(federation: Federation) -> None:
+    """The second publication for the same patient at the same hub sends no locate-add (the entry
+    exists; its event follows), and a walk-in search at another hub still finds both documents."""
+    fed = federation
+    nc = registry_runtime(fed).bus.nc  # the registry's connection may read locate-add requests
+    seen: list[str] = []
+
+    async def count(msg: Any) -> None:
+        seen.append(DocumentPublished.model_validate_json(msg.data).patient_key)
+
+    watcher = await nc.subscribe(LOCATE_ADD, cb=count)
+    try:
+        rrn = new_rrn()
+        fed.desk.grant(rrn)
+        first = await publish_at_severance(fed, rrn)
+        second = await publish_at_severance(fed, rrn)
+        found = [r["id"] for r in matches(await walk_in_at_cnuh(fed, rrn))]
+        assert first in found
+        assert second in found
+        # Read by the registry's connection before the walk-in's own locator request came in.
+        assert seen == [fed.desk.key(rrn)]
+    finally:
+        await watcher.unsubscribe()
+
+
 async def test_the_cost_of_telling_the_locator(federation: Federation) -> None:
     """What the extra step costs each ITI-65: one locate-add round trip (NATS request, the registry's
     check and upsert) for 100 publications. Printed, not asserted."""
@@ -134,3 +160,15 @@ async def test_the_cost_of_telling_the_locator(federation: Federation) -> None:
         f"\nlocate-add per ITI-65 over 100: mean {mean(took):.2f} ms, p95 {p95:.2f} ms, "
         f"max {max(took):.2f} ms"
     )
+
+
+def test_the_locator_memory_keeps_the_most_recently_confirmed_keys() -> None:
+    """What ITI-65 need not declare again (hie_hub.node.LocatorMemory): bounded, oldest out first."""
+    memory = LocatorMemory(size=2)
+    memory.add("a")
+    memory.add("b")
+    memory.add("a")  # confirmed again: now the most recent
+    memory.add("c")
+    assert "a" in memory
+    assert "c" in memory
+    assert "b" not in memory

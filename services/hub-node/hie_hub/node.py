@@ -57,6 +57,31 @@ class ChangeSignal:
         return True
 
 
+class LocatorMemory:
+    """Patient keys the record locator has confirmed for this hub (most recent ``size``).
+
+    The registry never removes a locator entry, so a key it has confirmed needs no second word
+    before ITI-65 answers (``federation.declare``): the publish's DocumentPublished event still
+    reaches the registry and moves the entry's last_seen. The word cost a request-reply and a
+    registry transaction per publish; with it remembered, the registry took about half the CPU per
+    publish in the hub bench (docs/operations.md). A registry restored from an older backup is
+    told again by each publish's event, as when its answer is late.
+    """
+
+    def __init__(self, size: int = 65_536) -> None:
+        self._size = size
+        self._keys: dict[str, None] = {}
+
+    def __contains__(self, patient_key: str) -> bool:
+        return patient_key in self._keys
+
+    def add(self, patient_key: str) -> None:
+        self._keys.pop(patient_key, None)
+        self._keys[patient_key] = None
+        if len(self._keys) > self._size:
+            del self._keys[next(iter(self._keys))]  # the least recently confirmed goes
+
+
 @dataclass(frozen=True)
 class HubNode:
     settings: HubSettings
@@ -64,6 +89,7 @@ class HubNode:
     consent: ConsentGate
     tasks_changed: ChangeSignal = field(default_factory=ChangeSignal)
     webhooks_due: ChangeSignal = field(default_factory=ChangeSignal)
+    located: LocatorMemory = field(default_factory=LocatorMemory)
 
     @property
     def hub(self) -> str:

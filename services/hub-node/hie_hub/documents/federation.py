@@ -103,10 +103,16 @@ async def declare(node: HubNode, fact: str, envelope: Envelope, published: Docum
     time, the DocumentPublished event (``envelope`` on subject ``fact``) is put in the stream now, not
     at the relay's next pass (its relay publish is then a duplicate JetStream drops): the locator
     reports itself behind until it has taken the fact in, so searches say they may be incomplete
-    rather than miss silently. Never raises: ITI-65 has committed and answers whatever happens."""
+    rather than miss silently. Never raises: ITI-65 has committed and answers whatever happens.
+
+    A patient key the locator has confirmed before (``node.located``) is not declared again: the
+    entry exists, and the event that follows moves its last_seen."""
+    if published.patient_key in node.located:
+        return
     subject = rpc_subject(Operation.REGISTRY_LOCATE_ADD, sender=node.hub)
     try:
         await node.bus.request(subject, published, LocateReply, LOCATE_ADD_TIMEOUT)
+        node.located.add(published.patient_key)
         return
     except (RpcError, ValidationError) as exc:
         log.warning("record locator did not take the new entry in time", error=type(exc).__name__)
