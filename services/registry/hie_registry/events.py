@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_platform.bus import Incoming, RefusedMessage, first_time
 from hie_platform.runtime import Runtime
 from hie_registry import repository
+from hie_registry.directory_index import DirectoryIndex
 from hie_registry.models import PLATFORM
 from hie_schemas import contract, streams, subjects
 from hie_schemas.events import DocumentPublished, ExchangeSent, LocateReply, LocateRequest
@@ -55,7 +56,7 @@ async def _serve_adds(runtime: Runtime, hub_of: Callable[[str], Awaitable[str | 
     await runtime.bus.serve(adds, "registry", DocumentPublished, add, verify=verify_add)
 
 
-async def start(runtime: Runtime) -> None:
+async def start(runtime: Runtime, directory: DirectoryIndex) -> None:
     async def on_event(incoming: Incoming) -> None:
         # Chosen by subject; the Bus checked that the publishing hub is the hub the fact names.
         async with runtime.db.transaction() as session:
@@ -88,10 +89,11 @@ async def start(runtime: Runtime) -> None:
         return not (info.num_pending or info.num_ack_pending)
 
     async def hub_of(code: str) -> str | None:
-        """The registry is the directory: it asks its own database, not itself over HTTP."""
-        async with runtime.db.read_sessions() as session:
-            institution = await repository.institution(session, code)
-        return institution.hub if institution is not None else None
+        """The registry is the directory: it answers from its own snapshot of it (every institution,
+        whatever its state; rebuilt after each change it commits), not over HTTP, nor with a query
+        for each fact a hub sends."""
+        entry = (await directory.snapshot()).by_code.get(code)
+        return entry.hub if entry is not None else None
 
     consumer = contract.durable(contract.Role.REGISTRY, streams.EXCHANGE)
     runtime.bus.consume_kinds(
