@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TypeVar, cast
 
-from sqlalchemy import Table, delete, func, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -178,8 +178,13 @@ async def sent_entry(session: AsyncSession, exchange_id: str) -> ExchangeEntry |
 
 
 async def add_entry(session: AsyncSession, entry: ExchangeEntry | AccessEntry) -> None:
-    session.add(entry)
-    await session.flush()
+    """One Core INSERT of the columns the entry was given (the others take their defaults): the ORM's
+    unit of work (session.add, then flush) was 17 % of the consent service's CPU while it took in
+    the history events of the hub bench's publishes (py-spy)."""
+    table = cast(Table, type(entry).__table__)
+    given = vars(entry)
+    values = {column.key: given[column.key] for column in table.columns if column.key in given}
+    await session.execute(insert(table).values(values))
 
 
 _Entry = TypeVar("_Entry", ExchangeEntry, AccessEntry)
