@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import random
 import shutil
 import tempfile
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,11 +84,15 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeou
 
 
 def new_rrn() -> str:
-    return f"900517-1{random.randrange(10**6):06d}"
+    """A patient of this test alone, drawn from uuid4 as the other suites' helpers draw theirs, not
+    from the global ``random`` (Hypothesis seeds and restores it around its examples). One full run
+    showed the intruder of test_another_patients_history_is_out_of_reach the history of the
+    previous test's patient; the cause was not found (not reproduced in 8 runs of the module)."""
+    return f"900517-1{uuid.uuid4().int % 10**6:06d}"
 
 
 def new_code(prefix: str = "78") -> str:
-    return f"{prefix}{random.randrange(10**6):06d}"
+    return f"{prefix}{uuid.uuid4().int % 10**6:06d}"
 
 
 def browser_missing() -> str | None:
