@@ -78,6 +78,11 @@ def _fill(template: str, to: str | None, sender: str | None, hub: str | None = N
     return ".".join(out)
 
 
+def _pattern(template: str, to: str, sender: str) -> str:
+    """The template with ``to`` and ``sender`` put in as given (``*`` for filters and permissions)."""
+    return ".".join({TO: to, SENDER: sender}.get(t, t) for t in template.split("."))
+
+
 def _match(template: str, subject: str) -> dict[str, str] | None:
     pattern, tokens = template.split("."), subject.split(".")
     if len(pattern) != len(tokens):
@@ -112,7 +117,7 @@ class Message:
 
     def pattern(self, *, sender: str = "*", to: str = "*") -> str:
         """The subject with wildcards (``*``) or given values: filters and permissions."""
-        return ".".join({TO: to, SENDER: sender}.get(t, t) for t in self.template.split("."))
+        return _pattern(self.template, to, sender)
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,7 @@ class Rpc:
         return _fill(self.template, to, sender)
 
     def pattern(self, *, to: str = "*", sender: str = "*") -> str:
-        return ".".join({TO: to, SENDER: sender}.get(t, t) for t in self.template.split("."))
+        return _pattern(self.template, to, sender)
 
 
 @dataclass(frozen=True)
