@@ -267,11 +267,18 @@ def may_read(actor: TokenClaims, row: ConsentVersion) -> bool:
 
 
 async def _audit_read(
-    session: AsyncSession, runtime: Runtime, actor: TokenClaims, row: ConsentVersion, *, allowed: bool
+    session: AsyncSession,
+    runtime: Runtime,
+    actor: TokenClaims,
+    row: ConsentVersion,
+    *,
+    allowed: bool,
+    action: str = "consent-read",
 ) -> None:
+    """The audit record of one version's read (its resource, or with ``action`` its signature image)."""
     await runtime.audit.record(
         session,
-        action="consent-read",
+        action=action,
         actor=actor,
         outcome="success" if allowed else "deny",
         patient_key=row.patient_key,
@@ -323,14 +330,7 @@ async def signature(
     if not may_read(actor, row):
         await _audit_read(session, runtime, actor, row, allowed=False)
         return None
-    await runtime.audit.record(
-        session,
-        action="consent-signature-read",
-        actor=actor,
-        outcome="success",
-        patient_key=row.patient_key,
-        consent_version=row.version,
-    )
+    await _audit_read(session, runtime, actor, row, allowed=True, action="consent-signature-read")
     return image
 
 
