@@ -29,7 +29,7 @@ from hie_hub.core.rest import negotiate, size_and_hash
 from hie_hub.documents import endpoints as documents_api
 from hie_hub.documents import repository
 from hie_hub.documents.cda_rendition import rendition, template_format
-from hie_hub.documents.pseudonym import pseudonymise, rrn_forms
+from hie_hub.documents.pseudonym import rrn_forms, with_patient_keys
 from hie_hub.exchange import service as exchange
 from hie_hub.node import HubActor, HubNode, NodeDep, ReaderActor, ReadingDep, UnitDep
 from hie_platform.errors import (
@@ -95,8 +95,7 @@ async def convert_document(request: Request, node: NodeDep, actor: ReaderActor) 
     if content_type not in _XML_TYPES:
         raise UnsupportedMediaType(f"$convert takes {CDA_MEDIA_TYPE} (got {content_type[:80] or 'nothing'})")
     document = convert(await request.body())
-    pseudonymise(document, node.settings.patient_key_bytes)
-    return fhir_response(200, document)
+    return fhir_response(200, with_patient_keys(document, node.settings.patient_key_bytes))
 
 
 def kept_original(node: HubNode, xml: bytes) -> bytes:
