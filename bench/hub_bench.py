@@ -15,6 +15,7 @@ machine was: all of them share its cores here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -220,14 +221,19 @@ async def publish_throughput(
 
 
 async def delivered(fed: Federation, rrns: list[str], count: int) -> list[float]:
-    """From the POST of a referral at severance until SNUBH's inbox shows its Task received (long poll)."""
-    latencies: list[float] = []
+    """From the POST of a referral at severance until SNUBH's EMR sees its Task received.
+
+    The EMR long-polls its inbox as docs/fhir-profiles.md tells one to: a poll is always outstanding
+    (`Prefer: wait`), and the next `_since` is the largest meta.lastUpdated received. (Until
+    2026-12-07 each referral opened a new poll with `_since` one second back, so every first poll
+    re-read the ~25 Tasks delivered in that second: work no documented client does, at the hub that
+    was receiving the next delivery.)"""
     inbox = f"{fed.fhir['snubh']}/Task"
-    for i in range(count):
-        started = time.perf_counter()
-        since = datetime.now(UTC) - timedelta(seconds=1)
-        body = submission(DocumentType.REFERRAL, SEVERANCE_CLINIC, rrns[i % len(rrns)], [SNUBH])
-        task_id = located(await fed.publish("severance", SEVERANCE_CLINIC, body), "Task")
+    seen: dict[str, float] = {}
+    arrived = asyncio.Event()
+
+    async def poll() -> None:
+        since = datetime.now(UTC)
         while True:
             response = await fed.call(
                 "GET",
@@ -240,11 +246,31 @@ async def delivered(fed: Federation, rrns: list[str], count: int) -> list[float]
                     "status": "received",
                 },
             )
+            at = time.perf_counter()
             tasks = [e["resource"] for e in response.json().get("entry", [])]
-            if any(t["id"] == task_id for t in tasks):
-                break
+            for task in tasks:
+                seen.setdefault(task["id"], at)
             since = max((datetime.fromisoformat(t["meta"]["lastUpdated"]) for t in tasks), default=since)
-        latencies.append(time.perf_counter() - started)
+            arrived.set()
+
+    poller = asyncio.create_task(poll())
+    latencies: list[float] = []
+    try:
+        for i in range(count):
+            started = time.perf_counter()
+            body = submission(DocumentType.REFERRAL, SEVERANCE_CLINIC, rrns[i % len(rrns)], [SNUBH])
+            task_id = located(await fed.publish("severance", SEVERANCE_CLINIC, body), "Task")
+            while task_id not in seen:
+                if poller.done():
+                    poller.result()  # the poll failed: raise its error rather than wait forever
+                arrived.clear()
+                async with asyncio.timeout(30):
+                    await arrived.wait()
+            latencies.append(seen[task_id] - started)
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
     return latencies
 
 
