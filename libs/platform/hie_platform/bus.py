@@ -20,10 +20,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Table
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hie_platform.db import Database, insert_or_skip
 from hie_platform.errors import RpcError, RpcRemoteError
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
 from hie_platform.workers import cancel_and_wait
@@ -241,10 +240,16 @@ class Bus:
         hub_of: HubOf,
         batch: int = 32,
         ack_wait: float = 30.0,
+        one_transaction: Database | None = None,
     ) -> None:
         """A durable consumer that dispatches on the SUBJECT's kind (contract.parse), refuses an
         envelope whose type is not that kind's or whose sender is not the hub it claims, and hands the
-        rest to ``handlers``; kinds the consumer sees but does not handle are acknowledged."""
+        rest to ``handlers``; kinds the consumer sees but does not handle are acknowledged.
+
+        ``one_transaction``: the handlers' transactions on that database are one per fetched batch
+        (``Database.batch``), acknowledged after its commit. Only for handlers whose every effect is
+        in that transaction: when one message fails, the batch is rolled back and each message is
+        handled again on its own (refused ones terminated, failing ones redelivered)."""
 
         async def dispatch(msg: Msg) -> Envelope | None:
             address = contract.parse(msg.subject)
@@ -277,7 +282,14 @@ class Bus:
         self._tasks.append(
             asyncio.create_task(
                 self._consume(
-                    consumer.stream.name, durable, filter_subject, dispatch, batch, ack_wait, kinds=True
+                    consumer.stream.name,
+                    durable,
+                    filter_subject,
+                    dispatch,
+                    batch,
+                    ack_wait,
+                    kinds=True,
+                    unit=one_transaction,
                 )
             )
         )
@@ -318,11 +330,12 @@ class Bus:
         batch: int,
         ack_wait: float,
         kinds: bool = False,
+        unit: Database | None = None,
     ) -> None:
         config = ConsumerConfig(durable_name=durable, ack_wait=ack_wait, max_ack_pending=1000)
         sub = await self.pull_subscription(stream, durable, filter_subject, config)
         try:
-            await self._pull(sub, durable, handler, batch, kinds)
+            await self._pull(sub, durable, handler, batch, kinds, unit)
         finally:
             # A pending pull subscription would hold up drain() on shutdown.
             with contextlib.suppress(Exception):
@@ -360,13 +373,38 @@ class Bus:
             await asyncio.sleep(0.5)
             return []
 
-    async def _pull(self, sub: Any, durable: str, handler: Any, batch: int, kinds: bool = False) -> None:
+    async def _pull(
+        self, sub: Any, durable: str, handler: Any, batch: int, kinds: bool, unit: Database | None
+    ) -> None:
         while True:
-            for msg in await self.fetch(sub, batch, 1.0, durable):
+            msgs = await self.fetch(sub, batch, 1.0, durable)
+            if unit is not None and len(msgs) > 1 and await self._in_one_transaction(msgs, handler, unit):
+                continue
+            for msg in msgs:
                 if kinds:
                     await self._dispatch(msg, durable, handler)
                 else:
                     await self._handle(msg, durable, handler)
+
+    async def _in_one_transaction(
+        self, msgs: list[Msg], dispatch: Callable[[Msg], Awaitable[Envelope | None]], unit: Database
+    ) -> bool:
+        """Dispatch a fetched batch in one transaction and acknowledge it after the commit; False,
+        with nothing kept, when any message failed (the caller then handles each on its own)."""
+        try:
+            async with unit.batch():
+                for msg in msgs:
+                    await dispatch(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        for msg in msgs:
+            # Committed: an acknowledgement lost now only brings the message back, and the handlers'
+            # first_time() lets it through once.
+            with contextlib.suppress(Exception):
+                await msg.ack()
+        return True
 
     async def _handle(self, msg: Msg, durable: str, handler: EnvelopeHandler) -> None:
         try:
@@ -452,12 +490,8 @@ async def first_time(session: AsyncSession, processed: Table, consumer: str, eve
     INSERT: one statement less per event for every consumer, and two replicas that take the same
     redelivered event at once no longer race to an IntegrityError (on PostgreSQL the second waits
     for the first's row and then inserts nothing)."""
-    dialect = session.get_bind().dialect.name
-    insert_of = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    statement = (
-        insert_of(processed)
-        .values(consumer=consumer, event_id=event_id, processed_at=datetime.now(UTC))
-        .on_conflict_do_nothing(index_elements=[processed.c.consumer, processed.c.event_id])
+    statement = insert_or_skip(session, processed).values(
+        consumer=consumer, event_id=event_id, processed_at=datetime.now(UTC)
     )
     result = await session.execute(statement)
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]

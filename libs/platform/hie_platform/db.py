@@ -10,14 +10,19 @@ the callers plain: steps run just before the commit (``before_commit``: the audi
 takes its lock there, not for the whole request), a refusal that commits what it recorded and is
 raised afterwards (``raise_after_commit``), and callbacks after a commit that wrote events
 (``Database.on_event_commit``: the outbox relay is woken by the commit itself).
+
+A durable consumer may take a whole fetched batch of events in one transaction (``Database.batch``):
+every ``transaction()`` its handlers open inside is that one, committed once for the batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,10 +41,13 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.sql.dml import Insert
 
 from . import sqlite_inloop
 
@@ -126,6 +134,18 @@ def _sqlite_pragmas(read_only: bool) -> Any:
     return on_connect
 
 
+class BatchAbandoned(Exception):
+    """A handler inside ``Database.batch`` left its ``transaction()`` with an error: the batch's
+    transaction is rolled back whatever the handler did with the error (it may have swallowed it)."""
+
+
+@dataclass
+class _Shared:
+    session: AsyncSession
+    task: asyncio.Task[Any] | None
+    failed: bool = False
+
+
 class Database:
     """A writer engine (one connection on SQLite) and a reader engine, with session factories."""
 
@@ -157,6 +177,7 @@ class Database:
             self.reader = self.writer
         self.sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self.read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
+        self._shared: ContextVar[_Shared | None] = ContextVar(f"hie.db.batch.{id(self)}", default=None)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -164,6 +185,14 @@ class Database:
         ``raise_after_commit``, which commits first. ``on_event_commit`` runs once the session is
         closed: a caller that still kicks the relay by hand right after then wakes it for one pass,
         not two (the statement count of a publish showed two outbox reads per request)."""
+        shared = self._shared.get()
+        if shared is not None and shared.task is asyncio.current_task():
+            try:
+                yield shared.session  # committed, or rolled back, with the whole batch
+            except BaseException:
+                shared.failed = True
+                raise
+            return
         error: BaseException | None = None
         async with self.sessions() as session:
             try:
@@ -179,6 +208,26 @@ class Database:
                 callback()
         if error is not None:
             raise error
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        """One transaction for every ``transaction()`` opened inside, in this task (a task started
+        inside gets transactions of its own): committed once at the end, with the same hooks. Any
+        error that leaves one of those ``transaction()`` blocks rolls the whole batch back, even if
+        its caller swallowed it (``BatchAbandoned``); the caller then handles each item on its own.
+
+        Measured (hub bench, CRS publishes by 8 clients): a history consumer fetched 2 to 9 events
+        at a time, and the per-event transaction (begin, commit in a thread, session set-up) was
+        about a third of the consent service's CPU."""
+        async with self.transaction() as session:
+            shared = _Shared(session, asyncio.current_task())
+            token = self._shared.set(shared)
+            try:
+                yield
+            finally:
+                self._shared.reset(token)
+            if shared.failed:
+                raise BatchAbandoned("a handler's transaction failed inside the batch")
 
     async def _commit(self, session: AsyncSession) -> None:
         try:
@@ -204,6 +253,16 @@ class Database:
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
+
+
+def insert_or_skip(session: AsyncSession, table: Table) -> Insert:
+    """``INSERT ... ON CONFLICT (primary key) DO NOTHING`` in the session's dialect (SQLite or
+    PostgreSQL): a row whose key is there already is skipped, with no SELECT first and no race
+    between two writers (on PostgreSQL the second waits for the first's row, then inserts nothing).
+    Give it values, or execute it with a list of rows."""
+    dialect = session.get_bind().dialect.name
+    insert_of = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    return insert_of(table).on_conflict_do_nothing(index_elements=list(table.primary_key.columns))
 
 
 # --- platform tables: every service's metadata carries them; migrations create them ---------------

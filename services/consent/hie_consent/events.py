@@ -53,12 +53,14 @@ async def start(runtime: Runtime, settings: ConsentSettings) -> None:
         verify=verify_decide,
     )
     exchanges = contract.durable(contract.Role.CONSENT, streams.EXCHANGE)
+    # Both history consumers write only to the database: a fetched batch is one transaction.
     runtime.bus.consume_kinds(
         settings.history_consumer,
         exchanges,
         exchanges.filter(),
         dict.fromkeys(exchanges.kinds, on_exchange),
         runtime.registry.hub_of,
+        one_transaction=runtime.db,
     )
     accesses = contract.durable(contract.Role.CONSENT, streams.AUDIT)
     runtime.bus.consume_kinds(
@@ -67,6 +69,7 @@ async def start(runtime: Runtime, settings: ConsentSettings) -> None:
         accesses.filter(),
         {contract.Kind.AUDIT_RECORDED: on_audit},
         runtime.registry.hub_of,
+        one_transaction=runtime.db,
     )
 
 

@@ -102,6 +102,7 @@ async def start(runtime: Runtime, directory: DirectoryIndex) -> None:
         consumer.filter(),
         dict.fromkeys(consumer.kinds, on_event),
         hub_of,
+        one_transaction=runtime.db,  # the locator's facts write only to the database
     )
     await runtime.bus.serve(subjects.REGISTRY_LOCATE, "registry", LocateRequest, locate)
     await _serve_adds(runtime, hub_of)

@@ -50,6 +50,9 @@ class Inbox:
             self.consumer.filter(self.node.hub),
             {Kind.DELIVERY: self.handle, Kind.TASK_STATUS: self.handle, Kind.DOCUMENT_STATUS: self.handle},
             runtime.registry.hub_of,
+            # Every effect of a message is in its transaction (long polls and webhooks are woken
+            # after the commit): what one fetch brings is stored in one transaction.
+            one_transaction=runtime.db,
         )
 
     async def handle(self, incoming: Incoming) -> None:
