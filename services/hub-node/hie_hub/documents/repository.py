@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
+from sqlalchemy.orm.attributes import set_committed_value
 
 from hie_hub.core.sql import newest_first
 from hie_hub.models import Document
@@ -37,10 +40,15 @@ async def documents_of_patient(
     authors: Collection[str] | None = None,
     created_from: datetime | None = None,
     created_before: datetime | None = None,
+    bundles: bool = True,
 ) -> list[Document]:
     """A patient's documents, newest first (ties by document id); who may see which is the caller's
-    concern. ``created_from`` is inclusive, ``created_before`` exclusive."""
+    concern. ``created_from`` is inclusive, ``created_before`` exclusive. Without ``bundles`` the
+    documents themselves are not read (touching ``bundle`` raises): ``load_bundles`` fills in those
+    of the rows that are shown."""
     query = select(Document).where(Document.patient_key == patient_key)
+    if not bundles:
+        query = query.options(defer(Document.bundle, raiseload=True))
     if types is not None:
         query = query.where(Document.document_type.in_(list(types)))
     if statuses is not None:
@@ -51,6 +59,19 @@ async def documents_of_patient(
         query, Document.created_at, Document.document_id, start=created_from, before=created_before
     )
     return list((await session.scalars(query)).all())
+
+
+async def load_bundles(session: AsyncSession, rows: Sequence[Document]) -> None:
+    """Read the documents (``bundle``) of rows loaded without them, in one query; the rows may belong
+    to a session already closed."""
+    if not rows:
+        return
+    result = await session.execute(
+        select(Document.id, Document.bundle).where(Document.id.in_([row.id for row in rows]))
+    )
+    bundles: dict[int, dict[str, Any]] = {row_id: bundle for row_id, bundle in result}
+    for row in rows:
+        set_committed_value(row, "bundle", bundles[row.id])  # documents are never deleted
 
 
 def add_document(session: AsyncSession, row: Document) -> None:

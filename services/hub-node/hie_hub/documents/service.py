@@ -54,8 +54,13 @@ def addressed_to(row: Document, institution: str) -> bool:
 
 
 async def matching(read: AsyncSession, query: DocumentQuery) -> list[Document]:
-    """The patient's documents that match the filters, newest first (the order pages follow)."""
-    rows = await repository.documents_of_patient(read, query.patient_key, **query.filter.model_dump())
+    """The patient's documents that match the filters, newest first (the order pages follow), without
+    the documents themselves: consent and paging need only the metadata, and reading every bundle
+    (some 10 KB each) of a patient with hundreds of documents was most of a search's work (make
+    load). ``search`` reads those of the page."""
+    rows = await repository.documents_of_patient(
+        read, query.patient_key, **query.filter.model_dump(), bundles=False
+    )
     return [row for row in rows if all(b.admits(row.created_at) for b in query.dates)]
 
 
@@ -81,6 +86,8 @@ async def search(
     decided = await disclosures(node, addressed, candidates)
     visible = [(row, d) for row, d in zip(addressed, decided, strict=True) if d.permit]
     returned, next_cursor = page([row for row, _ in visible], query)
+    async with unit.reading() as read:
+        await repository.load_bundles(read, returned)
     withheld = len(addressed) - len(visible)
     await _audit_search(node, unit.writing(), actor, query, returned, visible, withheld)
     return Found(returned, len(visible), next_cursor)
