@@ -98,6 +98,7 @@ class StudyFeed:
             self.consumer.filter(self.node.hub),
             {contract.Kind.STUDY_PROGRESS: self._on_progress},
             runtime.registry.hub_of,
+            one_transaction=runtime.db,  # every effect of a report is in its transaction
         )
 
     async def _on_progress(self, incoming: Incoming) -> None:
