@@ -279,20 +279,11 @@ class Bus:
                 correlation_id.reset(token)
             return envelope
 
-        self._tasks.append(
-            asyncio.create_task(
-                self._consume(
-                    consumer.stream.name,
-                    durable,
-                    filter_subject,
-                    dispatch,
-                    batch,
-                    ack_wait,
-                    kinds=True,
-                    unit=one_transaction,
-                )
-            )
+        stream = consumer.stream.name
+        consuming = self._consume(
+            stream, durable, filter_subject, dispatch, batch, ack_wait, True, one_transaction
         )
+        self._tasks.append(asyncio.create_task(consuming))
 
     def consume(
         self,
