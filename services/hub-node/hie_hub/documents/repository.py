@@ -69,7 +69,7 @@ async def load_bundles(session: AsyncSession, rows: Sequence[Document]) -> None:
     result = await session.execute(
         select(Document.id, Document.bundle).where(Document.id.in_([row.id for row in rows]))
     )
-    bundles: dict[int, dict[str, Any]] = {row_id: bundle for row_id, bundle in result}
+    bundles: dict[int, dict[str, Any]] = {row.id: row.bundle for row in result}
     for row in rows:
         set_committed_value(row, "bundle", bundles[row.id])  # documents are never deleted
 
