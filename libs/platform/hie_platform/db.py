@@ -41,7 +41,9 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.dialects.postgresql import Insert as PostgresInsert
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import Insert as SQLiteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -255,14 +257,21 @@ class Database:
             await self.reader.dispose()
 
 
+def dialect_insert(session: AsyncSession, table: Table) -> PostgresInsert | SQLiteInsert:
+    """The INSERT of the session's dialect (SQLite or PostgreSQL), which has ``on_conflict_do_*``."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql_insert(table)
+    return sqlite_insert(table)
+
+
 def insert_or_skip(session: AsyncSession, table: Table) -> Insert:
-    """``INSERT ... ON CONFLICT (primary key) DO NOTHING`` in the session's dialect (SQLite or
-    PostgreSQL): a row whose key is there already is skipped, with no SELECT first and no race
-    between two writers (on PostgreSQL the second waits for the first's row, then inserts nothing).
-    Give it values, or execute it with a list of rows."""
-    dialect = session.get_bind().dialect.name
-    insert_of = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    return insert_of(table).on_conflict_do_nothing(index_elements=list(table.primary_key.columns))
+    """``INSERT ... ON CONFLICT (primary key) DO NOTHING`` in the session's dialect: a row whose key
+    is there already is skipped, with no SELECT first and no race between two writers (on
+    PostgreSQL the second waits for the first's row, then inserts nothing). Give it values, or
+    execute it with a list of rows."""
+    return dialect_insert(session, table).on_conflict_do_nothing(
+        index_elements=list(table.primary_key.columns)
+    )
 
 
 # --- platform tables: every service's metadata carries them; migrations create them ---------------

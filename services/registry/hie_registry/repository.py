@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
+from hie_platform.db import dialect_insert
 from hie_registry.models import (
     Client,
     ExchangeCount,
@@ -193,21 +194,28 @@ async def signing_keys(session: AsyncSession, *, unretired: bool = False) -> lis
 
 
 async def seen(session: AsyncSession, patient_key: str, hub: str, at: datetime) -> None:
-    """Note that ``hub`` holds documents for ``patient_key`` (first and last time seen)."""
-    entry = await session.get(LocatorEntry, (patient_key, hub))
-    if entry is None:
-        session.add(LocatorEntry(patient_key=patient_key, hub=hub, first_seen=at, last_seen=at))
-    else:
-        entry.last_seen = max(entry.last_seen.replace(tzinfo=at.tzinfo), at)
+    """Note that ``hub`` holds documents for ``patient_key`` (first and last time seen): one upsert,
+    no read first, and no race between the event and the locate-add RPC inserting the same entry."""
+    table = cast(Table, LocatorEntry.__table__)
+    insert = dialect_insert(session, table)
+    later = func.greatest if session.get_bind().dialect.name == "postgresql" else func.max
+    await session.execute(
+        insert.values(patient_key=patient_key, hub=hub, first_seen=at, last_seen=at).on_conflict_do_update(
+            index_elements=[table.c.patient_key, table.c.hub],
+            set_={"last_seen": later(table.c.last_seen, insert.excluded.last_seen)},
+        )
+    )
 
 
 async def count_exchange(session: AsyncSession, at: datetime, kind: str) -> None:
-    month = at.strftime("%Y-%m")
-    row = await session.get(ExchangeCount, (month, kind))
-    if row is None:
-        session.add(ExchangeCount(month=month, kind=kind, count=1))
-    else:
-        row.count += 1
+    """One more exchange of ``kind`` in ``at``'s month: one upsert."""
+    table = cast(Table, ExchangeCount.__table__)
+    insert = dialect_insert(session, table)
+    await session.execute(
+        insert.values(month=at.strftime("%Y-%m"), kind=kind, count=1).on_conflict_do_update(
+            index_elements=[table.c.month, table.c.kind], set_={"count": table.c.count + 1}
+        )
+    )
 
 
 async def hubs_for(session: AsyncSession, patient_key: str) -> list[str]:
