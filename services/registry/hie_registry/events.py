@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.bus import Incoming, RefusedMessage, first_time
@@ -30,16 +29,8 @@ async def _serve_adds(runtime: Runtime, hub_of: Callable[[str], Awaitable[str | 
     so either may come first."""
 
     async def add(published: DocumentPublished) -> LocateReply:
-        for attempt in (1, 2):
-            try:
-                async with runtime.db.transaction() as session:
-                    await repository.seen(
-                        session, published.patient_key, published.hub, published.published_at
-                    )
-                break
-            except IntegrityError:
-                if attempt == 2:  # the event (or another publish) inserted the same row meanwhile
-                    raise
+        async with runtime.db.transaction() as session:
+            await _seen(session, published)  # an upsert: the event may have inserted it meanwhile
         return LocateReply(hubs=[published.hub])
 
     async def verify_add(asker: str | None, published: DocumentPublished) -> None:
