@@ -17,12 +17,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import MetaData, text
 
+from hie_platform.db import Database
 from hie_platform.natsd import NatsServer
 
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -145,6 +147,30 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[s
     schema = f"t_{uuid.uuid4().hex[:12]}"
     yield url, schema
     asyncio.run(_drop_schema(url, schema))
+
+
+@pytest.fixture
+async def database_with(
+    database: tuple[str, str | None],
+) -> AsyncIterator[Callable[[MetaData], Awaitable[Database]]]:
+    """``await database_with(metadata)``: a Database on this test's SQLite file or PostgreSQL schema
+    with ``metadata``'s tables created; disposed after the test."""
+    made: list[Database] = []
+
+    async def create(metadata: MetaData) -> Database:
+        url, schema = database
+        db = Database(url, schema)
+        made.append(db)
+        if schema:
+            async with db.writer.begin() as conn:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        async with db.writer.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        return db
+
+    yield create
+    for db in made:
+        await db.dispose()
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, event, func, insert, select, text
+from sqlalchemy import Column, MetaData, String, Table, event, func, insert, select
 
 from hie_platform.bus import Bus, Incoming, first_time
 from hie_platform.db import BatchAbandoned, Database, PlatformTables, platform_tables
@@ -25,16 +25,8 @@ NOTES = Table("notes", METADATA, Column("key", String(64), primary_key=True))
 
 
 @pytest.fixture
-async def store(database: tuple[str, str | None]) -> AsyncIterator[tuple[Database, PlatformTables]]:
-    url, schema = database
-    db = Database(url, schema)
-    if schema:
-        async with db.writer.begin() as conn:
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-    async with db.writer.begin() as conn:
-        await conn.run_sync(METADATA.create_all)
-    yield db, TABLES
-    await db.dispose()
+async def store(database_with: Any) -> tuple[Database, PlatformTables]:
+    return await database_with(METADATA), TABLES
 
 
 def commits_of(db: Database) -> list[int]:
@@ -111,14 +103,6 @@ def published(hub: str, key: str) -> bytes:
     return Envelope.wrap(fact, SOURCE).to_bytes()
 
 
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    b = await Bus.connect(nats_url, "test")
-    await b.ensure_streams()
-    yield b
-    await b.close()
-
-
 async def until(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
     deadline = asyncio.get_running_loop().time() + timeout
     while not await predicate():
@@ -126,14 +110,17 @@ async def until(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-un
         await asyncio.sleep(0.05)
 
 
-async def consume(db: Database, tables: PlatformTables, bus: Bus, hub: str, fail: set[str]) -> list[str]:
+async def consume(
+    db: Database, tables: PlatformTables, bus: Bus, hub: str, fail: set[str], refused: int | None = 4
+) -> list[str]:
     """Ten facts in the stream before the consumer starts (so that one fetch brings them all), then a
-    consumer whose handler notes each patient once; keys in ``fail`` fail on their first try and a
-    fact that names another hub is refused. Returns the keys as the handler was called."""
+    consumer whose handler notes each patient once; keys in ``fail`` fail on their first try, and
+    fact number ``refused`` names another hub (refused by the Bus). Returns the keys as the handler
+    was called."""
     consumer = contract.durable(contract.Role.REGISTRY, streams.EXCHANGE)
     subject = contract.subject(contract.Kind.DOCUMENT_PUBLISHED, sender=hub)
     for i in range(10):
-        await bus.js.publish(subject, published("elsewhere" if i == 4 else hub, f"{hub}{i}"))
+        await bus.js.publish(subject, published("elsewhere" if i == refused else hub, f"{hub}{i}"))
     calls: list[str] = []
 
     async def handler(incoming: Incoming) -> None:
@@ -184,29 +171,8 @@ async def test_a_refused_fact_in_a_batch_leaves_the_others_kept_once(store, bus,
 async def test_a_batch_of_good_facts_is_one_commit(store, bus, unique) -> None:  # type: ignore[no-untyped-def]
     db, tables = store
     hub = f"g{unique}"
-    consumer = contract.durable(contract.Role.REGISTRY, streams.EXCHANGE)
-    subject = contract.subject(contract.Kind.DOCUMENT_PUBLISHED, sender=hub)
-    for i in range(10):
-        await bus.js.publish(subject, published(hub, f"{hub}{i}"))
     commits = commits_of(db)
-
-    async def handler(incoming: Incoming) -> None:
-        assert isinstance(incoming.payload, DocumentPublished)
-        async with db.transaction() as session:
-            if await first_time(session, tables.processed, "test", incoming.envelope.id):
-                await session.execute(insert(NOTES).values(key=incoming.payload.document_ids[0]))
-
-    async def hub_of(code: str) -> str | None:
-        return hub
-
-    bus.consume_kinds(
-        f"test-batch-{hub}",
-        consumer,
-        subject,
-        {contract.Kind.DOCUMENT_PUBLISHED: handler},
-        hub_of,
-        one_transaction=db,
-    )
+    await consume(db, tables, bus, hub, fail=set(), refused=None)
 
     async def all_noted() -> bool:
         return len(await notes(db)) == 10

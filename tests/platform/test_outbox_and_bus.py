@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, func, select, text
+from sqlalchemy import MetaData, func, select
 
-from hie_platform.bus import Bus, first_time
+from hie_platform.bus import first_time
 from hie_platform.db import Database, PlatformTables, platform_tables
 from hie_platform.outbox import Outbox, OutboxRelay
 from hie_schemas import streams, subjects
@@ -31,26 +31,10 @@ def recorded(version: int, key: str) -> ConsentRecorded:
 
 
 @pytest.fixture
-async def store(database: tuple[str, str | None]) -> AsyncIterator[tuple[Database, PlatformTables]]:
-    url, schema = database
-    db = Database(url, schema)
-    if schema:
-        async with db.writer.begin() as conn:
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+async def store(database_with: Any) -> tuple[Database, PlatformTables]:
     metadata = MetaData()
     tables = platform_tables(metadata)
-    async with db.writer.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    yield db, tables
-    await db.dispose()
-
-
-@pytest.fixture
-async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    b = await Bus.connect(nats_url, "test")
-    await b.ensure_streams()
-    yield b
-    await b.close()
+    return await database_with(metadata), tables
 
 
 async def until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import MetaData, select, text
+from sqlalchemy import MetaData, select
 
 from hie_platform.bus import Bus
 from hie_platform.db import Database, PlatformTables, platform_tables
@@ -94,18 +94,10 @@ async def bus(nats: AuthorizedNats) -> AsyncIterator[Bus]:
 
 
 @pytest.fixture
-async def store(database: tuple[str, str | None]) -> AsyncIterator[tuple[Database, PlatformTables]]:
-    url, schema = database
-    db = Database(url, schema)
-    if schema:
-        async with db.writer.begin() as conn:
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+async def store(database_with: Any) -> tuple[Database, PlatformTables]:
     metadata = MetaData()
     tables = platform_tables(metadata)
-    async with db.writer.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    yield db, tables
-    await db.dispose()
+    return await database_with(metadata), tables
 
 
 def recorded(key: str, channel: str = "desk") -> ConsentRecorded:

@@ -4,11 +4,11 @@ count goes up by one each time."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from hie_platform.db import Database
 from hie_registry import repository
@@ -19,16 +19,9 @@ T0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-async def db(database: tuple[str, str | None]) -> AsyncIterator[Database]:
-    url, schema = database
-    store = Database(url, schema)
-    if schema:
-        async with store.writer.begin() as conn:
-            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-    async with store.writer.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-    yield store
-    await store.dispose()
+async def db(database_with: Any) -> Database:
+    store: Database = await database_with(Base.metadata)
+    return store
 
 
 async def entry(db: Database) -> tuple[datetime, datetime]:
