@@ -28,7 +28,7 @@ from test_dicom_core import dataset_bytes
 from hie_imaging.dicom.scp import ReceivedInstance
 from hie_imaging.dicom.scu import send_files
 from hie_imaging.dicom.spool import Spool
-from hie_imaging.dicom.structure import MAX_DEPTH, IncompleteDatasetError, check_complete
+from hie_imaging.dicom.structure import MAX_DEPTH, IncompleteDatasetError, check_complete, read_identifiers
 
 if TYPE_CHECKING:
     from conftest import MakeSeries, Recorder, RunningServer, StartGateway
@@ -259,3 +259,51 @@ def test_a_truncated_deflate_stream_is_refused() -> None:
     assert syntax == DeflatedExplicitVRLittleEndian
     with pytest.raises(IncompleteDatasetError, match="inflate"):
         check_complete(data[: len(data) // 2], syntax)
+
+
+# --- the identifying UIDs, read without pydicom ---------------------------------------------------
+
+IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@pytest.mark.parametrize(
+    "source", [*NATIVE, *ENCAPSULATED, "rtplan.dcm", "reportsi.dcm", "rtdose.dcm", "MR_small_RLE.dcm"]
+)
+def test_identifiers_are_what_pydicom_reads(source: str) -> None:
+    data, syntax = _dataset(source)
+    path = get_testdata_file(source)
+    assert path is not None
+    expected = {k: str(v).strip() for k in IDENTIFYING if (v := dcmread(path).get(k)) is not None}
+    assert read_identifiers(data, syntax) == expected
+    assert len(expected) == 4
+
+
+def _uid(tag: tuple[int, int], value: bytes) -> bytes:
+    return struct.pack("<HH", *tag) + b"UI" + struct.pack("<H", len(value)) + value
+
+
+def test_identifiers_after_sequences_with_padding_and_missing() -> None:
+    defined_item = b"\xfe\xff\x00\xe0" + struct.pack("<I", len(LEAF)) + LEAF
+    defined_sequence = b"\x08\x00\x15\x11SQ\x00\x00" + struct.pack("<I", len(defined_item)) + defined_item
+    undefined = _undefined_sequence(LEAF).replace(b"\x40\x00\x75\x02", b"\x08\x00\x40\x11", 1)
+    data = b"".join(
+        (
+            _uid((0x0008, 0x0016), b"1.2.840.10008.5.1.4.1.1.2\x00"),
+            _uid((0x0008, 0x0018), b"1.2.3.4 "),
+            defined_sequence,  # (0008,1115)
+            undefined,  # (0008,1140), undefined length: walked to its delimiter
+            _uid((0x0020, 0x000D), b"1.2.3"),
+            _uid((0x0020, 0x0010), b"99"),  # not identifying: skipped
+            _element((0x7FE0, 0x0010), b"OW", b"\x00" * 8),
+        )
+    )
+    assert read_identifiers(data, ExplicitVRLittleEndian) == {
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+        "SOPInstanceUID": "1.2.3.4",
+        "StudyInstanceUID": "1.2.3",
+    }
+    # The reading stops after (0020,000E): what comes later is not looked at (check_complete is).
+    assert read_identifiers(data[:-3], ExplicitVRLittleEndian)["StudyInstanceUID"] == "1.2.3"
+    for broken in (data[:10], data.replace(SEQUENCE_END, b"")):
+        with pytest.raises(IncompleteDatasetError):
+            read_identifiers(broken, ExplicitVRLittleEndian)

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import cast
 
-from pydicom import Dataset, dcmread
-from pydicom.filereader import read_dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom import dcmread
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
@@ -29,7 +28,7 @@ from hie_imaging.dicom.admission import (
 )
 from hie_imaging.dicom.scu import MAX_PDU_BYTES, enable_tcp_nodelay
 from hie_imaging.dicom.spool import InvalidUidError, SpoolFullError, validate_uid
-from hie_imaging.dicom.structure import IncompleteDatasetError, check_complete
+from hie_imaging.dicom.structure import IncompleteDatasetError, check_complete, read_identifiers
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ _REJECT_TRY_LATER = (0x02, 0x01, 0x01)  # transient, service user, no reason giv
 _UNLIMITED = 1 << 30
 
 _IDENTIFYING_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_LAST_IDENTIFYING_TAG = 0x0020000E  # Series Instance UID
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,23 +307,19 @@ def _identify(
     Statuses follow DCMTK's storescp: unreadable or missing identifiers are "cannot understand"
     (0xC210); a dataset whose SOP class or instance differs from the request is 0xA900.
     """
-    ds: Dataset
     try:
         if syntax == DeflatedExplicitVRLittleEndian:
             meta = part10(b"", affected_class, affected_instance, syntax, "")
             ds = dcmread(
                 BytesIO(meta + dataset), stop_before_pixels=True, specific_tags=list(_IDENTIFYING_KEYWORDS)
             )
+            uids = {keyword: str(ds.get(keyword) or "").strip() for keyword in _IDENTIFYING_KEYWORDS}
         else:
             # Every other syntax encodes the dataset itself in little endian (big endian for its
-            # retired namesake); the four UIDs all come before (0020,000E)'s successors.
-            ds = read_dataset(
-                BytesIO(dataset),
-                is_implicit_VR=syntax == ImplicitVRLittleEndian,
-                is_little_endian=syntax != ExplicitVRBigEndian,
-                stop_when=lambda tag, _vr, _length: tag > _LAST_IDENTIFYING_TAG,
-            )
-        uids = {keyword: str(ds.get(keyword) or "").strip() for keyword in _IDENTIFYING_KEYWORDS}
+            # retired namesake): the element headers up to (0020,000E) are read with struct, as
+            # check_complete reads them, instead of building a pydicom dataset for four values.
+            found = read_identifiers(dataset, syntax)
+            uids = {keyword: found.get(keyword, "") for keyword in _IDENTIFYING_KEYWORDS}
         for value in uids.values():
             validate_uid(value)
     except InvalidUidError:

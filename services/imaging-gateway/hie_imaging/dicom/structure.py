@@ -10,12 +10,17 @@ do not end exactly at its declared end raises IncompleteDatasetError. Nothing is
 
 Deflated explicit VR little endian is inflated first: zlib raises on a truncated stream, and the
 inflated dataset is walked like any other.
+
+`read_identifiers` reads the four identifying UIDs the same way: the top-level element headers up to
+(0020,000E), taking the values of those four and skipping the rest by length, with no pydicom
+dataset built (that was 4-6 % of a gateway's CPU per instance).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Collection
 
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
@@ -32,8 +37,33 @@ _PIXEL_DATA = 0x7FE00010
 MAX_DEPTH = 32
 
 
+# The identifying UIDs of an instance, by tag; all come before the first tag after Series Instance UID.
+IDENTIFYING_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+_LAST_IDENTIFYING_TAG = 0x0020000E
+
+
 class IncompleteDatasetError(ValueError):
     """The dataset does not parse into whole elements up to its last byte."""
+
+
+def read_identifiers(dataset: bytes, syntax: str) -> dict[str, str]:
+    """The identifying UIDs present among the top-level elements (keyword -> value, as pydicom reads a
+    UI value: trailing NULs and spaces dropped; then stripped). Stops after (0020,000E); values are
+    only sliced, never decoded beyond these four. Not for deflated datasets (inflate first).
+
+    Raises IncompleteDatasetError when the elements before (0020,000E) do not parse.
+    """
+    uid = UID(syntax)
+    walker = _Walker(dataset, implicit=uid == ImplicitVRLittleEndian, little=uid != ExplicitVRBigEndian)
+    return {
+        IDENTIFYING_TAGS[tag]: value.decode("latin-1").rstrip("\0 ").strip()
+        for tag, value in walker.top_level_values(IDENTIFYING_TAGS, _LAST_IDENTIFYING_TAG).items()
+    }
 
 
 def check_complete(dataset: bytes, syntax: str) -> None:
@@ -63,6 +93,50 @@ class _Walker:
             raise IncompleteDatasetError(f"header cut short at byte {pos}")
         group, element, length = self.tag_length.unpack_from(self.data, pos)
         return (group << 16) | element, length
+
+    def top_level_values(self, wanted: Collection[int], last: int) -> dict[int, bytes]:
+        """The values of the `wanted` top-level elements, reading headers up to the first tag after
+        `last` (or the end of the data); everything else is skipped by its length."""
+        data, end, pos = self.data, len(self.data), 0
+        found: dict[int, bytes] = {}
+        while pos < end:
+            if pos + 8 > end:
+                raise IncompleteDatasetError(f"element header cut short at byte {pos}")
+            vr = b""
+            if self.implicit:
+                group, element, length = self.tag_length.unpack_from(data, pos)
+                header = 8
+            else:
+                group, element, vr, length = self.tag_vr_short.unpack_from(data, pos)
+                header = 8
+                if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise IncompleteDatasetError(f"element header cut short at byte {pos}")
+                    (length,) = self.long.unpack_from(data, pos + 8)
+                    header = 12
+            tag = (group << 16) | element
+            if tag > last:
+                break
+            if group == 0xFFFE:
+                raise IncompleteDatasetError(f"item or delimiter tag out of place at byte {pos}")
+            pos += header
+            if length == _UNDEFINED:
+                # Only a sequence (or UN holding one) can come before (0020,000E) with no length:
+                # walk it to its delimiter, as check_complete does.
+                if vr not in (b"", b"SQ", b"UN"):
+                    raise IncompleteDatasetError(f"undefined length for VR {vr!r} at byte {pos}")
+                if vr == b"UN" and not self.little:
+                    inner = _Walker(data, implicit=True, little=True)
+                    pos = inner._sequence(pos, end, True, 1, None)
+                else:
+                    pos = self._sequence(pos, end, self.implicit or vr == b"UN", 1, None)
+                continue
+            if pos + length > end:
+                raise IncompleteDatasetError(f"value of ({group:04X},{element:04X}) runs past the data")
+            if tag in wanted:
+                found[tag] = data[pos : pos + length]
+            pos += length
+        return found
 
     def elements(self, pos: int, end: int, implicit: bool, depth: int, *, delimited: bool = False) -> int:
         """Walk elements from `pos` to exactly `end` (a dataset or a defined-length item), or, when
