@@ -9,6 +9,7 @@ answering the decision subject.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from pathlib import Path
@@ -240,6 +241,40 @@ async def test_gateway_killed_mid_relay_resumes_after_restart_without_loss_or_du
     final = await hub1.status(study)
     assert final is not None
     assert (final["received"], final["relayed"], final["failed"]) == (SERIES, SERIES, 0)
+
+
+async def test_instances_answered_right_before_a_kill_are_recorded_and_relayed_after_restart(
+    dcmtk: Dcmtk,
+    imaging_federation: Federation,
+    gateway_processes: StartProcess,
+    start_storescp: StartStorescp,
+    consent_desk: ConsentDesk,
+    nats_client: NatsClient,
+    tmp_path: Path,
+) -> None:
+    """The recorder writes arrivals to the database in batches, lingering while more keep coming: the
+    instances answered last are in the spool journal only, not yet in the database. SIGKILLed the
+    moment storescu has its last Success, hub 1 loses none of them: restarted, it records the journal
+    and relays everything, each instance once."""
+    pacs = start_storescp("+uf")
+    await imaging_federation.set_dicom(HOSPITAL, pacs.endpoint)
+    hub1, hub2 = gateway_processes(SEVERANCE), gateway_processes(SNUBH)
+    series = ct_series(tmp_path / "ct", 60, seed=4)
+    study = study_of(series)
+    await refer_with_consent(nats_client, consent_desk, hub1, hub2, study=study)
+
+    await storescu(dcmtk, hub1, series)  # every C-STORE answered Success
+    hub1.kill()
+    journal = hub1.folder / "spool" / "incoming"
+    left = sum(1 for entry in os.scandir(journal) if "~" in entry.name) if journal.is_dir() else 0
+    print(f"answered but not yet recorded when killed: {left} of {len(series)}")
+
+    hub1.start()
+    await until_status(hub2, study, "delivered", len(series), timeout=180)
+    assert_bit_identical(await asyncio.to_thread(storescp_by_uid, pacs), series)
+    final = await hub1.status(study)
+    assert final is not None
+    assert (final["received"], final["relayed"], final["failed"]) == (len(series), len(series), 0)
 
 
 def test_a_gateway_that_cannot_bind_its_dicom_port_exits(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 from pydicom import dcmread
@@ -25,7 +27,12 @@ log = get_logger(__name__)
 
 _PURGE_BATCH = 500
 _RECORD_BATCH = 256
-_RECORD_LINGER_SECONDS = 0.02
+# The recorder waits for the instances right behind the first one for as long as they keep coming
+# at most _RECORD_GAP_SECONDS apart, and at most _RECORD_MAX_AGE_SECONDS in all, so that a series
+# is recorded in a few transactions (each one also a flush of the outbox to JetStream) instead of
+# one per C-STORE or two; the senders already have their answers (the journal).
+_RECORD_GAP_SECONDS = 0.05
+_RECORD_MAX_AGE_SECONDS = 0.25
 _IDENTIFYING = ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -71,7 +78,12 @@ class ImagingGateway:
             network_timeout=settings.dicom_idle_timeout_seconds,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._arrivals: asyncio.Queue[service.Arrival | None] = asyncio.Queue()
+        # Arrivals answered and journalled, not yet recorded: appended by association threads, taken
+        # by the recorder. Only the first arrival of a batch wakes the event loop.
+        self._arrivals: list[service.Arrival] = []
+        self._arrivals_lock = threading.Lock()
+        self._arrived = asyncio.Event()
+        self._stopping = False
         self._recorder: asyncio.Task[None] | None = None
         self._purge_task: asyncio.Task[None] | None = None
 
@@ -105,7 +117,8 @@ class ImagingGateway:
         await asyncio.to_thread(self.server.stop, 5.0)
         if self._recorder is not None:
             # Record what was answered; if the database is gone, the spool journal keeps the rest.
-            self._arrivals.put_nowait(None)
+            self._stopping = True
+            self._arrived.set()
             try:
                 await asyncio.wait_for(self._recorder, timeout=10.0)
             except TimeoutError:
@@ -154,32 +167,42 @@ class ImagingGateway:
             received_at=datetime.now(UTC),
             tag=tag,
         )
-        with contextlib.suppress(RuntimeError):  # the loop is closing: the journal keeps it
-            loop.call_soon_threadsafe(self._arrivals.put_nowait, arrival)
+        with self._arrivals_lock:
+            self._arrivals.append(arrival)
+            first = len(self._arrivals) == 1
+        if first:  # the recorder is idle or lingering; later arrivals of its batch need no wake-up
+            with contextlib.suppress(RuntimeError):  # the loop is closing: the journal keeps it
+                loop.call_soon_threadsafe(self._arrived.set)
         return sop.STATUS_SUCCESS
 
     # --- recording: on the event loop, in batches ------------------------------------------------
 
     async def _record_loop(self) -> None:
         while True:
-            arrival = await self._arrivals.get()
-            if arrival is None:
-                return
-            batch = [arrival]
-            stop = False
-            # Linger a moment for the instances right behind this one: a series arrives one
-            # C-STORE every few milliseconds, and one transaction for several of them costs little
-            # more than one for each. The senders already have their answers (the journal).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_RECORD_LINGER_SECONDS):
-                    while len(batch) < _RECORD_BATCH:
-                        more = await self._arrivals.get()
-                        if more is None:
-                            stop = True
-                            break
-                        batch.append(more)
-            await self.record(batch)
-            if stop:
+            await self._arrived.wait()
+            self._arrived.clear()
+            # Linger for the instances right behind the first: a series arrives one C-STORE every
+            # few milliseconds, and one transaction for many of them costs little more than one.
+            started, seen = time.monotonic(), 0
+            while not self._stopping:
+                with self._arrivals_lock:
+                    waiting = len(self._arrivals)
+                if (
+                    waiting >= _RECORD_BATCH
+                    or waiting == seen
+                    or time.monotonic() - started >= _RECORD_MAX_AGE_SECONDS
+                ):
+                    break
+                seen = waiting
+                await asyncio.sleep(_RECORD_GAP_SECONDS)
+            with self._arrivals_lock:
+                batch = self._arrivals[:_RECORD_BATCH]
+                del self._arrivals[:_RECORD_BATCH]
+                if self._arrivals:
+                    self._arrived.set()
+            if batch:
+                await self.record(batch)
+            if self._stopping and not self._arrived.is_set():
                 return
 
     async def record(self, batch: list[service.Arrival]) -> None:
