@@ -26,7 +26,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 
-from hie_imaging.dicom import sop
+from hie_imaging.dicom import command, sop
 from hie_imaging.dicom.reactor import request_association
 from hie_imaging.dicom.transcode import TranscodeError, transcode
 
@@ -53,6 +53,8 @@ logging.getLogger("pynetdicom.transport").addFilter(_UnreachablePeerLines())
 # gateway logs its own lines (per association, per relay batch); pynetdicom's warnings and errors
 # (association refused, aborted, DIMSE timeouts) do not come from these handlers and stay.
 _config.LOG_HANDLER_LEVEL = "none"
+# C-STORE command sets without pydicom datasets (dicom/command.py), on both legs.
+command.install()
 
 MAX_PDU_BYTES = 128 * 1024
 # PS3.8 §9.3.2.2: context IDs are odd numbers 1-255, so one association carries at most 128.
