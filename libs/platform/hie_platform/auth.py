@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import jwt
+from cachetools import LRUCache
 from fastapi import Depends, Request
 from nats.aio.msg import Msg
 from pydantic import ValidationError
@@ -79,7 +80,7 @@ class TokenVerifier:
         self._lock = asyncio.Lock()
         self._check = check
         # token -> what verified it; only signatures already checked, keyed by the whole token
-        self._verified: dict[str, _Verified] = {}
+        self._verified: LRUCache[str, _Verified] = LRUCache(maxsize=VERIFIED_TOKENS)
 
     def retire(self, kid: str) -> None:
         """Refuse ``kid`` from now on (the registry retired it)."""
@@ -185,9 +186,7 @@ class TokenVerifier:
             raise Unauthorized("token rejected") from None
         if claims.exp - claims.iat > self._max_lifetime:
             raise Unauthorized(f"token lifetime longer than the accepted {self._max_lifetime} seconds")
-        if len(self._verified) >= VERIFIED_TOKENS:
-            del self._verified[next(iter(self._verified))]  # the oldest entry goes first
-        self._verified[token] = _Verified(kid, key, claims)
+        self._verified[token] = _Verified(kid, key, claims)  # the least recently used goes first
         return claims
 
     async def follow(self, bus: Bus) -> None:

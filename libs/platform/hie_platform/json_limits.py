@@ -84,7 +84,7 @@ def _check_shape(node: dict[str, Any] | list[Any], limits: JsonLimits, depth: in
         kind = type(child)
         if kind is dict or kind is list:
             wide = _check_shape(child, limits, depth + 1) or wide
-        elif kind is float or (kind is int and not -_NARROW < child < _NARROW):
+        elif kind is not str and _wide(child):  # strings, most leaves, skip the call
             wide = True
     return wide
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+from cachetools import LRUCache
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -69,17 +70,13 @@ class LocatorMemory:
     """
 
     def __init__(self, size: int = 65_536) -> None:
-        self._size = size
-        self._keys: dict[str, None] = {}
+        self._keys: LRUCache[str, None] = LRUCache(maxsize=size)
 
     def __contains__(self, patient_key: str) -> bool:
         return patient_key in self._keys
 
     def add(self, patient_key: str) -> None:
-        self._keys.pop(patient_key, None)
-        self._keys[patient_key] = None
-        if len(self._keys) > self._size:
-            del self._keys[next(iter(self._keys))]  # the least recently confirmed goes
+        self._keys[patient_key] = None  # the least recently confirmed goes first
 
 
 @dataclass(frozen=True)

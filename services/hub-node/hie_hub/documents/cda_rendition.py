@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
+
+from cachetools import LRUCache, cached
 
 from hie_hub.core.rest import size_and_hash
 from hie_schemas.cda import CDA_MEDIA_TYPE, CdaError, fhir_to_cda
@@ -64,24 +65,19 @@ def rendition_content(document_id: str, kind: DocumentKind, document: bytes) -> 
 # generated from: every search and read presents them, and generating K-CDA takes about 0.5 ms a
 # document, which the 512 renditions kept above could not spare a hub with thousands of documents
 # (make load: 5 % of the receiving hub's CPU, in searches of 20). An entry is some 200 bytes.
-_DESCRIBED: OrderedDict[tuple[str, bytes], tuple[int, str] | None] = OrderedDict()
 DESCRIBED_ENTRIES = 32_768
 
 
+@cached(
+    LRUCache(maxsize=DESCRIBED_ENTRIES),
+    key=lambda document_id, document: (document_id, hashlib.sha1(document).digest()),
+)
 def _described(document_id: str, document: bytes) -> tuple[int, str] | None:
-    key = (document_id, hashlib.sha1(document).digest())
-    if key in _DESCRIBED:
-        _DESCRIBED.move_to_end(key)
-        return _DESCRIBED[key]
     try:
         attachment = size_and_hash(rendition(document_id, document))
-        described: tuple[int, str] | None = (attachment["size"], attachment["hash"])
     except (CdaError, ValueError):
-        described = None
-    _DESCRIBED[key] = described
-    if len(_DESCRIBED) > DESCRIBED_ENTRIES:
-        _DESCRIBED.popitem(last=False)
-    return described
+        return None
+    return attachment["size"], attachment["hash"]
 
 
 def with_rendition(docref: dict[str, Any], document: bytes) -> dict[str, Any]:
