@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
-import copy
+import functools
 from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 
-def make_ct_series(count: int, study_uid: str | None = None, accession: str = "ACC0001") -> list[Dataset]:
+@functools.cache
+def _template() -> bytes:
+    """CT_small.dcm's bytes, read once: parsing them anew per instance costs 0.6 ms, a deepcopy of the
+    parsed dataset 2.8 ms (measured on this machine), and ``make load`` makes ~20 instances a second
+    on the cores the federation it measures runs on."""
     source = get_testdata_file("CT_small.dcm")
     if source is None:
         raise FileNotFoundError("pydicom's CT_small.dcm test file is missing")
-    template = dcmread(source)
+    return Path(source).read_bytes()
+
+
+def make_ct_series(count: int, study_uid: str | None = None, accession: str = "ACC0001") -> list[Dataset]:
+    template = _template()
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
     series: list[Dataset] = []
     for number in range(1, count + 1):
-        ds = copy.deepcopy(template)
+        ds = dcmread(BytesIO(template))
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.SOPInstanceUID = generate_uid()
