@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import jwt
 from cachetools import LRUCache
 from fastapi import Depends, Request
-from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from hie_platform.errors import Forbidden, ServiceUnavailable, Unauthorized
 from hie_platform.logging import get_logger
 from hie_schemas import subjects
 from hie_schemas.auth import ALGORITHM, AUDIENCE, TokenClaims
-from hie_schemas.envelope import Envelope
 from hie_schemas.events import SigningKeyRetired
 
 if TYPE_CHECKING:
@@ -192,14 +190,10 @@ class TokenVerifier:
     async def follow(self, bus: Bus) -> None:
         """Drop a retired key as soon as the registry says so, then re-read the JWKS."""
 
-        async def on_msg(msg: Msg) -> None:
-            try:
-                notice = Envelope.from_bytes(msg.data).payload(SigningKeyRetired)
-            except (ValidationError, ValueError):
-                return
+        async def retired(notice: SigningKeyRetired) -> None:
             await self.key_retired(notice.kid)
 
-        await bus.nc.subscribe(subjects.REGISTRY_KEY_RETIRED, cb=on_msg)
+        await bus.follow(subjects.REGISTRY_KEY_RETIRED, SigningKeyRetired, retired)
 
 
 def bearer_token(request: Request) -> str:

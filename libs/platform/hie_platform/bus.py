@@ -25,12 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_platform.db import Database, insert_or_skip
 from hie_platform.errors import RpcError, RpcRemoteError
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
-from hie_platform.workers import cancel_and_wait
+from hie_platform.workers import cancel_and_wait, describe
 from hie_schemas import contract, streams
 from hie_schemas.envelope import Envelope, EventPayload
 
 log = get_logger(__name__)
 T = TypeVar("T", bound=BaseModel)
+P = TypeVar("P", bound=EventPayload)
 EnvelopeHandler = Callable[[Envelope], Awaitable[None]]
 # The hub of an institution, as the registry says (None: no such institution, or no hub).
 HubOf = Callable[[str], Awaitable[str | None]]
@@ -231,6 +232,20 @@ class Bus:
 
         await self.nc.subscribe(subject, queue=queue, cb=on_msg)
 
+    async def follow(self, subject: str, model: type[P], apply: Callable[[P], Awaitable[None]]) -> None:
+        """Call ``apply`` with each ``model`` payload published on ``subject``, over core NATS (for a
+        cache kept current, not a ledger: nothing is redelivered); a message that does not decode as
+        ``model`` is ignored."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                payload = Envelope.from_bytes(msg.data).payload(model)
+            except (ValidationError, ValueError):
+                return
+            await apply(payload)
+
+        await self.nc.subscribe(subject, cb=on_msg)
+
     def consume_kinds(
         self,
         durable: str,
@@ -406,25 +421,7 @@ class Bus:
             return
         token = correlation_id.set(envelope.correlation_id)
         try:
-            await handler(envelope)
-            await msg.ack()
-        except PermanentEventError as exc:
-            log.error("event terminated", durable=durable, event_id=envelope.id, error=str(exc))
-            await msg.term()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            deliveries = msg.metadata.num_delivered if msg.metadata else 1
-            delay = min(30.0, 0.2 * 2 ** min(deliveries, 8))
-            log.warning(
-                "event handler failed; will retry",
-                durable=durable,
-                event_id=envelope.id,
-                delay=delay,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=delay)
+            await self._settle(msg, durable, handler(envelope), event_id=envelope.id)
         finally:
             correlation_id.reset(token)
 
@@ -432,8 +429,13 @@ class Bus:
         self, msg: Msg, durable: str, dispatch: Callable[[Msg], Awaitable[Envelope | None]]
     ) -> None:
         """consume_kinds: refusals terminated (counted); failures redelivered with backoff."""
+        await self._settle(msg, durable, dispatch(msg), subject=msg.subject)
+
+    async def _settle(self, msg: Msg, durable: str, work: Awaitable[object], **where: str) -> None:
+        """Acknowledge ``msg`` once ``work`` is done; terminate it when it can never be processed (a
+        refusal is counted); otherwise redeliver it with a backoff. ``where`` names it in the logs."""
         try:
-            await dispatch(msg)
+            await work
             await msg.ack()
         except RefusedMessage as exc:
             address = contract.parse(msg.subject)
@@ -441,24 +443,18 @@ class Bus:
             refused(address.kind.value if address else "unknown", exc, durable=durable, sender=sender)
             await msg.term()
         except PermanentEventError as exc:
-            log.error("event terminated", durable=durable, subject=msg.subject, error=str(exc))
+            log.error("event terminated", durable=durable, **where, error=str(exc))
             await msg.term()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._retry_later(msg, durable, exc)
-
-    async def _retry_later(self, msg: Msg, durable: str, exc: Exception) -> None:
-        deliveries = msg.metadata.num_delivered if msg.metadata else 1
-        delay = min(30.0, 0.2 * 2 ** min(deliveries, 8))
-        log.warning(
-            "event handler failed; will retry",
-            durable=durable,
-            delay=delay,
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=delay)
+            deliveries = msg.metadata.num_delivered if msg.metadata else 1
+            delay = min(30.0, 0.2 * 2 ** min(deliveries, 8))
+            log.warning(
+                "event handler failed; will retry", durable=durable, **where, delay=delay, error=describe(exc)
+            )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=delay)
 
     async def delete_consumer(self, stream: str, durable: str) -> None:
         with contextlib.suppress(NotFoundError):

@@ -26,15 +26,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import httpx
-from nats.aio.msg import Msg
-from pydantic import ValidationError
 
 from hie_platform.bus import Bus, RefusedMessage
 from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_schemas import subjects
 from hie_schemas.directory import HubView, InstitutionKind, InstitutionView
-from hie_schemas.envelope import Envelope
 from hie_schemas.events import InstitutionChanged
 
 log = get_logger(__name__)
@@ -222,11 +219,7 @@ class RegistryClient:
     async def follow(self, bus: Bus) -> None:
         """Apply every institution change as it is published (core NATS: a cache, not a ledger)."""
 
-        async def on_msg(msg: Msg) -> None:
-            try:
-                change = Envelope.from_bytes(msg.data).payload(InstitutionChanged)
-            except (ValidationError, ValueError):
-                return
+        async def changed(change: InstitutionChanged) -> None:
             self.apply(change.institution)
 
-        await bus.nc.subscribe(subjects.REGISTRY_INSTITUTION_CHANGED, cb=on_msg)
+        await bus.follow(subjects.REGISTRY_INSTITUTION_CHANGED, InstitutionChanged, changed)
