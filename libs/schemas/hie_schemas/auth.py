@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from hie_schemas.directory import InstitutionKind
+from hie_schemas.model import FrozenModel
 
 AUDIENCE = "hie-federation"
 ALGORITHM = "ES256"
@@ -13,10 +14,10 @@ SCOPE_EXCHANGE = "exchange"  # institutions: publish, search, read, consent at t
 SCOPE_AGENCY = "agency"  # the operating agency: lifecycle, directory edits, statistics
 
 
-class TokenClaims(BaseModel):
+class TokenClaims(FrozenModel):
     """The claims a service reads from a verified access token."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(extra="ignore")
 
     iss: str
     sub: str  # client id

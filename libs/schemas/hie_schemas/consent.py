@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from hie_schemas.model import FrozenModel
 
 
 class ConsentPolicy(StrEnum):
@@ -62,10 +64,8 @@ class Rule(StrEnum):
     DENY_CONSENT_FEED_STALE = "deny-consent-feed-stale"
 
 
-class ConsentState(BaseModel):
+class ConsentState(FrozenModel):
     """One version of a patient's consent, in force from ``effective_at`` until the next version."""
-
-    model_config = ConfigDict(frozen=True)
 
     version: int
     policy: ConsentPolicy
@@ -74,10 +74,8 @@ class ConsentState(BaseModel):
     excluded_departments: frozenset[str] = frozenset()
 
 
-class FlowQuery(BaseModel):
+class FlowQuery(FrozenModel):
     """'May this flow happen?' — everything the rule needs, with no patient identity beyond the key."""
-
-    model_config = ConfigDict(frozen=True)
 
     patient_key: str
     holder: str
@@ -91,9 +89,7 @@ class FlowQuery(BaseModel):
     recipient_in_good_standing: bool = True
 
 
-class Decision(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class Decision(FrozenModel):
     permit: bool
     rule: Rule
     consent_version: int | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict
+from hie_schemas.model import FrozenModel
 
 
 class InstitutionKind(StrEnum):
@@ -29,18 +29,14 @@ class InstitutionState(StrEnum):
         return self is InstitutionState.ACTIVE
 
 
-class DicomEndpointInfo(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class DicomEndpointInfo(FrozenModel):
     ae_title: str
     host: str
     port: int
 
 
-class InstitutionView(BaseModel):
+class InstitutionView(FrozenModel):
     """What the directory tells anyone about an institution (no contact details)."""
-
-    model_config = ConfigDict(frozen=True)
 
     code: str
     oid: str
@@ -59,10 +55,8 @@ class InstitutionView(BaseModel):
         return self.state.in_good_standing
 
 
-class HubView(BaseModel):
+class HubView(FrozenModel):
     """A hub as other nodes route to it: its slug, hospital, FHIR base and imaging gateway."""
-
-    model_config = ConfigDict(frozen=True)
 
     slug: str
     code: str

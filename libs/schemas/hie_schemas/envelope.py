@@ -7,35 +7,33 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from hie_schemas.model import FrozenModel
 
 SCHEMA_VERSION = 1
 
 P = TypeVar("P", bound="EventPayload")
 
 
-class EventPayload(BaseModel):
+class EventPayload(FrozenModel):
     """Base for typed event payloads; each subclass names its event type and schema version."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     event_type: ClassVar[str]
     schema_version: ClassVar[int] = SCHEMA_VERSION
 
 
-class Source(BaseModel):
+class Source(FrozenModel):
     """Which service and which node emitted an event."""
-
-    model_config = ConfigDict(frozen=True)
 
     service: str
     node: str
 
 
-class Envelope(BaseModel):
+class Envelope(FrozenModel):
     """A frozen, versioned wrapper: id (also the JetStream Nats-Msg-Id), type, time, source, data."""
-
-    model_config = ConfigDict(frozen=True)
 
     id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     type: str

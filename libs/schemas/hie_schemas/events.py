@@ -7,13 +7,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
 from hie_schemas import subjects
 from hie_schemas.codes import DocumentType
 from hie_schemas.consent import ConsentPolicy, Decision, FlowQuery, Purpose
 from hie_schemas.directory import InstitutionView
 from hie_schemas.envelope import EventPayload
+from hie_schemas.model import FrozenModel
 
 # Envelope types (a hub's fact travels on ``<type>.<hub>``: hie_schemas.contract).
 # The consent feed's liveness signal: core NATS, deliberately outside every stream (a stream bound to
@@ -34,10 +33,8 @@ class ExchangeKind(StrEnum):
     PUBLIC_AGENCY = "public-agency"
 
 
-class StudyRef(BaseModel):
+class StudyRef(FrozenModel):
     """An imaging study that belongs to an exchange (XDS-I.b: study UID and accession number)."""
-
-    model_config = ConfigDict(frozen=True)
 
     study_instance_uid: str
     accession_number: str | None = None
@@ -173,9 +170,7 @@ class TaskUpdated(EventPayload):
     updated_at: datetime
 
 
-class DeliveredDocument(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class DeliveredDocument(FrozenModel):
     document_reference: dict[str, Any]
     document: dict[str, Any]
 
@@ -263,31 +258,23 @@ class AuditCheckpoint(EventPayload):
     signature: str
 
 
-class DecisionRequest(BaseModel):
+class DecisionRequest(FrozenModel):
     """Request body of the consent decision RPC (hie.rpc.consent.decide) and POST /decisions."""
-
-    model_config = ConfigDict(frozen=True)
 
     query: FlowQuery
 
 
-class DecisionReply(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class DecisionReply(FrozenModel):
     decision: Decision
 
 
-class LocateRequest(BaseModel):
+class LocateRequest(FrozenModel):
     """Record locator RPC (hie.rpc.registry.locate): which hubs hold documents for a patient key."""
-
-    model_config = ConfigDict(frozen=True)
 
     patient_key: str
 
 
-class LocateReply(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class LocateReply(FrozenModel):
     hubs: list[str]
     # The locator's event feed had facts not yet taken in: a hub may hold documents not named here.
     behind: bool = False
@@ -311,10 +298,8 @@ class DocumentStatusNotice(EventPayload):
     changed_at: datetime
 
 
-class DocumentFilter(BaseModel):
+class DocumentFilter(FrozenModel):
     """ITI-67 filters that travel with a federated search (instants are UTC bounds)."""
-
-    model_config = ConfigDict(frozen=True)
 
     types: list[str] | None = None
     statuses: list[str] | None = None
@@ -323,11 +308,9 @@ class DocumentFilter(BaseModel):
     created_before: datetime | None = None
 
 
-class HubSearchRequest(BaseModel):
+class HubSearchRequest(FrozenModel):
     """Federated search (hie.hub.<hub>.rpc.search.<asking hub>): the holding hub answers as the data
     holder."""
-
-    model_config = ConfigDict(frozen=True)
 
     patient_key: str
     requester: str  # 요양기관기호 of the asking institution
@@ -337,11 +320,9 @@ class HubSearchRequest(BaseModel):
     filter: DocumentFilter = DocumentFilter()
 
 
-class HubSearchReply(BaseModel):
+class HubSearchReply(FrozenModel):
     """``outcome``: ok (documents may be empty), denied (the hub holds records that consent does not
     disclose), refused (the request itself was not acceptable); ``rule`` names the consent rule."""
-
-    model_config = ConfigDict(frozen=True)
 
     hub: str
     outcome: str
@@ -351,11 +332,9 @@ class HubSearchReply(BaseModel):
     message: str = ""
 
 
-class HubRetrieveRequest(BaseModel):
+class HubRetrieveRequest(FrozenModel):
     """Federated retrieve (hie.hub.<hub>.rpc.retrieve.<asking hub>): one document for the asking
     institution."""
-
-    model_config = ConfigDict(frozen=True)
 
     document_id: str
     requester: str
@@ -364,9 +343,7 @@ class HubRetrieveRequest(BaseModel):
     justification: str | None = None
 
 
-class HubRetrieveReply(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class HubRetrieveReply(FrozenModel):
     hub: str
     outcome: str  # ok | denied | not-found | refused
     document_reference: dict[str, Any] | None = None

@@ -6,9 +6,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic import ConfigDict, Field, SecretStr, StringConstraints, model_validator
 
 from hie_schemas.consent import ConsentPolicy
+from hie_schemas.model import FrozenModel
 
 
 class ConsentChannel(StrEnum):
@@ -47,19 +48,15 @@ Mobile = Annotated[str, StringConstraints(strip_whitespace=True, pattern=MOBILE_
 Code = Annotated[str, StringConstraints(pattern=r"^[0-9]{6}$")]
 
 
-class Exclusion(BaseModel):
+class Exclusion(FrozenModel):
     """An institution or department the patient excluded, and why (KHIS: each exclusion has a reason)."""
-
-    model_config = ConfigDict(frozen=True)
 
     kind: ExclusionKind
     code: str
     reason: str
 
 
-class Signer(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class Signer(FrozenModel):
     relationship: SignerRelationship = SignerRelationship.SELF
     name: Text100 | None = None
     contact: Text100 | None = None
@@ -71,10 +68,8 @@ class Signer(BaseModel):
         return self
 
 
-class ExchangeHistoryEntry(BaseModel):
+class ExchangeHistoryEntry(FrozenModel):
     """One line of what the patient sees: who sent what to whom, when, and what became of it."""
-
-    model_config = ConfigDict(frozen=True)
 
     exchange_id: str
     kind: str | None
@@ -86,10 +81,8 @@ class ExchangeHistoryEntry(BaseModel):
     purpose: str | None = None
 
 
-class AccessHistoryEntry(BaseModel):
+class AccessHistoryEntry(FrozenModel):
     """One access to the patient's records at any node; emergency accesses are flagged."""
-
-    model_config = ConfigDict(frozen=True)
 
     occurred_at: datetime
     institution: str | None
@@ -104,10 +97,8 @@ class AccessHistoryEntry(BaseModel):
     justification: str | None = None
 
 
-class ConsentVersionView(BaseModel):
+class ConsentVersionView(FrozenModel):
     """One version of the patient's consent as the patient (or the agency) sees it."""
-
-    model_config = ConfigDict(frozen=True)
 
     resource_id: str
     version: int
@@ -121,9 +112,7 @@ class ConsentVersionView(BaseModel):
     has_signature_image: bool
 
 
-class PatientHistory(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class PatientHistory(FrozenModel):
     exchanges: list[ExchangeHistoryEntry]
     accesses: list[AccessHistoryEntry]
 
@@ -131,25 +120,23 @@ class PatientHistory(BaseModel):
 # --- portal and call centre ---------------------------------------------------------------------
 
 
-class IdentityStart(BaseModel):
+class IdentityStart(FrozenModel):
     """The patient asks to prove who they are; the RRN is a secret so that no repr can print it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     rrn: SecretStr
     phone: Mobile
 
 
-class CodeSubmission(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class CodeSubmission(FrozenModel):
+    model_config = ConfigDict(extra="forbid")
 
     code: Code
 
 
-class ChallengeOpened(BaseModel):
+class ChallengeOpened(FrozenModel):
     """A code is on its way; ``dev_code`` is present only when the service runs in development."""
-
-    model_config = ConfigDict(frozen=True)
 
     challenge_id: str
     expires_at: datetime
@@ -157,18 +144,16 @@ class ChallengeOpened(BaseModel):
     dev_code: str | None = None
 
 
-class PatientSessionToken(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class PatientSessionToken(FrozenModel):
     access_token: str
     token_type: Literal["Bearer"] = "Bearer"
     expires_in: int
 
 
-class ExclusionRequest(BaseModel):
+class ExclusionRequest(FrozenModel):
     """Exclude one institution (요양기관기호) or one department (HIRA code), with the patient's reason."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     institution: str | None = None
     department: str | None = None
@@ -187,10 +172,10 @@ class ExclusionRequest(BaseModel):
         return Exclusion(kind=ExclusionKind.DEPARTMENT, code=self.department, reason=self.reason)
 
 
-class ConsentRequest(BaseModel):
+class ConsentRequest(FrozenModel):
     """Consent, partial consent, entire or partial withdrawal, re-consent: the complete new version."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     policy: ConsentPolicy
     exclusions: list[ExclusionRequest] = Field(default_factory=list, max_length=100)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from hie_schemas.model import FrozenModel
 
 
-class StudyStatus(BaseModel):
+class StudyStatus(FrozenModel):
     """Where the instances of one study stand at this gateway (counts of instances per state)."""
-
-    model_config = ConfigDict(frozen=True)
 
     study_instance_uid: str
     exchange_id: str | None = Field(description="the exchange the study belongs to (the first, if several)")
