@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import OrderedDict
 from datetime import UTC, datetime
 
@@ -12,7 +10,7 @@ from hie_imaging.schemas import StudyStatus
 from hie_platform.bus import Incoming, first_time
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_platform.workers import cancel_and_wait
+from hie_platform.workers import PeriodicWorker
 from hie_schemas import contract, streams
 from hie_schemas.events import ExchangeSent, StudyProgress
 
@@ -30,33 +28,23 @@ class ProgressReporter:
     def __init__(self, runtime: Runtime, hub: str, interval: float = 0.5, remember: int = 10_000) -> None:
         self._runtime = runtime
         self._hub = hub
-        self._interval = interval
         self._remember = remember
         self._dirty: set[str] = set()
         self._published: OrderedDict[str, StudyStatus] = OrderedDict()
-        self._task: asyncio.Task[None] | None = None
+        # A pass each interval (the first one interval after start), and a last one on stop.
+        self._worker = PeriodicWorker("study-progress", self._pass, interval, run_now=False, final_pass=True)
 
     def touch(self, *study_uids: str) -> None:
         self._dirty.update(study_uids)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._worker.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-        with contextlib.suppress(Exception):
-            await self.flush()
+        await self._worker.stop()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("progress pass failed; will retry", error=f"{type(exc).__name__}: {exc}")
+    async def _pass(self) -> None:
+        await self.flush()
 
     async def flush(self) -> int:
         if not self._dirty:

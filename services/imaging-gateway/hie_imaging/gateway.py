@@ -21,7 +21,7 @@ from hie_imaging.models import Role, State
 from hie_imaging.relay import RelayWorker
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_platform.workers import cancel_and_wait
+from hie_platform.workers import PeriodicWorker
 
 log = get_logger(__name__)
 
@@ -85,7 +85,7 @@ class ImagingGateway:
         self._arrived = asyncio.Event()
         self._stopping = False
         self._recorder: asyncio.Task[None] | None = None
-        self._purge_task: asyncio.Task[None] | None = None
+        self.purger = PeriodicWorker("imaging-purge", self._purge_pass, settings.purge_interval_seconds)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -101,7 +101,7 @@ class ImagingGateway:
             self.reporter.start()
             follow_exchanges(self.runtime, self.settings.hub, self.settings.exchange_consumer, self.reporter)
             self.worker.start()
-            self._purge_task = asyncio.create_task(self._purge_loop())
+            self.purger.start()
             self._recorder = asyncio.create_task(self._record_loop())
             self.server.start(self.settings.dicom_bind_host, self.settings.dicom_port)
         except BaseException:
@@ -123,8 +123,7 @@ class ImagingGateway:
                 await asyncio.wait_for(self._recorder, timeout=10.0)
             except TimeoutError:
                 log.warning("stopped before recording every received instance; the journal keeps them")
-        if self._purge_task is not None:
-            await cancel_and_wait(self._purge_task)
+        await self.purger.stop()
         await self.worker.stop()
         await self.callers.stop()
         await self.reporter.stop()
@@ -273,15 +272,8 @@ class ImagingGateway:
 
     # --- purging held studies --------------------------------------------------------------------
 
-    async def _purge_loop(self) -> None:
-        while True:
-            try:
-                await self.purge_held()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("purge pass failed", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(self.settings.purge_interval_seconds)
+    async def _purge_pass(self) -> None:
+        await self.purge_held()
 
     async def purge_held(self, now: datetime | None = None) -> int:
         """Drop instances no exchange claimed within hold_seconds: the row says purged, the file goes.
