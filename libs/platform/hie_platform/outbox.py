@@ -28,7 +28,7 @@ from hie_platform.bus import Bus
 from hie_platform.db import Database, before_commit, events_written
 from hie_platform.errors import PayloadTooLarge
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
-from hie_platform.workers import cancel_and_wait
+from hie_platform.workers import PeriodicWorker
 from hie_schemas import streams
 from hie_schemas.envelope import Envelope, EventPayload, Source
 
@@ -190,51 +190,34 @@ class OutboxRelay:
         self.policy = policy or RetryPolicy()
         self.stats = RelayStats()
         self.stats_every = stats_every
-        self._wake = asyncio.Event()
-        self._stopping = False
         self._bus_down_logged = False
         self._can_probe = True
-        self._task: asyncio.Task[None] | None = None
+        # A pass at once (rows left from before a restart go out now), then every interval or on a kick.
+        self.worker = PeriodicWorker("outbox-relay", self._pass, interval)
 
     def kick(self) -> None:
-        self._wake.set()
+        self.worker.kick()
 
     def start(self) -> None:
         # Woken by every commit that wrote outbox rows (hie_platform.db), not by hand at each call site.
         self.db.on_event_commit.append(self.kick)
-        self._wake.set()  # the first pass at once: rows left from before a restart go out now
-        self._task = asyncio.create_task(self._run())
+        self.worker.start()
 
     async def stop(self) -> None:
         if self.kick in self.db.on_event_commit:
             self.db.on_event_commit.remove(self.kick)
-        self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        await self.worker.stop()
         with contextlib.suppress(Exception):
-            await self.flush()
+            await self.flush()  # what the last commits wrote; what is left waits for the next start
 
-    async def _run(self) -> None:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
-        # arrives as the event fires (cpython gh-86296), and the relay would never stop.
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await self._wake.wait()
-            if self._stopping:
-                return
-            self._wake.clear()
-            try:
-                while await self.flush() == self.batch:
-                    pass
-                loop_time = asyncio.get_running_loop().time()
-                if loop_time - self.stats.refreshed_at >= self.stats_every:
-                    await self.refresh_stats()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("outbox relay pass failed; will retry", error=f"{type(exc).__name__}: {exc}")
+    async def _pass(self) -> bool:
+        """One batch; True while batches come back full (more is waiting). The gauges' counts are read
+        again at the end of a pass once they are ``stats_every`` seconds old."""
+        if await self.flush() == self.batch:
+            return True
+        if asyncio.get_running_loop().time() - self.stats.refreshed_at >= self.stats_every:
+            await self.refresh_stats()
+        return False
 
     async def flush(self) -> int:
         """Publish up to one batch of due rows; returns how many were settled (published, or given a
