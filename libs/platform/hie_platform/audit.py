@@ -161,6 +161,20 @@ class AuditTrail:
         session.info.setdefault(key, []).append(fields)
         before_commit(session, key, self._append)
 
+    async def record_read(
+        self,
+        session: AsyncSession,
+        action: str,
+        actor: TokenClaims | None,
+        patient_key: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """A read of one patient's records that was answered: who read (None: the patient) and how
+        much the answer held (``detail``), never what."""
+        await self.record(
+            session, action=action, actor=actor, outcome="success", patient_key=patient_key, detail=detail
+        )
+
     async def _append(self, session: AsyncSession) -> None:
         """Chain this transaction's records onto the head, just before the commit.
 

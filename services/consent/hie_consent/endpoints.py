@@ -220,9 +220,7 @@ async def get_consent_records(
     session: SessionDep, runtime: RuntimeDep, actor: AgencyActor, key: PatientKey
 ) -> list[ConsentVersionView]:
     views = await service.version_views(session, key)
-    await runtime.audit.record(
-        session, action="consent-read", actor=actor, outcome="success", patient_key=key
-    )
+    await runtime.audit.record_read(session, "consent-read", actor, key)
     return views
 
 

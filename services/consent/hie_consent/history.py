@@ -208,13 +208,8 @@ async def exchange_history(
 ) -> list[ExchangeHistoryEntry]:
     """The agency's view of a patient's exchanges (the read is audited)."""
     rows = await repository.exchange_history(session, patient_key)
-    await runtime.audit.record(
-        session,
-        action="exchange-history-read",
-        actor=actor,
-        outcome="success",
-        patient_key=patient_key,
-        detail={"entries": len(rows)},
+    await runtime.audit.record_read(
+        session, "exchange-history-read", actor, patient_key, {"entries": len(rows)}
     )
     return _exchange_lines(rows)
 
@@ -225,14 +220,8 @@ async def patient_history_read(
     """The patient's own read of their history (portal API, or ``via`` the web portal), audited."""
     found = await patient_history(session, patient_key)
     counts = {"exchanges": len(found.exchanges), "accesses": len(found.accesses)}
-    await runtime.audit.record(
-        session,
-        action="portal.history-read",
-        actor=None,
-        outcome="success",
-        patient_key=patient_key,
-        detail=counts | ({"via": via} if via else {}),
-    )
+    via_web = {"via": via} if via else {}
+    await runtime.audit.record_read(session, "portal.history-read", None, patient_key, counts | via_web)
     return found
 
 
