@@ -96,8 +96,21 @@ def _match(template: str, subject: str) -> dict[str, str] | None:
     return found
 
 
+class _Addressed:
+    """What a message kind and an RPC operation share: a subject template and how it is filled in."""
+
+    template: str
+
+    def subject(self, *, sender: str | None = None, to: str | None = None) -> str:
+        return _fill(self.template, to, sender)
+
+    def pattern(self, *, sender: str = "*", to: str = "*") -> str:
+        """The subject with wildcards (``*``) or given values: filters and permissions."""
+        return _pattern(self.template, to, sender)
+
+
 @dataclass(frozen=True)
-class Message:
+class Message(_Addressed):
     """One message kind: its envelope type, subject template, publishers, consumers and stream."""
 
     kind: Kind
@@ -112,28 +125,15 @@ class Message:
     def sender_bound(self) -> bool:
         return SENDER in self.template.split(".")
 
-    def subject(self, *, sender: str | None = None, to: str | None = None) -> str:
-        return _fill(self.template, to, sender)
-
-    def pattern(self, *, sender: str = "*", to: str = "*") -> str:
-        """The subject with wildcards (``*``) or given values: filters and permissions."""
-        return _pattern(self.template, to, sender)
-
 
 @dataclass(frozen=True)
-class Rpc:
+class Rpc(_Addressed):
     """One request/reply operation: its subject, who answers and who may ask."""
 
     operation: Operation
     template: str
     server: Role
     callers: frozenset[Role]
-
-    def subject(self, *, to: str | None = None, sender: str | None = None) -> str:
-        return _fill(self.template, to, sender)
-
-    def pattern(self, *, to: str = "*", sender: str = "*") -> str:
-        return _pattern(self.template, to, sender)
 
 
 @dataclass(frozen=True)
