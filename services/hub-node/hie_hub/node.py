@@ -88,31 +88,20 @@ class HubNode:
     webhooks_due: ChangeSignal = field(default_factory=ChangeSignal)
     located: LocatorMemory = field(default_factory=LocatorMemory)
 
-    @property
-    def hub(self) -> str:
-        return self.settings.hub
-
     # The parts of the runtime that domain code uses, named here so that it does not reach through
-    # ``runtime`` (issue 16 point 8): the database, the audit trail, the outbox, the bus, the registry.
-    @property
-    def db(self) -> Database:
-        return self.runtime.db
+    # ``runtime`` (issue 16 point 8); set once, as the runtime's parts never change after its start.
+    hub: str = field(init=False)
+    db: Database = field(init=False)
+    audit: AuditTrail = field(init=False)
+    outbox: Outbox = field(init=False)
+    bus: Bus = field(init=False)
+    registry: RegistryClient = field(init=False)
 
-    @property
-    def audit(self) -> AuditTrail:
-        return self.runtime.audit
-
-    @property
-    def outbox(self) -> Outbox:
-        return self.runtime.outbox
-
-    @property
-    def bus(self) -> Bus:
-        return self.runtime.bus
-
-    @property
-    def registry(self) -> RegistryClient:
-        return self.runtime.registry
+    def __post_init__(self) -> None:
+        # object.__setattr__: how a frozen dataclass sets a field of its own, once, here.
+        object.__setattr__(self, "hub", self.settings.hub)
+        for name in ("db", "audit", "outbox", "bus", "registry"):
+            object.__setattr__(self, name, getattr(self.runtime, name))
 
 
 async def _node(request: Request) -> HubNode:
