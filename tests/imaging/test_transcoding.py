@@ -315,7 +315,7 @@ def test_fallback_contexts_count_against_the_128_context_limit(tmp_path: Path) -
     syntaxes = [UID(f"1.2.840.10008.1.2.4.{n}") for n in (50, 57, 70, 80, 90, 91)]
     sop_classes = [generate_uid() for _ in range(30)]
     outgoing = [
-        scu._Outgoing(tmp_path / f"{i}-{j}.dcm", sop_class, generate_uid(), syntax)
+        scu._Outgoing(tmp_path / f"{i}-{j}.dcm", sop_class, generate_uid(), syntax, 0)
         for i, sop_class in enumerate(sop_classes)
         for j, syntax in enumerate(syntaxes)
     ]
@@ -331,8 +331,8 @@ def test_fallback_contexts_count_against_the_128_context_limit(tmp_path: Path) -
 
 
 def test_uncompressed_instances_propose_the_other_uncompressed_syntax_only(tmp_path: Path) -> None:
-    ct = scu._Outgoing(tmp_path / "ct.dcm", CTImageStorage, generate_uid(), ExplicitVRLittleEndian)
-    sc = scu._Outgoing(tmp_path / "sc.dcm", SecondaryCaptureImageStorage, generate_uid(), RLELossless)
+    ct = scu._Outgoing(tmp_path / "ct.dcm", CTImageStorage, generate_uid(), ExplicitVRLittleEndian, 0)
+    sc = scu._Outgoing(tmp_path / "sc.dcm", SecondaryCaptureImageStorage, generate_uid(), RLELossless, 0)
 
     assert ct.fallback_keys == ((CTImageStorage, ImplicitVRLittleEndian),)
     assert sc.fallback_keys == (

@@ -16,17 +16,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 
 from hie_imaging.dicom import command, sop
+from hie_imaging.dicom.filemeta import FileMetaError, read_file_meta
 from hie_imaging.dicom.reactor import request_association
 from hie_imaging.dicom.transcode import TranscodeError, transcode
 
@@ -135,6 +135,7 @@ class _Outgoing:
     sop_class_uid: UID
     sop_instance_uid: str
     transfer_syntax_uid: UID
+    dataset_offset: int  # the dataset's bytes start here, after the file meta
 
     @property
     def context_key(self) -> tuple[str, str]:
@@ -268,7 +269,7 @@ def _send_batch(
     statuses: SendResult,
     proceed: Callable[[str], bool] | None = None,
 ) -> None:
-    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+    accepted = _accepted_contexts(assoc)
     transcoded: Counter[tuple[UID, UID]] = Counter()
     try:
         for position, item in enumerate(batch):
@@ -276,7 +277,7 @@ def _send_batch(
                 statuses.withheld.extend(rest.sop_instance_uid for rest in batch[position:])
                 return
             if item.context_key in accepted:
-                _store(assoc, endpoint, item, item.path, statuses)
+                _store(assoc, endpoint, item, accepted[item.context_key], statuses)
                 continue
             target = _send_decoded(assoc, endpoint, item, accepted, statuses)
             if target is not None:
@@ -298,7 +299,7 @@ def _send_decoded(
     assoc: Association,
     endpoint: DicomEndpoint,
     item: _Outgoing,
-    accepted: set[tuple[str, str]],
+    accepted: Mapping[tuple[str, str], int],
     statuses: SendResult,
 ) -> UID | None:
     """The peer refused the item's own syntax: send it in the first fallback syntax it accepted.
@@ -331,7 +332,8 @@ def _send_decoded(
         statuses.untranscodable[item.sop_instance_uid] = str(exc)
         return None
     try:
-        _store(assoc, endpoint, item, path, statuses)
+        decoded = _read_meta(path)
+        _store(assoc, endpoint, decoded, accepted[decoded.context_key], statuses)
     finally:
         path.unlink(missing_ok=True)
     statuses.transcoded[item.sop_instance_uid] = (item.transfer_syntax_uid, target)
@@ -339,11 +341,32 @@ def _send_decoded(
 
 
 def _store(
-    assoc: Association, endpoint: DicomEndpoint, item: _Outgoing, path: Path, statuses: SendResult
+    assoc: Association, endpoint: DicomEndpoint, item: _Outgoing, context_id: int, statuses: SendResult
 ) -> None:
-    """C-STORE the Part 10 file at `path` (its dataset bytes streamed as they are) for `item`."""
+    """C-STORE `item` (its dataset bytes streamed from its file as they are) on the accepted context."""
     if not assoc.is_established:
         raise AssociationFailedError(endpoint, "association ended by the peer", statuses)
+    status = _c_store(assoc, context_id, item)
+    if status is None:
+        # No response: the peer aborted, or the DIMSE timeout passed (and we aborted); or the
+        # response was invalid (pynetdicom logged it and aborted).
+        reason = f"no C-STORE response (peer abort or {assoc.dimse_timeout} s DIMSE timeout)"
+        raise AssociationFailedError(endpoint, reason, statuses)
+    statuses[item.sop_instance_uid] = status
+    if not sop.is_stored(status):
+        LOGGER.warning("%s answered C-STORE with status 0x%04X", endpoint, status)
+
+
+def _c_store(assoc: Association, context_id: int, item: _Outgoing) -> int | None:
+    """Send one C-STORE-RQ and wait for its response: the status, or None when there was none.
+
+    What pynetdicom 3.0.4's `send_c_store(path)` does with STORE_SEND_CHUNKED_DATASET, step for step
+    (request primitive, dataset streamed from the file at its offset, the reactor paused while we
+    wait, the same handling of a missing or invalid response), but with the file meta and the
+    presentation context that the relay has already read and matched: pynetdicom decoded the file
+    meta into a pydicom dataset again (`split_dataset`) and searched the accepted contexts for every
+    instance. With another pynetdicom version, its own `send_c_store`.
+    """
     # pynetdicom 3.0.4 race: send_c_store pauses the association reactor by clearing a checkpoint
     # and polling `_is_paused`, but the reactor sets `_is_paused = False` only *after* its wait()
     # returns. If the sender checks in that gap (~1 in 5,000 sends under CPU load) both threads
@@ -351,18 +374,40 @@ def _store(
     # dimse_timeout and aborts, and the retry stores a duplicate at the peer. Parking the
     # reactor first closes the gap; the moderate timeout and the callers' retry remain as backup.
     _park_reactor(assoc)
-    try:
-        rsp = assoc.send_c_store(path)
-    except RuntimeError:  # the peer released or aborted between our check and the send
-        raise AssociationFailedError(endpoint, "association ended by the peer", statuses) from None
-    status = rsp.get("Status")
-    if status is None:
-        # pynetdicom returns an empty response both when the peer aborts and on DIMSE timeout.
-        reason = f"no C-STORE response (peer abort or {assoc.dimse_timeout} s DIMSE timeout)"
-        raise AssociationFailedError(endpoint, reason, statuses)
-    statuses[item.sop_instance_uid] = int(status)
-    if not sop.is_stored(int(status)):
-        LOGGER.warning("%s answered C-STORE with status 0x%04X", endpoint, int(status))
+    if not command.ENABLED:
+        try:
+            status = assoc.send_c_store(item.path).get("Status")
+        except RuntimeError:  # the peer released or aborted between our check and the send
+            return None
+        return None if status is None else int(status)
+    request = C_STORE()
+    request.MessageID = 1  # send_c_store's default: one request outstanding at a time
+    request.Priority = 2  # low, send_c_store's default
+    request.AffectedSOPClassUID = item.sop_class_uid
+    request.AffectedSOPInstanceUID = item.sop_instance_uid
+    request._dataset_path = (item.path, item.dataset_offset)
+    while not assoc._is_paused:  # as send_c_store; already true once the reactor is parked
+        time.sleep(0.0001)
+    assoc.dimse.send_msg(request, context_id)
+    _, response = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    if response is None:
+        assoc._handle_no_response()
+        return None
+    if not response.is_valid_response:
+        assoc._check_received_status(response)  # logs it and aborts, as send_c_store does
+        return None
+    return int(cast(int, response.Status))
+
+
+def _accepted_contexts(assoc: Association) -> dict[tuple[str, str], int]:
+    """(SOP class, transfer syntax) -> the first accepted context for it in which we may send
+    (SCU role), as pynetdicom's exact match picks it: files are sent only in their own syntax."""
+    accepted: dict[tuple[str, str], int] = {}
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu is True and cx.context_id is not None:
+            accepted.setdefault((str(cx.abstract_syntax), str(cx.transfer_syntax[0])), cx.context_id)
+    return accepted
 
 
 def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
@@ -384,18 +429,15 @@ def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
 
 def _read_meta(path: Path) -> _Outgoing:
     try:
-        meta = read_file_meta_info(path)
-    except (OSError, InvalidDicomError) as exc:
+        meta = read_file_meta(path)
+    except (OSError, FileMetaError) as exc:
         raise UnreadableFileError(path, str(exc)) from exc
-    required = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
-    missing = [keyword for keyword in required if keyword not in meta]
-    if missing:
-        raise UnreadableFileError(path, f"file meta lacks {', '.join(missing)}")
     return _Outgoing(
         path=path,
-        sop_class_uid=UID(meta.MediaStorageSOPClassUID),
-        sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
-        transfer_syntax_uid=UID(meta.TransferSyntaxUID),
+        sop_class_uid=meta.sop_class_uid,
+        sop_instance_uid=meta.sop_instance_uid,
+        transfer_syntax_uid=meta.transfer_syntax_uid,
+        dataset_offset=meta.dataset_offset,
     )
 
 

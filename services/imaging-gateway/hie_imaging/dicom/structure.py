@@ -25,7 +25,7 @@ from collections.abc import Collection
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 # PS3.5 §7.1.2: explicit VRs with 2 reserved bytes and a 4-byte length; the others have a 2-byte one.
-_LONG_VRS = frozenset(
+LONG_VRS = frozenset(
     (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 )
 _UNDEFINED = 0xFFFFFFFF
@@ -109,7 +109,7 @@ class _Walker:
             else:
                 group, element, vr, length = self.tag_vr_short.unpack_from(data, pos)
                 header = 8
-                if vr in _LONG_VRS:
+                if vr in LONG_VRS:
                     if pos + 12 > end:
                         raise IncompleteDatasetError(f"element header cut short at byte {pos}")
                     (length,) = self.long.unpack_from(data, pos + 8)
@@ -155,7 +155,7 @@ class _Walker:
             else:
                 group, element, vr, length = unpack_explicit(data, pos)
                 header = 8
-                if vr in _LONG_VRS:
+                if vr in LONG_VRS:
                     if pos + 12 > end:
                         raise IncompleteDatasetError(f"element header cut short at byte {pos}")
                     (length,) = unpack_long(data, pos + 8)
