@@ -53,9 +53,10 @@ class ProgressReporter:
         published: list[StudyStatus] = []
         try:
             async with self._runtime.db.transaction() as session:
-                for study_uid in sorted(studies):
-                    status = await service.study_status(session, study_uid)
-                    if status is None or self._published.get(study_uid) == status:
+                statuses = await service.studies_status(session, studies)
+                for study_uid in sorted(statuses):
+                    status = statuses[study_uid]
+                    if self._published.get(study_uid) == status:
                         continue
                     await self._runtime.outbox.add(
                         session,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -248,9 +248,16 @@ def study_state(by_state: dict[str, int]) -> str:
 
 
 async def study_status(session: AsyncSession, study_uid: str) -> StudyStatus | None:
-    counts = await repository.study_counts(session, study_uid)
-    if counts is None:
-        return None
+    return (await studies_status(session, [study_uid])).get(study_uid)
+
+
+async def studies_status(session: AsyncSession, study_uids: Collection[str]) -> dict[str, StudyStatus]:
+    """The status of each of these studies that has instances at this gateway."""
+    counted = await repository.studies_counts(session, study_uids)
+    return {study_uid: _status(study_uid, counts) for study_uid, counts in counted.items()}
+
+
+def _status(study_uid: str, counts: repository.StudyCounts) -> StudyStatus:
     by_state = counts.by_state
     return StudyStatus(
         study_instance_uid=study_uid,
