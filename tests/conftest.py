@@ -25,6 +25,7 @@ import pytest
 from sqlalchemy import MetaData, text
 
 from hie_platform.db import Database
+from hie_platform.migrations import upgrade
 from hie_platform.natsd import NatsServer
 
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -167,6 +168,25 @@ async def database_with(
         async with db.writer.begin() as conn:
             await conn.run_sync(metadata.create_all)
         return db
+
+    yield create
+    for db in made:
+        await db.dispose()
+
+
+@pytest.fixture
+async def migrated_database(
+    database: tuple[str, str | None],
+) -> AsyncIterator[Callable[[Path], Awaitable[Database]]]:
+    """``await migrated_database(migrations)``: a Database on this test's SQLite file or PostgreSQL
+    schema, upgraded with a service's migrations; disposed after the test."""
+    made: list[Database] = []
+
+    async def create(migrations: Path) -> Database:
+        url, schema = database
+        await asyncio.to_thread(upgrade, migrations, url, schema)
+        made.append(Database(url, schema))
+        return made[-1]
 
     yield create
     for db in made:

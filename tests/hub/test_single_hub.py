@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,6 @@ from hie_hub.models import PLATFORM, Document, Task
 from hie_hub.tasks import repository as tasks_repo
 from hie_platform.audit import AuditTrail
 from hie_platform.db import Database
-from hie_platform.migrations import upgrade
 from hie_platform.natsd import NatsServer
 from hie_platform.outbox import Outbox
 from hie_schemas.codes import DocumentType
@@ -57,12 +56,8 @@ def document_row(
 
 
 @pytest.fixture
-async def db(database: tuple[str, str | None]) -> AsyncIterator[Database]:
-    url, schema = database
-    await asyncio.to_thread(upgrade, MIGRATIONS, url, schema)
-    db = Database(url, schema)
-    yield db
-    await db.dispose()
+async def db(migrated_database: Callable[[Path], Awaitable[Database]]) -> Database:
+    return await migrated_database(MIGRATIONS)
 
 
 async def test_repository_keeps_documents_and_tasks(db: Database) -> None:

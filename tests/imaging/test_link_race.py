@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -20,7 +21,6 @@ from hie_imaging import service
 from hie_imaging.app import MIGRATIONS
 from hie_imaging.models import PLATFORM, Instance, Role, State
 from hie_platform.db import Database
-from hie_platform.migrations import upgrade
 from hie_platform.outbox import Outbox
 from hie_schemas.codes import DocumentType
 from hie_schemas.envelope import Source
@@ -33,12 +33,8 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 @pytest.fixture
-async def db(database: tuple[str, str | None]) -> AsyncIterator[Database]:
-    url, schema = database
-    await asyncio.to_thread(upgrade, MIGRATIONS, url, schema)
-    db = Database(url, schema)
-    yield db
-    await db.dispose()
+async def db(migrated_database: Callable[[Path], Awaitable[Database]]) -> Database:
+    return await migrated_database(MIGRATIONS)
 
 
 def _uid() -> str:

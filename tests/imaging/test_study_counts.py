@@ -3,10 +3,9 @@ pass give each study what it alone gives (real SQLite and PostgreSQL, with the g
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,19 +16,14 @@ from hie_imaging import service
 from hie_imaging.models import NO_EXCHANGE, Instance, Role, State
 from hie_imaging.repository import StudyCounts, studies_counts
 from hie_platform.db import Database
-from hie_platform.migrations import upgrade
 
 MIGRATIONS = Path(service.__file__).parent / "migrations"
 T0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-async def db(database: tuple[str, str | None]) -> AsyncIterator[Database]:
-    url, schema = database
-    await asyncio.to_thread(upgrade, MIGRATIONS, url, schema)
-    db = Database(url, schema)
-    yield db
-    await db.dispose()
+async def db(migrated_database: Callable[[Path], Awaitable[Database]]) -> Database:
+    return await migrated_database(MIGRATIONS)
 
 
 def _rows(rng: random.Random, studies: list[str]) -> list[dict[str, object]]:
