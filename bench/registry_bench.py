@@ -26,29 +26,11 @@ from hie_platform.natsd import NatsServer, free_port, wait_for_port
 from hie_registry.models import Client, Institution
 from hie_registry.seed import HUBS
 from hie_registry.service import hash_secret
+from hie_schemas.codes import REGIONS
 
 NAME = "registry"
 INSTITUTIONS = 10_000
 CLIENTS = 200
-REGIONS = [
-    "서울",
-    "부산",
-    "대구",
-    "인천",
-    "광주",
-    "대전",
-    "울산",
-    "경기",
-    "강원",
-    "충북",
-    "충남",
-    "전북",
-    "전남",
-    "경북",
-    "경남",
-    "제주",
-    "세종",
-]
 WORDS = ["연세", "튼튼", "바른", "행복", "우리", "하나", "미래", "중앙", "새봄", "푸른", "온누리", "365"]
 TYPES = ["내과의원", "가정의학과의원", "정형외과의원", "소아청소년과의원", "이비인후과의원", "영상의학과의원"]
 MIGRATIONS = Path(__file__).parents[1] / "services/registry/hie_registry/migrations"

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from hie_platform.bus import Bus
 from hie_platform.natsd import find_nats_server, free_port, wait_for_port
-from hie_schemas import contract, streams
+from hie_schemas import contract, streams, subjects
 from hie_schemas.contract import DURABLES, HUB_ROLES, MESSAGES, RPCS, Durable, Kind, Message, Role
 from hie_schemas.envelope import Envelope, Source
 
@@ -149,17 +149,6 @@ async def buses(nats_port: int) -> AsyncIterator[dict[str, Bus]]:
         await bus.close()
 
 
-def matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` one token, ``>`` the rest."""
-    want, got = pattern.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(got) > i
-        if i >= len(got) or token not in ("*", got[i]):
-            return False
-    return len(want) == len(got)
-
-
 def publication(msg: Message, role: Role) -> tuple[str, str]:
     """(user, subject) of ``role`` publishing ``msg``: a hub's inbox kinds go from hub B to hub A."""
     tokens = msg.template.split(".")
@@ -183,7 +172,7 @@ def expected(d: Durable) -> set[str]:
     return {
         subject
         for kind, _, subject in PUBLISHED
-        if MESSAGES[kind].stream == d.stream and matches(d.filter(hub_of(d)), subject)
+        if MESSAGES[kind].stream == d.stream and subjects.matches(d.filter(hub_of(d)), subject)
     }
 
 

@@ -29,7 +29,7 @@ from hie_platform.db import Database, before_commit, events_written
 from hie_platform.errors import PayloadTooLarge
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
 from hie_platform.workers import PeriodicWorker
-from hie_schemas import streams
+from hie_schemas import streams, subjects
 from hie_schemas.envelope import Envelope, EventPayload, Source
 
 log = get_logger(__name__)
@@ -142,20 +142,9 @@ class _Pass:
     bus_down: bool = False
 
 
-def _matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
-    want, have = pattern.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(have) > i
-        if i >= len(have) or token not in ("*", have[i]):
-            return False
-    return len(want) == len(have)
-
-
 def stream_of(subject: str) -> str | None:
     """The federation stream that takes ``subject`` (hie_schemas.streams), if any."""
-    return next((s.name for s in streams.ALL if any(_matches(p, subject) for p in s.subjects)), None)
+    return next((s.name for s in streams.ALL if any(subjects.matches(p, subject) for p in s.subjects)), None)
 
 
 def _headers(event_id: str, cid: str | None) -> dict[str, str]:

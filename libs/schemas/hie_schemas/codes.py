@@ -19,6 +19,27 @@ CONSENT_POLICY_SYSTEM = "urn:oid:1.2.410.100110.40.2.2"
 # well established, as a second coding; the template coding is what the hub matches on.
 TEMPLATE_ROOT = "1.2.410.100110.40.2.1"
 TEMPLATE_SYSTEM = f"urn:oid:{TEMPLATE_ROOT}"
+# The 17 시도 (first-level divisions) in the order of their administrative codes (서울 11 … 제주 50):
+# the values an institution's region (Organization.address.state in the directory) is written with.
+REGIONS: tuple[str, ...] = (
+    "서울",
+    "부산",
+    "대구",
+    "인천",
+    "광주",
+    "대전",
+    "울산",
+    "세종",
+    "경기",
+    "강원",
+    "충북",
+    "충남",
+    "전북",
+    "전남",
+    "경북",
+    "경남",
+    "제주",
+)
 
 
 class DocumentType(StrEnum):

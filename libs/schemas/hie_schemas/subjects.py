@@ -25,6 +25,19 @@ def token(value: str, what: str) -> str:
 _token = token
 
 
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching, as the server does it: ``*`` is exactly one token, a final ``>`` one or
+    more. The one copy for every check of a subject against a stream's, a filter's or a permission's
+    pattern."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, piece in enumerate(want):
+        if piece == ">":
+            return len(have) > i
+        if i >= len(have) or piece not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
+
+
 def fact(domain: str, entity: str, event: str) -> str:
     """A past-tense fact, e.g. ``hie.exchange.referral.sent``."""
     return f"hie.{_token(domain, 'domain')}.{_token(entity, 'entity')}.{_token(event, 'event')}"

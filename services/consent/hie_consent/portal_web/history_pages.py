@@ -17,10 +17,10 @@ from hie_consent.portal_web.core import (
     RuntimeDep,
     institution_names,
 )
-from hie_consent.portal_web.i18n import REGIONS
 from hie_consent.schemas import PatientHistory
 from hie_platform.errors import BadRequest, FhirError, NotFound, ServiceUnavailable
 from hie_platform.web import language
+from hie_schemas.codes import REGIONS
 
 router = APIRouter()
 PAGE_SIZE = 20

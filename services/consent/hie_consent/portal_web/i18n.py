@@ -273,22 +273,3 @@ for _code, _label in codes.DEPARTMENTS.items():
     EN[f"dept.{_code}"] = _en.rstrip(")") or _ko
 
 STRINGS = {"ko": KO, "en": EN}
-REGIONS = (
-    "서울",
-    "부산",
-    "대구",
-    "인천",
-    "광주",
-    "대전",
-    "울산",
-    "세종",
-    "경기",
-    "강원",
-    "충북",
-    "충남",
-    "전북",
-    "전남",
-    "경북",
-    "경남",
-    "제주",
-)
