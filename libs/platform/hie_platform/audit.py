@@ -36,6 +36,7 @@ GENESIS = "0" * 64
 CHAIN_VERSION = 2
 # The PostgreSQL advisory lock (transaction-level) under which the chain's head moves.
 CHAIN_LOCK = 7243001
+TAKE_CHAIN_LOCK = text(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})")
 
 
 def chain_hash(prev_hash: str, record: dict[str, Any]) -> str:
@@ -128,6 +129,8 @@ class AuditTrail:
         self.node = node
         self.anchor = anchor  # set by a service that checkpoints its chain (the hub)
         self.sender = sender or node
+        # Built once (every audited request reads the head): see hie_platform.db.insert_or_skip.
+        self._head = select(table.c.sequence, table.c.hash).order_by(table.c.sequence.desc()).limit(1)
 
     async def record(
         self,
@@ -184,12 +187,9 @@ class AuditTrail:
         fields = session.info.pop(f"hie.audit.{self.table.name}", [])
         if not fields:
             return
-        t = self.table
         if session.get_bind().dialect.name == "postgresql":
-            await session.execute(text(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})"))
-        last = (
-            await session.execute(select(t.c.sequence, t.c.hash).order_by(t.c.sequence.desc()).limit(1))
-        ).first()
+            await session.execute(TAKE_CHAIN_LOCK)
+        last = (await session.execute(self._head)).first()
         sequence, prev_hash = (last.sequence, last.hash) if last else (0, GENESIS)
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
@@ -207,7 +207,7 @@ class AuditTrail:
                 }
             )
             prev_hash = digest
-        await session.execute(insert(t), rows)
+        await session.execute(insert(self.table), rows)
         for row in rows:
             await self.outbox.add(
                 session,

@@ -477,8 +477,6 @@ async def first_time(session: AsyncSession, processed: Table, consumer: str, eve
     INSERT: one statement less per event for every consumer, and two replicas that take the same
     redelivered event at once no longer race to an IntegrityError (on PostgreSQL the second waits
     for the first's row and then inserts nothing)."""
-    statement = insert_or_skip(session, processed).values(
-        consumer=consumer, event_id=event_id, processed_at=datetime.now(UTC)
-    )
-    result = await session.execute(statement)
+    row = {"consumer": consumer, "event_id": event_id, "processed_at": datetime.now(UTC)}
+    result = await session.execute(insert_or_skip(session, processed), row)
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ every ``transaction()`` its handlers open inside is that one, committed once for
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -267,11 +268,20 @@ def dialect_insert(session: AsyncSession, table: Table) -> PostgresInsert | SQLi
 def insert_or_skip(session: AsyncSession, table: Table) -> Insert:
     """``INSERT ... ON CONFLICT (primary key) DO NOTHING`` in the session's dialect: a row whose key
     is there already is skipped, with no SELECT first and no race between two writers (on
-    PostgreSQL the second waits for the first's row, then inserts nothing). Give it values, or
-    execute it with a list of rows."""
-    return dialect_insert(session, table).on_conflict_do_nothing(
-        index_elements=list(table.primary_key.columns)
-    )
+    PostgreSQL the second waits for the first's row, then inserts nothing). Execute it with a row's
+    values (a dict) or a list of rows.
+
+    Built once per dialect and table (statements are immutable) and given its values at execution:
+    every consumer runs it for every event (bus.first_time), and a statement built anew with
+    ``.values()`` each time, SQLAlchemy then deriving its cache key again, made a first_time cost 77
+    µs of CPU instead of 34 (SQLite, 2,000 in one transaction; 172 vs 103-122 on PostgreSQL)."""
+    return _insert_or_skip(session.get_bind().dialect.name, table)
+
+
+@functools.cache
+def _insert_or_skip(dialect: str, table: Table) -> Insert:
+    insert = postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+    return insert.on_conflict_do_nothing(index_elements=list(table.primary_key.columns))
 
 
 # --- platform tables: every service's metadata carries them; migrations create them ---------------

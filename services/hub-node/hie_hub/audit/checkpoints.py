@@ -13,11 +13,11 @@ checkpoints and the start logs a warning.
 
 from __future__ import annotations
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.config import HubSettings
-from hie_platform.audit import CHAIN_LOCK
+from hie_platform.audit import TAKE_CHAIN_LOCK
 from hie_platform.audit_anchor import CheckpointSigner, load_or_create_key
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
@@ -66,7 +66,7 @@ class AuditCheckpoints:
         async with self.runtime.db.transaction() as session:
             if session.get_bind().dialect.name == "postgresql":
                 # The appenders' lock: the head holds still until this checkpoint is written.
-                await session.execute(text(f"SELECT pg_advisory_xact_lock({CHAIN_LOCK})"))
+                await session.execute(TAKE_CHAIN_LOCK)
             head = (
                 await session.execute(select(t.c.sequence, t.c.hash).order_by(t.c.sequence.desc()).limit(1))
             ).first()

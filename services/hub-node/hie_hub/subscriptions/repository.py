@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.models import Subscription, WebhookDelivery
@@ -18,16 +18,21 @@ def _unclaimed(now: datetime) -> Any:
     return or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now)
 
 
+# Built once: every Task created or moved asks it (subscriptions.service.task_changed), and building
+# it per call was half its cost (157 vs 85 µs of CPU on SQLite) and 3-6 % of a hub's samples while it
+# took referrals (py-spy).
+_SUBSCRIBED = select(Subscription).where(
+    Subscription.status.in_(bindparam("statuses", expanding=True)),
+    Subscription.institution.in_(bindparam("institutions", expanding=True)),
+)
+
+
 async def subscribed(
     session: AsyncSession, statuses: Collection[str], institutions: Sequence[str]
 ) -> list[Subscription]:
     """The Subscriptions in ``statuses`` of any of ``institutions``."""
-    rows = await session.scalars(
-        select(Subscription).where(
-            Subscription.status.in_(list(statuses)), Subscription.institution.in_(institutions)
-        )
-    )
-    return list(rows.all())
+    params = {"statuses": list(statuses), "institutions": list(institutions)}
+    return list((await session.scalars(_SUBSCRIBED, params)).all())
 
 
 async def next_event_number(session: AsyncSession, subscription_id: str) -> int:
