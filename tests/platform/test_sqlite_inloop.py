@@ -143,3 +143,78 @@ def test_a_cancelled_write_waiting_for_a_lock_then_disposed_does_not_crash(tmp_p
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['holder']"
+
+
+async def _autocheckpoint(db: Database) -> int:
+    async with db.writer.connect() as conn:
+        return int((await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar_one())
+
+
+async def _write_mb(db: Database, batches: int) -> None:
+    for batch in range(batches):  # 100 rows of 1.2 KB a transaction
+        async with db.transaction() as session:
+            rows = [{"id": batch * 100 + i, "v": "x" * 1200} for i in range(100)]
+            await session.execute(text("INSERT INTO t (id, v) VALUES (:id, :v)"), rows)
+
+
+async def test_checkpoints_run_apart_from_the_commits(database: Database, tmp_path: Path) -> None:
+    """With checkpoint_apart (every service's runtime) no commit runs a checkpoint: SQLite's automatic
+    one (past 1,000 pages of WAL, 4 MB) is off on the writer, so the database file does not grow while
+    the WAL takes 4.8 MB; the worker's pass then copies it back."""
+    assert await _autocheckpoint(database) == 1000  # SQLite's default until then
+    await database.checkpoint_apart(interval=3600)  # one pass at start, then only when kicked
+    worker = database._checkpointer
+    assert worker is not None
+    assert await _autocheckpoint(database) == 0
+    for _ in range(100):
+        if worker.passes:
+            break
+        await asyncio.sleep(0.02)
+    file = tmp_path / "x.db"
+    await _write_mb(database, 40)
+    assert file.stat().st_size < 100_000  # every page is still in the WAL
+    passes = worker.passes
+    worker.kick()
+    for _ in range(200):
+        if worker.passes > passes:
+            break
+        await asyncio.sleep(0.02)
+    assert file.stat().st_size > 4_000_000
+    async with database.transaction() as session:
+        assert (await session.execute(text("SELECT count(*) FROM t"))).scalar_one() == 4000
+
+
+async def test_without_checkpoints_apart_a_commit_checkpoints(database: Database, tmp_path: Path) -> None:
+    """The control: SQLite's automatic checkpoint, in the commit that passes 1,000 pages."""
+    await _write_mb(database, 40)
+    assert (tmp_path / "x.db").stat().st_size > 3_000_000
+
+
+async def test_a_new_writer_connection_keeps_the_checkpoints_apart(database: Database) -> None:
+    await database.checkpoint_apart(interval=3600)
+    await database.writer.dispose()  # the pool opens a new connection: the pragma is per connection
+    assert await _autocheckpoint(database) == 0
+
+
+async def _commit_threads(db: Database) -> set[int]:
+    """The threads a write transaction's COMMIT ran on (sqlite3's trace callback sees the statement)."""
+    threads: set[int] = set()
+    async with db.writer.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        raw._conn.set_trace_callback(
+            lambda sql: threads.add(threading.get_ident()) if sql.strip().upper() == "COMMIT" else None
+        )
+    async with db.transaction() as session:
+        await session.execute(text("INSERT INTO t (v) VALUES ('x')"))
+    return threads
+
+
+async def test_commits_run_on_the_loop_once_they_no_longer_checkpoint(database: Database) -> None:
+    """A commit that may checkpoint goes to a thread (it may sync the disk); once the checkpoints run
+    apart, a commit only appends to the WAL and stays on the loop: one thread hop less per write."""
+    loop_thread = threading.get_ident()
+    before = await _commit_threads(database)
+    assert before
+    assert loop_thread not in before
+    await database.checkpoint_apart(interval=3600)
+    assert await _commit_threads(database) == {loop_thread}

@@ -90,6 +90,7 @@ async def open_database(
             raise StartupError(f"{service}: database migration failed: {type(exc).__name__}: {exc}") from exc
     if not await db.ping():
         raise StartupError(f"{service}: database unreachable")
+    await db.checkpoint_apart()
     return db
 
 

@@ -17,7 +17,10 @@ from 395-496 to 133-223 µs of CPU). Two things must never happen on the loop:
   own readers: in WAL mode readers don't block the writer, nor the writer its readers;
 - a wait for the disk: a commit that wrote runs in a thread (one hop per write transaction), since
   it may run a WAL checkpoint, which writes the pages back and syncs (up to 38 ms measured here
-  after a few MB of writes, against a median commit of 37 µs).
+  after a few MB of writes, against a median commit of 37 µs). A service's runtime takes the
+  checkpoints out of the commits (``Database.checkpoint_apart``: SQLite's automatic checkpoint off,
+  a PASSIVE one every second on a connection of its own, in a thread); its commits then only append
+  to the WAL, without a sync (synchronous=NORMAL), and run on the loop.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class Connection:
         # running, and closing or rolling back under it crashed the process (a segmentation fault,
         # reproduced by cancelling a write held up by a lock and disposing the engine).
         self._in_thread: asyncio.Future[Any] | None = None
+        # False once SQLite's automatic checkpoint is off on this connection (hie_platform.db runs the
+        # checkpoints apart): a commit then only appends to the WAL, with no sync (synchronous=NORMAL).
+        self.commits_checkpoint = True
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -124,6 +130,9 @@ class Connection:
         await self.settled()
         conn = self._conn
         if not conn.in_transaction:  # nothing written: a read's "commit" is a no-op
+            return
+        if not self.commits_checkpoint:
+            await self.run(conn.commit)
             return
         # A commit can run a WAL checkpoint (it writes the pages back and syncs the file, tens of ms
         # after a few MB of writes): in a thread, so the loop never waits on the disk.
