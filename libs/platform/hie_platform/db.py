@@ -55,7 +55,10 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.sql.dml import Insert
 
 from . import sqlite_inloop
+from .logging import get_logger
 from .workers import PeriodicWorker
+
+log = get_logger(__name__)
 
 _SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -144,13 +147,25 @@ def _sqlite_pragmas(read_only: bool, checkpoints_apart: Callable[[], bool] = lam
 
 
 _NO_AUTOCHECKPOINT = "PRAGMA wal_autocheckpoint=0"
+# Past this many frames (SQLite's own automatic checkpoint's threshold, about 4 MB) the WAL is
+# truncated. A PASSIVE checkpoint on another connection never rewinds it while the writer keeps
+# committing (the writer appends again before the checkpoint has caught up: 15 of 18 MB written were
+# still in the WAL in tests/platform/test_sqlite_inloop.py), and nothing else would shrink it.
+WAL_TRUNCATE_FRAMES = 1000
+# How long a truncation may wait for readers that hold an older snapshot (it is tried again later).
+_CHECKPOINT_BUSY_SECONDS = 0.2
 
 
-def _checkpoint(path: str) -> None:
-    """One PASSIVE checkpoint of the WAL into the database file, on a connection of its own: it copies
-    what no reader still needs and syncs, without waiting for readers or blocking the writer."""
-    with contextlib.closing(sqlite3.connect(path, timeout=0.0, isolation_level=None)) as conn:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+def _checkpoint(path: str, mode: str) -> int:
+    """A checkpoint of the WAL into the database file on a connection of its own; the frames the WAL
+    holds afterwards. PASSIVE copies what no reader still needs and syncs, without waiting for
+    readers or blocking the writer; TRUNCATE also empties the WAL, once no writer and no older reader
+    is left (taken while the caller holds the process's one writer connection)."""
+    with contextlib.closing(
+        sqlite3.connect(path, timeout=_CHECKPOINT_BUSY_SECONDS, isolation_level=None)
+    ) as conn:
+        busy, frames, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return 0 if mode == "TRUNCATE" and not busy else int(frames)
 
 
 class BatchAbandoned(Exception):
@@ -285,9 +300,22 @@ class Database:
         if not self.is_sqlite or self._file is None or self._checkpointer is not None:
             return
         path = self._file
+        warned = False
 
         async def step() -> bool:
-            await asyncio.to_thread(_checkpoint, path)
+            nonlocal warned
+            frames = await asyncio.to_thread(_checkpoint, path, "PASSIVE")
+            if frames >= WAL_TRUNCATE_FRAMES:
+                # The bulk is copied already, without the writer waiting; now hold the one writer
+                # connection (writes queue in the process, the loop goes on) while the WAL is emptied:
+                # what is left to copy since the PASSIVE pass, a sync, the truncation.
+                async with self.writer.connect():
+                    frames = await asyncio.to_thread(_checkpoint, path, "TRUNCATE")
+            # A WAL that stays long: a reader that keeps a snapshot open past the truncation's 0.2 s.
+            # Said once until it is short again.
+            if frames >= 10 * WAL_TRUNCATE_FRAMES and not warned:
+                log.warning("sqlite WAL not truncated", path=path, frames=frames)
+            warned = frames >= 10 * WAL_TRUNCATE_FRAMES
             return False
 
         self._checkpointer = PeriodicWorker("sqlite-checkpoint", step, interval)
