@@ -149,8 +149,9 @@ def _sqlite_pragmas(read_only: bool, checkpoints_apart: Callable[[], bool] = lam
 _NO_AUTOCHECKPOINT = "PRAGMA wal_autocheckpoint=0"
 # Past this many frames (SQLite's own automatic checkpoint's threshold, about 4 MB) the WAL is
 # truncated. A PASSIVE checkpoint on another connection never rewinds it while the writer keeps
-# committing (the writer appends again before the checkpoint has caught up: 15 of 18 MB written were
-# still in the WAL in tests/platform/test_sqlite_inloop.py), and nothing else would shrink it.
+# committing (the writer appends again before the checkpoint has caught up: with the truncation
+# turned off, the WAL reached 45.6 MB while tests/platform/test_sqlite_inloop.py wrote 36 MB), and
+# nothing else would shrink it.
 WAL_TRUNCATE_FRAMES = 1000
 # How long a truncation may wait for readers that hold an older snapshot (it is tried again later).
 _CHECKPOINT_BUSY_SECONDS = 0.2
@@ -194,8 +195,8 @@ class Database:
         self._file = parsed.database if parsed.database and parsed.database != ":memory:" else None
         self._checkpointer: PeriodicWorker | None = None
         if self.is_sqlite:
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if self._file is not None:
+                Path(self._file).parent.mkdir(parents=True, exist_ok=True)
             # Statements run on the event loop; a lock wait goes to a thread (hie_platform.sqlite_inloop).
             options["module"] = sqlite_inloop.dbapi()
             self.writer: AsyncEngine = create_async_engine(
@@ -296,7 +297,8 @@ class Database:
         writes those pages back and syncs, up to 38 ms measured here, while the one writer
         connection waits and every request that writes queues behind it (hie_platform.sqlite_inloop
         runs that commit in a thread so that the event loop goes on, but the writer does not). A
-        PASSIVE checkpoint on another connection neither waits for readers nor blocks the writer."""
+        PASSIVE checkpoint on another connection neither waits for readers nor blocks the writer; past
+        ``WAL_TRUNCATE_FRAMES`` the WAL is truncated while the writer is held for that moment."""
         if not self.is_sqlite or self._file is None or self._checkpointer is not None:
             return
         path = self._file
@@ -337,9 +339,12 @@ class Database:
 
 def dialect_insert(session: AsyncSession, table: Table) -> PostgresInsert | SQLiteInsert:
     """The INSERT of the session's dialect (SQLite or PostgreSQL), which has ``on_conflict_do_*``."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql_insert(table)
-    return sqlite_insert(table)
+    return insert_of(session.get_bind().dialect.name, table)
+
+
+def insert_of(dialect: str, table: Table) -> PostgresInsert | SQLiteInsert:
+    """The INSERT of a dialect by name, for statements built once per dialect."""
+    return postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
 
 
 def insert_or_skip(session: AsyncSession, table: Table) -> Insert:
@@ -357,8 +362,7 @@ def insert_or_skip(session: AsyncSession, table: Table) -> Insert:
 
 @functools.cache
 def _insert_or_skip(dialect: str, table: Table) -> Insert:
-    insert = postgresql_insert(table) if dialect == "postgresql" else sqlite_insert(table)
-    return insert.on_conflict_do_nothing(index_elements=list(table.primary_key.columns))
+    return insert_of(dialect, table).on_conflict_do_nothing(index_elements=list(table.primary_key.columns))
 
 
 # --- platform tables: every service's metadata carries them; migrations create them ---------------

@@ -19,8 +19,9 @@ from 395-496 to 133-223 µs of CPU). Two things must never happen on the loop:
   it may run a WAL checkpoint, which writes the pages back and syncs (up to 38 ms measured here
   after a few MB of writes, against a median commit of 37 µs). A service's runtime takes the
   checkpoints out of the commits (``Database.checkpoint_apart``: SQLite's automatic checkpoint off,
-  a PASSIVE one every second on a connection of its own, in a thread); its commits then only append
-  to the WAL, without a sync (synchronous=NORMAL), and run on the loop.
+  a PASSIVE one every second on a connection of its own, in a thread, and a truncation of the WAL
+  past 1,000 pages); its commits then only append to the WAL, without a sync (synchronous=NORMAL),
+  and run on the loop.
 """
 
 from __future__ import annotations
