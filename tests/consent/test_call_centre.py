@@ -131,5 +131,11 @@ async def test_wrong_codes_by_text_lock_the_portal_too(consent_service: ConsentS
         for _ in range(5)
     ]
     assert statuses == [422, 422, 422, 422, 429]
+    # Each refusal is raised after its counted attempt (and at the fifth, the lockout) committed.
+    (row,) = [
+        r for r in await consent_service.rows("identity_challenges") if r["id"] == opened["challenge_id"]
+    ]
+    assert (row["attempts"], row["verified_at"]) == (5, None)
+    assert row["locked_until"] is not None
     assert (await open_challenge(consent_service, rrn)).status_code == 429
     assert await consent_service.rows("consent_versions") == []

@@ -143,10 +143,22 @@ async def test_a_wrong_code_counts_and_the_right_one_still_works(consent_service
     bad = await answer(consent_service, challenge["challenge_id"], wrong(challenge["dev_code"]))
     assert bad.status_code == 422
     assert "4 attempt(s) left" in bad.json()["issue"][0]["diagnostics"]
+    # The refusal is raised, yet the counted attempt is committed (hie_platform.db.raise_after_commit).
+    assert await challenge_row(consent_service, challenge["challenge_id"]) == {
+        "attempts": 1,
+        "locked_until": None,
+        "verified_at": None,
+    }
     good = await answer(consent_service, challenge["challenge_id"], challenge["dev_code"])
     assert good.status_code == 200
     reused = await answer(consent_service, challenge["challenge_id"], challenge["dev_code"])
     assert reused.status_code == 409  # a code works once
+
+
+async def challenge_row(service: ConsentService, challenge_id: str) -> dict[str, Any]:
+    """What the database holds of one challenge's attempts, lockout and verification."""
+    (row,) = [r for r in await service.rows("identity_challenges") if r["id"] == challenge_id]
+    return {k: row[k] for k in ("attempts", "locked_until", "verified_at")}
 
 
 async def test_an_expired_or_replaced_code_is_gone(consent_service: ConsentService) -> None:
@@ -173,10 +185,16 @@ async def test_five_wrong_codes_lock_the_patient_out_for_fifteen_minutes(
         (await answer(consent_service, challenge["challenge_id"], wrong_code)).status_code for _ in range(4)
     ]
     assert statuses == [422, 422, 422, 422]
+    assert (await challenge_row(consent_service, challenge["challenge_id"]))["attempts"] == 4
     locked = await answer(consent_service, challenge["challenge_id"], wrong_code)
     assert locked.status_code == 429
     assert 880 <= int(locked.headers["Retry-After"]) <= 901
     assert locked.json()["issue"][0]["code"] == "throttled"
+    # The fifth attempt and the lockout are committed although the 429 is raised.
+    row = await challenge_row(consent_service, challenge["challenge_id"])
+    assert row["attempts"] == 5
+    assert row["locked_until"] is not None
+    assert row["verified_at"] is None
     # Locked means locked: the right code, a new code, or the call centre do not get through.
     assert (
         await answer(consent_service, challenge["challenge_id"], challenge["dev_code"])

@@ -240,6 +240,15 @@ async def test_the_recipient_finds_and_reads_the_delivered_study(
     assert "consent refuses" in refused(
         await fed.call("GET", "snubh", f"/ImagingStudy/{study['id']}", as_=SNUBH), 403
     )
+    # The refusal is raised, and its audit record is committed all the same.
+    denied = [
+        (r["record"]["actor_institution"], r["record"]["rule"])
+        for r in await fed.hubs["snubh"].rows("audit_log")
+        if r["record"]["action"] == "imaging.read"
+        and r["record"]["patient_key"] == key
+        and r["record"]["outcome"] == "denied"
+    ]
+    assert denied == [(SNUBH, "deny-withdrawn")]
     assert matches(await find(fed, "snubh", SNUBH, rrn)) == []
 
 

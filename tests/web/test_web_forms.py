@@ -11,6 +11,8 @@ import pytest
 from web_flows import ConsentWeb, apply_clinic, history, start_consent
 from web_helpers import PHONE, new_code, new_rrn
 
+from hie_consent.models import IdentityChallenge
+from hie_platform.db import Database
 from hie_platform.settings import ConfigError, Environment
 from hie_registry.config import RegistrySettings
 from hie_registry.console.settings import ConsoleSettings
@@ -116,6 +118,60 @@ async def test_the_portal_session_cookie_is_the_short_lived_patient_session(cons
         mine = await http.get("/portal/me/consents", headers={"Authorization": f"Bearer {token}"})
         assert mine.status_code == 200
         assert mine.json() == []
+
+
+async def test_wrong_codes_on_the_sign_in_page_are_counted_and_lock(consent_web: ConsentWeb) -> None:
+    """Each wrong code is refused (raised) after its attempt is committed: four show the code page
+    again with the attempts left, the fifth locks the patient out (429, back to the sign-in page),
+    and then the right code does not get through either."""
+    async with httpx.AsyncClient(base_url=consent_web.url) as http:
+        page = await http.get("/portal/sign-in")
+        opened = await http.post(
+            "/portal/sign-in",
+            data={"form_token": token_of(page.text, "/portal/sign-in"), "rrn": new_rrn(), "phone": PHONE},
+        )
+        assert opened.status_code == 200
+        code = re.search(r"인증번호는 (\d{6})", opened.text)
+        challenge = re.search(r'name="challenge_id" value="([^"]+)"', opened.text)
+        assert code is not None
+        assert challenge is not None
+        challenge_id = challenge.group(1)
+        wrong = f"{(int(code.group(1)) + 1) % 10**6:06d}"
+        shown = opened
+
+        async def verify(answer: str) -> httpx.Response:
+            return await http.post(
+                "/portal/sign-in/verify",
+                data={
+                    "form_token": token_of(shown.text, "/portal/sign-in/verify"),
+                    "challenge_id": challenge_id,
+                    "code": answer,
+                },
+            )
+
+        for left in (4, 3, 2, 1):
+            shown = await verify(wrong)
+            assert shown.status_code == 422, shown.text
+            assert f'name="attempts_left" value="{left}"' in shown.text
+        locked = await verify(wrong)
+        assert locked.status_code == 429, locked.text
+        assert 'action="/portal/sign-in/verify"' not in locked.text
+        assert "hie_portal_session" not in http.cookies
+        page = await http.get("/portal/sign-in")
+        again = await http.post(
+            "/portal/sign-in",
+            data={"form_token": token_of(page.text, "/portal/sign-in"), "rrn": new_rrn(), "phone": PHONE},
+        )
+        assert again.status_code == 200  # another patient is not locked
+    db = Database(consent_web.settings.database_url)
+    try:
+        async with db.read_sessions() as session:
+            row = await session.get(IdentityChallenge, challenge_id)
+    finally:
+        await db.dispose()
+    assert row is not None
+    assert (row.attempts, row.verified_at) == (5, None)
+    assert row.locked_until is not None
 
 
 async def test_the_development_code_is_shown_only_in_development(

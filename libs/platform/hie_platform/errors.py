@@ -240,13 +240,6 @@ def validation_issues(errors: Sequence[Any], limit: int = MAX_ISSUES) -> list[Is
     return issues or [Issue("invalid request")]
 
 
-def refusal_response(request: Request, error: FhirError) -> JSONResponse:
-    """A refusal returned rather than raised, so that the request scope still commits (e.g. the
-    audit record of a refused read); logged like a raised one."""
-    _log_request_refusal(request, error.status, error.code, error.diagnostics)
-    return fhir_response(error.status, error.operation_outcome(), error.headers())
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OperationOutcome; nothing leaves as a stack trace."""
 

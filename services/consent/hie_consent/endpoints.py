@@ -20,13 +20,13 @@ from hie_consent.config import ConsentSettings
 from hie_consent.fhir import searchset
 from hie_consent.schemas import ConsentVersionView, ExchangeHistoryEntry
 from hie_platform.auth import current_actor, require_scope
+from hie_platform.db import raise_after_commit
 from hie_platform.errors import (
     BadRequest,
     Forbidden,
     NotFound,
     UnsupportedMediaType,
     fhir_response,
-    refusal_response,
 )
 from hie_platform.http import SessionDep, request_json
 from hie_platform.runtime import Runtime
@@ -146,8 +146,8 @@ async def _read(reading: Reading, resource_id: str, version_id: int | None) -> J
         reading.session, reading.runtime, reading.actor, resource_id, version_id
     )
     if resource is None:
-        # Returned, not raised: the refused read's audit record commits. The id is not echoed.
-        return refusal_response(reading.request, NotFound(NO_CONSENT))
+        # Raised once the refused read's audit record has committed. The id is not echoed.
+        raise raise_after_commit(reading.session, NotFound(NO_CONSENT))
     return fhir_response(200, resource, {"ETag": f'W/"{resource["meta"]["versionId"]}"'})
 
 
@@ -170,7 +170,7 @@ async def read_consent_version(reading: ReadingDep, resource_id: str, version_id
 async def read_signature(reading: ReadingDep, resource_id: str, version_id: VersionId) -> Response:
     image = await service.signature(reading.session, reading.runtime, reading.actor, resource_id, version_id)
     if image is None:
-        return refusal_response(reading.request, NotFound(NO_SIGNATURE))
+        raise raise_after_commit(reading.session, NotFound(NO_SIGNATURE))
     return Response(image.data, media_type=image.content_type, headers={"Cache-Control": "no-store"})
 
 

@@ -24,6 +24,7 @@ from hie_consent import repository
 from hie_consent.config import ConsentSettings
 from hie_consent.models import IdentityChallenge
 from hie_consent.repository import as_utc
+from hie_platform.db import raise_after_commit
 from hie_platform.errors import Conflict, FhirError, NotFound, Unprocessable
 from hie_platform.logging import get_logger
 from hie_schemas.identifiers import Rrn
@@ -187,11 +188,10 @@ async def check_code(
     purpose: ChallengePurpose,
     code: str,
     now: datetime,
-) -> IdentityChallenge | FhirError:
-    """The verified challenge, or the refusal to render.
-
-    A wrong code is returned rather than raised so that the counted attempt (and a lockout) commits.
-    """
+) -> IdentityChallenge:
+    """The verified challenge. A wrong code raises ``WrongCode`` (``VerificationLocked`` at the last
+    attempt) marked with ``raise_after_commit``: the session's ``Database.transaction`` commits the
+    counted attempt (and the lockout) before the error goes on, so guesses stay counted."""
     row = await repository.challenge(session, challenge_id)
     if row is None or row.purpose != purpose.value:
         raise NotFound("no such verification")
@@ -209,8 +209,8 @@ async def check_code(
     if row.attempts >= settings.code_max_attempts:
         row.locked_until = now + timedelta(seconds=settings.code_lockout_seconds)
         log.warning("identity verification locked", purpose=purpose.value, attempts=row.attempts)
-        return VerificationLocked(row.locked_until, now)
-    return WrongCode(settings.code_max_attempts - row.attempts)
+        raise raise_after_commit(session, VerificationLocked(row.locked_until, now))
+    raise raise_after_commit(session, WrongCode(settings.code_max_attempts - row.attempts))
 
 
 def attempts_left(settings: ConsentSettings, row: IdentityChallenge) -> int:

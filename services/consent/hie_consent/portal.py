@@ -26,7 +26,7 @@ from hie_consent.schemas import (
 )
 from hie_consent.service import NewVersion
 from hie_consent.sessions import issue
-from hie_platform.errors import BadRequest, FhirError
+from hie_platform.errors import BadRequest
 from hie_platform.runtime import Runtime
 from hie_schemas.auth import TokenClaims
 from hie_schemas.consent import ConsentPolicy
@@ -81,12 +81,12 @@ async def start_sign_in(
 
 async def sign_in(
     session: AsyncSession, settings: ConsentSettings, challenge_id: str, code: str
-) -> PatientSessionToken | FhirError:
+) -> PatientSessionToken:
+    """The patient's session for the right code; a wrong one raises after its attempt is committed
+    (identity.check_code)."""
     checked = await identity.check_code(
         session, settings, challenge_id, ChallengePurpose.PORTAL, code, datetime.now(UTC)
     )
-    if isinstance(checked, FhirError):
-        return checked
     return issue(settings, checked.patient_key, "otp")
 
 
@@ -179,13 +179,12 @@ async def open_call(
 
 async def complete_call(
     session: AsyncSession, runtime: Runtime, settings: ConsentSettings, request_id: str, code: str
-) -> ConsentVersionView | FhirError:
-    """The patient sends back the texted code: the request becomes a consent version (channel phone)."""
+) -> ConsentVersionView:
+    """The patient sends back the texted code: the request becomes a consent version (channel phone).
+    A wrong code raises after its attempt is committed (identity.check_code)."""
     checked = await identity.check_code(
         session, settings, request_id, ChallengePurpose.CALL_CENTRE, code, datetime.now(UTC)
     )
-    if isinstance(checked, FhirError):
-        return checked
     agent = checked.agent_institution or settings.agency_institution
     # The registry was asked when the agent opened the request: no look-up while the write lock is held.
     pending = _pending_version(checked.request or {}, checked.patient_key, agent)

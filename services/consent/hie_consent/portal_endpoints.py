@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from hie_consent import history, portal, sessions
 from hie_consent.endpoints import RuntimeDep, SettingsDep, app_state
@@ -28,7 +28,6 @@ from hie_consent.schemas import (
 )
 from hie_consent.sessions import CurrentPatient
 from hie_platform.auth import require_scope
-from hie_platform.errors import FhirError, fhir_response
 from hie_platform.http import ReadSessionDep, SessionDep
 from hie_schemas.auth import SCOPE_AGENCY, TokenClaims
 
@@ -47,10 +46,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 IdentityDep = Annotated[IdentityProvider, Depends(app_state("identity"))]
 SmsDep = Annotated[SmsSender, Depends(app_state("sms"))]
-
-
-def _refusal(error: FhirError) -> JSONResponse:
-    return fhir_response(error.status, error.operation_outcome(), error.headers())
 
 
 @portal_router.post(
@@ -78,10 +73,9 @@ async def start_identity_check(
 )
 async def verify_identity(
     challenge_id: str, body: CodeSubmission, session: SessionDep, settings: SettingsDep
-) -> PatientSessionToken | JSONResponse:
-    result = await portal.sign_in(session, settings, challenge_id, body.code)
-    # A wrong code is returned, not raised, so that the counted attempt commits.
-    return _refusal(result) if isinstance(result, FhirError) else result
+) -> PatientSessionToken:
+    # A wrong code is raised after the request's transaction has committed the counted attempt.
+    return await portal.sign_in(session, settings, challenge_id, body.code)
 
 
 @portal_router.delete(
@@ -159,9 +153,8 @@ async def open_call_request(
 )
 async def complete_call_request(
     request_id: str, body: CodeSubmission, session: SessionDep, runtime: RuntimeDep, settings: SettingsDep
-) -> ConsentVersionView | JSONResponse:
-    result = await portal.complete_call(session, runtime, settings, request_id, body.code)
-    return _refusal(result) if isinstance(result, FhirError) else result
+) -> ConsentVersionView:
+    return await portal.complete_call(session, runtime, settings, request_id, body.code)
 
 
 router.include_router(portal_router)

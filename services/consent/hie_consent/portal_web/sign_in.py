@@ -13,7 +13,7 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import SecretStr, ValidationError
 
 from hie_consent import portal, sessions
-from hie_consent.identity import IdentityProvider
+from hie_consent.identity import IdentityProvider, WrongCode
 from hie_consent.models import PLATFORM
 from hie_consent.portal_web.core import PATH, PortalDep, RuntimeDep, form_fields
 from hie_consent.schemas import CodeSubmission, IdentityStart
@@ -88,21 +88,19 @@ async def verify(request: Request, web: PortalDep, runtime: RuntimeDep) -> Respo
             code = CodeSubmission(code=form.get("code", "").strip()).code
         except ValidationError:
             raise BadRequest("the code is six digits", expression=["code"]) from None
+        # A wrong code (and the lockout at the last attempt) is raised once the transaction has
+        # committed the counted attempt and the claimed form (identity.check_code).
         async with runtime.db.transaction() as session:
             await web.forms.claim(session, PLATFORM.processed, checked)
             result = await portal.sign_in(session, web.settings, challenge_id, code)
-            # A wrong code is returned, not raised: the counted attempt (and a lockout) commits.
+    except WrongCode as exc:
+        return _code_page(request, web, challenge_id, exc.attempts_left, error=exc)
     except FhirError as exc:
         if isinstance(exc, FormAlreadyUsed) and (await web.signed(request)).patient is not None:
             return RedirectResponse(f"{PATH}/consent", status_code=303)  # the first submission signed in
         if exc.status in (400, 403):
             return _code_page(request, web, challenge_id, shown_left, error=exc)
-        return web.sign_in_page(request, error=exc)  # expired, replaced, used, unknown: start again
-    if isinstance(result, FhirError):
-        left = getattr(result, "attempts_left", 0)
-        if result.status == 429:
-            return web.sign_in_page(request, error=result)
-        return _code_page(request, web, challenge_id, left, error=result)
+        return web.sign_in_page(request, error=exc)  # locked, expired, replaced, used, unknown: start again
     response = RedirectResponse(f"{PATH}/consent", status_code=303)
     web.start_session(response, request, result.access_token, result.expires_in)
     return response

@@ -23,6 +23,7 @@ from hie_hub.documents import repository as documents_repo
 from hie_hub.documents.pseudonym import rrn_strings
 from hie_hub.models import DocumentStatus
 from hie_hub.node import AuditDep, HubActor, NodeDep, UnitDep
+from hie_platform.db import raise_after_commit
 from hie_platform.errors import BadRequest, Forbidden, NotFound, ServiceUnavailable, fhir_response
 from hie_schemas.consent import Purpose
 from hie_schemas.documents.summary import SourceDocument, build_summary, newest_patient
@@ -89,8 +90,9 @@ async def generate_crs(
     permitted = [row for row, d in zip(rows, decided, strict=True) if d is None or d.permit]
     refusal = first_refusal(decided)
     detail = {"held": len(rows), "used": len(permitted)} | access.audit_detail()
+    session = unit.writing()
     await audit.record(
-        unit.writing(),
+        session,
         action="crs.generate",
         actor=actor,
         outcome="success" if permitted else ("denied" if rows else "not-found"),
@@ -101,12 +103,13 @@ async def generate_crs(
         consent_version=newest_version(decided),
         detail=detail,
     )
+    # A refusal is raised once its audit record has committed (hie_platform.db.raise_after_commit).
     if not rows:
-        return _refused(NotFound("this hub holds no documents for the patient"))
+        raise raise_after_commit(session, NotFound("this hub holds no documents for the patient"))
     if not permitted:
         rule = refusal.rule.value if refusal else "unknown"
-        return _refused(
-            Forbidden(f"consent does not let this hub's records flow to {actor.inst}: rule {rule}")
+        raise raise_after_commit(
+            session, Forbidden(f"consent does not let this hub's records flow to {actor.inst}: rule {rule}")
         )
     sources = [SourceDocument(row.document_id, row.created_at, row.bundle) for row in permitted]
     hub = await node.registry.hub(node.hub)
@@ -123,11 +126,6 @@ async def generate_crs(
         source_url=lambda document_id: f"{base}/DocumentReference/{document_id}",
     )
     return fhir_response(200, summary)
-
-
-def _refused(error: NotFound | Forbidden) -> JSONResponse:
-    # Returned, not raised: the audit record of the refusal commits with the request.
-    return fhir_response(error.status, error.operation_outcome())
 
 
 OPERATION_DEFINITION: dict[str, Any] = {

@@ -11,7 +11,7 @@ from hie_hub.core.rest import negotiated
 from hie_hub.imaging import service as studies
 from hie_hub.imaging.schemas import STUDY_SEARCH
 from hie_hub.node import NodeDep, ReaderActor, UnitDep
-from hie_platform.errors import FhirError, fhir_response
+from hie_platform.errors import fhir_response
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM
 
 router = APIRouter(prefix="/fhir", tags=["imaging"], dependencies=[Depends(negotiated)])
@@ -41,7 +41,5 @@ async def find_imaging_studies(
 
 @router.get("/ImagingStudy/{study_id}", summary="Read one ImagingStudy")
 async def read_imaging_study(study_id: str, node: NodeDep, actor: ReaderActor, unit: UnitDep) -> JSONResponse:
-    result = await studies.read_study(node, unit, actor, study_id)
-    if isinstance(result, FhirError):
-        return fhir_response(result.status, result.operation_outcome(), result.headers())
-    return fhir_response(200, await studies.resource(node, result))
+    row = await studies.read_study(node, unit, actor, study_id)
+    return fhir_response(200, await studies.resource(node, row))

@@ -40,6 +40,7 @@ from hie_hub.models import DeliveredStudy, Document, Task, as_utc
 from hie_hub.node import HubNode
 from hie_hub.tasks import repository as tasks_repo
 from hie_platform.bus import Incoming, PermanentEventError, first_time
+from hie_platform.db import raise_after_commit
 from hie_platform.errors import Forbidden, NotFound, ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_schemas import contract, streams
@@ -326,10 +327,9 @@ async def _access(node: HubNode, read: AsyncSession, row: DeliveredStudy, actor:
     return exchange_access(task)
 
 
-async def read_study(
-    node: HubNode, unit: UnitOfWork, actor: TokenClaims, study: str
-) -> DeliveredStudy | Forbidden:
-    """One study, or the consent refusal to render (returned so that its audit record commits)."""
+async def read_study(node: HubNode, unit: UnitOfWork, actor: TokenClaims, study: str) -> DeliveredStudy:
+    """One study; a consent refusal is raised after its audit record is committed
+    (hie_platform.db.raise_after_commit)."""
     async with unit.reading() as read:
         row = await repository.delivered_study_by_id(read, study)
         document: Document | None = None
@@ -340,11 +340,15 @@ async def read_study(
         access = await _access(node, read, row, actor)
     decision = (await decisions(node, access, [document]))[0]
     disclosure = Disclosure(decision, access)
+    session = unit.writing()
     await record_disclosure(
-        node, unit.writing(), "imaging.read", actor, row.patient_key, disclosure, detail=_disclosed([row])
+        node, session, "imaging.read", actor, row.patient_key, disclosure, detail=_disclosed([row])
     )
     if decision is not None and not decision.permit:
-        return Forbidden(f"consent refuses ImagingStudy {study} to {actor.inst}: rule {decision.rule.value}")
+        refusal = Forbidden(
+            f"consent refuses ImagingStudy {study} to {actor.inst}: rule {decision.rule.value}"
+        )
+        raise raise_after_commit(session, refusal)
     return row
 
 
