@@ -81,6 +81,8 @@ class Task(Base):
     """A referral/return workflow Task; the requester's and the owner's hubs each keep a copy."""
 
     __tablename__ = "tasks"
+    # A search reads the exchanges of one patient sent to the reader (core.disclosure).
+    __table_args__ = (Index("ix_tasks_patient_owner", "patient_key", "owner"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     exchange_id: Mapped[str] = mapped_column(String(64), index=True)

@@ -40,15 +40,15 @@ async def documents_of_patient(
     authors: Collection[str] | None = None,
     created_from: datetime | None = None,
     created_before: datetime | None = None,
-    bundles: bool = True,
+    contents: bool = True,
 ) -> list[Document]:
     """A patient's documents, newest first (ties by document id); who may see which is the caller's
-    concern. ``created_from`` is inclusive, ``created_before`` exclusive. Without ``bundles`` the
-    documents themselves are not read (touching ``bundle`` raises): ``load_bundles`` fills in those
-    of the rows that are shown."""
+    concern. ``created_from`` is inclusive, ``created_before`` exclusive. Without ``contents`` neither
+    the DocumentReference nor the document is read (touching ``docref`` or ``bundle`` raises):
+    ``load_contents`` fills in those of the rows that are shown."""
     query = select(Document).where(Document.patient_key == patient_key)
-    if not bundles:
-        query = query.options(defer(Document.bundle, raiseload=True))
+    if not contents:
+        query = query.options(defer(Document.docref, raiseload=True), defer(Document.bundle, raiseload=True))
     if types is not None:
         query = query.where(Document.document_type.in_(list(types)))
     if statuses is not None:
@@ -61,17 +61,21 @@ async def documents_of_patient(
     return list((await session.scalars(query)).all())
 
 
-async def load_bundles(session: AsyncSession, rows: Sequence[Document]) -> None:
-    """Read the documents (``bundle``) of rows loaded without them, in one query; the rows may belong
-    to a session already closed."""
+async def load_contents(session: AsyncSession, rows: Sequence[Document]) -> None:
+    """Read the DocumentReference (``docref``) and the document (``bundle``) of rows loaded without
+    them, in one query; the rows may belong to a session already closed."""
     if not rows:
         return
     result = await session.execute(
-        select(Document.id, Document.bundle).where(Document.id.in_([row.id for row in rows]))
+        select(Document.id, Document.docref, Document.bundle).where(Document.id.in_([row.id for row in rows]))
     )
-    bundles: dict[int, dict[str, Any]] = {row.id: row.bundle for row in result}
+    contents: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {
+        row.id: (row.docref, row.bundle) for row in result
+    }
     for row in rows:
-        set_committed_value(row, "bundle", bundles[row.id])  # documents are never deleted
+        docref, bundle = contents[row.id]  # documents are never deleted
+        set_committed_value(row, "docref", docref)
+        set_committed_value(row, "bundle", bundle)
 
 
 def add_document(session: AsyncSession, row: Document) -> None:

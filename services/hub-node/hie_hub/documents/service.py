@@ -59,7 +59,7 @@ async def matching(read: AsyncSession, query: DocumentQuery) -> list[Document]:
     (some 10 KB each) of a patient with hundreds of documents was most of a search's work (make
     load). ``search`` reads those of the page."""
     rows = await repository.documents_of_patient(
-        read, query.patient_key, **query.filter.model_dump(), bundles=False
+        read, query.patient_key, **query.filter.model_dump(), contents=False
     )
     return [row for row in rows if all(b.admits(row.created_at) for b in query.dates)]
 
@@ -87,7 +87,7 @@ async def search(
     visible = [(row, d) for row, d in zip(addressed, decided, strict=True) if d.permit]
     returned, next_cursor = page([row for row, _ in visible], query)
     async with unit.reading() as read:
-        await repository.load_bundles(read, returned)
+        await repository.load_contents(read, returned)
     withheld = len(addressed) - len(visible)
     await _audit_search(node, unit.writing(), actor, query, returned, visible, withheld)
     return Found(returned, len(visible), next_cursor)

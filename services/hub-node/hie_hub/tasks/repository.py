@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Row, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_hub.models import Task
@@ -94,9 +95,14 @@ async def task_of_exchange(session: AsyncSession, exchange_id: str, hub: str) ->
     return next((row for row in found if row.owner_hub == hub), found[0] if found else None)
 
 
-async def tasks_owned_for(session: AsyncSession, owner: str, patient_keys: Collection[str]) -> list[Task]:
-    """The exchanges addressed to ``owner`` about these patients, most recently changed first."""
+async def exchanges_owned_for(
+    session: AsyncSession, owner: str, patient_keys: Collection[str]
+) -> Sequence[Row[tuple[str, str, list[str], dict[str, Any]]]]:
+    """The exchanges addressed to ``owner`` about these patients, most recently changed first: each
+    Task's owner, exchange, focus and resource (columns, not ORM objects: a search reads them all)."""
     if not patient_keys:
         return []
-    query = select(Task).where(Task.owner == owner, Task.patient_key.in_(list(patient_keys)))
-    return list((await session.scalars(query.order_by(Task.updated_at.desc(), Task.id))).all())
+    query = select(Task.owner, Task.exchange_id, Task.focus, Task.task).where(
+        Task.owner == owner, Task.patient_key.in_(list(patient_keys))
+    )
+    return (await session.execute(query.order_by(Task.updated_at.desc(), Task.id))).all()
