@@ -152,6 +152,31 @@ async def test_a_worker_that_returns_is_not_restarted() -> None:
     await worker.stop()
 
 
+async def test_wait_lets_a_worker_told_to_finish_end_by_itself() -> None:
+    """The imaging recorder's stop: told to finish, it records what is left and returns; wait()
+    gives it that time without cancelling it, and a worker that does not finish is left running."""
+    finish = asyncio.Event()
+    finished: list[bool] = []
+
+    async def drain() -> None:
+        await finish.wait()
+        await asyncio.sleep(0.01)  # the last batch
+        finished.append(True)
+
+    never_started = Worker("test-wait-unstarted", drain)
+    assert await never_started.wait(0.0)
+
+    worker = Worker("test-wait", drain)
+    worker.start()
+    assert not await worker.wait(0.05)  # not told yet: still running, not cancelled
+    assert worker.running
+    finish.set()
+    assert await worker.wait(10.0)
+    assert finished == [True]
+    assert not worker.running
+    await worker.stop()
+
+
 async def test_starting_a_running_worker_twice_is_refused() -> None:
     worker = Worker("test-twice", asyncio.Event().wait)
     worker.start()

@@ -1,9 +1,10 @@
 """Background workers: one way to start a task, keep it running, and stop it cleanly on shutdown.
 
 `Worker` supervises a long-running coroutine: a crash is logged and the coroutine is started again
-after a backoff; `stop()` cancels it and waits. `PeriodicWorker` runs a step now (or after the first
-interval), then every interval or as soon as `kick()` is called; a failing step is logged once while
-it keeps failing and once when it recovers, and never ends the worker.
+after a backoff; `wait()` gives it a while to finish by itself, `stop()` cancels it and waits.
+`PeriodicWorker` runs a step now (or after the first interval), then every interval or as soon as
+`kick()` is called; a failing step is logged once while it keeps failing and once when it recovers,
+and never ends the worker.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ class Worker:
         if self.running:
             raise RuntimeError(f"worker {self.name} is already running")
         self._task = asyncio.create_task(self._supervise(), name=self.name)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds, without cancelling, for the coroutine to return by itself
+        (its owner has told it to finish its work); True once it has (or if it never started). A
+        crash meanwhile is restarted as always, so a coroutine that drains must check on each start
+        whether it was told to finish. Then `stop()`, which cancels whatever is still running."""
+        task = self._task
+        if task is None:
+            return True
+        await asyncio.wait({task}, timeout=timeout)
+        return task.done()
 
     async def stop(self) -> None:
         """Cancel the task and wait for it; a cancellation of the caller itself still propagates."""

@@ -27,7 +27,7 @@ from hie_imaging.models import Role
 from hie_imaging.service import Caller
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_platform.workers import cancel_and_wait
+from hie_platform.workers import Worker
 from hie_schemas import subjects
 from hie_schemas.directory import HubView, InstitutionView
 
@@ -73,7 +73,7 @@ class CallerDirectory:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._follower = Worker("imaging-allow-list", self._follow)
         self._subscription: Any = None
 
     async def start(self) -> None:
@@ -91,14 +91,13 @@ class CallerDirectory:
         self._subscription = await self._runtime.bus.nc.subscribe(
             subjects.REGISTRY_INSTITUTION_CHANGED, cb=on_change
         )
-        self._task = asyncio.create_task(self._follow())
+        self._follower.start()
 
     async def stop(self) -> None:
         if self._subscription is not None:
             with contextlib.suppress(Exception):
                 await self._subscription.unsubscribe()
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        await self._follower.stop()
 
     def lookup(self, ae_title: str) -> Caller | None:
         entry = self._callers.get(ae_title.strip())
@@ -189,6 +188,8 @@ class CallerDirectory:
         return response.json()
 
     async def _follow(self) -> None:
+        """Read the list again when woken; a registry away is tried again each second (logged each
+        time). Anything else is a crash the worker logs and restarts after: the read still due."""
         while True:
             await self._wake.wait()
             await asyncio.sleep(0.1)  # one read for a burst of changes
@@ -199,6 +200,9 @@ class CallerDirectory:
                 log.warning("allow-list refresh failed; will retry", error=str(exc))
                 await asyncio.sleep(1.0)
                 self._wake.set()
+            except Exception:
+                self._wake.set()  # for the restarted loop
+                raise
 
 
 async def _resolve(host: str) -> frozenset[str]:

@@ -7,7 +7,6 @@ purpose, as a hub node does; the relay asks the replica's watch between instance
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -29,19 +28,6 @@ Decisions = dict[tuple[str, str], Decision]  # (exchange, study) -> its decision
 
 def consent_replica(settings: ImagingSettings, runtime: Runtime) -> ConsentReplica:
     return ConsentReplica(runtime, settings.consent_consumer, CONSENT_REPLICA, settings)
-
-
-async def start_replica(replica: ConsentReplica, retry_seconds: float = 1.0) -> None:
-    """Start the replica, retrying; until it is current the central point decides (consent_source)."""
-    while True:
-        try:
-            await replica.start()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("consent replica cannot start yet", error=f"{type(exc).__name__}: {exc}")
-            await asyncio.sleep(retry_seconds)
 
 
 def consent_gate(settings: ImagingSettings, runtime: Runtime, replica: ConsentReplica) -> ConsentGate:

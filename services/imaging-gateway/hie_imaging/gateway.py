@@ -21,7 +21,7 @@ from hie_imaging.models import Role, State
 from hie_imaging.relay import RelayWorker
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_platform.workers import PeriodicWorker
+from hie_platform.workers import PeriodicWorker, Worker
 
 log = get_logger(__name__)
 
@@ -84,7 +84,7 @@ class ImagingGateway:
         self._arrivals_lock = threading.Lock()
         self._arrived = asyncio.Event()
         self._stopping = False
-        self._recorder: asyncio.Task[None] | None = None
+        self.recorder = Worker("imaging-recorder", self._record_loop)
         self.purger = PeriodicWorker("imaging-purge", self._purge_pass, settings.purge_interval_seconds)
 
     async def start(self) -> None:
@@ -102,7 +102,7 @@ class ImagingGateway:
             follow_exchanges(self.runtime, self.settings.hub, self.settings.exchange_consumer, self.reporter)
             self.worker.start()
             self.purger.start()
-            self._recorder = asyncio.create_task(self._record_loop())
+            self.recorder.start()
             self.server.start(self.settings.dicom_bind_host, self.settings.dicom_port)
         except BaseException:
             # Stop what started, or its loops outlive the failed start: seen with the DICOM port in
@@ -115,14 +115,12 @@ class ImagingGateway:
         # The SCP first (in a thread: it joins pynetdicom's), so that no C-STORE comes in after the
         # recorder has taken its last batch.
         await asyncio.to_thread(self.server.stop, 5.0)
-        if self._recorder is not None:
-            # Record what was answered; if the database is gone, the spool journal keeps the rest.
-            self._stopping = True
-            self._arrived.set()
-            try:
-                await asyncio.wait_for(self._recorder, timeout=10.0)
-            except TimeoutError:
-                log.warning("stopped before recording every received instance; the journal keeps them")
+        # Record what was answered; if the database is gone, the spool journal keeps the rest.
+        self._stopping = True
+        self._arrived.set()
+        if not await self.recorder.wait(10.0):
+            log.warning("stopped before recording every received instance; the journal keeps them")
+        await self.recorder.stop()
         await self.purger.stop()
         await self.worker.stop()
         await self.callers.stop()
@@ -177,8 +175,13 @@ class ImagingGateway:
     # --- recording: on the event loop, in batches ------------------------------------------------
 
     async def _record_loop(self) -> None:
+        """Record arrivals in batches until stopping and none is left (the `imaging-recorder` worker:
+        a crash is logged and the loop restarted). record() retries its commit, so a crash comes after
+        it; the batch's journal entries, not yet removed then, are recorded again (as duplicates) at
+        the next start."""
         while True:
-            await self._arrived.wait()
+            if not self._stopping:  # stopping: what is left goes now, also in a loop restarted then
+                await self._arrived.wait()
             self._arrived.clear()
             # Linger for the instances right behind the first: a series arrives one C-STORE every
             # few milliseconds, and one transaction for many of them costs little more than one.

@@ -43,7 +43,7 @@ from hie_platform.consent_replica import ConsentWatch
 from hie_platform.errors import ServiceUnavailable
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_platform.workers import cancel_and_wait
+from hie_platform.workers import Backoff, Worker
 from hie_schemas import streams, subjects
 from hie_schemas.consent import Rule
 from hie_schemas.envelope import Envelope
@@ -82,41 +82,51 @@ class RelayWorker:
         self.replica = consent.consent_replica(settings, runtime)
         self.gate = consent.consent_gate(settings, runtime, self.replica)
         self._slots = asyncio.Semaphore(settings.relay_concurrency)
-        self._task: asyncio.Task[None] | None = None
-        self._replica_task: asyncio.Task[None] | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        # The replica starts in the background, tried again each second until it can (NATS or the
+        # database not ready yet); until it is current the central point decides (consent_source).
+        self._replica_start = Worker(
+            "imaging-consent-replica-start", self.replica.start, backoff=Backoff(base=1.0, most=1.0)
+        )
+        self._pull_loop = Worker("imaging-relay", self._run)
         self._in_flight: set[str] = set()
         self._unreachable: set[str] = set()  # destinations whose last attempt could not reach them
 
     def start(self) -> None:
-        self._replica_task = asyncio.create_task(consent.start_replica(self.replica))
-        self._task = asyncio.create_task(self._run())
+        self._replica_start.start()
+        self._pull_loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-        if self._replica_task is not None:
-            await cancel_and_wait(self._replica_task)
+        # The pull loop first: its batches in flight are handed back (nak) before the replica they
+        # decide with stops.
+        await self._pull_loop.stop()
+        await self._replica_start.stop()
         await self.replica.stop()
-        if self._sub is not None:
-            # The durable consumer stays on the server; only this connection's interest ends.
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
 
     # --- the pull loop ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Fetch the next batch while earlier ones are still being sent (up to relay_concurrency)."""
+        """Bind the work queue's durable and pull from it (the `imaging-relay` worker: a crash is
+        logged and the loop bound again after a backoff; the jobs of the batches it was sending are
+        handed back first, and come again)."""
         s = self.settings
         config = ConsumerConfig(
             durable_name=s.relay_consumer, ack_wait=s.relay_ack_wait_seconds, max_ack_pending=10_000
         )
         jobs = subjects.hub_imaging_jobs(s.hub)
-        self._sub = sub = await self.runtime.bus.pull_subscription(
+        sub = await self.runtime.bus.pull_subscription(
             streams.IMAGING_JOBS.name, s.relay_consumer, jobs, config
         )
+        try:
+            await self._pull(sub)
+        finally:
+            # The durable consumer stays on the server; only this binding's interest ends.
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _pull(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Fetch the next batch while earlier ones are still being sent (up to relay_concurrency)."""
         batches = asyncio.Semaphore(self.settings.relay_concurrency)
+        # The batches in flight: tasks of this loop, not workers (each ends with its batch).
         running: set[asyncio.Task[None]] = set()
         try:
             while True:
