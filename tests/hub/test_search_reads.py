@@ -105,7 +105,12 @@ HOSPITAL, CLINIC = "21100001", "11301001"
 
 
 def _task(
-    n: int, focus: list[str], *, patient_key: str = KEY, extension: list[dict[str, Any]] | None = None
+    n: int,
+    focus: list[str],
+    *,
+    owner: str = HOSPITAL,
+    patient_key: str = KEY,
+    extension: list[dict[str, Any]] | None = None,
 ) -> Task:
     at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=n)
     resource: dict[str, Any] = {"resourceType": "Task", "id": f"task-{n}", "extension": extension or []}
@@ -115,7 +120,7 @@ def _task(
         status="requested",
         requester=CLINIC,
         requester_hub="hub-a",
-        owner=HOSPITAL,
+        owner=owner,
         owner_hub="hub-b",
         patient_key=patient_key,
         focus=focus,
@@ -136,7 +141,9 @@ async def test_each_row_gets_the_purposes_of_the_exchanges_that_sent_it(db: Data
         for n in range(5):
             row = await session.scalar(select(Document).where(Document.document_id == f"doc-{n}"))
             assert row is not None
-            row.recipients = [HOSPITAL] if n < 4 else []
+            row.recipients = [HOSPITAL] if n < 3 else [] if n == 4 else [CLINIC]
+            if n == 3:  # the hospital's own document, sent to the clinic
+                row.author_institution = HOSPITAL
         session.add_all(
             [
                 _task(1, ["doc-0", "doc-1"]),
@@ -144,6 +151,9 @@ async def test_each_row_gets_the_purposes_of_the_exchanges_that_sent_it(db: Data
                 _task(3, ["doc-0"]),  # treatment again: the same access as task 1, kept once
                 _task(4, ["doc-2"], patient_key="j" * 64),  # another patient's exchange
                 _task(5, ["doc-9"]),  # a document not among the rows
+                _task(6, ["doc-4"]),  # doc-4 is not addressed to the hospital: no access through it
+                _task(7, ["doc-3"], owner=CLINIC),  # the clinic's exchange, not the hospital's
+                _task(8, ["doc-3"]),  # the hospital's exchange: not the clinic's to read by
             ]
         )
     async with db.read_sessions() as read:
@@ -159,7 +169,8 @@ async def test_each_row_gets_the_purposes_of_the_exchanges_that_sent_it(db: Data
     assert [a.exchange_id for a in by_id["doc-1"]] == ["exchange-1"]
     assert [by_id["doc-2"], by_id["doc-3"], by_id["doc-4"]] == [[], [], []]
     assert all(a.institution == HOSPITAL for accesses in found for a in accesses)
-    assert own == [[] for _ in rows]  # the author reads its own documents without an exchange
+    # The clinic: its own documents without an exchange; the hospital's doc-3 through its own Task only.
+    assert [[a.exchange_id for a in accesses] for accesses in own] == [[], [], [], ["exchange-7"], []]
 
 
 async def test_a_readers_exchanges_are_found_by_patient_not_by_scanning_the_reader(db: Database) -> None:

@@ -21,7 +21,7 @@ from hie_imaging.models import Role, State
 from hie_imaging.relay import RelayWorker
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
-from hie_platform.workers import PeriodicWorker, Worker
+from hie_platform.workers import Backoff, PeriodicWorker, Worker
 
 log = get_logger(__name__)
 
@@ -84,7 +84,8 @@ class ImagingGateway:
         self._arrivals_lock = threading.Lock()
         self._arrived = asyncio.Event()
         self._stopping = False
-        self.recorder = Worker("imaging-recorder", self._record_loop)
+        # A short backoff cap: a restart must fall within stop()'s 10 s drain (the default caps at 30 s).
+        self.recorder = Worker("imaging-recorder", self._record_loop, backoff=Backoff(base=0.5, most=2.0))
         self.purger = PeriodicWorker("imaging-purge", self._purge_pass, settings.purge_interval_seconds)
 
     async def start(self) -> None:

@@ -119,9 +119,10 @@ class RelayWorker:
         try:
             await self._pull(sub)
         finally:
-            # The durable consumer stays on the server; only this binding's interest ends.
+            # The durable consumer stays on the server; only this binding's interest ends. Shielded:
+            # Worker.stop cancels this task again every second, which would cut the unbinding short.
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await asyncio.shield(sub.unsubscribe())
 
     async def _pull(self, sub: JetStreamContext.PullSubscription) -> None:
         """Fetch the next batch while earlier ones are still being sent (up to relay_concurrency)."""

@@ -55,9 +55,9 @@ def addressed_to(row: Document, institution: str) -> bool:
 
 async def matching(read: AsyncSession, query: DocumentQuery) -> list[Document]:
     """The patient's documents that match the filters, newest first (the order pages follow), without
-    the documents themselves: consent and paging need only the metadata, and reading every bundle
-    (some 10 KB each) of a patient with hundreds of documents was most of a search's work (make
-    load). ``search`` reads those of the page."""
+    the documents and their DocumentReferences: consent and paging need only the metadata, and
+    reading every bundle (some 10 KB each) of a patient with hundreds of documents was most of a
+    search's work (make load). ``search`` reads both for the page."""
     rows = await repository.documents_of_patient(
         read, query.patient_key, **query.filter.model_dump(), contents=False
     )
