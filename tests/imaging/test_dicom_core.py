@@ -16,6 +16,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, sop_class
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
 from hie_imaging.dicom import reactor, sop
@@ -185,6 +186,38 @@ def test_both_ends_run_the_waiting_reactor_and_end_with_the_association(
     wait_for(lambda: not acceptor.is_alive() and not acceptor.dul.is_alive(), what="acceptor threads end")
     wait_for(lambda: not assoc.is_alive() and not assoc.dul.is_alive(), what="requestor threads end")
     assert acceptor.is_released
+
+
+def test_associations_share_the_servers_contexts_and_leave_them_as_they_were(gateway: RunningServer) -> None:
+    """Every association negotiates against the server's one list of supported contexts (not a copy):
+    a negotiation with role selection and an implicit-first offer must change none of them."""
+
+    def snapshot() -> list[tuple[object, ...]]:
+        return [
+            (cx.abstract_syntax, list(cx.transfer_syntax), cx.context_id, cx.result, cx.scu_role, cx.scp_role)
+            for cx in server_contexts
+        ]
+
+    server_contexts = gateway.server._server.contexts if gateway.server._server else []
+    assert server_contexts
+    before = snapshot()
+    role = SCP_SCU_RoleSelectionNegotiation()
+    role.sop_class_uid, role.scu_role, role.scp_role = CTImageStorage, True, True
+    offered = [
+        build_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
+        build_context(sop.VERIFICATION_SOP_CLASS),
+    ]
+    ae = AE(ae_title=MODALITY_AE)
+    for _ in range(2):
+        assoc = ae.associate(
+            gateway.endpoint.host, gateway.endpoint.port, offered, gateway.endpoint.ae_title, ext_neg=[role]
+        )
+        try:
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+    assert snapshot() == before
 
 
 def test_an_idle_association_notices_the_peer_abort(gateway: RunningServer, wait_for: Poll) -> None:
