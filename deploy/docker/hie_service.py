@@ -12,12 +12,14 @@ Stdlib only until a service is imported; it runs outside the image too (tests/de
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -41,18 +43,25 @@ def usage() -> int:
     return 2
 
 
-def migrate(name: str) -> int:
-    """Bring the service's database to head with exactly the settings the service would read."""
-    import importlib
-
+def configured(command: str, name: str) -> tuple[Service, Any] | None:
+    """The service of that name and its settings, read exactly as the service reads them; None, said
+    on stderr, for a name that is no service."""
     service = SERVICES.get(name)
     if service is None:
-        sys.stderr.write(f"hie-service migrate: unknown service {name!r} ({', '.join(SERVICES)})\n")
+        sys.stderr.write(f"hie-service {command}: unknown service {name!r} ({', '.join(SERVICES)})\n")
+        return None
+    module_name, class_name = service.settings.split(":")
+    return service, getattr(importlib.import_module(module_name), class_name)()
+
+
+def migrate(name: str) -> int:
+    """Bring the service's database to head with exactly the settings the service would read."""
+    found = configured("migrate", name)
+    if found is None:
         return 2
+    service, settings = found
     from hie_platform.migrations import upgrade
 
-    module_name, class_name = service.settings.split(":")
-    settings = getattr(importlib.import_module(module_name), class_name)()
     package = importlib.import_module(service.module)
     migrations = Path(package.__file__).parent / "migrations"  # <package dir>/migrations, as app.py
     upgrade(migrations, settings.database_url, settings.database_schema)
@@ -63,17 +72,14 @@ def migrate(name: str) -> int:
 def verify_audit(name: str) -> int:
     """Recompute the audit log's hash chain (hie_platform.audit); exit 1 at the first broken link."""
     import asyncio
-    import importlib
 
-    service = SERVICES.get(name)
-    if service is None:
-        sys.stderr.write(f"hie-service verify-audit: unknown service {name!r} ({', '.join(SERVICES)})\n")
+    found = configured("verify-audit", name)
+    if found is None:
         return 2
+    service, settings = found
     from hie_platform.audit import AuditTrail
     from hie_platform.db import Database
 
-    module_name, class_name = service.settings.split(":")
-    settings = getattr(importlib.import_module(module_name), class_name)()
     tables = importlib.import_module(f"{service.module}.models").PLATFORM
 
     async def check() -> tuple[bool, int, int | None]:
