@@ -122,6 +122,40 @@ async def test_durable_consumer_is_idempotent_and_retries_failures(store, bus, u
     assert handled == [7]
 
 
+async def test_a_consumer_whose_loop_crashes_is_restarted_and_goes_on(bus, unique, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A durable consumer is a supervised worker: its pull loop failing (not a handler: those are
+    redelivered) is logged and the consumer binds and pulls again, instead of ending silently."""
+    key = unique.ljust(64, "r")
+    got: list[int] = []
+    pull = bus._pull
+    crashes = {"left": 1}
+
+    async def crashing_pull(*args: Any) -> None:
+        if crashes["left"]:
+            crashes["left"] -= 1
+            raise RuntimeError("the pull loop broke")
+        await pull(*args)
+
+    async def handler(envelope: Envelope) -> None:
+        event = envelope.payload(ConsentRecorded)
+        if event.patient_key == key:
+            got.append(event.version)
+
+    monkeypatch.setattr(bus, "_pull", crashing_pull)
+    bus.consume(streams.CONSENT.name, f"test-{unique}", subjects.CONSENT_RECORDED, handler)
+    env = Envelope.wrap(recorded(3, key), SOURCE)
+    await bus.js.publish(subjects.CONSENT_RECORDED, env.to_bytes(), headers={"Nats-Msg-Id": env.id})
+
+    async def delivered() -> bool:
+        return got == [3]
+
+    await until(delivered)
+    assert crashes["left"] == 0
+    (consumer,) = bus._consumers
+    assert consumer.crashes == 1
+    assert consumer.running
+
+
 async def test_first_time_records_an_event_once_per_consumer(store: tuple[Database, PlatformTables]) -> None:
     db, tables = store
     async with db.transaction() as session:

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hie_platform.db import Database, insert_or_skip
 from hie_platform.errors import RpcError, RpcRemoteError
 from hie_platform.logging import CORRELATION_HEADER, correlation_id, get_logger
-from hie_platform.workers import cancel_and_wait, describe
+from hie_platform.workers import Worker, describe
 from hie_schemas import contract, streams
 from hie_schemas.envelope import Envelope, EventPayload
 
@@ -115,7 +115,7 @@ class Bus:
     def __init__(self, nc: NatsClient) -> None:
         self.nc = nc
         self.js = nc.jetstream()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._consumers: list[Worker] = []  # the durable consumers, each a supervised worker
 
     @classmethod
     async def connect(cls, url: str, name: str, connect_timeout: float = 5.0) -> Bus:
@@ -295,10 +295,12 @@ class Bus:
             return envelope
 
         stream = consumer.stream.name
-        consuming = self._consume(
-            stream, durable, filter_subject, dispatch, batch, ack_wait, True, one_transaction
+        self._start_consumer(
+            durable,
+            lambda: self._consume(
+                stream, durable, filter_subject, dispatch, batch, ack_wait, True, one_transaction
+            ),
         )
-        self._tasks.append(asyncio.create_task(consuming))
 
     def consume(
         self,
@@ -310,9 +312,15 @@ class Bus:
         ack_wait: float = 30.0,
     ) -> None:
         """Run a durable pull consumer in the background; ack on success, back off and redeliver on error."""
-        self._tasks.append(
-            asyncio.create_task(self._consume(stream, durable, filter_subject, handler, batch, ack_wait))
+        self._start_consumer(
+            durable, lambda: self._consume(stream, durable, filter_subject, handler, batch, ack_wait)
         )
+
+    def _start_consumer(self, durable: str, run: Callable[[], Awaitable[None]]) -> None:
+        """A consumer is a Worker: a crash of its loop is logged and it binds and pulls again."""
+        worker = Worker(f"consumer-{durable}", run)
+        worker.start()
+        self._consumers.append(worker)
 
     async def _refilter(self, stream: str, durable: str, filter_subject: str, config: ConsumerConfig) -> None:
         """A durable made before its subjects changed keeps its old filter (nats-py binds to it as it
@@ -461,11 +469,9 @@ class Bus:
             await self.js.delete_consumer(stream, durable)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await cancel_and_wait(task)  # again until it ends: a pull can drop one cancellation
-        self._tasks.clear()
+        consumers, self._consumers = self._consumers, []
+        # All at once: each stop cancels until its pull has ended (a pull can drop one cancellation).
+        await asyncio.gather(*(consumer.stop() for consumer in consumers))
         with contextlib.suppress(Exception):
             await self.nc.drain()
 
