@@ -81,7 +81,8 @@ class Task(Base):
     """A referral/return workflow Task; the requester's and the owner's hubs each keep a copy."""
 
     __tablename__ = "tasks"
-    # A search reads the exchanges of one patient sent to the reader (core.disclosure).
+    # A search reads the exchanges of one patient sent to the reader (core.disclosure); the index
+    # also serves every other read by patient (it begins with patient_key).
     __table_args__ = (Index("ix_tasks_patient_owner", "patient_key", "owner"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -91,7 +92,7 @@ class Task(Base):
     requester_hub: Mapped[str] = mapped_column(String(64))
     owner: Mapped[str] = mapped_column(String(8), index=True)
     owner_hub: Mapped[str] = mapped_column(String(64))
-    patient_key: Mapped[str] = mapped_column(String(64), index=True)
+    patient_key: Mapped[str] = mapped_column(String(64))
     focus: Mapped[list[str]] = mapped_column(JSON)
     task: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
