@@ -41,11 +41,15 @@ async def submission_sets_of_patient(
 async def submission_set_of(
     session: AsyncSession, author: str, patient_key: str, document_ids: Collection[str]
 ) -> SubmissionSet | None:
-    """The SubmissionSet that published exactly these documents (to answer a replay the same way)."""
+    """The SubmissionSet that published exactly these documents (to answer a replay the same way).
+    Read by patient, the author kept here (as ``tasks_of_submission``: not every set the author
+    ever submitted)."""
     wanted = set(document_ids)
     rows = await session.scalars(
         select(SubmissionSet)
-        .where(SubmissionSet.author_institution == author, SubmissionSet.patient_key == patient_key)
+        .where(SubmissionSet.patient_key == patient_key)
         .order_by(SubmissionSet.submitted_at)
     )
-    return next((row for row in rows if set(row.document_ids) == wanted), None)
+    return next(
+        (row for row in rows if row.author_institution == author and set(row.document_ids) == wanted), None
+    )

@@ -79,12 +79,12 @@ async def count_tasks(
 async def tasks_of_submission(
     session: AsyncSession, requester: str, patient_key: str, document_ids: Collection[str]
 ) -> list[Task]:
-    """The Tasks a publish of exactly these documents created (to answer a replay the same way)."""
+    """The Tasks a publish of exactly these documents created (to answer a replay the same way).
+    Read by patient, the requester kept here: given both, SQLite chose ix_tasks_requester and read
+    every Task the institution ever sent (20,000: 18–22 ms a replay, with the SubmissionSet's)."""
     wanted = set(document_ids)
-    rows = await session.scalars(
-        select(Task).where(Task.requester == requester, Task.patient_key == patient_key).order_by(Task.id)
-    )
-    return [row for row in rows if set(row.focus) == wanted]
+    rows = await session.scalars(select(Task).where(Task.patient_key == patient_key).order_by(Task.id))
+    return [row for row in rows if row.requester == requester and set(row.focus) == wanted]
 
 
 async def task_of_exchange(session: AsyncSession, exchange_id: str, hub: str) -> Task | None:
