@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -50,6 +50,14 @@ async def link(session: AsyncSession, study_uid: str, exchange_id: str) -> Study
     return await session.get(StudyLink, (study_uid, exchange_id))
 
 
+def _state_of_row() -> ColumnElement[str]:
+    """The state as a condition on rows already found by their key (``state || ''``): given both, SQLite
+    chose ix_instances_state_received and read every instance in that state, so a relay batch cost
+    the whole backlog (20,000 queued: 18–22 ms a batch). An expression is never answered from an
+    index (sqlite.org/optoverview.html, "Disqualifying WHERE clause terms"); PostgreSQL takes it too."""
+    return Instance.state + ""
+
+
 async def queued_with_links(
     session: AsyncSession, sop_uids: Collection[str]
 ) -> list[tuple[Instance, StudyLink]]:
@@ -61,7 +69,7 @@ async def queued_with_links(
             (StudyLink.study_instance_uid == Instance.study_instance_uid)
             & (StudyLink.exchange_id == Instance.exchange_id),
         )
-        .where(Instance.sop_instance_uid.in_(list(sop_uids)), Instance.state == State.QUEUED.value)
+        .where(Instance.sop_instance_uid.in_(list(sop_uids)), _state_of_row() == State.QUEUED.value)
     )
     return [(row[0], row[1]) for row in (await session.execute(query)).all()]
 
@@ -85,7 +93,7 @@ async def set_outcomes(
         .where(
             Instance.sop_instance_uid.in_(list(sop_uids)),
             Instance.exchange_id == exchange_id,
-            Instance.state == State.QUEUED.value,
+            _state_of_row() == State.QUEUED.value,
         )
         .values(**values)
     )
@@ -188,7 +196,7 @@ async def stale_held(session: AsyncSession, cutoff: datetime, limit: int) -> lis
 async def mark_purged(session: AsyncSession, sop_uids: Collection[str], now: datetime) -> None:
     await session.execute(
         update(Instance)
-        .where(Instance.sop_instance_uid.in_(list(sop_uids)), Instance.state == State.HELD.value)
+        .where(Instance.sop_instance_uid.in_(list(sop_uids)), _state_of_row() == State.HELD.value)
         .values(state=State.PURGED.value, updated_at=now)
     )
 
