@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from query_plans import explain
 from sqlalchemy import event, select
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm.exc import DetachedInstanceError
@@ -176,16 +177,10 @@ async def test_each_row_gets_the_purposes_of_the_exchanges_that_sent_it(db: Data
 async def test_a_readers_exchanges_are_found_by_patient_not_by_scanning_the_reader(db: Database) -> None:
     """SQLite chose ix_tasks_owner for `owner = ? AND patient_key IN (...)` and read every Task the
     hospital owns (thousands in make load) on every search; the plan must use the patient."""
-    statements: list[tuple[str, Any]] = []
 
-    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        statements.append((statement, parameters))
+    async def lookup() -> None:
+        async with db.read_sessions() as read:
+            await tasks_repository.exchanges_owned_for(read, HOSPITAL, {KEY})
 
-    event.listen(db.reader.sync_engine, "before_cursor_execute", record)
-    async with db.read_sessions() as read:
-        await tasks_repository.exchanges_owned_for(read, HOSPITAL, {KEY})
-    ((statement, parameters),) = statements
-    async with db.reader.connect() as conn:
-        plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)).all()
-    details = " ".join(str(step[-1]) for step in plan)
+    details = await explain(db.reader, lookup, "tasks")
     assert "ix_tasks_patient_owner" in details, details

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert, select
+from query_plans import explain
+from sqlalchemy import insert, select
 
 from hie_imaging import repository
 from hie_imaging.models import Base, Instance, State, StudyLink
@@ -105,18 +106,11 @@ Statement = Callable[[Any], Awaitable[object]]
     ids=["queued-with-links", "set-outcomes", "mark-purged"],
 )
 async def test_a_batch_is_found_by_key_not_by_state(db: Database, run: Statement) -> None:
-    statements: list[tuple[str, Any]] = []
 
-    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        statements.append((statement, parameters))
+    async def batch() -> None:
+        async with db.transaction() as session:
+            await run(session)
 
-    event.listen(db.writer.sync_engine, "before_cursor_execute", record)
-    async with db.transaction() as session:
-        await run(session)
-    event.remove(db.writer.sync_engine, "before_cursor_execute", record)
-    ((statement, parameters),) = [(s, p) for s, p in statements if "instances" in s]
-    async with db.writer.connect() as conn:
-        plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)).all()
-    details = " ".join(str(step[-1]) for step in plan)
+    details = await explain(db.writer, batch, "instances")
     assert "ix_instances_state_received" not in details, details
     assert "sqlite_autoindex_instances_1" in details, details
