@@ -213,7 +213,7 @@ async def _durable(bus: Bus, d: Durable, received: dict[str, asyncio.Queue[str]]
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
 
-    bus._tasks.append(asyncio.create_task(pull()))
+    bus._start_consumer(d.name(hub_of(d)), pull)  # stopped with the bus, as its own consumers are
 
 
 async def _serve_rpcs(buses: dict[str, Bus]) -> None:
