@@ -305,7 +305,7 @@ def forged() -> dict[str, Attempt]:
         to = HUB_C if contract.TO in msg.template.split(".") else None
         if msg.sender_bound and msg.publishers & HUB_ROLES:
             out[f"{msg.kind.value} claiming another hub"] = _publish(msg, msg.subject(to=to, sender=HUB_B))
-        for central in msg.publishers - HUB_ROLES:
+        for central in sorted(msg.publishers - HUB_ROLES, key=lambda role: role.value):
             if not msg.sender_bound and msg.publishers & HUB_ROLES:
                 continue  # a subject every service shares (the audit trail): not a forgery
             subject = msg.subject(sender=central.value) if msg.sender_bound else msg.template
