@@ -234,11 +234,14 @@ class Load:
         await asyncio.gather(*(client() for _ in range(clients)))
         return time.perf_counter() - started
 
+    def instances_sent(self) -> int:
+        return sum(len(uids) for uids in self.instances.values())
+
     async def settle(self, timeout: float) -> tuple[int, int]:
         """Wait until every referral is in the hospital's inbox and every instance at the PACS."""
         deadline = time.monotonic() + timeout
         owner = f"{KRNPI_SYSTEM}|{self.hospital.code}"
-        expected = sum(len(uids) for uids in self.instances.values())
+        expected = self.instances_sent()
         tasks: set[str] = set()
         arrived = 0
         while True:
@@ -296,6 +299,16 @@ async def run(report: Report) -> int:
         await asyncio.to_thread(pacs.stop)
         await asyncio.to_thread(launcher.stop)
 
+    report_load(report, load, elapsed, tasks, arrived)
+    failures = count_failures(load, tasks, arrived)
+    if failures:
+        print(f"load: the federation's data and logs are kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return failures
+
+
+def report_load(report: Report, load: Load, elapsed: float, tasks: int, arrived: int) -> None:
     for name in WEIGHTS:
         samples = load.latency[name]
         if not samples:
@@ -304,12 +317,15 @@ async def run(report: Report) -> int:
         report.add(Figure(NAME, f"{name} p50", percentile(samples, 50) * 1000, "ms"))
         report.add(Figure(NAME, f"{name} p99", percentile(samples, 99) * 1000, "ms"))
         report.add(Figure(NAME, f"{name} errors", len(load.errors[name]), "count"))
-    expected = sum(len(uids) for uids in load.instances.values())
+    expected = load.instances_sent()
     report.add(
         Figure(NAME, "referrals in the hospital's inbox", tasks, "count", "published", len(load.referrals))
     )
     report.add(Figure(NAME, "CT instances at the hospital's PACS", arrived, "count", "sent", expected))
 
+
+def count_failures(load: Load, tasks: int, arrived: int) -> int:
+    """Every error of an operation, and each of a referral or an instance missing at the end (printed)."""
     failures = 0
     for name, problems in load.errors.items():
         failures += len(problems)
@@ -318,13 +334,10 @@ async def run(report: Report) -> int:
     if tasks < len(load.referrals):
         failures += 1
         print(f"load: only {tasks}/{len(load.referrals)} referrals reached the inbox", file=sys.stderr)
+    expected = load.instances_sent()
     if arrived < expected:
         failures += 1
         print(f"load: only {arrived}/{expected} CT instances reached the PACS", file=sys.stderr)
-    if failures:
-        print(f"load: the federation's data and logs are kept in {tmp}", file=sys.stderr)
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
     return failures
 
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.common import Figure, Report, run_concurrently
+from bench.common import Figure, Report, Timing, run_concurrently
 from hie_platform.migrations import upgrade
 from hie_platform.natsd import NatsServer, free_port, wait_for_port
 from hie_registry.models import Client, Institution
@@ -110,77 +110,83 @@ def server_p99_bound(before: dict[float, float], after: dict[float, float]) -> f
     return next((bound * 1000 for bound, count in counts if count >= 0.99 * total), float("inf"))
 
 
+class Calls:
+    """The registry requests the benchmark makes, one method per operation."""
+
+    def __init__(self, http: httpx.AsyncClient, secrets: dict[str, str], rng: random.Random) -> None:
+        self.http = http
+        self.secrets = secrets
+        self.codes = list(secrets)
+        self.rng = rng
+
+    async def health(self, _: int) -> None:
+        (await self.http.get("/healthz")).raise_for_status()
+
+    async def by_name(self, _: int) -> None:
+        r = await self.http.get("/fhir/Organization", params={"name": self.rng.choice(WORDS), "_count": "20"})
+        r.raise_for_status()
+
+    async def by_hub(self, _: int) -> None:
+        hub = self.rng.choice(HUBS)
+        r = await self.http.get(
+            "/fhir/Organization", params={"partof": f"Organization/{hub.code}", "_count": "50"}
+        )
+        r.raise_for_status()
+
+    async def by_region(self, _: int) -> None:
+        r = await self.http.get(
+            "/fhir/Organization",
+            params={"address-state": self.rng.choice(REGIONS), "active": "true", "_count": "20"},
+        )
+        r.raise_for_status()
+
+    async def read(self, _: int) -> None:
+        (
+            await self.http.get(f"/fhir/Organization/8{self.rng.randrange(INSTITUTIONS):07d}")
+        ).raise_for_status()
+
+    async def token(self, i: int) -> None:
+        code = self.codes[i % len(self.codes)]
+        r = await self.http.post(
+            "/oauth2/token",
+            data={"grant_type": "client_credentials", "client_id": code, "client_secret": self.secrets[code]},
+        )
+        r.raise_for_status()
+
+
+def report_directory(report: Report, label: str, timing: Timing, bound: float, baseline: Timing) -> None:
+    name = f"directory {label} p99 at the server (upper bound of its histogram bucket)"
+    report.add(Figure(NAME, name, bound, "ms"))
+    report.add(Figure(NAME, f"directory {label} p50", timing.p50_ms, "ms", "healthz p50", baseline.p50_ms))
+    report.add(Figure(NAME, f"directory {label} p99", timing.p99_ms, "ms", "healthz p99", baseline.p99_ms))
+    report.add(
+        Figure(
+            NAME, f"directory {label} throughput", timing.per_second, "req/s", "healthz", baseline.per_second
+        )
+    )
+
+
 async def measure(base: str, secrets: dict[str, str], report: Report, rng: random.Random) -> None:
-    codes = list(secrets)
     async with httpx.AsyncClient(
         base_url=base, timeout=30.0, limits=httpx.Limits(max_connections=16)
     ) as http:
-
-        async def health(_: int) -> None:
-            (await http.get("/healthz")).raise_for_status()
-
-        async def by_name(_: int) -> None:
-            r = await http.get("/fhir/Organization", params={"name": rng.choice(WORDS), "_count": "20"})
-            r.raise_for_status()
-
-        async def by_hub(_: int) -> None:
-            hub = rng.choice(HUBS)
-            r = await http.get(
-                "/fhir/Organization", params={"partof": f"Organization/{hub.code}", "_count": "50"}
-            )
-            r.raise_for_status()
-
-        async def by_region(_: int) -> None:
-            r = await http.get(
-                "/fhir/Organization",
-                params={"address-state": rng.choice(REGIONS), "active": "true", "_count": "20"},
-            )
-            r.raise_for_status()
-
-        async def read(_: int) -> None:
-            (await http.get(f"/fhir/Organization/8{rng.randrange(INSTITUTIONS):07d}")).raise_for_status()
-
-        async def token(i: int) -> None:
-            code = codes[i % len(codes)]
-            r = await http.post(
-                "/oauth2/token",
-                data={"grant_type": "client_credentials", "client_id": code, "client_secret": secrets[code]},
-            )
-            r.raise_for_status()
-
-        for op in (health, by_name):  # warm up connections, caches and SQLite's page cache
+        calls = Calls(http, secrets, rng)
+        for op in (calls.health, calls.by_name):  # warm up connections, caches and SQLite's page cache
             await run_concurrently(op, 50, 8)
-        baseline = await run_concurrently(health, 2000, 8)
+        baseline = await run_concurrently(calls.health, 2000, 8)
         report.add(Figure(NAME, "GET /healthz throughput (baseline)", baseline.per_second, "req/s"))
         report.add(Figure(NAME, "GET /healthz p99 (baseline)", baseline.p99_ms, "ms"))
         for label, op, count, route in (
-            ("search by name", by_name, 500, "/fhir/Organization"),
-            ("search by hub (partof)", by_hub, 500, "/fhir/Organization"),
-            ("search by region, active", by_region, 500, "/fhir/Organization"),
-            ("read Organization", read, 1000, "/fhir/Organization/{code}"),
+            ("search by name", calls.by_name, 500, "/fhir/Organization"),
+            ("search by hub (partof)", calls.by_hub, 500, "/fhir/Organization"),
+            ("search by region, active", calls.by_region, 500, "/fhir/Organization"),
+            ("read Organization", calls.read, 1000, "/fhir/Organization/{code}"),
         ):
             before = await server_buckets(http, route)
             timing = await run_concurrently(op, count, 8)
             bound = server_p99_bound(before, await server_buckets(http, route))
-            name = f"directory {label} p99 at the server (upper bound of its histogram bucket)"
-            report.add(Figure(NAME, name, bound, "ms"))
-            report.add(
-                Figure(NAME, f"directory {label} p50", timing.p50_ms, "ms", "healthz p50", baseline.p50_ms)
-            )
-            report.add(
-                Figure(NAME, f"directory {label} p99", timing.p99_ms, "ms", "healthz p99", baseline.p99_ms)
-            )
-            report.add(
-                Figure(
-                    NAME,
-                    f"directory {label} throughput",
-                    timing.per_second,
-                    "req/s",
-                    "healthz",
-                    baseline.per_second,
-                )
-            )
-        tokens = await run_concurrently(token, 1000, 8)
+            report_directory(report, label, timing, bound, baseline)
+        tokens = await run_concurrently(calls.token, 1000, 8)
         report.add(
             Figure(NAME, "tokens issued", tokens.per_second, "tokens/s", "healthz", baseline.per_second)
         )
