@@ -17,15 +17,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fault_referrals import (
+    Referral,
+    delivered_exactly_once,
+    refusal_rules,
+)
 from fault_servers import NatsCluster
 from faults_support import (
     SOURCE_HUB,
     FaultFederation,
-    Referral,
-    delivered_exactly_once,
     eventually,
     new_rrn,
-    refusal_rules,
 )
 
 from hie_platform.settings import DEV_PATIENT_KEY_SECRET

@@ -22,13 +22,15 @@ from typing import Any
 
 import httpx
 import pytest
+from fault_referrals import (
+    Referral,
+    delivered_exactly_once,
+)
 from fault_servers import NatsCluster, PrivatePostgres, postgres_bin
 from faults_support import (
     CLINIC,
     SOURCE_HUB,
     FaultFederation,
-    Referral,
-    delivered_exactly_once,
     eventually,
     new_rrn,
 )

@@ -19,16 +19,18 @@ import time
 from pathlib import Path
 
 import httpx
+from fault_referrals import (
+    Burst,
+    Referral,
+    delivered_exactly_once,
+    requesters_told,
+)
 from fault_servers import NatsCluster
 from faults_support import (
     DESTINATION_HUB,
     SOURCE_HUB,
-    Burst,
     FaultFederation,
-    Referral,
-    delivered_exactly_once,
     new_rrn,
-    requesters_told,
 )
 
 REFERRALS = 500

@@ -17,17 +17,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fault_referrals import (
+    Burst,
+    Referral,
+    delivered_exactly_once,
+    requesters_told,
+)
 from fault_servers import NatsCluster, stream_info
 from faults_support import (
     DESTINATION_HUB,
     SOURCE_HUB,
-    Burst,
     FaultFederation,
-    Referral,
-    delivered_exactly_once,
     eventually,
     new_rrn,
-    requesters_told,
 )
 
 from hie_schemas import streams

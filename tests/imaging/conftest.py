@@ -18,7 +18,7 @@ import nats
 import pytest
 from gateway_harness import HUB_GATEWAY_AE, SEVERANCE, SNUBH, ConsentDesk, Federation, GatewayApp, topology
 from nats.aio.client import Client as NatsClient
-from peers import GatewayProcess, Orthanc, dcmtk_tool, orthanc_binary
+from peers import MODALITY_AE, GatewayProcess, Orthanc, dcmtk_tool, orthanc_binary
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -28,7 +28,6 @@ from hie_imaging.dicom.scp import ReceivedInstance, StorageServer
 from hie_imaging.dicom.scu import DicomEndpoint
 
 GATEWAY_AE = "HIE_GATEWAY"
-MODALITY_AE = "CT_MODALITY"
 
 MakeSeries = Callable[..., list[Path]]
 

@@ -35,6 +35,10 @@ from hie_platform.natsd import free_port
 ORTHANC_AE = "ORTHANC_PACS"
 
 
+# The calling AE title of the modality in the gateway tests (the gateways allow it by default).
+MODALITY_AE = "CT_MODALITY"
+
+
 def ct_series(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
     """`count` CT instances of one new study: pydicom's CT_small (128×128×16 bit) with fresh UIDs and
     pixels of their own, so that a mixed-up or altered instance cannot pass for another."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from peers import MODALITY_AE, dataset_bytes
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
@@ -23,7 +24,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from test_dicom_core import dataset_bytes
 
 from hie_imaging.dicom.scp import ReceivedInstance
 from hie_imaging.dicom.scu import send_files
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from conftest import MakeSeries, Recorder, RunningServer, StartGateway
 
 CANNOT_UNDERSTAND = 0xC210
-MODALITY_AE = "CT_MODALITY"
 PIXEL_DATA = {True: b"\xe0\x7f\x10\x00", False: b"\x7f\xe0\x00\x10"}  # (7FE0,0010), little / big endian
 
 NATIVE = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"]
