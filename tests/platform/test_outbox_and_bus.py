@@ -20,6 +20,10 @@ SOURCE = Source(service="test", node="t1")
 
 
 def recorded(version: int, key: str) -> ConsentRecorded:
+    """A ConsentRecorded for the session's shared HIE_CONSENT stream. The tests publish only a
+    patient's first version (1): a version whose predecessor never comes is held back by every
+    consent replica started on that stream later, which then never becomes current (found when two
+    pytest-xdist workers ran test_consent_memory.py after this file; docs/consent.md, Known gaps)."""
     return ConsentRecorded(
         patient_key=key,
         version=version,
@@ -107,7 +111,7 @@ async def test_durable_consumer_is_idempotent_and_retries_failures(store, bus, u
                 handled.append(event.version)
 
     bus.consume(streams.CONSENT.name, f"test-{unique}", subjects.CONSENT_RECORDED, handler)
-    env = Envelope.wrap(recorded(7, key), SOURCE)
+    env = Envelope.wrap(recorded(1, key), SOURCE)
     # The same event delivered twice (a publisher retry outside the dedup window, or a redelivery).
     for headers in ({"Nats-Msg-Id": env.id}, {"Nats-Msg-Id": env.id + "-retry"}):
         await bus.js.publish(subjects.CONSENT_RECORDED, env.to_bytes(), headers=headers)
@@ -119,7 +123,7 @@ async def test_durable_consumer_is_idempotent_and_retries_failures(store, bus, u
 
     await until(processed_once)
     await asyncio.sleep(0.3)  # give a wrong second delivery the chance to show up before asserting
-    assert handled == [7]
+    assert handled == [1]
 
 
 async def test_a_consumer_whose_loop_crashes_is_restarted_and_goes_on(bus, unique, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -143,11 +147,11 @@ async def test_a_consumer_whose_loop_crashes_is_restarted_and_goes_on(bus, uniqu
 
     monkeypatch.setattr(bus, "_pull", crashing_pull)
     bus.consume(streams.CONSENT.name, f"test-{unique}", subjects.CONSENT_RECORDED, handler)
-    env = Envelope.wrap(recorded(3, key), SOURCE)
+    env = Envelope.wrap(recorded(1, key), SOURCE)
     await bus.js.publish(subjects.CONSENT_RECORDED, env.to_bytes(), headers={"Nats-Msg-Id": env.id})
 
     async def delivered() -> bool:
-        return got == [3]
+        return got == [1]
 
     await until(delivered)
     assert crashes["left"] == 0
