@@ -42,6 +42,9 @@ SEVERANCE_CLINIC, SEVERANCE_CLINIC_2, SNUBH_CLINIC = "11301001", "11301002", "31
 CNUH_CLINIC = "25303001"
 AGENCY_CLIENT = "agency"  # the operating agency's client in the seeded registry
 HUBS = ("severance", "snubh", "cnuh")
+CRS, REFERRAL = DocumentType.CARE_RECORD_SUMMARY, DocumentType.REFERRAL
+# FHIR search under "Prefer: handling=strict": an unknown or unsupported parameter is refused, not ignored.
+STRICT = {"Prefer": "handling=strict"}
 HUB_TABLES = (
     "documents",
     "tasks",

@@ -14,10 +14,13 @@ from typing import Any
 import httpx
 from hub_support import (
     AGENCY_CLIENT,
+    CRS,
+    REFERRAL,
     SEVERANCE,
     SEVERANCE_CLINIC,
     SEVERANCE_CLINIC_2,
     SNUBH,
+    STRICT,
     Federation,
     eventually,
     located,
@@ -28,12 +31,8 @@ from hub_support import (
 )
 
 from hie_hub.core.bundles import CREATED_TASK_EXTENSION
-from hie_schemas.codes import DocumentType
 from hie_schemas.fhir import parse_resource
 from hie_schemas.identifiers import RRN_SYSTEM
-
-CRS, REFERRAL = DocumentType.CARE_RECORD_SUMMARY, DocumentType.REFERRAL
-STRICT = {"Prefer": "handling=strict"}
 
 
 def canonical_sha1(resource: Any) -> tuple[int, str]:

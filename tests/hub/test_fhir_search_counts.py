@@ -8,8 +8,11 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from hub_support import (
     AGENCY_CLIENT,
+    CRS,
+    REFERRAL,
     SEVERANCE_CLINIC,
     SNUBH,
+    STRICT,
     Federation,
     krnpi,
     located,
@@ -18,11 +21,7 @@ from hub_support import (
     submit,
 )
 
-from hie_schemas.codes import DocumentType
 from hie_schemas.identifiers import RRN_SYSTEM
-
-CRS, REFERRAL = DocumentType.CARE_RECORD_SUMMARY, DocumentType.REFERRAL
-STRICT = {"Prefer": "handling=strict"}
 
 
 async def test_task_and_audit_searches_give_totals_and_counts(federation: Federation, rrn: str) -> None:

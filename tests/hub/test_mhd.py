@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 from hub_support import (
+    CRS,
+    REFERRAL,
     SEVERANCE,
     SEVERANCE_CLINIC,
     SEVERANCE_CLINIC_2,
@@ -23,12 +25,9 @@ from hub_support import (
 )
 
 from hie_hub.core.capability import ACCEPTED
-from hie_schemas.codes import DocumentType
 from hie_schemas.documents.builders import KST
 from hie_schemas.fhir import parse_resource
 from hie_schemas.identifiers import PATIENT_KEY_SYSTEM, RRN_SYSTEM
-
-CRS, REFERRAL = DocumentType.CARE_RECORD_SUMMARY, DocumentType.REFERRAL
 
 
 async def follow(fed: Federation, hub: str, as_: str, first: httpx.Response) -> list[list[str]]:
