@@ -287,6 +287,17 @@ class Federation:
 
         return await eventually(check, f"Task {task_id} {status} at {hub}")
 
+    async def referral_received(self, rrn: str) -> str:
+        """A consented patient's referral from a severance clinic to SNUBH; the Task's id once SNUBH's
+        inbox holds it (received)."""
+        self.desk.grant(rrn)
+        published = await self.publish(
+            "severance", SEVERANCE_CLINIC, submit(REFERRAL, SEVERANCE_CLINIC, rrn, [SNUBH])
+        )
+        [task_id] = located(published, "Task")
+        await self.task_arrives("snubh", SNUBH, task_id, "received")
+        return task_id
+
     async def patient_rows(self, hub: str, key: str) -> list[dict[str, Any]]:
         rows = await self.hubs[hub].rows("documents") + await self.hubs[hub].rows("tasks")
         return [row for row in rows if row["patient_key"] == key]

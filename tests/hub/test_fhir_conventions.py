@@ -123,12 +123,7 @@ async def test_a_task_update_honours_if_match(federation: Federation, rrn: str) 
     """Point 1 for Task: the owner's copy (received when it arrived) moves to accepted only at the
     version it names (412 otherwise), and the answer carries the new version."""
     fed = federation
-    fed.desk.grant(rrn)
-    published = await fed.publish(
-        "severance", SEVERANCE_CLINIC, submit(REFERRAL, SEVERANCE_CLINIC, rrn, [SNUBH])
-    )
-    [task_id] = located(published, "Task")
-    await fed.task_arrives("snubh", SNUBH, task_id, "received")
+    task_id = await fed.referral_received(rrn)
     at_owner = await fed.call("GET", "snubh", f"/Task/{task_id}", as_=SNUBH)
     version = int(at_owner.json()["meta"]["versionId"])
     assert at_owner.headers["etag"] == f'W/"{version}"'

@@ -15,7 +15,6 @@ from hub_support import (
     STRICT,
     Federation,
     krnpi,
-    located,
     matches,
     refused,
     submit,
@@ -28,12 +27,7 @@ async def test_task_and_audit_searches_give_totals_and_counts(federation: Federa
     """Point 5: Bundle.total on Task and AuditEvent searches (all pages), and _summary=count with
     _total=accurate, also under strict handling."""
     fed = federation
-    fed.desk.grant(rrn)
-    published = await fed.publish(
-        "severance", SEVERANCE_CLINIC, submit(REFERRAL, SEVERANCE_CLINIC, rrn, [SNUBH])
-    )
-    [task_id] = located(published, "Task")
-    await fed.task_arrives("snubh", SNUBH, task_id, "received")
+    await fed.referral_received(rrn)
     mine = {"requester": krnpi(SEVERANCE_CLINIC)}
     sent = await fed.call("GET", "severance", "/Task", as_=SEVERANCE_CLINIC, params=mine | {"_count": "1"})
     assert sent.status_code == 200, sent.text
