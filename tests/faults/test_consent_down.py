@@ -76,7 +76,9 @@ async def test_consent_service_down_hubs_decide_within_the_bound_then_fail_close
         async def replica_current() -> bool:
             # Deciding locally: the replica has counted a heartbeat (until then, the central point).
             metrics = await http.get(f"{federation.hub(SOURCE_HUB).url}/metrics")
-            return "hie_hub_consent_replica_current 1.0" in metrics.text
+            # No patient is decided stale for a consent version set aside (the gauge is exported).
+            held = "hie_hub_consent_replica_held_patients 0.0" in metrics.text
+            return held and "hie_hub_consent_replica_current 1.0" in metrics.text
 
         await eventually(replica_current, "the source hub's replica to be current")
         assert (await send(Referral.new(consented))).status_code == 200

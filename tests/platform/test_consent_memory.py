@@ -32,6 +32,7 @@ from hie_hub.consent_replica import ConsentReplica, replica_table
 from hie_hub.models import PLATFORM as HUB_TABLES
 from hie_platform.bus import Bus
 from hie_platform.consent_gate import ConsentGate
+from hie_platform.consent_replica import Freshness
 from hie_platform.natsd import free_port
 from hie_platform.runtime import Runtime, start_runtime
 from hie_platform.settings import ConsentSource, ReplicaSettings
@@ -68,7 +69,7 @@ class Node:
 
 @asynccontextmanager
 async def node(
-    slug: str, url: str, schema: str | None, nats_url: str, registry_url: str, name: str
+    slug: str, url: str, schema: str | None, nats_url: str, registry_url: str, name: str, **replica: Any
 ) -> AsyncIterator[Node]:
     settings = HubSettings(
         hub=slug,
@@ -82,7 +83,7 @@ async def node(
         replica = ConsentReplica(
             runtime,
             slug,
-            ReplicaSettings(consent_confirm_denials=False, consent_source=ConsentSource.REPLICA),
+            ReplicaSettings(consent_confirm_denials=False, consent_source=ConsentSource.REPLICA, **replica),
         )
         await replica.start()
         try:
@@ -268,3 +269,50 @@ async def test_two_processes_sharing_a_durable_both_decide_right(
         # a redelivery finds it in the table): the other decided right from what it read back.
         expected = [(key, [1, 2]) for key in keys]
         assert await memory_is_the_table(a, *expected) == await memory_is_the_table(b, *expected)
+
+
+async def test_a_version_whose_predecessor_never_comes_stops_only_its_patient(
+    heartbeat: None,
+    nats_url: str,
+    registry: Any,
+    database: tuple[str, str | None],
+    unique: str,
+    feed: Callable[..., Awaitable[None]],
+) -> None:
+    """Version 3 without 2 (the consent service's row for 2 set aside as a dead letter there): after
+    a few deliveries it is set aside here too. Only its patient is decided stale; the replica stays
+    current past its staleness bound, at the process that pulled it, at its peer and at a process
+    started afterwards; when 2 comes, 3 follows it everywhere."""
+    url, schema = database
+    slug = f"g{unique}"
+    bound = 2.0  # the staleness bound, short: the old failure was the whole replica stale after it
+    settings = {"consent_staleness_seconds": bound, "consent_replica_hold_deliveries": 3}
+    gap, other = new_key(), new_key()
+    async with (
+        node(slug, url, schema, nats_url, registry.url, "a", **settings) as a,
+        node(slug, url, schema, nats_url, registry.url, "b", **settings) as b,
+    ):
+        assert await a.replica.wait_current(30.0)
+        assert await b.replica.wait_current(30.0)
+        await feed(gap, 1, ConsentPolicy.ENTIRE_CONSENT)
+        await feed(gap, 3, ConsentPolicy.ENTIRE_WITHDRAWAL)
+
+        async def set_aside() -> bool | None:
+            return True if all(n.replica.held.get(gap) == {3} for n in (a, b)) else None
+
+        await eventually(set_aside, "version 3 set aside at both processes")
+        await decided([a, b], gap, "deny-consent-feed-stale")
+        await asyncio.sleep(2.5 * bound)
+        assert [a.replica.state(), b.replica.state()] == [Freshness.CURRENT, Freshness.CURRENT]
+        await feed(other, 1, ConsentPolicy.ENTIRE_CONSENT)
+        await decided([a, b], other, "permit-consent")
+        async with node(slug, url, schema, nats_url, registry.url, "c", **settings) as c:
+            assert await c.replica.wait_current(30.0), "a process started after the set-aside: never current"
+            assert c.replica.held.get(gap) == {3}
+            await decided([a, b, c], gap, "deny-consent-feed-stale")
+            await feed(gap, 2, ConsentPolicy.ENTIRE_CONSENT)  # the dead letter retried at the consent service
+            await decided([a, b, c], gap, "deny-withdrawn")
+            for n in (a, b, c):
+                await memory_is_the_table(n, (gap, [1, 2, 3]), (other, [1]))
+                assert gap not in n.replica.held
+                assert n.replica.whole(gap)

@@ -8,7 +8,9 @@ and imaging gateways (``hie_imaging.consent``). Each service gives it its durabl
   ``consent_replica`` table by a durable pull consumer (``hub-<slug>-consent``, shared by a hub's
   replicas; ``imaging-<slug>-consent`` for a gateway). Versions of one patient are applied in order
   (a version arrives only after the one before it; a duplicate is skipped), so the table is the
-  patient's history as the consent service keeps it, without exclusion reasons or signers.
+  patient's history as the consent service keeps it, without exclusion reasons or signers. A version
+  ahead of its predecessor is held back (nak) for a few deliveries, then set aside in the table so
+  that only its patient is decided stale (``hie_platform.consent_versions``).
 - **Liveness**: the consent service publishes a heartbeat every second with the stream sequence of
   its last ConsentRecorded and the age of its unpublished backlog. A heartbeat counts only once this
   consumer has acknowledged everything up to that sequence (its ack floor, or nothing pending), so
@@ -46,8 +48,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -56,23 +57,11 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
-from sqlalchemy import (
-    JSON,
-    Column,
-    DateTime,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    bindparam,
-    func,
-    insert,
-    select,
-)
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hie_platform.consent_memory import ConsentMemory, as_utc, consent_state, state_of_row
+from hie_platform.consent_memory import ConsentMemory, consent_state, state_of_row
+from hie_platform.consent_versions import ReplicaVersions, consent_replica_table
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
 from hie_platform.settings import ReplicaSettings
@@ -82,9 +71,10 @@ from hie_schemas.consent import ConsentState
 from hie_schemas.envelope import Envelope
 from hie_schemas.events import CONSENT_FEED_HEARTBEAT, ConsentFeedHeartbeat, ConsentRecorded
 
+__all__ = ["ConsentReplica", "ConsentWatch", "Freshness", "consent_replica_table"]
+
 log = get_logger(__name__)
 
-TABLE = "consent_replica"
 _CHANGES_KEPT = 50_000  # patients whose last change is remembered for watches, at most
 _CHANGES_HORIZON_SECONDS = 600.0  # a watch older than this after a prune counts as changed
 
@@ -93,29 +83,6 @@ class Freshness(StrEnum):
     STARTING = "starting"
     CURRENT = "current"
     STALE = "stale"
-
-
-def consent_replica_columns() -> list[Column[Any]]:
-    """The ``consent_replica`` table's columns: one row per replicated consent version."""
-    return [
-        Column("patient_key", String(64), primary_key=True),
-        Column("version", Integer, primary_key=True),
-        Column("policy", String(32), nullable=False),
-        Column("effective_at", DateTime(timezone=True), nullable=False),
-        Column("excluded_institutions", JSON, nullable=False),
-        Column("excluded_departments", JSON, nullable=False),
-        Column("event_id", String(64), nullable=False),
-        # The HIE_CONSENT sequence it came from: the replica's position, to rebuild after a lost database.
-        Column("stream_sequence", Integer, nullable=False),
-        Column("applied_at", DateTime(timezone=True), nullable=False),
-    ]
-
-
-def consent_replica_table(metadata: MetaData) -> Table:
-    """Declare the ``consent_replica`` table on a service's metadata (its migrations create it)."""
-    table = Table(TABLE, metadata, *consent_replica_columns())
-    Index("ix_consent_replica_stream_sequence", table.c.stream_sequence)
-    return table
 
 
 @dataclass(frozen=True)
@@ -154,7 +121,12 @@ class ConsentReplica:
         self._current_at: float | None = None  # monotonic time the replica was last known current
         self._pending: list[tuple[int, float]] = []  # heartbeats not yet covered by our ack floor
         self._reported = Freshness.STARTING
-        self.gapped: set[str] = set()  # patients whose next version is missing: decided as stale
+        # Patient -> a version this process held back (nak) for want of its predecessor: decided as
+        # stale until memory holds that version (applied here, or by a peer and merged).
+        self.gapped: dict[str, int] = {}
+        # Versions set aside in the table (hie_platform.consent_versions), by any process: stale too.
+        self.held: dict[str, set[int]] = {}
+        self.versions = ReplicaVersions(table)
         self.applied_sequence = 0  # the highest HIE_CONSENT sequence in the table (for metrics)
         self.applied_versions = 0  # versions this process applied (its peers on the durable the rest)
         self.memory = ConsentMemory()
@@ -166,11 +138,7 @@ class ConsentReplica:
         # Built once, run on a bare connection: the poll runs ten times a second in every hub and
         # gateway process, and building the query and an ORM session for it each time was the
         # largest share of an idle process's CPU (py-spy; docs/consent.md, "Replication").
-        t = table.c
-        columns = (t.patient_key, t.version, t.policy, t.effective_at, t.excluded_institutions)
-        self._rows_after = select(*columns, t.excluded_departments, t.stream_sequence).where(
-            t.stream_sequence > bindparam("since")
-        )
+        self._rows_after = select(*self.versions.columns).where(table.c.stream_sequence > bindparam("since"))
         self._workers = [
             Worker(f"consent-replica-{durable}", self._run),
             # The peers' versions between heartbeats; a failing read is logged once by the worker.
@@ -277,6 +245,8 @@ class ConsentReplica:
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         try:
             await self._catch_up(floor)  # what peers applied up to the floor: in memory before it counts
+            if self.held:
+                await self._settle_held()
         except Exception as exc:
             log.warning("consent replica memory not caught up", error=type(exc).__name__)
             return
@@ -330,7 +300,12 @@ class ConsentReplica:
 
     def whole(self, patient_key: str) -> bool:
         """No version of the patient is held back here or missing from memory (else: decide stale)."""
-        return patient_key not in self.gapped and self.memory.whole(patient_key)
+        if patient_key in self.held:
+            return False
+        waiting = self.gapped.get(patient_key)
+        if waiting is not None and not self.memory.knows(patient_key, waiting):
+            return False
+        return self.memory.whole(patient_key)
 
     async def histories(self, patient_keys: Iterable[str]) -> dict[str, list[ConsentState]]:
         """Each patient's replicated versions, oldest first (from memory)."""
@@ -361,8 +336,46 @@ class ConsentReplica:
 
     def _merge(self, rows: Sequence[Any]) -> set[str]:
         top = max(row.stream_sequence for row in rows)
-        new = (row for row in rows if not self.memory.knows(row.patient_key, row.version))
-        return self.memory.merge((state_of_row(row) for row in new), top)
+        changed = self._note_held(rows)
+        new = (row for row in rows if not row.held and not self.memory.knows(row.patient_key, row.version))
+        changed |= self.memory.merge((state_of_row(row) for row in new), top)
+        for key in changed & self.gapped.keys():  # held back here, applied by a peer since
+            if self.memory.knows(key, self.gapped[key]):
+                del self.gapped[key]
+        return changed
+
+    def _note_held(self, rows: Iterable[Any]) -> set[str]:
+        """Track the set-aside versions among rows read back; return the patients whose set changed."""
+        changed: set[str] = set()
+        for row in rows:
+            aside = self.held.get(row.patient_key)
+            if row.held and (aside is None or row.version not in aside):
+                self.held.setdefault(row.patient_key, set()).add(row.version)
+                changed.add(row.patient_key)
+            elif not row.held and aside is not None and row.version in aside:
+                aside.discard(row.version)
+                changed.add(row.patient_key)
+        for key in changed:
+            if not self.held.get(key, True):
+                del self.held[key]
+        return changed
+
+    async def _settle_held(self) -> None:
+        """Once a heartbeat while versions are set aside: release those whose predecessor has come
+        (applied by a process that had not seen them set aside yet) and read back what peers
+        released. A released row keeps its old stream sequence, below what the poll reads."""
+        keys = sorted(self.held)
+        released: list[tuple[str, ConsentState]] = []
+        async with self.runtime.db.transaction() as session:
+            for key in keys:
+                latest, aside = await self.versions.of_patient(session, key)
+                states = await self.versions.release(session, key, latest, aside)
+                released += [(key, state) for state in states]
+            rows = await self.versions.of_patients(session, keys)
+        if released:
+            log.warning("consent versions released behind their late predecessor", versions=len(released))
+        self.memory.merge(released)
+        self._mark_changed(self._merge(rows) if rows else set())
 
     async def _poll(self) -> None:
         await self._catch_up(None)
@@ -405,83 +418,97 @@ class ConsentReplica:
                 await msg.nak(delay=delay)
 
     async def _apply(self, msgs: list[Msg]) -> None:
-        acks: list[Msg] = []
-        terms: list[Msg] = []
-        later: list[Msg] = []
-        applied: set[str] = set()
-        blocked: set[str] = set()
-        merged: list[tuple[str, ConsentState]] = []
-        top = 0
+        batch = _Batch()
         async with self.runtime.db.transaction() as session:
-            latest: dict[str, int] = {}
             for msg in msgs:
-                try:
-                    envelope = Envelope.from_bytes(msg.data)
-                    event = envelope.payload(ConsentRecorded)
-                except (ValidationError, ValueError):
-                    log.error("malformed consent event terminated", subject=msg.subject)
-                    terms.append(msg)
-                    continue
-                key = event.patient_key
-                if key in blocked:
-                    later.append(msg)  # keep this patient's versions in order behind the missing one
-                    continue
-                if key not in latest:
-                    latest[key] = await self._latest_version(session, key)
-                if event.version <= latest[key]:
-                    acks.append(msg)  # already applied (redelivery or a replayed stream)
-                    continue
-                if event.version != latest[key] + 1:
-                    log.warning("consent version ahead of its predecessor; waiting", version=event.version)
-                    blocked.add(key)
-                    later.append(msg)
-                    continue
-                row = self._row(event, envelope.id, msg)
-                await session.execute(insert(self.table).values(**row))
-                merged.append((key, self._state(row)))
-                top = max(top, row["stream_sequence"])
-                latest[key] = event.version
-                applied.add(key)
-                acks.append(msg)
+                await self._apply_one(session, batch, msg)
         # In memory only now, after the commit, and before the acks; marked for watches at once, as
         # a decision could see it.
-        self.memory.merge(merged, top)
-        self.applied_versions += len(merged)
-        self._mark_changed(applied | (blocked - self.gapped))
-        self.applied_sequence = max(self.applied_sequence, top)
+        self.memory.merge(batch.merged, batch.top)
+        self.applied_versions += len(batch.merged)
+        for key, version in batch.set_aside:
+            self.held.setdefault(key, set()).add(version)
+        for key, version in batch.released:
+            self.held.get(key, set()).discard(version)
+        self.held = {key: versions for key, versions in self.held.items() if versions}
+        aside = {key for key, _ in batch.set_aside}
+        self._mark_changed(batch.applied | (batch.blocked.keys() - self.gapped.keys()) | aside)
+        self.applied_sequence = max(self.applied_sequence, batch.top)
         # Acknowledged only after the commit: a crash in between means a redelivery, skipped above.
-        for msg in acks:
+        for msg in batch.acks:
             await msg.ack()
-        for msg in terms:
+        for msg in batch.terms:
             await msg.term()
-        await self._nak(later, 0.2)
-        self.gapped = (self.gapped - applied) | blocked
+        await self._nak(batch.later, 0.2)
+        gapped = {key: v for key, v in self.gapped.items() if not self.memory.knows(key, v)}
+        self.gapped = {key: v for key, v in gapped.items() if key not in batch.applied} | batch.blocked
 
-    async def _latest_version(self, session: AsyncSession, patient_key: str) -> int:
-        t = self.table.c
-        value = await session.scalar(select(func.max(t.version)).where(t.patient_key == patient_key))
-        return int(value or 0)
-
-    @staticmethod
-    def _state(row: dict[str, Any]) -> ConsentState:
-        return consent_state(
-            row["version"],
-            row["policy"],
-            row["effective_at"],
-            row["excluded_institutions"],
-            row["excluded_departments"],
+    async def _apply_one(self, session: AsyncSession, batch: _Batch, msg: Msg) -> None:
+        try:
+            envelope = Envelope.from_bytes(msg.data)
+            event = envelope.payload(ConsentRecorded)
+        except (ValidationError, ValueError):
+            log.error("malformed consent event terminated", subject=msg.subject)
+            batch.terms.append(msg)
+            return
+        key = event.patient_key
+        if key in batch.blocked:
+            batch.later.append(msg)  # keep this patient's versions in order behind the missing one
+            return
+        if key not in batch.latest:
+            batch.latest[key], batch.aside[key] = await self.versions.of_patient(session, key)
+        latest, aside = batch.latest[key], batch.aside[key]
+        if event.version <= latest or event.version in aside:
+            batch.acks.append(msg)  # already applied or set aside (redelivery or a replayed stream)
+            return
+        if event.version != latest + 1:
+            delivered = msg.metadata.num_delivered if msg.metadata else None
+            if delivered is not None and delivered < self.settings.consent_replica_hold_deliveries:
+                log.warning("consent version ahead of its predecessor; waiting", version=event.version)
+                batch.blocked[key] = event.version
+                batch.later.append(msg)
+                return
+            sequence = await self.versions.add(session, event, envelope.id, msg, held=True)
+            log.error(
+                "consent version set aside: its predecessor has not arrived; the patient is decided stale",
+                version=event.version,
+                missing=latest + 1,
+                stream_sequence=sequence,
+                deliveries=delivered,
+            )
+            aside.add(event.version)
+            batch.set_aside.append((key, event.version))
+            batch.acks.append(msg)
+            return
+        sequence = await self.versions.add(session, event, envelope.id, msg, held=False)
+        state = consent_state(
+            event.version,
+            event.policy,
+            event.effective_at,
+            event.excluded_institutions,
+            event.excluded_departments,
         )
+        released = await self.versions.release(session, key, event.version, aside)
+        batch.merged += [(key, state), *((key, later) for later in released)]
+        batch.released += [(key, later.version) for later in released]
+        batch.top = max(batch.top, sequence)
+        batch.latest[key] = released[-1].version if released else event.version
+        batch.applied.add(key)
+        batch.acks.append(msg)
 
-    @staticmethod
-    def _row(event: ConsentRecorded, event_id: str, msg: Msg) -> dict[str, Any]:
-        return {
-            "patient_key": event.patient_key,
-            "version": event.version,
-            "policy": event.policy.value,
-            "effective_at": as_utc(event.effective_at),
-            "excluded_institutions": list(event.excluded_institutions),
-            "excluded_departments": list(event.excluded_departments),
-            "event_id": event_id,
-            "stream_sequence": msg.metadata.sequence.stream if msg.metadata else 0,
-            "applied_at": datetime.now(UTC),
-        }
+
+@dataclass
+class _Batch:
+    """What one apply transaction did, acted on after its commit."""
+
+    acks: list[Msg] = field(default_factory=list)
+    terms: list[Msg] = field(default_factory=list)
+    later: list[Msg] = field(default_factory=list)  # naked: to come again
+    applied: set[str] = field(default_factory=set)
+    blocked: dict[str, int] = field(default_factory=dict)  # patient -> the version held back
+    merged: list[tuple[str, ConsentState]] = field(default_factory=list)
+    set_aside: list[tuple[str, int]] = field(default_factory=list)
+    released: list[tuple[str, int]] = field(default_factory=list)  # set aside before, applied now
+    latest: dict[str, int] = field(default_factory=dict)  # patient -> newest applied version
+    aside: dict[str, set[int]] = field(default_factory=dict)  # patient -> versions set aside
+    top: int = 0

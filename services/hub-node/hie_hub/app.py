@@ -121,3 +121,8 @@ def _replica_metrics(app: FastAPI, replicas: list[ConsentReplica]) -> None:
         "1 while the replica decides locally (within the staleness bound), 0 while starting or stale",
         registry=registry,
     ).set_function(current)
+    Gauge(
+        "hie_hub_consent_replica_held_patients",
+        "Patients with a consent version set aside for want of its predecessor: decided stale",
+        registry=registry,
+    ).set_function(lambda: float(len(replicas[-1].held)) if replicas else 0.0)

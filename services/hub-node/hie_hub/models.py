@@ -6,7 +6,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, String, UniqueConstraint, event, inspect
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    event,
+    false,
+    inspect,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, InstanceState, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -229,6 +240,8 @@ class ConsentReplicaVersion(Base):
     # The HIE_CONSENT sequence it came from: the replica's position, to rebuild after a lost database.
     stream_sequence: Mapped[int] = mapped_column(Integer, index=True)
     applied_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Set aside while its predecessor is missing: not part of the history (hie_platform.consent_versions).
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 @event.listens_for(Document, "before_update")

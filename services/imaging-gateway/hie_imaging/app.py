@@ -90,3 +90,8 @@ def _replica_metrics(app: FastAPI) -> None:
         "HIE_CONSENT stream sequence of the newest consent version in the replica",
         registry=registry,
     ).set_function(sequence)
+    Gauge(
+        "hie_imaging_consent_replica_held_patients",
+        "Patients with a consent version set aside for want of its predecessor: decided stale",
+        registry=registry,
+    ).set_function(lambda: float(len(found.held)) if (found := replica()) is not None else 0.0)

@@ -6,7 +6,7 @@ Revises: 0002
 
 from alembic import op
 
-from hie_platform.consent_replica import TABLE, consent_replica_columns
+from hie_platform.consent_versions import TABLE, consent_replica_columns
 
 revision = "0003"
 down_revision = "0002"
