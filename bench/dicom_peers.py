@@ -136,7 +136,7 @@ def sink_free(sink: Sink) -> None:
     opened to the sink for DicomAssociationCloseDelay (5 s by default) after the last instance: the
     leg after Orthanc's would otherwise wait up to 5 s at the sink's door inside its own timing.
     """
-    args = ["echoscu", "-aet", SCU_AE, "-aec", SINK_AE, "127.0.0.1", str(sink.port)]
+    args = [dcmtk("echoscu"), "-aet", SCU_AE, "-aec", SINK_AE, "127.0.0.1", str(sink.port)]
     subprocess.run(args, env=NODELAY, capture_output=True, timeout=60, check=True)
 
 
