@@ -16,8 +16,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import build_context
 
-from hie_imaging.dicom import reactor, sop
-from hie_imaging.dicom.reactor import QuietAssociation, QuietDUL
+from hie_imaging.dicom import sop
 from hie_imaging.dicom.scp import ReceivedInstance
 from hie_imaging.dicom.scu import (
     AssociationFailedError,
@@ -26,6 +25,8 @@ from hie_imaging.dicom.scu import (
     send_files,
 )
 from hie_imaging.dicom.spool import Spool
+from hie_platform import dicom_reactor as reactor
+from hie_platform.dicom_reactor import QuietAssociation, QuietDUL
 
 if TYPE_CHECKING:
     from conftest import Dcmtk, MakeSeries, Poll, RunningServer, StartGateway

@@ -33,7 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from hie_imaging.dicom.reactor import QuietRequestHandler
+from hie_platform.dicom_reactor import QuietRequestHandler
 
 LOGGER = logging.getLogger(__name__)
 

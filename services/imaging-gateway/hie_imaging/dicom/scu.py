@@ -27,8 +27,8 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from hie_imaging.dicom import command, sop
 from hie_imaging.dicom.filemeta import FileMetaError, read_file_meta
-from hie_imaging.dicom.reactor import request_association
 from hie_imaging.dicom.transcode import TranscodeError, transcode
+from hie_platform.dicom_reactor import request_association
 
 LOGGER = logging.getLogger(__name__)
 
