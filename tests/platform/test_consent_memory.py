@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from hie_consent.app import create_app as create_consent_app
 from hie_consent.config import ConsentSettings
@@ -286,7 +286,7 @@ async def test_a_version_whose_predecessor_never_comes_stops_only_its_patient(
     url, schema = database
     slug = f"g{unique}"
     bound = 2.0  # the staleness bound, short: the old failure was the whole replica stale after it
-    settings = {"consent_staleness_seconds": bound, "consent_replica_hold_deliveries": 3}
+    settings = {"consent_staleness_seconds": bound, "consent_replica_hold_seconds": 1.0}
     gap, other = new_key(), new_key()
     async with (
         node(slug, url, schema, nats_url, registry.url, "a", **settings) as a,
@@ -316,3 +316,58 @@ async def test_a_version_whose_predecessor_never_comes_stops_only_its_patient(
                 await memory_is_the_table(n, (gap, [1, 2, 3]), (other, [1]))
                 assert gap not in n.replica.held
                 assert n.replica.whole(gap)
+
+
+async def test_a_version_left_set_aside_behind_its_applied_predecessor_is_released(
+    heartbeat: None,
+    nats_url: str,
+    registry: Any,
+    database: tuple[str, str | None],
+    unique: str,
+    feed: Callable[..., Awaitable[None]],
+) -> None:
+    """Two processes racing on PostgreSQL can commit version 3 set aside (its predecessor not yet
+    committed when it looked) and version 2 applied (version 3 not yet committed when it looked): the
+    table is written here as they would leave it. The settle worker releases 3 within a second or so,
+    and until then the patient is decided stale, never on version 2 alone."""
+    url, schema = database
+    key = new_key()
+    async with node(f"h{unique}", url, schema, nats_url, registry.url, "a") as a:
+        assert await a.replica.wait_current(30.0)
+        await feed(key, 1, ConsentPolicy.ENTIRE_CONSENT)
+        await decided([a], key, "permit-consent")
+        top = a.replica.memory.top_sequence
+        table = replica_table()
+        now = datetime.now(UTC)
+
+        def row(version: int, policy: ConsentPolicy, held: bool, sequence: int) -> dict[str, Any]:
+            return {
+                "patient_key": key,
+                "version": version,
+                "policy": policy.value,
+                "effective_at": now - timedelta(minutes=10 - version),
+                "excluded_institutions": [],
+                "excluded_departments": [],
+                "event_id": uuid.uuid4().hex,
+                "stream_sequence": sequence,
+                "applied_at": now,
+                "held": held,
+            }
+
+        async with a.runtime.db.transaction() as session:
+            withdrawal, consent = ConsentPolicy.ENTIRE_WITHDRAWAL, ConsentPolicy.ENTIRE_CONSENT
+            await session.execute(insert(table).values(row(3, withdrawal, True, top + 1)))
+            await session.execute(insert(table).values(row(2, consent, False, top + 2)))
+        rules: set[str] = set()  # decided once version 2 is in memory
+
+        async def released() -> bool | None:
+            rule = (await a.gate.decide(flow(key))).rule.value
+            if a.replica.memory.knows(key, 2):
+                rules.add(rule)
+            return True if a.replica.memory.knows(key, 3) and a.replica.whole(key) else None
+
+        await eventually(released, "version 3 released by the settle worker")
+        await decided([a], key, "deny-withdrawn")
+        assert "permit-consent" not in rules, "decided on version 2 while version 3 was set aside"
+        assert not a.replica.held
+        await memory_is_the_table(a, (key, [1, 2, 3]))

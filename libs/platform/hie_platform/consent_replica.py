@@ -9,8 +9,9 @@ and imaging gateways (``hie_imaging.consent``). Each service gives it its durabl
   replicas; ``imaging-<slug>-consent`` for a gateway). Versions of one patient are applied in order
   (a version arrives only after the one before it; a duplicate is skipped), so the table is the
   patient's history as the consent service keeps it, without exclusion reasons or signers. A version
-  ahead of its predecessor is held back (nak) for a few deliveries, then set aside in the table so
-  that only its patient is decided stale (``hie_platform.consent_versions``).
+  ahead of its predecessor is held back (nak) for ``consent_replica_hold_seconds``, then set aside in
+  the table so that only its patient is decided stale (``hie_platform.consent_versions``; a peer's
+  release is read back within a second by the settle worker).
 - **Liveness**: the consent service publishes a heartbeat every second with the stream sequence of
   its last ConsentRecorded and the age of its unpublished backlog. A heartbeat counts only once this
   consumer has acknowledged everything up to that sequence (its ack floor, or nothing pending), so
@@ -48,7 +49,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -61,7 +62,15 @@ from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hie_platform.consent_memory import ConsentMemory, consent_state, state_of_row
-from hie_platform.consent_versions import ReplicaVersions, consent_replica_table
+from hie_platform.consent_versions import (
+    ApplyBatch,
+    ReplicaVersions,
+    Row,
+    consent_replica_table,
+    overdue,
+    releasable,
+    track_held,
+)
 from hie_platform.logging import get_logger
 from hie_platform.runtime import Runtime
 from hie_platform.settings import ReplicaSettings
@@ -148,6 +157,7 @@ class ConsentReplica:
                 settings.consent_replica_poll_seconds,
                 run_now=False,
             ),
+            PeriodicWorker(f"consent-replica-settle-{durable}", self._settle_held, 1.0, run_now=False),
         ]
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -245,8 +255,6 @@ class ConsentReplica:
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
         try:
             await self._catch_up(floor)  # what peers applied up to the floor: in memory before it counts
-            if self.held:
-                await self._settle_held()
         except Exception as exc:
             log.warning("consent replica memory not caught up", error=type(exc).__name__)
             return
@@ -334,48 +342,37 @@ class ConsentReplica:
         if floor is not None:
             self._memory_floor = max(self._memory_floor, floor)
 
-    def _merge(self, rows: Sequence[Any]) -> set[str]:
-        top = max(row.stream_sequence for row in rows)
-        changed = self._note_held(rows)
+    def _merge(self, rows: Sequence[Any], *, advance: bool = True) -> set[str]:
+        """Merge rows read back from the table. ``advance``: they are every row above a sequence, so
+        the newest of them moves the poll's starting point (not so for one patient's rows)."""
+        top = max(row.stream_sequence for row in rows) if advance else 0
         new = (row for row in rows if not row.held and not self.memory.knows(row.patient_key, row.version))
-        changed |= self.memory.merge((state_of_row(row) for row in new), top)
+        changed = self.memory.merge((state_of_row(row) for row in new), top)
+        changed |= track_held(self.held, rows)  # after the memory: a released version is in it first
         for key in changed & self.gapped.keys():  # held back here, applied by a peer since
             if self.memory.knows(key, self.gapped[key]):
                 del self.gapped[key]
         return changed
 
-    def _note_held(self, rows: Iterable[Any]) -> set[str]:
-        """Track the set-aside versions among rows read back; return the patients whose set changed."""
-        changed: set[str] = set()
-        for row in rows:
-            aside = self.held.get(row.patient_key)
-            if row.held and (aside is None or row.version not in aside):
-                self.held.setdefault(row.patient_key, set()).add(row.version)
-                changed.add(row.patient_key)
-            elif not row.held and aside is not None and row.version in aside:
-                aside.discard(row.version)
-                changed.add(row.patient_key)
-        for key in changed:
-            if not self.held.get(key, True):
-                del self.held[key]
-        return changed
-
     async def _settle_held(self) -> None:
-        """Once a heartbeat while versions are set aside: release those whose predecessor has come
-        (applied by a process that had not seen them set aside yet) and read back what peers
-        released. A released row keeps its old stream sequence, below what the poll reads."""
+        """Every second while versions are set aside (not on the heartbeat's path, so a slow one
+        delays no beat): read those patients' rows back (what peers released) and release the
+        versions whose predecessor a peer applied before it saw them set aside."""
+        if not self.held:
+            return
         keys = sorted(self.held)
-        released: list[tuple[str, ConsentState]] = []
-        async with self.runtime.db.transaction() as session:
-            for key in keys:
-                latest, aside = await self.versions.of_patient(session, key)
-                states = await self.versions.release(session, key, latest, aside)
-                released += [(key, state) for state in states]
-            rows = await self.versions.of_patients(session, keys)
-        if released:
-            log.warning("consent versions released behind their late predecessor", versions=len(released))
-        self.memory.merge(released)
-        self._mark_changed(self._merge(rows) if rows else set())
+        async with self.runtime.db.reader.connect() as conn:
+            rows = await self.versions.of_patients(conn, keys)
+        ready = releasable(rows)
+        if ready:
+            async with self.runtime.db.transaction() as session:
+                for key in ready:
+                    latest, aside = await self.versions.of_patient(session, key)
+                    await self.versions.release(session, key, latest, aside)
+                log.warning("consent versions released behind a peer's version", patients=len(ready))
+            async with self.runtime.db.reader.connect() as conn:
+                rows = await self.versions.of_patients(conn, keys)
+        self._mark_changed(self._merge(rows, advance=False) if rows else set())
 
     async def _poll(self) -> None:
         await self._catch_up(None)
@@ -418,7 +415,7 @@ class ConsentReplica:
                 await msg.nak(delay=delay)
 
     async def _apply(self, msgs: list[Msg]) -> None:
-        batch = _Batch()
+        batch = ApplyBatch()
         async with self.runtime.db.transaction() as session:
             for msg in msgs:
                 await self._apply_one(session, batch, msg)
@@ -426,11 +423,8 @@ class ConsentReplica:
         # a decision could see it.
         self.memory.merge(batch.merged, batch.top)
         self.applied_versions += len(batch.merged)
-        for key, version in batch.set_aside:
-            self.held.setdefault(key, set()).add(version)
-        for key, version in batch.released:
-            self.held.get(key, set()).discard(version)
-        self.held = {key: versions for key, versions in self.held.items() if versions}
+        track_held(self.held, [Row(key, version, True) for key, version in batch.set_aside])
+        track_held(self.held, [Row(key, version, False) for key, version in batch.released])
         aside = {key for key, _ in batch.set_aside}
         self._mark_changed(batch.applied | (batch.blocked.keys() - self.gapped.keys()) | aside)
         self.applied_sequence = max(self.applied_sequence, batch.top)
@@ -443,7 +437,7 @@ class ConsentReplica:
         gapped = {key: v for key, v in self.gapped.items() if not self.memory.knows(key, v)}
         self.gapped = {key: v for key, v in gapped.items() if key not in batch.applied} | batch.blocked
 
-    async def _apply_one(self, session: AsyncSession, batch: _Batch, msg: Msg) -> None:
+    async def _apply_one(self, session: AsyncSession, batch: ApplyBatch, msg: Msg) -> None:
         try:
             envelope = Envelope.from_bytes(msg.data)
             event = envelope.payload(ConsentRecorded)
@@ -462,8 +456,7 @@ class ConsentReplica:
             batch.acks.append(msg)  # already applied or set aside (redelivery or a replayed stream)
             return
         if event.version != latest + 1:
-            delivered = msg.metadata.num_delivered if msg.metadata else None
-            if delivered is not None and delivered < self.settings.consent_replica_hold_deliveries:
+            if not overdue(msg, self.settings.consent_replica_hold_seconds):
                 log.warning("consent version ahead of its predecessor; waiting", version=event.version)
                 batch.blocked[key] = event.version
                 batch.later.append(msg)
@@ -474,7 +467,6 @@ class ConsentReplica:
                 version=event.version,
                 missing=latest + 1,
                 stream_sequence=sequence,
-                deliveries=delivered,
             )
             aside.add(event.version)
             batch.set_aside.append((key, event.version))
@@ -488,27 +480,10 @@ class ConsentReplica:
             event.excluded_institutions,
             event.excluded_departments,
         )
-        released = await self.versions.release(session, key, event.version, aside)
+        released = await self.versions.release(session, key, event.version, aside, sequence)
         batch.merged += [(key, state), *((key, later) for later in released)]
         batch.released += [(key, later.version) for later in released]
         batch.top = max(batch.top, sequence)
         batch.latest[key] = released[-1].version if released else event.version
         batch.applied.add(key)
         batch.acks.append(msg)
-
-
-@dataclass
-class _Batch:
-    """What one apply transaction did, acted on after its commit."""
-
-    acks: list[Msg] = field(default_factory=list)
-    terms: list[Msg] = field(default_factory=list)
-    later: list[Msg] = field(default_factory=list)  # naked: to come again
-    applied: set[str] = field(default_factory=set)
-    blocked: dict[str, int] = field(default_factory=dict)  # patient -> the version held back
-    merged: list[tuple[str, ConsentState]] = field(default_factory=list)
-    set_aside: list[tuple[str, int]] = field(default_factory=list)
-    released: list[tuple[str, int]] = field(default_factory=list)  # set aside before, applied now
-    latest: dict[str, int] = field(default_factory=dict)  # patient -> newest applied version
-    aside: dict[str, set[int]] = field(default_factory=dict)  # patient -> versions set aside
-    top: int = 0

@@ -1,21 +1,28 @@
 """The ``consent_replica`` table: one row per replicated consent version, and the statements that
 apply a version, set one aside and release it (used by ``hie_platform.consent_replica``).
 
-A version is applied only right after its predecessor. One whose predecessor has not arrived after
-``consent_replica_hold_deliveries`` deliveries is **set aside**: stored with ``held`` true and
-acknowledged, so the durable's ack floor moves past it and the rest of the feed (every other
-patient) stays current. While a patient has a version set aside every process of the service
-decides that patient stale (it learns of the row as of any other); when the predecessor arrives, the
-process that applies it releases the set-aside versions behind it in the same transaction. Before
-this, such a version was held back by nak for good, the floor stayed below it, no heartbeat counted
-and the whole replica went stale within the staleness bound (docs/consent.md, "Replication").
+A version is applied only right after its predecessor. One whose predecessor has still not come
+``consent_replica_hold_seconds`` after it entered the stream (redelivered meanwhile) is **set
+aside**: stored with ``held`` true and acknowledged, so the durable's ack floor moves past it and the
+rest of the feed (every other patient) stays current. While a patient has a version set aside every
+process of the service decides that patient stale (it learns of the row as of any other); when the
+predecessor arrives, the process that applies it releases the set-aside versions behind it in the
+same transaction, under the predecessor's stream sequence so that the peers' poll reads them at
+once. Before this, such a version was held back by nak for good, the floor stayed below it, no
+heartbeat counted and the whole replica went stale within the staleness bound.
+
+What it covers: a hole the consent service cannot see (a message lost or purged from HIE_CONSENT, a
+version published outside its outbox). A version the consent service has not published (a dead
+letter in its outbox) is in its heartbeat's backlog age, and that makes every replica stale on
+purpose: no replica can tell which patient it concerns (docs/consent.md, "Replication").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from nats.aio.msg import Msg
 from sqlalchemy import (
@@ -33,7 +40,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from hie_platform.consent_memory import as_utc, consent_state
 from hie_schemas.consent import ConsentState
@@ -115,24 +122,101 @@ class ReplicaVersions:
         return sequence
 
     async def release(
-        self, session: AsyncSession, patient_key: str, latest: int, aside: set[int]
+        self, session: AsyncSession, patient_key: str, latest: int, aside: set[int], sequence: int = 0
     ) -> list[ConsentState]:
         """Apply the set-aside versions that follow ``latest`` without a gap; return them in order
-        (``aside`` loses them). Idempotent: a version another process released is not in ``aside``."""
+        (``aside`` loses them). Idempotent: a version another process released is not in ``aside``.
+        With ``sequence`` (the releasing message's) the rows take it as their stream sequence."""
         released: list[ConsentState] = []
         t = self.table.c
+        values: dict[str, Any] = {"held": False, "applied_at": datetime.now(UTC)}
+        if sequence:
+            values["stream_sequence"] = sequence
         while latest + 1 in aside:
             latest += 1
             aside.discard(latest)
             where = (t.patient_key == patient_key, t.version == latest)
-            await session.execute(
-                update(self.table).where(*where).values(held=False, applied_at=datetime.now(UTC))
-            )
+            await session.execute(update(self.table).where(*where).values(**values))
             row = (await session.execute(select(*self.columns).where(*where))).one()
             released.append(state_of(row))
         return released
 
-    async def of_patients(self, session: AsyncSession, patient_keys: Sequence[str]) -> list[Any]:
-        """Every row of these patients, applied and set aside."""
-        query = select(*self.columns).where(self.table.c.patient_key.in_(patient_keys))
-        return list((await session.execute(query)).all())
+    async def of_patients(self, conn: AsyncConnection, patient_keys: Sequence[str]) -> list[Any]:
+        """Every row of these patients, applied and set aside (read in chunks: a bind-parameter
+        list has a limit, 32,767 on asyncpg)."""
+        rows: list[Any] = []
+        for start in range(0, len(patient_keys), _CHUNK):
+            chunk = patient_keys[start : start + _CHUNK]
+            rows += (
+                await conn.execute(select(*self.columns).where(self.table.c.patient_key.in_(chunk)))
+            ).all()
+        return rows
+
+
+_CHUNK = 1_000
+
+
+def overdue(msg: Msg, hold_seconds: float) -> bool:
+    """A version ahead of its predecessor has waited long enough to be set aside: it entered the
+    stream ``hold_seconds`` ago and has come again since (so a version that only came back with a
+    failed batch, after a database outage, is not set aside at once)."""
+    meta = msg.metadata
+    if meta is None or meta.num_delivered < 2:
+        return False
+    return (datetime.now(UTC) - meta.timestamp).total_seconds() >= hold_seconds
+
+
+class Row(NamedTuple):
+    """What ``track_held`` reads of a row."""
+
+    patient_key: str
+    version: int
+    held: bool
+
+
+def releasable(rows: Iterable[Any]) -> list[str]:
+    """The patients among these rows (each patient's every row) with a set-aside version right after
+    their newest applied one."""
+    latest: dict[str, int] = {}
+    aside: dict[str, set[int]] = {}
+    for row in rows:
+        if row.held:
+            aside.setdefault(row.patient_key, set()).add(row.version)
+        else:
+            latest[row.patient_key] = max(latest.get(row.patient_key, 0), row.version)
+    return sorted(key for key, versions in aside.items() if latest.get(key, 0) + 1 in versions)
+
+
+def track_held(held: dict[str, set[int]], rows: Iterable[Any]) -> set[str]:
+    """Update ``held`` (patient -> versions set aside) from rows read back; return the patients whose
+    set changed. A patient's entry is removed once it is empty."""
+    changed: set[str] = set()
+    for row in rows:
+        aside = held.get(row.patient_key)
+        if row.held and (aside is None or row.version not in aside):
+            held.setdefault(row.patient_key, set()).add(row.version)
+            changed.add(row.patient_key)
+        elif not row.held and aside is not None and row.version in aside:
+            aside.discard(row.version)
+            changed.add(row.patient_key)
+    for key in changed:
+        if not held.get(key, True):
+            del held[key]
+    return changed
+
+
+@dataclass
+class ApplyBatch:
+    """What one apply transaction did, acted on after its commit."""
+
+    acks: list[Msg] = field(default_factory=list)
+    terms: list[Msg] = field(default_factory=list)
+    later: list[Msg] = field(default_factory=list)  # naked: to come again
+    applied: set[str] = field(default_factory=set)
+    blocked: dict[str, int] = field(default_factory=dict)  # patient -> the version held back
+    merged: list[tuple[str, ConsentState]] = field(default_factory=list)
+    set_aside: list[tuple[str, int]] = field(default_factory=list)
+    released: list[tuple[str, int]] = field(default_factory=list)  # set aside before, applied now
+    latest: dict[str, int] = field(default_factory=dict)  # patient -> newest applied version
+    aside: dict[str, set[int]] = field(default_factory=dict)  # patient -> versions set aside
+    top: int = 0

@@ -121,6 +121,6 @@ class ReplicaSettings(BaseSettings):
     # How often the memory reads the versions other processes of this service applied (module
     # docstring, "Memory"); the heartbeat's read (every second) is the guarantee, this is latency.
     consent_replica_poll_seconds: float = 0.1
-    # A version whose predecessor has not come after this many deliveries (0.2 s apart) is set aside
+    # A version whose predecessor has not come this long after it entered the stream is set aside
     # (hie_platform.consent_versions): its patient is decided stale, the rest of the feed goes on.
-    consent_replica_hold_deliveries: int = Field(default=10, ge=1)
+    consent_replica_hold_seconds: float = Field(default=5.0, gt=0)
