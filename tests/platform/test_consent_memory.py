@@ -114,6 +114,25 @@ async def heartbeat(
     await running.stop()
 
 
+@dataclass
+class HubEnv:
+    """Where a test's hub processes run: the session's NATS and registry, one database, a unique slug
+    part; the consent service's heartbeat is running."""
+
+    url: str
+    schema: str | None
+    nats_url: str
+    registry_url: str
+    unique: str
+
+
+@pytest.fixture
+def hub(
+    heartbeat: None, nats_url: str, registry: Any, database: tuple[str, str | None], unique: str
+) -> HubEnv:
+    return HubEnv(database[0], database[1], nats_url, registry.url, unique)
+
+
 @pytest.fixture
 async def feed(nats_url: str) -> AsyncIterator[Callable[..., Awaitable[None]]]:
     bus = await Bus.connect(nats_url, name="test-consent-feed")
@@ -236,19 +255,14 @@ async def decided(nodes: list[Node], key: str, rule: str) -> None:
 
 
 async def test_two_processes_sharing_a_durable_both_decide_right(
-    heartbeat: None,
-    nats_url: str,
-    registry: Any,
-    database: tuple[str, str | None],
-    unique: str,
-    feed: Callable[..., Awaitable[None]],
+    hub: HubEnv, feed: Callable[..., Awaitable[None]]
 ) -> None:
-    url, schema = database
-    slug = f"s{unique}"
+    url, schema, nats_url, registry_url = hub.url, hub.schema, hub.nats_url, hub.registry_url
+    slug = f"s{hub.unique}"
     keys = [new_key() for _ in range(12)]
     async with (
-        node(slug, url, schema, nats_url, registry.url, "a") as a,
-        node(slug, url, schema, nats_url, registry.url, "b") as b,
+        node(slug, url, schema, nats_url, registry_url, "a") as a,
+        node(slug, url, schema, nats_url, registry_url, "b") as b,
     ):
         assert await a.replica.wait_current(30.0), "process a never heard the consent feed"
         assert await b.replica.wait_current(30.0), "process b never heard the consent feed"
@@ -272,25 +286,20 @@ async def test_two_processes_sharing_a_durable_both_decide_right(
 
 
 async def test_a_version_whose_predecessor_never_comes_stops_only_its_patient(
-    heartbeat: None,
-    nats_url: str,
-    registry: Any,
-    database: tuple[str, str | None],
-    unique: str,
-    feed: Callable[..., Awaitable[None]],
+    hub: HubEnv, feed: Callable[..., Awaitable[None]]
 ) -> None:
-    """Version 3 without 2 (the consent service's row for 2 set aside as a dead letter there): after
-    a few deliveries it is set aside here too. Only its patient is decided stale; the replica stays
-    current past its staleness bound, at the process that pulled it, at its peer and at a process
-    started afterwards; when 2 comes, 3 follows it everywhere."""
-    url, schema = database
-    slug = f"g{unique}"
+    """Version 3 without 2 in the stream (2 lost or purged from it): after the hold time it is set
+    aside. Only its patient is decided stale; the replica stays current past its staleness bound, at
+    the process that pulled it, at its peer and at a process started afterwards; when 2 comes, 3
+    follows it everywhere."""
+    url, schema, nats_url, registry_url = hub.url, hub.schema, hub.nats_url, hub.registry_url
+    slug = f"g{hub.unique}"
     bound = 2.0  # the staleness bound, short: the old failure was the whole replica stale after it
     settings = {"consent_staleness_seconds": bound, "consent_replica_hold_seconds": 1.0}
     gap, other = new_key(), new_key()
     async with (
-        node(slug, url, schema, nats_url, registry.url, "a", **settings) as a,
-        node(slug, url, schema, nats_url, registry.url, "b", **settings) as b,
+        node(slug, url, schema, nats_url, registry_url, "a", **settings) as a,
+        node(slug, url, schema, nats_url, registry_url, "b", **settings) as b,
     ):
         assert await a.replica.wait_current(30.0)
         assert await b.replica.wait_current(30.0)
@@ -306,7 +315,7 @@ async def test_a_version_whose_predecessor_never_comes_stops_only_its_patient(
         assert [a.replica.state(), b.replica.state()] == [Freshness.CURRENT, Freshness.CURRENT]
         await feed(other, 1, ConsentPolicy.ENTIRE_CONSENT)
         await decided([a, b], other, "permit-consent")
-        async with node(slug, url, schema, nats_url, registry.url, "c", **settings) as c:
+        async with node(slug, url, schema, nats_url, registry_url, "c", **settings) as c:
             assert await c.replica.wait_current(30.0), "a process started after the set-aside: never current"
             assert c.replica.held.get(gap) == {3}
             await decided([a, b, c], gap, "deny-consent-feed-stale")
@@ -319,20 +328,14 @@ async def test_a_version_whose_predecessor_never_comes_stops_only_its_patient(
 
 
 async def test_a_version_left_set_aside_behind_its_applied_predecessor_is_released(
-    heartbeat: None,
-    nats_url: str,
-    registry: Any,
-    database: tuple[str, str | None],
-    unique: str,
-    feed: Callable[..., Awaitable[None]],
+    hub: HubEnv, feed: Callable[..., Awaitable[None]]
 ) -> None:
     """Two processes racing on PostgreSQL can commit version 3 set aside (its predecessor not yet
     committed when it looked) and version 2 applied (version 3 not yet committed when it looked): the
     table is written here as they would leave it. The settle worker releases 3 within a second or so,
     and until then the patient is decided stale, never on version 2 alone."""
-    url, schema = database
     key = new_key()
-    async with node(f"h{unique}", url, schema, nats_url, registry.url, "a") as a:
+    async with node(f"h{hub.unique}", hub.url, hub.schema, hub.nats_url, hub.registry_url, "a") as a:
         assert await a.replica.wait_current(30.0)
         await feed(key, 1, ConsentPolicy.ENTIRE_CONSENT)
         await decided([a], key, "permit-consent")
