@@ -7,7 +7,8 @@ HUBS ?= 2
 PYTEST_ARGS ?=
 # make test runs the suite on this many pytest-xdist workers (0: in one process), a test file whole
 # on one worker. A serial run leaves the cores idle while its tests wait on processes, sockets and
-# timeouts; two workers on the CI machine's two cores took 10.5 minutes instead of 20.2 (README).
+# timeouts; two workers on the CI machine's two cores took 10.5 minutes instead of 20.2 (README;
+# 19.5 minutes with two workers in a slower state of the machine).
 PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
