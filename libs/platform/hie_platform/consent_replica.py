@@ -15,7 +15,8 @@ and imaging gateways (``hie_imaging.consent``). Each service gives it its durabl
 - **Liveness**: the consent service publishes a heartbeat every second with the stream sequence of
   its last ConsentRecorded and the age of its unpublished backlog. A heartbeat counts only once this
   consumer has acknowledged everything up to that sequence (its ack floor, or nothing pending), so
-  the replica is *current as of* the moment it heard the heartbeat, minus the backlog's age.
+  the replica is *current as of* the moment it heard the heartbeat (stamped on arrival, confirmed
+  by the beat worker), minus the backlog's age.
 - **Staleness**: the replica is ``current`` while that moment is at most
   ``consent_staleness_seconds`` (30) old, ``stale`` once it is older, ``starting`` until the first
   confirmed heartbeat after the process started. A stale replica fails closed (``decide_replicated``).
@@ -68,7 +69,6 @@ from hie_platform.consent_versions import (
     Row,
     consent_replica_table,
     overdue,
-    releasable,
     track_held,
 )
 from hie_platform.logging import get_logger
@@ -129,6 +129,7 @@ class ConsentReplica:
         self._clock = clock
         self._current_at: float | None = None  # monotonic time the replica was last known current
         self._pending: list[tuple[int, float]] = []  # heartbeats not yet covered by our ack floor
+        self._beat = asyncio.Event()  # a heartbeat came: the beat worker confirms it
         self._reported = Freshness.STARTING
         # Patient -> a version this process held back (nak) for want of its predecessor: decided as
         # stale until memory holds that version (applied here, or by a peer and merged).
@@ -158,6 +159,7 @@ class ConsentReplica:
                 run_now=False,
             ),
             PeriodicWorker(f"consent-replica-settle-{durable}", self._settle_held, 1.0, run_now=False),
+            Worker(f"consent-replica-beats-{durable}", self._confirm_beats),
         ]
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -242,11 +244,24 @@ class ConsentReplica:
         return True
 
     async def _on_heartbeat(self, msg: Msg) -> None:
+        """Stamps a beat as it arrives (no I/O here, so beats never queue behind a slow check: a beat
+        stamped when a late check got to it would count as fresher than it is); the beat worker
+        confirms it."""
         try:
             beat = Envelope.from_bytes(msg.data).payload(ConsentFeedHeartbeat)
         except (ValidationError, ValueError):
             return
         self._pending.append((beat.stream_sequence, self._clock() - max(0.0, beat.lag_seconds)))
+        self._beat.set()
+
+    async def _confirm_beats(self) -> None:
+        while True:
+            await self._beat.wait()
+            self._beat.clear()
+            await self._confirm()
+
+    async def _confirm(self) -> None:
+        """Count the beats heard so far that the durable's ack floor (and this memory) now covers."""
         try:
             info = await self.runtime.bus.js.consumer_info(streams.CONSENT.name, self.durable, timeout=2.0)
         except Exception as exc:
@@ -358,21 +373,9 @@ class ConsentReplica:
         """Every second while versions are set aside (not on the heartbeat's path, so a slow one
         delays no beat): read those patients' rows back (what peers released) and release the
         versions whose predecessor a peer applied before it saw them set aside."""
-        if not self.held:
-            return
-        keys = sorted(self.held)
-        async with self.runtime.db.reader.connect() as conn:
-            rows = await self.versions.of_patients(conn, keys)
-        ready = releasable(rows)
-        if ready:
-            async with self.runtime.db.transaction() as session:
-                for key in ready:
-                    latest, aside = await self.versions.of_patient(session, key)
-                    await self.versions.release(session, key, latest, aside)
-                log.warning("consent versions released behind a peer's version", patients=len(ready))
-            async with self.runtime.db.reader.connect() as conn:
-                rows = await self.versions.of_patients(conn, keys)
-        self._mark_changed(self._merge(rows, advance=False) if rows else set())
+        if self.held:
+            rows = await self.versions.settle(self.runtime.db, sorted(self.held))
+            self._mark_changed(self._merge(rows, advance=False) if rows else set())
 
     async def _poll(self) -> None:
         await self._catch_up(None)

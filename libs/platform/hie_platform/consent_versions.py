@@ -43,10 +43,13 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from hie_platform.consent_memory import as_utc, consent_state
+from hie_platform.db import Database
+from hie_platform.logging import get_logger
 from hie_schemas.consent import ConsentState
 from hie_schemas.events import ConsentRecorded
 
 TABLE = "consent_replica"
+log = get_logger(__name__)
 
 
 def consent_replica_columns() -> list[Column[Any]]:
@@ -140,6 +143,22 @@ class ReplicaVersions:
             row = (await session.execute(select(*self.columns).where(*where))).one()
             released.append(state_of(row))
         return released
+
+    async def settle(self, db: Database, patient_keys: Sequence[str]) -> list[Any]:
+        """Release these patients' set-aside versions whose predecessor is applied now (by a peer
+        that had not seen them set aside); return every row of these patients as it is then."""
+        async with db.reader.connect() as conn:
+            rows = await self.of_patients(conn, patient_keys)
+        ready = releasable(rows)
+        if not ready:
+            return rows
+        async with db.transaction() as session:
+            for key in ready:
+                latest, aside = await self.of_patient(session, key)
+                await self.release(session, key, latest, aside)
+        log.warning("consent versions released behind a peer's version", patients=len(ready))
+        async with db.reader.connect() as conn:
+            return await self.of_patients(conn, patient_keys)
 
     async def of_patients(self, conn: AsyncConnection, patient_keys: Sequence[str]) -> list[Any]:
         """Every row of these patients, applied and set aside (read in chunks: a bind-parameter
