@@ -42,7 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from hie_platform.consent_memory import as_utc, consent_state
+from hie_platform.consent_memory import as_utc, state_of_row
 from hie_platform.db import Database
 from hie_platform.logging import get_logger
 from hie_schemas.consent import ConsentState
@@ -79,12 +79,6 @@ def consent_replica_table(metadata: MetaData) -> Table:
     table = Table(TABLE, metadata, *consent_replica_columns(), held_column())
     Index("ix_consent_replica_stream_sequence", table.c.stream_sequence)
     return table
-
-
-def state_of(row: Any) -> ConsentState:
-    return consent_state(
-        row.version, row.policy, row.effective_at, row.excluded_institutions, row.excluded_departments
-    )
 
 
 class ReplicaVersions:
@@ -141,7 +135,7 @@ class ReplicaVersions:
             where = (t.patient_key == patient_key, t.version == latest)
             await session.execute(update(self.table).where(*where).values(**values))
             row = (await session.execute(select(*self.columns).where(*where))).one()
-            released.append(state_of(row))
+            released.append(state_of_row(row)[1])
         return released
 
     async def settle(self, db: Database, patient_keys: Sequence[str]) -> list[Any]:
